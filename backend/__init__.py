@@ -1,0 +1,1 @@
+"""Label Studio ML backend service built on the ``osprey`` library."""
