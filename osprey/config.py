@@ -87,6 +87,7 @@ class LLMConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    initializer_range: float = 0.02  # std of random init (random-weight presets only)
 
     def __post_init__(self) -> None:
         _require(

@@ -39,6 +39,7 @@ def build_llm(config: LLMConfig) -> nn.Module:
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
+        initializer_range=config.initializer_range,
         tie_word_embeddings=False,
     )
     hf_config._attn_implementation = "sdpa"

@@ -36,7 +36,7 @@ def build_random(config: OspreyConfig, *, device: torch.device, dtype: torch.dty
     mask_id, pos_id = _token_ids(tokenizer)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = build_osprey_model(config, mask_token_id=mask_id, pos_token_id=pos_id)
+        model = build_osprey_model(config, mask_token_id=mask_id, pos_token_id=pos_id, device=device)
     return model.to(dtype=dtype).eval(), tokenizer
 
 
@@ -47,15 +47,16 @@ def load_strict(
     device: torch.device,
     dtype: torch.dtype,
     source: str,
-    allow_missing_prefix: str | None = None,
+    scope: str = "",
+    optional_prefix: str | None = None,
 ) -> set[str]:
     """Assign released tensors onto ``model`` (built on the meta device).
 
-    Raises ValueError naming every unexpected, mis-shaped or missing tensor. Parameters under
-    ``allow_missing_prefix`` may stay missing (they are loaded from elsewhere); returns the names
-    that were loaded.
+    Only parameters whose names start with ``scope`` are expected from this source. Raises
+    ValueError naming every unexpected, mis-shaped or missing tensor; parameters under
+    ``optional_prefix`` may stay missing (they are loaded from elsewhere). Returns the names loaded.
     """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.startswith(scope)}
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -82,7 +83,7 @@ def load_strict(
     missing = sorted(
         n
         for n in expected
-        if n not in loaded and not (allow_missing_prefix and n.startswith(allow_missing_prefix))
+        if n not in loaded and not (optional_prefix and n.startswith(optional_prefix))
     )
     problems = []
     if unexpected:
@@ -116,14 +117,14 @@ def load_checkpoint(name_or_path: str, *, device: torch.device, dtype: torch.dty
     tokenizer = load_tokenizer(directory)
     mask_id, pos_id = _token_ids(tokenizer)
     with init_empty_weights(include_buffers=False):
-        model = build_osprey_model(config, mask_token_id=mask_id, pos_token_id=pos_id)
+        model = build_osprey_model(config, mask_token_id=mask_id, pos_token_id=pos_id, device="meta")
     loaded = load_strict(
         model,
         _chain(files),
         device=device,
         dtype=dtype,
         source=str(directory),
-        allow_missing_prefix="vision_tower.",
+        optional_prefix="vision_tower.",
     )
     vision_names = {n for n in model.state_dict() if n.startswith("vision_tower.")}
     if not loaded & vision_names:
@@ -135,11 +136,8 @@ def load_checkpoint(name_or_path: str, *, device: torch.device, dtype: torch.dty
             device=device,
             dtype=dtype,
             source=str(clip_file),
-            allow_missing_prefix="",  # only the tower is in this file
+            scope="vision_tower.",
         )
-        still = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
-        if still:
-            raise ValueError(f"{clip_file} does not hold the whole vision tower: missing {_names(still)}")
     elif loaded & vision_names != vision_names:
         raise ValueError(
             f"{directory} holds only part of the vision tower: missing {_names(sorted(vision_names - loaded))}"

@@ -98,11 +98,14 @@ class OspreyModel(nn.Module):
         return embeds
 
 
-def build_osprey_model(config: OspreyConfig, *, mask_token_id: int, pos_token_id: int) -> OspreyModel:
-    """All parts at the config's dimensions, randomly initialised."""
+def build_osprey_model(
+    config: OspreyConfig, *, mask_token_id: int, pos_token_id: int, device: str | torch.device = "cpu"
+) -> OspreyModel:
+    """All parts at the config's dimensions, randomly initialised. Call it inside
+    ``torch.device(device)`` (or accelerate's ``init_empty_weights`` with ``device="meta"``)."""
     return OspreyModel(
         config=config,
-        vision_tower=build_vision_tower(config.vision),
+        vision_tower=build_vision_tower(config.vision, device=device),
         mm_projector=build_projector(config),
         mask_extractor=build_mask_extractor(config),
         llm=build_llm(config.llm),

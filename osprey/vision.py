@@ -60,12 +60,15 @@ class VisionTower(nn.Module):
         return dict(zip(LEVELS, stages, strict=True))
 
 
-def build_vision_tower(config: VisionConfig) -> VisionTower:
-    """Build the tower with random weights (no download). Checks the stage widths against ``config``."""
+def build_vision_tower(config: VisionConfig, *, device: str | torch.device = "cpu") -> VisionTower:
+    """Build the tower with random weights (no download) on ``device`` (``"meta"`` to fill it from a
+    checkpoint later). Checks the stage widths against ``config``."""
     import open_clip
 
     _register_bundled_configs()
-    clip = open_clip.create_model(config.open_clip_model, pretrained=None, force_image_size=config.image_size)
+    clip = open_clip.create_model(
+        config.open_clip_model, pretrained=None, force_image_size=config.image_size, device=device
+    )
     visual = clip.visual
     del clip
     if not hasattr(visual, "trunk"):

@@ -1,0 +1,142 @@
+"""Many regions, one image: the fast path against the upstream-style flow on the same model.
+
+For 1, 5 and 20 regions and all five fields (category and part label sets, attributes, caption,
+description), times ``Osprey.label_baseline`` (re-encode, full prompt, per region and question)
+and ``Osprey.label`` (encode once, shared-prefix cache, packed regions) in one run, checks that
+both give the same answers, and prints a table with the speed-up.
+
+    python bench/regions.py                       # 'small' preset on CPU
+    python bench/regions.py --preset osprey-7b --device cuda --random-weights   # 7B dimensions
+    python bench/regions.py --json                # one JSON object per row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from osprey.api import Osprey
+from osprey.fields import LabelRequest
+
+CATEGORIES = ("person", "dog", "cat", "car", "bicycle", "tree", "chair", "bottle")
+PARTS = ("head", "body", "leg", "wheel")
+ATTRIBUTES = ("red", "wooden", "small", "round")
+
+
+def make_scene(num_regions: int, size: tuple[int, int] = (480, 640), seed: int = 0):
+    """A random image and ``num_regions`` distinct elliptical masks."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    masks = []
+    for _ in range(num_regions):
+        cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
+        ry, rx = rng.uniform(0.05, 0.2) * height, rng.uniform(0.05, 0.2) * width
+        masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+    return image, masks
+
+
+def same_answers(a, b, tol: float = 1e-3) -> bool:
+    for x, y in zip(a, b, strict=True):
+        dx, dy = x.to_dict(), y.to_dict()
+        for key in ("caption", "description"):
+            if dx.get(key) != dy.get(key):
+                return False
+        for key in ("category", "part"):
+            if dx[key]["label"] != dy[key]["label"]:
+                return False
+            if any(abs(dx[key]["scores"][k] - dy[key]["scores"][k]) > tol for k in dx[key]["scores"]):
+                return False
+        if any(abs(dx["attributes"][k] - dy["attributes"][k]) > tol for k in dx["attributes"]):
+            return False
+    return True
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, *args):
+    sync(device)
+    start = time.perf_counter()
+    out = fn(*args)
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small", help="tiny, small, osprey-7b or a checkpoint dir")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
+    parser.add_argument("--regions", default="1,5,20")
+    parser.add_argument("--caption-tokens", type=int, default=16)
+    parser.add_argument("--description-tokens", type=int, default=32)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    osprey = Osprey.from_pretrained(args.preset, device=args.device, random_weights=args.random_weights)
+    device = osprey.device
+    request = LabelRequest(
+        categories=CATEGORIES,
+        parts=PARTS,
+        attributes=ATTRIBUTES,
+        caption=True,
+        description=True,
+        max_caption_tokens=args.caption_tokens,
+        max_description_tokens=args.description_tokens,
+    )
+    cfg = osprey.config
+    header = (
+        f"model {cfg.name} ({cfg.llm.num_hidden_layers} layers, hidden {cfg.llm.hidden_size}, "
+        f"{cfg.vision.num_image_tokens} image tokens) on {device}, dtype {osprey.model.dtype}; "
+        f"fields: {len(CATEGORIES)} categories, {len(PARTS)} parts, {len(ATTRIBUTES)} attributes, "
+        f"caption <= {args.caption_tokens} tokens, description <= {args.description_tokens} tokens"
+    )
+    if not args.json:
+        print(header)
+    warm_image, warm_masks = make_scene(1, seed=99)
+    osprey.label(warm_image, warm_masks, request)  # warm-up: kernels, allocator
+    rows = []
+    for n in (int(x) for x in args.regions.split(",")):
+        image, masks = make_scene(n, seed=n)
+        t_base, base = timed(osprey.label_baseline, device, image, masks, request)
+        t_fast, fast = timed(osprey.label, device, image, masks, request)
+        row = {
+            "model": cfg.name,
+            "device": str(device),
+            "regions": n,
+            "fields": 5,
+            "baseline_s": round(t_base, 3),
+            "fast_s": round(t_fast, 3),
+            "speedup": round(t_base / t_fast, 1),
+            "fast_s_per_region": round(t_fast / n, 4),
+            "same_answers": same_answers(fast, base),
+        }
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    if not args.json:
+        print(
+            f"{'regions':>7} | {'baseline s':>10} | {'fast s':>8} | {'fast s/region':>13} | {'speed-up':>8} | same answers"
+        )
+        print(f"{'-' * 7}-+-{'-' * 10}-+-{'-' * 8}-+-{'-' * 13}-+-{'-' * 8}-+-------------")
+        for r in rows:
+            print(
+                f"{r['regions']:>7} | {r['baseline_s']:>10.2f} | {r['fast_s']:>8.2f} | "
+                f"{r['fast_s_per_region']:>13.3f} | {r['speedup']:>7.1f}x | {'yes' if r['same_answers'] else 'NO'}"
+            )
+    return 0 if all(r["same_answers"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
