@@ -65,6 +65,15 @@ class EncodedImage:
         tensors = [*self.features.values(), self.image_tokens]
         return self.state.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
 
+    def __getstate__(self) -> dict:  # for the on-disk feature cache: a lock cannot be pickled
+        state = dict(self.__dict__)
+        del state["lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
 
 def split_question(
     question: Question, prefix_len: int, mask_token_id: int

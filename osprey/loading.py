@@ -81,9 +81,7 @@ def load_strict(
     if batch:
         model.load_state_dict(batch, strict=False, assign=True)
     missing = sorted(
-        n
-        for n in expected
-        if n not in loaded and not (optional_prefix and n.startswith(optional_prefix))
+        n for n in expected if n not in loaded and not (optional_prefix and n.startswith(optional_prefix))
     )
     problems = []
     if unexpected:
