@@ -27,6 +27,26 @@ from .prompts import IMAGE_TOKEN, conversation, tokenize_prompt
 logger = logging.getLogger(__name__)
 
 
+def image_feature_cache(
+    *, max_images: int, device: str | torch.device = "cpu", disk_dir=None, max_disk_bytes: int = 8 * 2**30
+):
+    """A :class:`~osprey.feature_cache.FeatureCache` for :class:`~osprey.fast.EncodedImage` values
+    (vision features, image tokens, prefix KV cache: ~0.6 GB per image for the 7B model in bf16).
+    With ``disk_dir`` they persist across restarts and load straight onto ``device``."""
+    from .fast import SegmentTree
+    from .feature_cache import FeatureCache
+    from .llm import KVState
+
+    return FeatureCache(
+        name="osprey",
+        max_items=max_images,
+        disk_dir=disk_dir,
+        max_disk_bytes=max_disk_bytes,
+        map_location=device,
+        value_types=[EncodedImage, KVState, SegmentTree],
+    )
+
+
 class Osprey:
     """A loaded Osprey model with its tokenizer. Safe to share between threads; GPU work from
     several threads is serialised by the caller (the backend runs one model per process)."""
@@ -104,7 +124,8 @@ class Osprey:
             return self._encode(rgb)
         from .feature_cache import content_key
 
-        return self.cache.get_or_compute(content_key(rgb, "osprey", self.model_id), lambda: self._encode(rgb))
+        key = content_key(rgb, "osprey", self.model_id, str(self.model.dtype))
+        return self.cache.get_or_compute(key, lambda: self._encode(rgb))
 
     def _encode(self, rgb: np.ndarray) -> EncodedImage:
         pixels = preprocess_image(rgb, image_size=self.config.vision.image_size)

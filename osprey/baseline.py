@@ -66,5 +66,11 @@ class BaselineRunner:
                 inputs_embeds=embeds,
                 attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=model.device),
                 generation_config=config,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
-            task.token_ids = out[0].tolist()
+            task.token_ids = out.sequences[0].tolist()
+            task.token_logprobs = [
+                float(step[0].float().log_softmax(-1)[token])
+                for step, token in zip(out.logits, task.token_ids, strict=True)
+            ]

@@ -310,12 +310,13 @@ class FastRunner:
         )
         next_pos = {seg: packer.seg_end[seg] for _, seg in seqs}
         active = list(range(len(seqs)))
-        next_tokens = logits.argmax(-1).tolist()
+        next_tokens, next_logprobs = _greedy(logits)
         while active:
             still = []
-            for i, token in zip(active, next_tokens, strict=True):
+            for i, token, logprob in zip(active, next_tokens, next_logprobs, strict=True):
                 task = seqs[i][0]
                 task.token_ids.append(token)
+                task.token_logprobs.append(logprob)
                 if token != self.eos_token_id and len(task.token_ids) < task.max_new_tokens:
                     still.append(i)
             active = still
@@ -335,4 +336,11 @@ class FastRunner:
                 visible=visible,
                 logits_at=torch.arange(len(active), device=model.device),
             )
-            next_tokens = logits.argmax(-1).tolist()
+            next_tokens, next_logprobs = _greedy(logits)
+
+
+def _greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Argmax token of each row of ``logits (N, V)`` and its log-probability."""
+    log_probs = logits.log_softmax(-1)
+    best = log_probs.max(-1)
+    return best.indices.tolist(), best.values.tolist()

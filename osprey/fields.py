@@ -90,7 +90,7 @@ class RegionLabels:
     caption: str | None = None
     description: str | None = None
     untrained: bool = False
-    extras: dict = field(default_factory=dict)
+    text_scores: dict[str, float] = field(default_factory=dict)  # generated field -> token confidence
 
     def to_dict(self) -> dict:
         def closed(value):
@@ -106,6 +106,8 @@ class RegionLabels:
             "description": self.description,
         }
         out = {k: v for k, v in out.items() if v is not None}
+        if self.text_scores:
+            out["text_scores"] = dict(self.text_scores)
         if self.untrained:
             out["warning"] = "untrained model: random weights, answers are meaningless"
         return out

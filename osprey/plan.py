@@ -44,6 +44,14 @@ class GenerateTask:
     question: Question
     max_new_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)  # log p of each greedy token
+
+    @property
+    def confidence(self) -> float:
+        """Geometric-mean probability of the generated tokens (1.0 when nothing was generated)."""
+        if not self.token_logprobs:
+            return 1.0
+        return float(torch.tensor(self.token_logprobs, dtype=torch.float64).mean().exp())
 
 
 class Planner:
@@ -135,12 +143,13 @@ class Planner:
         for task in gens:
             text = self.tokenizer.decode(task.token_ids, skip_special_tokens=True)
             key = task.question.key
+            out = results[task.region]
             if key == "open_category":
-                results[task.region].category = P.clean_answer(
-                    text, keep_after_colon=self.request.parts is None
-                )
+                out.category = P.clean_answer(text, keep_after_colon=self.request.parts is None)
+                out.text_scores["category"] = task.confidence
             else:
-                setattr(results[task.region], key, P.clean_answer(text, keep_after_colon=False))
+                setattr(out, key, P.clean_answer(text, keep_after_colon=False))
+                out.text_scores[key] = task.confidence
         if self.request.attributes:
             for out in results:  # keep the requested order
                 out.attributes = {a: out.attributes[a] for a in self.request.attributes}

@@ -46,13 +46,8 @@ def test_fast_equals_baseline_for_every_region_and_field(results):
     assert_same(fast, base)
     for region in fast:
         assert set(region.to_dict()) == {
-            "category",
-            "part",
-            "attributes",
-            "caption",
-            "description",
-            "warning",
-        }
+            "category", "part", "attributes", "caption", "description", "text_scores", "warning"
+        }  # fmt: skip
         assert sum(region.category.scores.values()) == pytest.approx(1.0)
         assert region.category.score == max(region.category.scores.values())
         assert list(region.attributes) == ["red", "round", "wooden"]
@@ -163,3 +158,34 @@ def test_kv_cache_tensors_are_not_modified_by_labelling(tiny_osprey, scene):
     keys = [k.clone() for k, _ in encoded.state.layers]
     tiny_osprey.label(scene["image"], scene["masks"], ALL_FIELDS, encoded=encoded)
     assert all(torch.equal(a, b) for a, b in zip(keys, (k for k, _ in encoded.state.layers), strict=True))
+
+
+def test_feature_cache_encodes_each_image_once_in_memory_and_on_disk(tiny_osprey, scene, tmp_path):
+    from osprey.api import image_feature_cache
+
+    calls = []
+    hook = tiny_osprey.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    request = LabelRequest(categories=("cat", "dog"))
+    try:
+        tiny_osprey.cache = image_feature_cache(max_images=2, disk_dir=tmp_path)
+        first = tiny_osprey.label(scene["image"], scene["masks"][:1], request)
+        tiny_osprey.label(scene["image"].copy(), scene["masks"][1:2], request)  # same pixels, new array
+        assert len(calls) == 1 and tiny_osprey.cache.stats()["hits"] == 1
+        tiny_osprey.cache = image_feature_cache(max_images=2, disk_dir=tmp_path)  # a restarted process
+        again = tiny_osprey.label(scene["image"], scene["masks"][:1], request)
+        assert len(calls) == 1 and tiny_osprey.cache.stats()["disk_hits"] == 1
+        assert again[0].category.scores == pytest.approx(first[0].category.scores, abs=1e-6)
+        tiny_osprey.label(np.ascontiguousarray(scene["image"][:, ::-1]), scene["masks"][:1], request)
+        assert len(calls) == 2  # other pixels: encoded again
+    finally:
+        hook.remove()
+        tiny_osprey.cache = None
+
+
+def test_generated_text_carries_the_same_confidence_in_both_paths(results):
+    fast, base = results
+    for f, b in zip(fast, base, strict=True):
+        assert set(f.text_scores) == {"caption", "description"}
+        for key, value in f.text_scores.items():
+            assert 0.0 < value <= 1.0
+            assert value == pytest.approx(b.text_scores[key], abs=1e-4)
