@@ -1,0 +1,150 @@
+"""Authentication against Label Studio with ``LABEL_STUDIO_API_KEY``.
+
+Label Studio 1.23 personal access tokens are JWT *refresh* tokens: they are exchanged at
+``POST {LABEL_STUDIO_URL}/api/token/refresh/`` (body ``{"refresh": token}``, answer ``{"access": ...}``)
+for a short-lived access token sent as ``Authorization: Bearer <access>``. A JWT access token is sent
+as is, and a legacy key (not a JWT) as ``Authorization: Token <key>``.
+
+``LabelStudioAuth`` is a callable that returns the ``Authorization`` header value, exchanging and
+caching the access token and refreshing it ``refresh_margin_s`` before its ``exp`` (read from the JWT
+payload without verifying it: Label Studio verifies it) or after ``invalidate()`` (call it on a 401).
+Tokens never appear in messages, logs or ``repr``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+REFRESH_PATH = "/api/token/refresh/"
+_DEFAULT_ACCESS_LIFETIME_S = 300.0  # used when an access token carries no exp claim
+
+
+class LabelStudioAuthError(ValueError):
+    """LABEL_STUDIO_API_KEY cannot be used; the message says why (it never contains the token)."""
+
+
+def jwt_claims(token: str) -> dict | None:
+    """The payload of a JWT, decoded without verification, or None if ``token`` is not a JWT."""
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        return None
+    try:
+        decoded = [json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))) for part in parts[:2]]
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    header, claims = decoded
+    if not isinstance(header, dict) or "alg" not in header or not isinstance(claims, dict):
+        return None
+    return claims
+
+
+def token_kind(token: str) -> str:
+    """``"refresh"`` or ``"access"`` for Label Studio JWTs, ``"legacy"`` for any other key."""
+    claims = jwt_claims(token)
+    if claims is None:
+        return "legacy"
+    return "access" if claims.get("token_type") == "access" else "refresh"
+
+
+class LabelStudioAuth:
+    """Callable giving the ``Authorization`` header value for requests to ``base_url``."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        session: requests.Session | None = None,
+        timeout_s: float = 10.0,
+        refresh_margin_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(api_key, str) or not api_key.strip():
+            raise LabelStudioAuthError(
+                "LABEL_STUDIO_API_KEY is empty; copy a token from Label Studio's Account page"
+            )
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key.strip()
+        self._kind = token_kind(self._api_key)
+        self._session = session
+        self._timeout_s = timeout_s
+        self._margin_s = refresh_margin_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._access_expires_at = 0.0
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    def __repr__(self) -> str:
+        return f"LabelStudioAuth(base_url={self._base_url!r}, kind={self._kind!r})"
+
+    def __call__(self) -> str:
+        if self._kind == "legacy":
+            return f"Token {self._api_key}"
+        if self._kind == "access":
+            self._check_not_expired(self._api_key, "access token")
+            return f"Bearer {self._api_key}"
+        with self._lock:
+            if self._access is None or self._clock() >= self._access_expires_at - self._margin_s:
+                self._exchange()
+            return f"Bearer {self._access}"
+
+    def invalidate(self) -> None:
+        """Forget the cached access token (after a 401) so the next call exchanges a new one."""
+        with self._lock:
+            self._access = None
+
+    def _check_not_expired(self, token: str, what: str) -> None:
+        exp = (jwt_claims(token) or {}).get("exp")
+        if isinstance(exp, (int, float)) and exp <= self._clock():
+            expired_on = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(exp))
+            raise LabelStudioAuthError(
+                f"LABEL_STUDIO_API_KEY ({what}) expired on {expired_on}; create a new personal access "
+                f"token in Label Studio (Account & Settings) and restart the backend"
+            )
+
+    def _exchange(self) -> None:
+        self._check_not_expired(self._api_key, "refresh token")
+        url = self._base_url + REFRESH_PATH
+        session = self._session or requests
+        try:
+            response = session.post(url, json={"refresh": self._api_key}, timeout=self._timeout_s)
+        except requests.RequestException as error:
+            raise LabelStudioAuthError(
+                f"could not reach {url} to exchange LABEL_STUDIO_API_KEY: {type(error).__name__}"
+            ) from None
+        if response.status_code in (401, 403):
+            raise LabelStudioAuthError(
+                f"Label Studio refused LABEL_STUDIO_API_KEY at {url} (HTTP {response.status_code}); the token "
+                f"was revoked or belongs to another Label Studio instance"
+            )
+        if response.status_code != 200:
+            raise LabelStudioAuthError(f"token exchange at {url} failed with HTTP {response.status_code}")
+        try:
+            access = response.json().get("access")
+        except (ValueError, AttributeError):
+            access = None
+        if not isinstance(access, str) or not access:
+            raise LabelStudioAuthError(f"token exchange at {url} answered without an 'access' token")
+        exp = (jwt_claims(access) or {}).get("exp")
+        now = self._clock()
+        self._access = access
+        self._access_expires_at = (
+            float(exp) if isinstance(exp, (int, float)) else now + _DEFAULT_ACCESS_LIFETIME_S
+        )
+        logger.info(
+            "exchanged LABEL_STUDIO_API_KEY for an access token valid %.0f s", self._access_expires_at - now
+        )
