@@ -6,6 +6,61 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+    from .settings import Settings
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("osprey_model", args.model),
+            ("sam_model", args.sam_model),
+            ("workers", args.workers),
+            ("threads", args.threads),
+        )
+        if value is not None
+    }
+    serve(Settings.from_env(**overrides))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .schema import describe_schema, parse_field_map, parse_label_config
+
+    xml = Path(args.file).read_text()
+    field_map = parse_field_map(
+        args.field_map if args.field_map is not None else os.environ.get("OSPREY_FIELD_MAP")
+    )
+    schema = parse_label_config(xml, field_map=field_map)
+    print(describe_schema(schema))
+    return 0
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from .precompute import precompute, task_image_references
+    from .settings import Settings
+
+    overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    if args.model:
+        overrides["osprey_model"] = args.model
+    if args.sam_model:
+        overrides["sam_model"] = args.sam_model
+    settings = Settings.from_env(**overrides)
+    references = task_image_references(Path(args.tasks), args.image_key)
+    which = ("sam", "osprey") if args.only is None else (args.only,)
+    report = precompute(settings, references, which=which)
+    print(
+        f"{report.images} images in {report.seconds:.1f} s: encoded {report.encoded or '{}'}, "
+        f"already cached {report.already_cached or '{}'}, failed {len(report.failed)}"
+    )
+    for ref, error in report.failed:
+        print(f"  failed: {ref}: {error}")
+    return 1 if report.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,13 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_label_command(subparsers)
+
+    serve = subparsers.add_parser(
+        "serve", help="run the Label Studio ML backend (settings from the environment)"
+    )
+    serve.add_argument("--host", help="bind address (HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (PORT, default 9090)")
+    serve.add_argument("--model", help="Osprey preset or checkpoint dir (OSPREY_MODEL, default osprey-7b)")
+    serve.add_argument("--sam-model", help="vit_h, vit_l, vit_b or tiny (SAM_MODEL, default vit_h)")
+    serve.add_argument("--workers", type=int, help="processes, each with its own models (WORKERS, default 1)")
+    serve.add_argument("--threads", type=int, help="threads per process (THREADS, default 8)")
+    serve.set_defaults(func=_serve)
+
+    pre = subparsers.add_parser(
+        "precompute", help="encode every image of a task list into the on-disk caches (OSPREY_CACHE_DIR)"
+    )
+    pre.add_argument(
+        "tasks", help="Label Studio task list JSON (export or import file), or a folder of images"
+    )
+    pre.add_argument("--image-key", default="image", help="task data key of the image (default: image)")
+    pre.add_argument("--cache-dir", help="cache folder (OSPREY_CACHE_DIR)")
+    pre.add_argument("--model", help="Osprey model (OSPREY_MODEL)")
+    pre.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
+    pre.add_argument("--only", choices=("sam", "osprey"), help="encode with one model only")
+    pre.set_defaults(func=_precompute)
+
+    check = subparsers.add_parser("check-config", help="show how a label config maps to Osprey's fields")
+    check.add_argument("file", help="Label Studio label config XML")
+    check.add_argument("--field-map", help="tag=field overrides, e.g. 'notes=description' (OSPREY_FIELD_MAP)")
+    check.set_defaults(func=_check_config)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("LOG_LEVEL", "INFO") if args.command == "serve" else args.log_level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:

@@ -61,13 +61,13 @@ class BaselineRunner:
                 max_new_tokens=task.max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
             )
             out = model.llm.generate(
                 inputs_embeds=embeds,
                 attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=model.device),
                 generation_config=config,
-                output_logits=True,
-                return_dict_in_generate=True,
             )
             task.token_ids = out.sequences[0].tolist()
             task.token_logprobs = [

@@ -1,0 +1,248 @@
+"""The backend's state: models loaded once per process, the project schemas, the image loader.
+
+``/health`` and ``/setup`` touch only in-memory state and never wait for model work; ``/predict``
+serialises model work on one lock (one GPU, one model per process), and a task that fails gets an
+empty result and a reason, never a failed batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+from .errors import NotReadyError, RequestError, UnprocessableError
+from .images import ImageLoader, ImageLoadError
+from .predict import PredictOptions, predict_task
+from .schema import ProjectSchema, SchemaError, parse_field_map, parse_label_config
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """The loaded models: Osprey, a SAM refiner and segment-everything sharing one SAM embedder."""
+
+    osprey: object
+    refiner: object
+    everything: object
+    sam_model: str
+    untrained: bool
+
+    @property
+    def version(self) -> str:
+        base = f"{self.osprey.model_id}+sam-{self.sam_model}"
+        return f"{base}-untrained" if self.untrained else base
+
+
+def load_models(settings: Settings) -> Models:
+    """Load Osprey and SAM as the settings say; raises FileNotFoundError naming missing weights."""
+    from osprey.api import Osprey, image_feature_cache
+    from osprey.sam import EverythingOptions, SamEverything, SamImageEmbedder, SamRefiner, build_sam
+    from osprey.sam.build import SAM_ARCHITECTURES
+
+    disk = (lambda name: f"{settings.cache_dir}/{name}") if settings.cache_dir else (lambda name: None)
+    osprey = Osprey.from_pretrained(settings.osprey_model, device=settings.device)
+    osprey.cache = image_feature_cache(
+        max_images=settings.cache_images, device=osprey.device, disk_dir=disk("osprey")
+    )
+    arch = SAM_ARCHITECTURES.get(settings.sam_model)
+    if arch is None:
+        raise ValueError(
+            f"SAM_MODEL={settings.sam_model!r} is unknown; use one of {', '.join(SAM_ARCHITECTURES)}"
+        )
+    checkpoint = None
+    if arch.checkpoint_file is not None:
+        checkpoint = settings.sam_checkpoint or str(settings.model_dir / arch.checkpoint_file)
+    sam = build_sam(settings.sam_model, checkpoint=checkpoint, device=osprey.device)
+    embedder = SamImageEmbedder(
+        sam=sam, model_id=f"sam_{settings.sam_model}", max_images=settings.cache_images, disk_dir=disk("sam")
+    )
+    options = EverythingOptions(
+        points_per_side=settings.points_per_side,
+        pred_iou_thresh=settings.pred_iou_thresh,
+        stability_score_thresh=settings.stability_score_thresh,
+        min_mask_region_area=settings.min_mask_region_area,
+        max_masks=settings.max_masks,
+    )
+    return Models(
+        osprey=osprey,
+        refiner=SamRefiner(embedder=embedder),
+        everything=SamEverything(embedder=embedder, options=options),
+        sam_model=settings.sam_model,
+        untrained=osprey.untrained or arch.checkpoint_file is None,
+    )
+
+
+def image_loader(settings: Settings, *, cache_size: int) -> ImageLoader:
+    """The task-image loader with the settings' sources and safety limits."""
+    return ImageLoader(
+        label_studio_url=settings.label_studio_url,
+        api_key=settings.label_studio_api_key,
+        allowed_hosts=settings.allowed_image_hosts,
+        local_files_root=settings.local_files_root,
+        max_bytes=settings.max_image_bytes,
+        timeout_s=settings.image_timeout_s,
+        max_pixels=settings.max_image_pixels,
+        cache_size=cache_size,
+    )
+
+
+class OspreyService:
+    def __init__(self, *, settings: Settings, models: Models, loader: ImageLoader | None = None) -> None:
+        self.settings = settings
+        self.models = models
+        self.loader = loader or image_loader(settings, cache_size=settings.cache_images)
+        self.field_map = parse_field_map(settings.field_map)
+        self.options = PredictOptions(
+            refine_existing=settings.refine_existing,
+            segment_everything=settings.segment_everything,
+            attribute_threshold=settings.attribute_threshold,
+            max_caption_tokens=settings.max_caption_tokens,
+            max_description_tokens=settings.max_description_tokens,
+        )
+        self._model_lock = threading.Lock()
+        # Predictions queue on the model lock; keep two server threads free so /health and /setup
+        # always answer within Label Studio's 1 s / 3 s even when every annotator is clicking.
+        self._predict_slots = threading.BoundedSemaphore(max(1, settings.threads - 2))
+        self._schemas: OrderedDict[str, ProjectSchema] = OrderedDict()
+        self._project_configs: dict[str, str] = {}
+        self._state_lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._busy_since: float | None = None
+        self.started = time.time()
+
+    # ---- cheap calls: never wait for the models ----
+    def warning(self) -> str | None:
+        if self.models.untrained:
+            return "untrained model: random weights, its pre-labels are meaningless (tests and plumbing only)"
+        return None
+
+    def health(self) -> dict:
+        busy = self._busy_since
+        return {
+            "model_version": self.models.version,
+            "busy_s": round(time.time() - busy, 1) if busy else 0.0,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    def schema_for(self, label_config: str) -> ProjectSchema:
+        key = hashlib.sha256(label_config.encode()).hexdigest()
+        with self._state_lock:
+            if key in self._schemas:
+                self._schemas.move_to_end(key)
+                return self._schemas[key]
+        try:
+            schema = parse_label_config(label_config, field_map=self.field_map)
+        except SchemaError as error:
+            raise UnprocessableError(f"this label config cannot be served: {error}") from None
+        with self._state_lock:
+            self._schemas[key] = schema
+            while len(self._schemas) > 64:
+                self._schemas.popitem(last=False)
+        for warning in schema.warnings:
+            logger.warning("label config: %s", warning)
+        return schema
+
+    def setup(self, *, project: str | None, label_config: str, extra_params: dict | None) -> str:
+        self.schema_for(label_config)
+        if project:
+            with self._state_lock:
+                self._project_configs[project.split(".", 1)[0]] = label_config
+        return self.models.version
+
+    def metrics(self) -> dict:
+        with self._state_lock:
+            counts = dict(self._counts)
+        osprey_cache = getattr(self.models.osprey, "cache", None)
+        sam_cache = getattr(self.models.refiner, "cache", None)
+        return {
+            "model_version": self.models.version,
+            "predictions": counts,
+            "osprey_image_cache": osprey_cache.stats() if osprey_cache is not None else None,
+            "sam_image_cache": sam_cache.stats() if sam_cache is not None else None,
+            "image_loader": self.loader.stats() if hasattr(self.loader, "stats") else None,
+        }
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._state_lock:
+            self._counts[key] += n
+
+    # ---- webhooks: recorded (persistent training store: see the retraining issue) ----
+    def webhook(self, action: str, payload: dict) -> dict:
+        self._count(f"webhook {action}")
+        logger.info("webhook %s for project %s", action, (payload.get("project") or {}).get("id"))
+        return {"status": "ok", "action": action}
+
+    # ---- predictions ----
+    def predict(
+        self, *, tasks: list, project: str | None, label_config: str | None, context: dict | None
+    ) -> dict:
+        if not self._predict_slots.acquire(timeout=0.05):
+            self._count("refused busy")
+            raise NotReadyError("the backend is busy with other predictions; retry in a moment")
+        try:
+            return self._predict(tasks=tasks, project=project, label_config=label_config, context=context)
+        finally:
+            self._predict_slots.release()
+
+    def _predict(
+        self, *, tasks: list, project: str | None, label_config: str | None, context: dict | None
+    ) -> dict:
+        if label_config is None:
+            with self._state_lock:
+                label_config = self._project_configs.get((project or "").split(".", 1)[0])
+            if label_config is None:
+                raise RequestError("'label_config' is missing and /setup was not called for this project")
+        schema = self.schema_for(label_config)
+        if context is not None and len(tasks) != 1:
+            raise RequestError(
+                f"an interactive request (params.context) must carry one task, got {len(tasks)}"
+            )
+        results, errors = [], []
+        for index, task in enumerate(tasks):
+            try:
+                items, score = self._predict_one(task, schema, context)
+                results.append({"result": items, "score": score, "model_version": self.models.version})
+                self._count("tasks ok")
+            except (ValueError, FileNotFoundError) as error:
+                task_id = task.get("id") if isinstance(task, dict) else None
+                logger.warning(
+                    "task %s (%d of %d) got no prediction: %s", task_id, index + 1, len(tasks), error
+                )
+                results.append({"result": [], "score": 0.0, "model_version": self.models.version})
+                errors.append({"index": index, "task": task_id, "error": str(error)})
+                self._count("tasks failed")
+        if context is not None and errors:
+            raise RequestError(errors[0]["error"])  # the annotator is waiting on this one task: say why
+        return {"results": results, "errors": errors} if errors else {"results": results}
+
+    def _predict_one(self, task, schema: ProjectSchema, context: dict | None) -> tuple[list[dict], float]:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise RequestError("each task must be an object with a 'data' object")
+        reference = task["data"].get(schema.image_data_key)
+        if not isinstance(reference, str) or not reference:
+            raise RequestError(
+                f"task data has no image under '{schema.image_data_key}' (the Image tag's value)"
+            )
+        try:
+            image = self.loader.load(reference)
+        except ImageLoadError as error:
+            raise RequestError(f"cannot load the task image: {error}") from None
+        with self._model_lock:
+            self._busy_since = time.time()
+            try:
+                return predict_task(
+                    task=task,
+                    rgb=image.rgb,
+                    schema=schema,
+                    context=context,
+                    models=self.models,
+                    options=self.options,
+                )
+            finally:
+                self._busy_since = None
