@@ -172,10 +172,24 @@ class OspreyService:
         with self._state_lock:
             self._counts[key] += n
 
-    # ---- webhooks: recorded (persistent training store: see the retraining issue) ----
+    # ---- webhooks: recorded and counted (the training store comes with retraining) ----
+    TRAIN_EVENTS = (
+        "ANNOTATION_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATION_DELETED",
+        "ANNOTATIONS_DELETED",
+        "START_TRAINING",
+    )
+
     def webhook(self, action: str, payload: dict) -> dict:
+        project = payload.get("project")
+        project_id = project.get("id") if isinstance(project, dict) else project
+        if action not in self.TRAIN_EVENTS:
+            self._count("webhook ignored")
+            logger.info("webhook %s for project %s ignored", action, project_id)
+            return {"status": "Unknown event", "action": action}
         self._count(f"webhook {action}")
-        logger.info("webhook %s for project %s", action, (payload.get("project") or {}).get("id"))
+        logger.info("webhook %s for project %s", action, project_id)
         return {"status": "ok", "action": action}
 
     # ---- predictions ----

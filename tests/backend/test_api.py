@@ -260,6 +260,8 @@ def test_webhook_accepts_label_studio_events(client):
             "project": {"id": 7}}  # fmt: skip
     response = client.post("/webhook", json=body)
     assert response.status_code == 201 and response.json["status"] == "ok"
+    ignored = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 7}})
+    assert ignored.status_code == 200 and ignored.json["status"] == "Unknown event"
     assert client.post("/webhook", json={"nothing": 1}).status_code == 400
 
 
