@@ -63,6 +63,34 @@ def _precompute(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from .registry import ModelRegistry
+    from .settings import Settings
+
+    registry = ModelRegistry(root=args.model_dir or Settings.from_env().model_dir)
+    if args.action == "list":
+        current = registry.current(args.project)
+        versions = registry.versions(args.project)
+        if not versions:
+            print(f"project {args.project}: no trained versions; predictions use the base model")
+        for info in versions:
+            mark = "*" if current and current.version == info.version else " "
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(info.metrics.items())) or "no metrics"
+            print(
+                f"{mark} {info.version}  {info.kind:<9} {info.train_examples:>6} examples  {metrics}  {info.notes}"
+            )
+        print(f"current: {current.model_version() if current else 'base model'}")
+    elif args.action == "promote":
+        if not args.version:
+            raise ValueError("models promote needs a version, e.g. `osprey-label models promote 7 v0003`")
+        info = registry.promote(args.project, args.version, reason="osprey-label models promote")
+        print(f"project {args.project}: now serving {info.model_version()}")
+    else:
+        info = registry.rollback(args.project)
+        print(f"project {args.project}: now serving {info.model_version() if info else 'the base model'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from osprey.cli import add_label_command
 
@@ -96,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
     pre.add_argument("--only", choices=("sam", "osprey"), help="encode with one model only")
     pre.set_defaults(func=_precompute)
+
+    models = subparsers.add_parser("models", help="list, promote or roll back a project's trained versions")
+    models.add_argument("action", choices=("list", "promote", "rollback"))
+    models.add_argument("project", help="Label Studio project id")
+    models.add_argument("version", nargs="?", help="version to promote, e.g. v0003")
+    models.add_argument("--model-dir", help="registry root (MODEL_DIR)")
+    models.set_defaults(func=_models)
 
     check = subparsers.add_parser("check-config", help="show how a label config maps to Osprey's fields")
     check.add_argument("file", help="Label Studio label config XML")
