@@ -170,8 +170,9 @@ def create_app(settings: Settings, service) -> Flask:
         body = json_body()
         action = require(body, "action", str)
         outcome = service.webhook(action, body)
-        status = 201 if outcome.get("status") == "ok" else 200
-        return jsonify(outcome), status
+        if outcome.get("status") == "ignored":  # as label-studio-ml answers events it does not train on
+            return jsonify({**outcome, "status": "Unknown event"}), 200
+        return jsonify(outcome), 201
 
     @app.get("/metrics")
     def metrics():

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from osprey.fields import ClosedSetAnswer, LabelRequest, RegionLabels
+from osprey.head import FastHead, blend
+from osprey.region_features import feature_layout, region_features
 
 from .ls_format import (
     BadRegionError,
@@ -148,6 +150,30 @@ def everything_regions(everything, rgb: np.ndarray) -> list[Region]:
     ]
 
 
+def apply_head(
+    osprey, rgb: np.ndarray, regions: list[Region], answers: list[RegionLabels], head: FastHead
+) -> None:
+    """Blend the project's fast head into Osprey's closed-set answers, in place (see
+    :func:`osprey.head.blend`: the head's weight grows with its accepted examples per field)."""
+    if not regions or not head.compatible_with(feature_layout(osprey)):
+        return
+    features = region_features(osprey, rgb, [r.mask for r in regions])  # the cached encoding
+    for labels, head_probs in zip(answers, head.label_probs(features), strict=True):
+        for name in ("category", "part"):
+            answer = getattr(labels, name)
+            if isinstance(answer, ClosedSetAnswer) and set(head_probs.get(name, {})) == set(answer.scores):
+                scores = blend(answer.scores, head_probs[name], head.n_train.get(name, 0))
+                best = max(scores, key=scores.get)
+                setattr(labels, name, ClosedSetAnswer(label=best, score=scores[best], scores=scores))
+        if labels.attributes and set(head_probs.get("attributes", {})) == set(labels.attributes):
+            labels.attributes = blend(
+                labels.attributes,
+                head_probs["attributes"],
+                head.n_train.get("attributes", 0),
+                multi_label=True,
+            )
+
+
 # ---- writing results ---------------------------------------------------------------------------------
 
 
@@ -234,6 +260,7 @@ def predict_task(
     context: dict | None,
     models,
     options: PredictOptions,
+    head: FastHead | None = None,
 ) -> tuple[list[dict], float]:
     """All result items for one task and the prediction's overall score (mean region score)."""
     height, width = rgb.shape[:2]
@@ -255,6 +282,8 @@ def predict_task(
         if regions and request
         else [None] * len(regions)
     )
+    if head is not None and regions and request:
+        apply_head(models.osprey, rgb, regions, answers, head)
     for region, labels in zip(regions, answers, strict=True):
         items, score = region_results(
             schema=schema, region=region, labels=labels, width=width, height=height, options=options

@@ -50,7 +50,9 @@ def build_app(settings: Settings):
 
     models = load_models(settings)
     logger.info("models loaded: %s", models.version)
-    return create_app(settings, OspreyService(settings=settings, models=models))
+    service = OspreyService(settings=settings, models=models)
+    service.start_training_worker()
+    return create_app(settings, service)
 
 
 def serve(settings: Settings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -16,9 +17,13 @@ from dataclasses import dataclass
 
 from .errors import NotReadyError, RequestError, UnprocessableError
 from .images import ImageLoader, ImageLoadError
+from .intake import handle_webhook, reparse_unparsed
+from .jobs import Worker, make_queue
 from .predict import PredictOptions, predict_task
+from .registry import ModelRegistry
 from .schema import ProjectSchema, SchemaError, parse_field_map, parse_label_config
 from .settings import Settings
+from .store import TrainingStore
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +110,7 @@ class OspreyService:
             max_caption_tokens=settings.max_caption_tokens,
             max_description_tokens=settings.max_description_tokens,
         )
-        self._model_lock = threading.Lock()
+        self.model_lock = threading.Lock()
         # Predictions queue on the model lock; keep two server threads free so /health and /setup
         # always answer within Label Studio's 1 s / 3 s even when every annotator is clicking.
         self._predict_slots = threading.BoundedSemaphore(max(1, settings.threads - 2))
@@ -115,6 +120,58 @@ class OspreyService:
         self._counts: Counter[str] = Counter()
         self._busy_since: float | None = None
         self.started = time.time()
+        # Retraining: accepted labels in SQLite under MODEL_DIR, jobs there or in Redis, versions
+        # under MODEL_DIR/<project>/, and a worker thread that runs the jobs.
+        from .training import ProjectTrainer
+
+        self.store = TrainingStore(settings.model_dir / "training.sqlite3")
+        self.queue = make_queue(store=self.store, redis_url=settings.redis_url)
+        self.registry = ModelRegistry(root=settings.model_dir)
+        self.trainer = ProjectTrainer(service=self, min_examples=settings.min_train_examples)
+        self.worker = Worker(queue=self.queue, train=self.trainer)
+        self._heads: dict[str, tuple[int, object]] = {}
+
+    def start_training_worker(self) -> None:
+        """Run queued training jobs in a background thread of this process (``OSPREY_TRAINING``)."""
+        if self.settings.training:
+            self.worker.start()
+
+    def stop_training_worker(self) -> bool:
+        return self.worker.stop()
+
+    # ---- per-project versions ----
+    def current_head(self, project: str | None):
+        """The project's promoted fast head (reloaded when another process promotes), or None."""
+        if not project:
+            return None
+        stamp = self.registry.current_stamp(project)
+        with self._state_lock:
+            cached = self._heads.get(project)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        from osprey.head import FastHead
+
+        info = self.registry.current(project)
+        head = None
+        if info is not None and (self.registry.path(project, info.version) / "head").is_dir():
+            head = FastHead.load(self.registry.path(project, info.version) / "head")
+        with self._state_lock:
+            self._heads[project] = (stamp, head)
+        return head
+
+    def project_version(self, project: str | None) -> str:
+        """The ``model_version`` Label Studio sees for ``project``: base models plus its promoted version."""
+        info = self.registry.current(project) if project else None
+        return info.model_version() if info is not None else self.models.version
+
+    def label_config_for(self, project: str) -> str | None:
+        with self._state_lock:
+            return self._project_configs.get(str(project))
+
+    def _remember_config(self, project: str | None, label_config: str | None) -> None:
+        if project and label_config:
+            with self._state_lock:
+                self._project_configs[project.split(".", 1)[0]] = label_config
 
     # ---- cheap calls: never wait for the models ----
     def warning(self) -> str | None:
@@ -150,10 +207,47 @@ class OspreyService:
 
     def setup(self, *, project: str | None, label_config: str, extra_params: dict | None) -> str:
         self.schema_for(label_config)
-        if project:
-            with self._state_lock:
-                self._project_configs[project.split(".", 1)[0]] = label_config
-        return self.models.version
+        self._remember_config(project, label_config)
+        project_id = project.split(".", 1)[0] if project else None
+        if project_id and self.store.count_unparsed(project_id):
+            # Annotations that arrived before the label config was known; /setup has 3 s, so parse later.
+            threading.Thread(target=self._reparse, args=(project_id, label_config), daemon=True).start()
+        return self.project_version(project_id)
+
+    def _reparse(self, project_id: str, label_config: str) -> None:
+        try:
+            outcome = reparse_unparsed(
+                self.store,
+                project_id,
+                label_config,
+                train_every=self.settings.train_every or None,
+                queue=self.queue,
+                field_map=self.field_map,
+            )
+            logger.info(
+                "project %s: parsed annotations stored before its label config: %s", project_id, outcome
+            )
+        except Exception:
+            logger.exception("project %s: parsing stored annotations failed", project_id)
+
+    def _record(
+        self, project_id: str | None, task: dict, version: str, items: list, *, interactive: bool
+    ) -> None:
+        """Remember what was predicted (acceptance tracking); a busy store never fails a prediction."""
+        if not project_id or task.get("id") is None:
+            return
+        try:
+            self.store.record_prediction(
+                project_id=project_id,
+                task_id=task["id"],
+                model_version=version,
+                result=items,
+                interactive=interactive,
+            )
+        except sqlite3.Error as error:
+            logger.warning(
+                "project %s: could not record the prediction of task %s: %s", project_id, task["id"], error
+            )
 
     def metrics(self) -> dict:
         with self._state_lock:
@@ -166,31 +260,51 @@ class OspreyService:
             "osprey_image_cache": osprey_cache.stats() if osprey_cache is not None else None,
             "sam_image_cache": sam_cache.stats() if sam_cache is not None else None,
             "image_loader": self.loader.stats() if hasattr(self.loader, "stats") else None,
+            "training": {
+                "queue": self._safe(self.queue.status),
+                "acceptance": {
+                    p: self._safe(self.store.acceptance_summary, p) for p in self._known_projects()
+                },
+                "worker": {
+                    "running": self.worker.current is not None,
+                    "current_job": self.worker.current.job_id if self.worker.current else None,
+                    "processed": self.worker.processed,
+                },
+            },
         }
+
+    def _known_projects(self) -> list[str]:
+        with self._state_lock:
+            return sorted(self._project_configs)
+
+    @staticmethod
+    def _safe(call, *args):
+        try:
+            return call(*args)
+        except Exception as error:  # a Redis or database outage must not break /metrics
+            return {"error": str(error)}
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._state_lock:
             self._counts[key] += n
 
-    # ---- webhooks: recorded and counted (the training store comes with retraining) ----
-    TRAIN_EVENTS = (
-        "ANNOTATION_CREATED",
-        "ANNOTATION_UPDATED",
-        "ANNOTATION_DELETED",
-        "ANNOTATIONS_DELETED",
-        "START_TRAINING",
-    )
-
+    # ---- webhooks: persisted before answering, training queued ----
     def webhook(self, action: str, payload: dict) -> dict:
         project = payload.get("project")
-        project_id = project.get("id") if isinstance(project, dict) else project
-        if action not in self.TRAIN_EVENTS:
-            self._count("webhook ignored")
-            logger.info("webhook %s for project %s ignored", action, project_id)
-            return {"status": "Unknown event", "action": action}
-        self._count(f"webhook {action}")
-        logger.info("webhook %s for project %s", action, project_id)
-        return {"status": "ok", "action": action}
+        if isinstance(project, dict) and isinstance(project.get("label_config"), str):
+            self._remember_config(str(project.get("id")), project["label_config"])
+        outcome = handle_webhook(
+            self.store,
+            payload,
+            label_config_for=self.label_config_for,
+            train_every=self.settings.train_every or None,
+            queue=self.queue,
+            field_map=self.field_map,
+        )
+        self._count(f"webhook {action} {outcome.get('status')}")
+        if outcome.get("train"):
+            self.worker.wake()
+        return outcome
 
     # ---- predictions ----
     def predict(
@@ -207,12 +321,15 @@ class OspreyService:
     def _predict(
         self, *, tasks: list, project: str | None, label_config: str | None, context: dict | None
     ) -> dict:
+        project_id = (project or "").split(".", 1)[0] or None
         if label_config is None:
-            with self._state_lock:
-                label_config = self._project_configs.get((project or "").split(".", 1)[0])
+            label_config = self.label_config_for(project_id) if project_id else None
             if label_config is None:
                 raise RequestError("'label_config' is missing and /setup was not called for this project")
         schema = self.schema_for(label_config)
+        self._remember_config(project_id, label_config)
+        version = self.project_version(project_id)
+        head = self.current_head(project_id)
         if context is not None and len(tasks) != 1:
             raise RequestError(
                 f"an interactive request (params.context) must carry one task, got {len(tasks)}"
@@ -220,22 +337,25 @@ class OspreyService:
         results, errors = [], []
         for index, task in enumerate(tasks):
             try:
-                items, score = self._predict_one(task, schema, context)
-                results.append({"result": items, "score": score, "model_version": self.models.version})
+                items, score = self._predict_one(task, schema, context, head)
+                results.append({"result": items, "score": score, "model_version": version})
+                self._record(project_id, task, version, items, interactive=context is not None)
                 self._count("tasks ok")
             except (ValueError, FileNotFoundError) as error:
                 task_id = task.get("id") if isinstance(task, dict) else None
                 logger.warning(
                     "task %s (%d of %d) got no prediction: %s", task_id, index + 1, len(tasks), error
                 )
-                results.append({"result": [], "score": 0.0, "model_version": self.models.version})
+                results.append({"result": [], "score": 0.0, "model_version": version})
                 errors.append({"index": index, "task": task_id, "error": str(error)})
                 self._count("tasks failed")
         if context is not None and errors:
             raise RequestError(errors[0]["error"])  # the annotator is waiting on this one task: say why
         return {"results": results, "errors": errors} if errors else {"results": results}
 
-    def _predict_one(self, task, schema: ProjectSchema, context: dict | None) -> tuple[list[dict], float]:
+    def _predict_one(
+        self, task, schema: ProjectSchema, context: dict | None, head
+    ) -> tuple[list[dict], float]:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise RequestError("each task must be an object with a 'data' object")
         reference = task["data"].get(schema.image_data_key)
@@ -247,7 +367,7 @@ class OspreyService:
             image = self.loader.load(reference)
         except ImageLoadError as error:
             raise RequestError(f"cannot load the task image: {error}") from None
-        with self._model_lock:
+        with self.model_lock:
             self._busy_since = time.time()
             try:
                 return predict_task(
@@ -257,6 +377,7 @@ class OspreyService:
                     context=context,
                     models=self.models,
                     options=self.options,
+                    head=head,
                 )
             finally:
                 self._busy_since = None

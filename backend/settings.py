@@ -54,6 +54,11 @@ class Settings:
     max_description_tokens: int = field(default=256, metadata={"env": "OSPREY_MAX_DESCRIPTION_TOKENS"})
     cache_images: int = field(default=16, metadata={"env": "OSPREY_CACHE_IMAGES"})
     cache_dir: str | None = field(default=None, metadata={"env": "OSPREY_CACHE_DIR"})
+    # Retraining
+    redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL"})
+    train_every: int = field(default=20, metadata={"env": "OSPREY_TRAIN_EVERY"})
+    training: bool = field(default=True, metadata={"env": "OSPREY_TRAINING"})
+    min_train_examples: int = field(default=5, metadata={"env": "OSPREY_MIN_TRAIN_EXAMPLES"})
     # Image loading safety
     allowed_image_hosts: tuple[str, ...] = field(default=(), metadata={"env": "OSPREY_ALLOWED_IMAGE_HOSTS"})
     local_files_root: str | None = field(default=None, metadata={"env": "LOCAL_FILES_DOCUMENT_ROOT"})

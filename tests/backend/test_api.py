@@ -23,9 +23,9 @@ def config(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_models, file_store):
+def client(tiny_models, file_store, tmp_path_factory):
     settings = Settings.from_env(
-        {}, label_studio_url=file_store.url, label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
+        {}, model_dir=tmp_path_factory.mktemp("models"), label_studio_url=file_store.url, label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
         points_per_side=4, max_masks=3, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0,
     )  # fmt: skip
     service = OspreyService(settings=settings, models=tiny_models)
@@ -255,14 +255,13 @@ def test_inline_data_uri_images_work(client):
 # ---- webhook, metrics, auth ----
 
 
-def test_webhook_accepts_label_studio_events(client):
-    body = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1, "result": []}, "task": task(),
-            "project": {"id": 7}}  # fmt: skip
-    response = client.post("/webhook", json=body)
-    assert response.status_code == 201 and response.json["status"] == "ok"
+def test_webhook_answers_like_label_studio_ml(client):
     ignored = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 7}})
     assert ignored.status_code == 200 and ignored.json["status"] == "Unknown event"
     assert client.post("/webhook", json={"nothing": 1}).status_code == 400
+    malformed = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": "x"}})
+    assert malformed.status_code == 400 and malformed.json["error"]
+    assert client.get("/health").status_code == 200  # and the service goes on
 
 
 def test_metrics_count_requests_and_cache_use(client):
@@ -273,8 +272,10 @@ def test_metrics_count_requests_and_cache_use(client):
     assert metrics["predictions"]["tasks ok"] >= 1
 
 
-def test_basic_auth_is_enforced_when_configured(tiny_models):
-    settings = Settings.from_env({}, basic_auth_user="ls", basic_auth_pass="s3cret", osprey_model="tiny")
+def test_basic_auth_is_enforced_when_configured(tiny_models, tmp_path):
+    settings = Settings.from_env(
+        {}, model_dir=tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret", osprey_model="tiny"
+    )
     client = create_app(settings, OspreyService(settings=settings, models=tiny_models)).test_client()
     assert client.get("/health").status_code == 401
     good = "Basic " + base64.b64encode(b"ls:s3cret").decode()
@@ -283,12 +284,17 @@ def test_basic_auth_is_enforced_when_configured(tiny_models):
     assert client.get("/health", headers={"Authorization": good}).status_code == 200
 
 
-def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, file_store):
+def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, file_store, tmp_path):
     import threading
     import time
 
     settings = Settings.from_env(
-        {}, label_studio_url=file_store.url, label_studio_api_key=API_KEY, osprey_model="tiny", threads=3
+        {},
+        model_dir=tmp_path,
+        label_studio_url=file_store.url,
+        label_studio_api_key=API_KEY,
+        osprey_model="tiny",
+        threads=3,
     )
     service = OspreyService(settings=settings, models=tiny_models)
     client = create_app(settings, service).test_client()
@@ -299,7 +305,7 @@ def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, fi
     def long_prediction():
         outcome["response"] = service.predict(tasks=[task()], project=PROJECT, label_config=xml, context=None)
 
-    service._model_lock.acquire()  # the model is busy
+    service.model_lock.acquire()  # the model is busy
     try:
         waiting = threading.Thread(target=long_prediction, daemon=True)
         waiting.start()
@@ -316,7 +322,7 @@ def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, fi
         busy = predict(client, xml, [task()])
         assert busy.status_code == 503 and "busy" in busy.json["error"]
     finally:
-        service._model_lock.release()
+        service.model_lock.release()
     waiting.join(timeout=60)
     assert outcome["response"]["results"][0]["result"]
     assert predict(client, xml, [task()]).status_code == 200
