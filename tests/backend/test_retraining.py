@@ -139,3 +139,31 @@ def test_accepted_labels_train_a_version_that_is_promoted_and_served(loop):
     # Rolling back serves the base model again, everywhere at once.
     service.registry.rollback(str(PROJECT))
     assert predict(client, first)["model_version"] == base
+
+
+def test_a_worse_head_is_written_but_not_promoted(loop):
+    from backend.training import heldout
+
+    service, client, scenes, tasks = loop
+    project = str(PROJECT)
+    if service.registry.current(project) is None:  # the first test ends with a rollback: promote again
+        service.registry.promote(project, "v0001")
+    before = service.registry.current(project)
+    # The annotator "relabels" every training task with the wrong shapes; held-out tasks keep the truth.
+    wrong = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    for i, (scene, task) in enumerate(zip(scenes, tasks, strict=True)):
+        if heldout(task["id"], 9000 + i):
+            continue
+        bad = type(scene)(image=scene.image, masks=scene.masks, shapes=[wrong[s] for s in scene.shapes],
+                          colours=scene.colours)  # fmt: skip
+        event = annotation_event(accepted_result(bad, task["id"]), action="ANNOTATION_UPDATED",
+                                 annotation_id=9000 + i, task_id=task["id"], project_id=PROJECT,
+                                 label_config=CONFIG, image=task["data"]["image"], updated_at="2025-06-01T11:00:00.000000Z")  # fmt: skip
+        assert client.post("/webhook", json=event).json["status"] == "stored"
+    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
+    job = service.worker.run_once()
+    outcome = service.queue.job(job.job_id).result
+    assert outcome["status"] == "not promoted", outcome
+    assert "category_accuracy" in outcome["reason"]
+    assert service.registry.current(project).version == before.version  # still served
+    assert [v.version for v in service.registry.versions(project)][-1] == outcome["version"]  # but kept
