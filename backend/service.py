@@ -130,6 +130,30 @@ class OspreyService:
         self.trainer = ProjectTrainer(service=self, min_examples=settings.min_train_examples)
         self.worker = Worker(queue=self.queue, train=self.trainer)
         self._heads: dict[str, tuple[int, object]] = {}
+        self._adapters = None  # osprey.lora.AdapterSet, made when a project first has an adapter
+
+    @property
+    def lora_enabled(self) -> bool:
+        """OSPREY_LORA: ``true``, ``false``, or ``auto`` (on when a CUDA GPU is present)."""
+        if self.settings.lora == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return self.settings.lora == "true"
+
+    def activate_project(self, project: str | None) -> None:
+        """Make the project's promoted LoRA adapter (or none) the active one. Hold ``model_lock``."""
+        info = self.registry.current(project) if project else None
+        lora_dir = self.registry.path(project, info.version) / "lora" if info is not None else None
+        if lora_dir is None or not lora_dir.is_dir():
+            if self._adapters is not None:
+                self._adapters.activate(None, None)
+            return
+        if self._adapters is None:
+            from osprey.lora import AdapterSet
+
+            self._adapters = AdapterSet(osprey=self.models.osprey)
+        self._adapters.activate(f"p{project}-{info.version}", lora_dir)
 
     def start_training_worker(self) -> None:
         """Run queued training jobs in a background thread of this process (``OSPREY_TRAINING``)."""
@@ -303,6 +327,9 @@ class OspreyService:
         )
         self._count(f"webhook {action} {outcome.get('status')}")
         if outcome.get("train"):
+            if self.lora_enabled:
+                project_id = str(project.get("id") if isinstance(project, dict) else project).split(".", 1)[0]
+                outcome["lora_job_id"] = self.queue.enqueue(project_id, "lora", {"reason": action})
             self.worker.wake()
         return outcome
 
@@ -337,7 +364,7 @@ class OspreyService:
         results, errors = [], []
         for index, task in enumerate(tasks):
             try:
-                items, score = self._predict_one(task, schema, context, head)
+                items, score = self._predict_one(task, schema, context, head, project_id)
                 results.append({"result": items, "score": score, "model_version": version})
                 self._record(project_id, task, version, items, interactive=context is not None)
                 self._count("tasks ok")
@@ -354,7 +381,7 @@ class OspreyService:
         return {"results": results, "errors": errors} if errors else {"results": results}
 
     def _predict_one(
-        self, task, schema: ProjectSchema, context: dict | None, head
+        self, task, schema: ProjectSchema, context: dict | None, head, project_id: str | None
     ) -> tuple[list[dict], float]:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise RequestError("each task must be an object with a 'data' object")
@@ -370,6 +397,7 @@ class OspreyService:
         with self.model_lock:
             self._busy_since = time.time()
             try:
+                self.activate_project(project_id)
                 return predict_task(
                     task=task,
                     rgb=image.rgb,

@@ -59,6 +59,7 @@ class Settings:
     train_every: int = field(default=20, metadata={"env": "OSPREY_TRAIN_EVERY"})
     training: bool = field(default=True, metadata={"env": "OSPREY_TRAINING"})
     min_train_examples: int = field(default=5, metadata={"env": "OSPREY_MIN_TRAIN_EXAMPLES"})
+    lora: str = field(default="auto", metadata={"env": "OSPREY_LORA"})
     # Image loading safety
     allowed_image_hosts: tuple[str, ...] = field(default=(), metadata={"env": "OSPREY_ALLOWED_IMAGE_HOSTS"})
     local_files_root: str | None = field(default=None, metadata={"env": "LOCAL_FILES_DOCUMENT_ROOT"})
@@ -71,6 +72,8 @@ class Settings:
             raise ValueError("WORKERS and THREADS must be >= 1")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.lora not in ("auto", "true", "false"):
+            raise ValueError(f"OSPREY_LORA must be auto, true or false, got {self.lora!r}")
         if not 0.0 < self.attribute_threshold < 1.0:
             raise ValueError("OSPREY_ATTRIBUTE_THRESHOLD must be between 0 and 1")
 

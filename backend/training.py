@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -103,12 +104,17 @@ class ProjectTrainer:
         self.lock = lock or service.model_lock
 
     def __call__(self, project_id: str, kind: str, payload: dict) -> dict:
-        if kind != "train":
-            raise ValueError(f"unknown job kind {kind!r}; expected 'train'")
-        return self.train_head(project_id)
+        if kind == "train":
+            return self.train_head(project_id)
+        if kind == "lora":
+            from .lora_training import LoraJob
+
+            return LoraJob(service=self.service, min_examples=self.min_examples)(project_id)
+        raise ValueError(f"unknown job kind {kind!r}; expected 'train' or 'lora'")
 
     def train_head(self, project_id: str) -> dict:
         service = self.service
+        self._project = project_id
         label_config = service.label_config_for(project_id)
         if label_config is None:
             raise RuntimeError(
@@ -139,8 +145,14 @@ class ProjectTrainer:
         candidate_metrics, current_metrics = self._compare(examples, features, test, fields, head, current)
         promote, reason = not_worse(candidate_metrics, current_metrics, tolerance=self.tolerance)
 
+        parent = service.registry.current(project_id)
+        parent_dir = service.registry.path(project_id, parent.version) if parent else None
+        keep_lora = parent_dir is not None and (parent_dir / "lora").is_dir()
+
         def write(folder):
             head.save(folder / "head")
+            if keep_lora:
+                shutil.copytree(parent_dir / "lora", folder / "lora")  # the served adapter stays
             return {
                 "train_examples": len(train),
                 "heldout_examples": len(test),
@@ -148,9 +160,9 @@ class ProjectTrainer:
                 "notes": f"served now: {current_metrics}; {reason}",
             }
 
-        parent = service.registry.current(project_id)
         info = service.registry.create(
-            project_id, kind="head", base_model_version=service.models.version, write=write,
+            project_id, kind="head+lora" if keep_lora else "head", base_model_version=service.models.version,
+            write=write,
             parent=parent.version if parent else None,
         )  # fmt: skip
         if promote:
@@ -180,6 +192,7 @@ class ProjectTrainer:
             rgb = self.service.loader.load(ref).rgb
             masks = [r.mask() for r in group]
             with self.lock:
+                self.service.activate_project(self._project)
                 rows.append(region_features(self.service.models.osprey, rgb, masks))
             for region, mask in zip(group, masks, strict=True):
                 truth = {f.name: region.fields.get(f.name) for f in fields}
@@ -202,6 +215,7 @@ class ProjectTrainer:
             rgb = self.service.loader.load(ref).rgb
             masks = [examples[i].mask for i in indices]
             with self.lock:
+                self.service.activate_project(self._project)  # what is served now: its adapter too
                 for i, out in zip(indices, osprey.label(rgb, masks, request), strict=True):
                     outputs[i] = out
         truths = [examples[i].truth for i in test]

@@ -66,6 +66,7 @@ class Osprey:
         self.config = config
         self.model_id = model_id
         self.cache = cache
+        self.adapter_tag = ""  # the active LoRA adapter (see osprey.lora.AdapterSet); part of cache keys
         self.fast = FastRunner(
             model=model, eos_token_id=tokenizer.eos_token_id, max_batch_tokens=max_batch_tokens
         )
@@ -124,7 +125,7 @@ class Osprey:
             return self._encode(rgb)
         from .feature_cache import content_key
 
-        key = content_key(rgb, "osprey", self.model_id, str(self.model.dtype))
+        key = content_key(rgb, "osprey", self.model_id, str(self.model.dtype), self.adapter_tag)
         return self.cache.get_or_compute(key, lambda: self._encode(rgb))
 
     def _encode(self, rgb: np.ndarray) -> EncodedImage:

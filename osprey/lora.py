@@ -222,24 +222,80 @@ class LoraTrainer:
 
 
 def load_adapter(osprey: Osprey, directory: str | Path) -> LoraTrainer:
-    """Add the saved adapter (and any trained extractor/projector) to ``osprey``."""
+    """Add the saved adapter (and any trained extractor/projector) to ``osprey`` for training on."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     directory = Path(directory)
-    settings_dict = json.loads((directory / "lora.json").read_text())
-    settings_dict["target_modules"] = tuple(settings_dict["target_modules"])
-    trainer = LoraTrainer(osprey=osprey, settings=LoraSettings(**settings_dict))
-    tensors = load_file(str(directory / "adapter.safetensors"), device=str(osprey.device))
+    settings, tensors = _read_adapter(directory)
+    trainer = LoraTrainer(osprey=osprey, settings=settings)
     model = osprey.model
-    llm = {k[len("llm.") :]: v for k, v in tensors.items() if k.startswith("llm.")}
+    llm = {k[len("llm.") :]: v.to(osprey.device) for k, v in tensors.items() if k.startswith("llm.")}
     result = set_peft_model_state_dict(model.llm, llm)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{directory} has adapter tensors this model does not know: {unexpected[:5]}")
     for name, part in (("mask_extractor", model.mask_extractor), ("mm_projector", model.mm_projector)):
-        sub = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        sub = {
+            k[len(name) + 1 :]: v.to(osprey.device) for k, v in tensors.items() if k.startswith(name + ".")
+        }
         if sub:
             part.load_state_dict(sub, strict=True)
     model.eval()
     return trainer
+
+
+def _read_adapter(directory: Path) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    settings_dict = json.loads((directory / "lora.json").read_text())
+    settings_dict["target_modules"] = tuple(settings_dict["target_modules"])
+    return LoraSettings(**settings_dict), load_file(str(directory / "adapter.safetensors"))
+
+
+class AdapterSet:
+    """Several projects' LoRA adapters on one served model, one active at a time.
+
+    ``activate(name, directory)`` loads the adapter the first time it is named and makes it the one
+    used; ``activate(None, None)`` serves the base model. The caller serialises model work (the
+    backend holds its model lock across activation and prediction). Encoded images depend on the
+    active adapter (the prompt prefix's keys/values do), so ``osprey.adapter_tag`` becomes part of the
+    image cache key.
+    """
+
+    def __init__(self, *, osprey: Osprey) -> None:
+        self.osprey = osprey
+        self.loaded: set[str] = set()
+        self.active: str | None = None
+
+    def activate(self, name: str | None, directory: Path | None) -> None:
+        from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+
+        model = self.osprey.model
+        if name is None:
+            if isinstance(model.llm, PeftModel) and self.active is not None:
+                model.llm.base_model.disable_adapter_layers()
+            self.active = None
+            self.osprey.adapter_tag = ""
+            return
+        if name not in self.loaded:
+            settings, tensors = _read_adapter(Path(directory))
+            if any(not k.startswith("llm.") for k in tensors):
+                raise ValueError(
+                    f"{directory}: serving adapters that also change the extractor or projector is not supported"
+                )
+            config = LoraConfig(
+                r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+                target_modules=list(settings.target_modules), bias="none", inference_mode=True,
+            )  # fmt: skip
+            if isinstance(model.llm, PeftModel):
+                model.llm.add_adapter(name, config)
+            else:
+                model.llm = get_peft_model(model.llm, config, adapter_name=name)
+            weights = {k[len("llm.") :]: v.to(self.osprey.device) for k, v in tensors.items()}
+            set_peft_model_state_dict(model.llm, weights, adapter_name=name)
+            model.llm.eval()
+            self.loaded.add(name)
+        model.llm.base_model.enable_adapter_layers()
+        model.llm.set_adapter(name)
+        self.active = name
+        self.osprey.adapter_tag = name

@@ -167,3 +167,43 @@ def test_a_worse_head_is_written_but_not_promoted(loop):
     assert "category_accuracy" in outcome["reason"]
     assert service.registry.current(project).version == before.version  # still served
     assert [v.version for v in service.registry.versions(project)][-1] == outcome["version"]  # but kept
+
+
+def test_lora_jobs_write_head_and_adapter_versions_that_are_served(tiny_models, file_store, tmp_path):
+    scenes = learning_curve_module().make_scenes(20, seed=11)
+    settings = Settings.from_env(
+        {}, model_dir=tmp_path, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
+        osprey_model="tiny", sam_model="tiny", train_every=0, lora="true",
+    )  # fmt: skip
+    service = OspreyService(settings=settings, models=tiny_models)
+    client = create_app(settings, service).test_client()
+    project = 6
+    for i, scene in enumerate(scenes):
+        path = file_store.add(f"/data/upload/{project}/l{i}.png", png(scene.image))
+        event = annotation_event(accepted_result(scene, 700 + i), annotation_id=7700 + i, task_id=700 + i,
+                                 project_id=project, label_config=CONFIG, image=path)  # fmt: skip
+        assert client.post("/webhook", json=event).json["status"] == "stored"
+    queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": project}}).json
+    assert queued["job_id"] and queued["lora_job_id"]
+    head_job, lora_job = service.worker.run_once(), service.worker.run_once()
+    assert (head_job.kind, lora_job.kind) == ("train", "lora")
+    outcome = service.queue.job(lora_job.job_id).result
+    assert service.queue.job(lora_job.job_id).status == "done", outcome
+    assert outcome["heldout_answer_loss"] < outcome["served_answer_loss"], outcome
+    assert outcome["status"] == "promoted" and outcome["version"] == "v0002"
+    folder = service.registry.path(str(project), "v0002")
+    assert (folder / "lora" / "adapter.safetensors").is_file() and (folder / "head" / "head.json").is_file()
+    assert service.registry.info(str(project), "v0002").kind == "head+lora"
+
+    first = {"id": 700, "data": {"image": f"/data/upload/{project}/l0.png"},
+             "predictions": [{"result": accepted_result(scenes[0], 700)}]}  # fmt: skip
+    body = {"tasks": [first], "project": f"{project}.1", "label_config": CONFIG, "params": {}}
+    served = client.post("/predict", json=body).json["results"][0]
+    assert served["model_version"] == "tiny+sam-tiny-untrained+p6-v0002"
+    assert service._adapters.active == "p6-v0002"
+    # Another project is served by the base model: its adapter is switched off for it.
+    other = {"tasks": [first], "project": "99.1", "label_config": CONFIG, "params": {}}
+    assert (
+        client.post("/predict", json=other).json["results"][0]["model_version"] == "tiny+sam-tiny-untrained"
+    )
+    assert service._adapters.active is None

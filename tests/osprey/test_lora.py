@@ -75,3 +75,32 @@ def test_lora_lowers_held_out_loss_and_the_saved_adapter_reloads(tmp_path):
     # The adapted model still serves the fast path.
     out = fresh.label(examples[12].image, [examples[12].mask], LabelRequest(categories=SHAPES))
     assert out[0].category.label in SHAPES
+
+
+def test_adapter_set_switches_projects_adapters_on_one_served_model(tmp_path):
+    from osprey.api import image_feature_cache
+    from osprey.lora import AdapterSet
+
+    examples = [shape_example(i) for i in range(9)]
+    trained = Osprey.from_pretrained("tiny", device="cpu")
+    trainer = LoraTrainer(
+        osprey=trained, settings=LoraSettings(rank=4, learning_rate=1e-2, epochs=2, grad_accum=1)
+    )
+    trainer.fit(instruction_samples(examples, categories=SHAPES), examples, progress=False)
+    trainer.save(tmp_path / "a")
+    request = LabelRequest(categories=SHAPES, caption=True, max_caption_tokens=4)
+    image, mask = examples[0].image, [examples[0].mask]
+    expected = trained.label(image, mask, request)[0]
+
+    served = Osprey.from_pretrained("tiny", device="cpu", cache=image_feature_cache(max_images=4))
+    base = served.label(image, mask, request)[0]
+    adapters = AdapterSet(osprey=served)
+    adapters.activate("project-a", tmp_path / "a")
+    with_adapter = served.label(image, mask, request)[0]
+    assert with_adapter.category.scores == pytest.approx(expected.category.scores, abs=1e-5)
+    assert with_adapter.caption == expected.caption
+    assert with_adapter.category.scores != pytest.approx(base.category.scores, abs=1e-3)
+    adapters.activate(None, None)
+    again = served.label(image, mask, request)[0]  # the base model again, its cached encoding reused
+    assert again.category.scores == pytest.approx(base.category.scores, abs=1e-6)
+    assert served.cache.stats()["items"] == 2  # one encoding per adapter
