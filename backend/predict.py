@@ -151,13 +151,13 @@ def everything_regions(everything, rgb: np.ndarray) -> list[Region]:
 
 
 def apply_head(
-    osprey, rgb: np.ndarray, regions: list[Region], answers: list[RegionLabels], head: FastHead
+    osprey, rgb: np.ndarray, regions: list[Region], answers: list[RegionLabels], head: FastHead, *, encoded
 ) -> None:
     """Blend the project's fast head into Osprey's closed-set answers, in place (see
     :func:`osprey.head.blend`: the head's weight grows with its accepted examples per field)."""
     if not regions or not head.compatible_with(feature_layout(osprey)):
         return
-    features = region_features(osprey, rgb, [r.mask for r in regions])  # the cached encoding
+    features = region_features(osprey, rgb, [r.mask for r in regions], encoded=encoded)
     for labels, head_probs in zip(answers, head.label_probs(features), strict=True):
         for name in ("category", "part"):
             answer = getattr(labels, name)
@@ -277,21 +277,23 @@ def predict_task(
     results: list[dict] = []
     scores: list[float] = []
     request = label_request(per_region, options)
+    task_request = label_request(whole_task, options)
+    # One encoding of the image serves every question, the head's features and the whole-task fields.
+    encoded = models.osprey.encode_image(rgb) if (regions and request) or task_request else None
     answers = (
-        models.osprey.label(rgb, [r.mask for r in regions], request)
+        models.osprey.label(rgb, [r.mask for r in regions], request, encoded=encoded)
         if regions and request
         else [None] * len(regions)
     )
     if head is not None and regions and request:
-        apply_head(models.osprey, rgb, regions, answers, head)
+        apply_head(models.osprey, rgb, regions, answers, head, encoded=encoded)
     for region, labels in zip(regions, answers, strict=True):
         items, score = region_results(
             schema=schema, region=region, labels=labels, width=width, height=height, options=options
         )
         results += items
         scores.append(score)
-    task_request = label_request(whole_task, options)
     if task_request is not None:
-        whole = models.osprey.label(rgb, [np.ones((height, width), bool)], task_request)[0]
+        whole = models.osprey.label(rgb, [np.ones((height, width), bool)], task_request, encoded=encoded)[0]
         results += field_results(schema, whole, new_region_id(), None, options)
     return results, float(np.mean(scores)) if scores else 0.0

@@ -326,3 +326,29 @@ def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, fi
     waiting.join(timeout=60)
     assert outcome["response"]["results"][0]["result"]
     assert predict(client, xml, [task()]).status_code == 200
+
+
+def test_a_task_runs_the_vision_tower_once_even_without_a_cache(tiny_models):
+    from backend.ls_format import region_result
+    from backend.predict import PredictOptions, predict_task
+    from backend.schema import parse_label_config
+
+    schema = parse_label_config(config("brush_full.xml"))
+    mask = np.zeros((60, 80), bool)
+    mask[10:40, 10:50] = True
+    region = region_result(mask=mask, tool="BrushLabels", from_name="label", to_name="image", width=80,
+                           height=60, label="person", score=1.0, region_id="r1")  # fmt: skip
+    calls = []
+    osprey, cache = tiny_models.osprey, tiny_models.osprey.cache
+    hook = osprey.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    osprey.cache = None
+    try:
+        items, _ = predict_task(
+            task={"predictions": [{"result": [region]}]}, rgb=np.zeros((60, 80, 3), np.uint8), schema=schema,
+            context=None, models=tiny_models, options=PredictOptions(max_caption_tokens=2, max_description_tokens=2),
+        )  # fmt: skip
+    finally:
+        osprey.cache = cache
+        hook.remove()
+    assert len(calls) == 1
+    assert {item["from_name"] for item in items} >= {"label", "category", "caption"}
