@@ -17,7 +17,7 @@ from collections import Counter
 
 from flask import Flask, Response, g, jsonify, request
 
-from .errors import NotReadyError, RequestError, require
+from .errors import RequestError, require
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -177,9 +177,5 @@ def create_app(settings: Settings, service) -> Flask:
     @app.get("/metrics")
     def metrics():
         return jsonify({"routes": stats.snapshot(), **service.metrics()})
-
-    @app.errorhandler(NotReadyError)
-    def not_ready(error: NotReadyError):
-        return jsonify({"error": str(error), "request_id": g.get("request_id")}), 503
 
     return app

@@ -22,7 +22,7 @@ from .loading import default_device, default_dtype, load_model
 from .model import OspreyModel
 from .plan import Planner
 from .preprocess import preprocess_image, stack_masks, to_rgb_array
-from .prompts import IMAGE_TOKEN, conversation, tokenize_prompt
+from .prompts import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN, conversation, tokenize_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Osprey:
             model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
         prefix = tokenize_prompt(tokenizer, conversation(IMAGE_TOKEN))
-        self._prefix_ids = prefix[: prefix.index(-200) + 1]
+        self._prefix_ids = prefix[: prefix.index(IMAGE_PLACEHOLDER_ID) + 1]
 
     @classmethod
     def from_pretrained(

@@ -61,10 +61,6 @@ class EncodedImage:
     shared: dict[tuple[int, ...], int] = field(default_factory=dict)  # shared text ids -> segment
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def nbytes(self) -> int:
-        tensors = [*self.features.values(), self.image_tokens]
-        return self.state.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
-
     def __getstate__(self) -> dict:  # for the on-disk feature cache: a lock cannot be pickled
         state = dict(self.__dict__)
         del state["lock"]

@@ -118,17 +118,10 @@ class KVState:
     segment: torch.Tensor
     position: torch.Tensor
 
-    @property
-    def length(self) -> int:
-        return int(self.segment.shape[0])
-
     @classmethod
     def empty(cls, device: torch.device) -> KVState:
         none = torch.zeros(0, dtype=torch.long, device=device)
         return cls(layers=[], segment=none, position=none)
-
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
 
 
 def tree_attention_mask(

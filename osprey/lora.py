@@ -112,8 +112,7 @@ class LoraTrainer:
             target_modules=list(s.target_modules),
             bias="none",
         )
-        model.llm = get_peft_model(model.llm, config)
-        osprey.fast.model = model  # the runners hold the same OspreyModel; its llm is now adapted
+        model.llm = get_peft_model(model.llm, config)  # the runners share this OspreyModel
         for part, wanted in (
             (model.mask_extractor, s.train_mask_extractor),
             (model.mm_projector, s.train_projector),

@@ -23,10 +23,6 @@ class Question:
     text: str
     ids: tuple[int, ...]  # one IMAGE_PLACEHOLDER_ID per <image>
 
-    @property
-    def generates(self) -> bool:
-        return self.key in ("caption", "description", "open_category")
-
 
 @dataclass
 class ScoreTask:
