@@ -85,17 +85,19 @@ class ModelRegistry:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def project_dir(self, project: str) -> Path:
+    def project_dir(self, project: str, *, create: bool = False) -> Path:
+        """The project's folder; created only for writes (reading an unknown project changes nothing)."""
         if not _PROJECT_RE.match(str(project)):
             raise RegistryError(f"project id {project!r} must be letters, digits, '_', '.' or '-'")
         path = self.root / str(project)
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     @contextmanager
     def _locked(self, project: str) -> Iterator[Path]:
         """An exclusive lock on the project's folder, across threads and processes."""
-        directory = self.project_dir(project)
+        directory = self.project_dir(project, create=True)
         with open(directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -107,6 +109,8 @@ class ModelRegistry:
     def versions(self, project: str) -> list[VersionInfo]:
         """Complete versions, oldest first (temporary folders of unfinished writes are not listed)."""
         directory = self.project_dir(project)
+        if not directory.is_dir():
+            return []
         out = []
         for path in sorted(directory.iterdir()):
             if path.is_dir() and _VERSION_RE.match(path.name) and (path / "meta.json").is_file():
@@ -157,7 +161,7 @@ class ModelRegistry:
     ) -> VersionInfo:
         """Write a new version: ``write(folder)`` fills a temporary folder and returns the meta fields
         it knows (``train_examples``, ``metrics`` ...); the folder becomes ``vNNNN`` only when complete."""
-        directory = self.project_dir(project)
+        directory = self.project_dir(project, create=True)
         tmp = directory / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:

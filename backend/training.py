@@ -114,7 +114,6 @@ class ProjectTrainer:
 
     def train_head(self, project_id: str) -> dict:
         service = self.service
-        self._project = project_id
         label_config = service.label_config_for(project_id)
         if label_config is None:
             raise RuntimeError(
@@ -131,7 +130,7 @@ class ProjectTrainer:
                 "status": "skipped",
                 "reason": f"{len(usable)} accepted regions; {self.min_examples} needed",
             }
-        features, examples = self._features(usable, fields)
+        features, examples = self._features(project_id, usable, fields)
         train = [i for i, e in enumerate(examples) if not e.test]
         test = [i for i, e in enumerate(examples) if e.test]
         if not test or not train:  # tiny projects: hold out every fifth region instead
@@ -142,7 +141,9 @@ class ProjectTrainer:
             features[train], labels
         )
         current = service.current_head(project_id)
-        candidate_metrics, current_metrics = self._compare(examples, features, test, fields, head, current)
+        candidate_metrics, current_metrics = self._compare(
+            project_id, examples, features, test, fields, head, current
+        )
         promote, reason = not_worse(candidate_metrics, current_metrics, tolerance=self.tolerance)
 
         parent = service.registry.current(project_id)
@@ -183,7 +184,7 @@ class ProjectTrainer:
             "reason": reason,
         }
 
-    def _features(self, regions, fields) -> tuple[np.ndarray, list[Example]]:
+    def _features(self, project_id: str, regions, fields) -> tuple[np.ndarray, list[Example]]:
         by_image: dict[str, list] = defaultdict(list)
         for region in regions:
             by_image[region.image_ref].append(region)
@@ -192,14 +193,14 @@ class ProjectTrainer:
             rgb = self.service.loader.load(ref).rgb
             masks = [r.mask() for r in group]
             with self.lock:
-                self.service.activate_project(self._project)
+                self.service.activate_project(project_id)
                 rows.append(region_features(self.service.models.osprey, rgb, masks))
             for region, mask in zip(group, masks, strict=True):
                 truth = {f.name: region.fields.get(f.name) for f in fields}
                 examples.append(Example(ref, mask, truth, heldout(region.task_id, region.annotation_id)))
         return np.concatenate(rows).astype(np.float32), examples
 
-    def _compare(self, examples, features, test, fields, head, current):
+    def _compare(self, project_id: str, examples, features, test, fields, head, current):
         osprey = self.service.models.osprey
         by_name = {f.name: f for f in fields}
         request = LabelRequest(
@@ -215,7 +216,7 @@ class ProjectTrainer:
             rgb = self.service.loader.load(ref).rgb
             masks = [examples[i].mask for i in indices]
             with self.lock:
-                self.service.activate_project(self._project)  # what is served now: its adapter too
+                self.service.activate_project(project_id)  # what is served now: its adapter too
                 for i, out in zip(indices, osprey.label(rgb, masks, request), strict=True):
                     outputs[i] = out
         truths = [examples[i].truth for i in test]

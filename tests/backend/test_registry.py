@@ -119,3 +119,10 @@ def test_models_command_lists_promotes_and_rolls_back(tmp_path, capsys):
     assert "now serving the base model" in capsys.readouterr().out
     assert main(["models", "promote", "7", "v0042", "--model-dir", str(tmp_path)]) == 2
     assert "no version 'v0042'" in capsys.readouterr().err
+
+
+def test_reading_an_unknown_project_creates_nothing(tmp_path):
+    registry = ModelRegistry(root=tmp_path)
+    assert registry.current("42") is None and registry.versions("42") == [] and registry.history("42") == []
+    assert registry.current_stamp("42") == 0
+    assert not (tmp_path / "42").exists()
