@@ -7,14 +7,12 @@ from unittest import mock
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from osprey.sam import (
     EverythingOptions,
     SamEverything,
     SamImageEmbedder,
     SamRefiner,
-    build_tiny_sam,
     mask_bbox_xyxy,
 )
 from osprey.sam.build import SamAutomaticMaskGenerator
@@ -31,18 +29,7 @@ KEEP_ALL = EverythingOptions(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny SAM is all per-op overhead: one intra-op thread is faster and immune to a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def sam():
-    return build_tiny_sam(seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

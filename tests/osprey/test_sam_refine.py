@@ -23,19 +23,7 @@ from osprey.sam import (
 from osprey.sam.build import SamPredictor, _load_checkpoint
 from osprey.sam.refine import stability_score
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny SAM is all per-op overhead: one intra-op thread is faster and immune to a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def sam():
-    return build_tiny_sam(seed=0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
