@@ -47,12 +47,7 @@ class LoraJob:
 
     def __call__(self, project_id: str) -> dict:
         service = self.service
-        label_config = service.label_config_for(project_id)
-        if label_config is None:
-            raise RuntimeError(
-                f"project {project_id}: no label config known yet (Label Studio sends it at /setup)"
-            )
-        schema = service.schema_for(label_config)
+        schema = service.project_schema(project_id)
         label_sets = {spec.field: tuple(spec.labels) for spec in schema.fields if spec.labels}
         regions = [r for r in service.store.accepted_regions(project_id) if r.image_ref]
         if len(regions) < self.min_examples:

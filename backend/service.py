@@ -188,6 +188,15 @@ class OspreyService:
         info = self.registry.current(project) if project else None
         return info.model_version() if info is not None else self.models.version
 
+    def project_schema(self, project: str) -> ProjectSchema:
+        """The schema of the label config Label Studio last sent for ``project`` (training jobs use it)."""
+        label_config = self.label_config_for(project)
+        if label_config is None:
+            raise RuntimeError(
+                f"project {project}: no label config known yet (Label Studio sends it at /setup)"
+            )
+        return self.schema_for(label_config)
+
     def label_config_for(self, project: str) -> str | None:
         with self._state_lock:
             return self._project_configs.get(str(project))

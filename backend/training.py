@@ -114,12 +114,7 @@ class ProjectTrainer:
 
     def train_head(self, project_id: str) -> dict:
         service = self.service
-        label_config = service.label_config_for(project_id)
-        if label_config is None:
-            raise RuntimeError(
-                f"project {project_id}: no label config known yet (Label Studio sends it at /setup)"
-            )
-        schema = service.schema_for(label_config)
+        schema = service.project_schema(project_id)
         fields = head_fields(schema)
         if not fields:
             return {"status": "skipped", "reason": "the label config has no closed-set field to learn"}
