@@ -178,7 +178,12 @@ class OspreyService:
         info = self.registry.current(project)
         head = None
         if info is not None and (self.registry.path(project, info.version) / "head").is_dir():
-            head = FastHead.load(self.registry.path(project, info.version) / "head")
+            try:
+                head = FastHead.load(self.registry.path(project, info.version) / "head")
+            except (ValueError, OSError) as error:  # a damaged version must not stop predictions
+                logger.error(
+                    "project %s: cannot load head %s, serving Osprey alone: %s", project, info.version, error
+                )
         with self._state_lock:
             self._heads[project] = (stamp, head)
         return head

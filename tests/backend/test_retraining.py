@@ -207,3 +207,18 @@ def test_lora_jobs_write_head_and_adapter_versions_that_are_served(tiny_models, 
         client.post("/predict", json=other).json["results"][0]["model_version"] == "tiny+sam-tiny-untrained"
     )
     assert service._adapters.active is None
+
+
+def test_a_damaged_promoted_head_falls_back_to_osprey_alone(tiny_models, file_store, tmp_path, caplog):
+    settings = Settings.from_env({}, model_dir=tmp_path, osprey_model="tiny", sam_model="tiny", lora="false")
+    service = OspreyService(settings=settings, models=tiny_models)
+
+    def damaged(folder):
+        (folder / "head").mkdir()
+        (folder / "head" / "head.json").write_text("{not json")
+        return {}
+
+    info = service.registry.create("8", kind="head", base_model_version=tiny_models.version, write=damaged)
+    service.registry.promote("8", info.version)
+    assert service.current_head("8") is None
+    assert "cannot load head v0001" in caplog.text
