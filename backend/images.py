@@ -341,7 +341,12 @@ class ImageLoader:
     def _get(self, url: str, deadline: float) -> requests.Response:
         to_ls = _origin(url) == self._ls_origin
         for attempt in range(2):
-            headers = {"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": "osprey-label"}
+            # Label Studio 1.23 answers 406 to a bare "image/*" for its uploads: allow anything, decode decides
+            headers = {
+                "Accept": "image/*, */*;q=0.8",
+                "Accept-Encoding": "identity",
+                "User-Agent": "osprey-label",
+            }
             if to_ls and self._token_provider is not None:
                 try:
                     token = self._token_provider()

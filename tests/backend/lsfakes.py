@@ -35,6 +35,11 @@ class FileStore:
             def do_GET(self):  # noqa: N802
                 store.auth_seen.append(self.headers.get("Authorization"))
                 body = store.files.get(self.path)
+                accept = self.headers.get("Accept", "*/*")
+                if "*/*" not in accept:  # as Label Studio 1.23 does for a bare "image/*"
+                    self.send_response(406)
+                    self.end_headers()
+                    return
                 if self.headers.get("Authorization") != f"Token {API_KEY}":
                     self.send_response(401)
                     self.end_headers()
