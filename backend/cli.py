@@ -93,6 +93,9 @@ def _models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from osprey.cli import add_label_command
+    from osprey.eval_cli import add_eval_commands
+
+    from .acceptance_output import add_acceptance_command
 
     parser = argparse.ArgumentParser(
         prog="osprey-label", description="Osprey + SAM region pre-labelling for Label Studio"
@@ -100,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_label_command(subparsers)
+    eval_parser = subparsers.add_parser(
+        "eval", help="Osprey's region benchmarks (classify, captions) and pre-label acceptance"
+    )
+    eval_sub = eval_parser.add_subparsers(dest="eval_command", required=True)
+    add_eval_commands(eval_sub)
+    add_acceptance_command(eval_sub)
 
     serve = subparsers.add_parser(
         "serve", help="run the Label Studio ML backend (settings from the environment)"

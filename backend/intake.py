@@ -23,7 +23,9 @@ Regions are the results of the config's output tool (``schema.output_tool``); ea
 in brush RLE (a brush region's own RLE once it decodes to the stated size; polygons and rectangles are
 rasterised and encoded), with its field values read from the per-region Choices/TextArea results that
 carry its ``id``. Each region is matched to the backend's recorded prediction (``match_prediction``)
-and every field is judged kept, edited, added or removed (``outcomes``).
+and every field is judged kept, edited, added or removed (``outcomes``). ``compare_annotation`` does that
+comparison as a pure function of the schema, the annotation's result and the task's predictions; the
+export report (``backend.acceptance``, ``osprey-label eval acceptance``) calls the same function.
 """
 
 from __future__ import annotations
@@ -173,8 +175,11 @@ def _ids(payload: dict, key: str) -> list[int]:
     return [_int(i.get("id") if isinstance(i, dict) else i, f"'{key}[{n}].id'") for n, i in enumerate(items)]
 
 
-def _timestamp(annotation: dict) -> float:
-    """Label Studio's ``updated_at`` (else ``created_at``) as POSIX seconds; ISO 8601, naive means UTC."""
+def annotation_timestamp(annotation: dict) -> float:
+    """Label Studio's ``updated_at`` (else ``created_at``) as POSIX seconds; ISO 8601, naive means UTC.
+
+    Raises WebhookError (a ValueError) when neither is a readable time.
+    """
     value = annotation.get("updated_at") or annotation.get("created_at")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -230,7 +235,7 @@ def _annotation_event(store, payload, label_config_for, field_map, train_every, 
         raise WebhookError("'annotation.result' must be a list of Label Studio result objects")
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
     cancelled = bool(annotation.get("was_cancelled"))
-    ts, content = _timestamp(annotation), _hash([result, cancelled, data])
+    ts, content = annotation_timestamp(annotation), _hash([result, cancelled, data])
     base = {"annotation_id": annotation_id, "regions": 0}
     seen = store.annotation_state(project, annotation_id, task_id)
     if seen is not None and seen[0] == "deleted":
@@ -289,16 +294,53 @@ def _optional_int(value) -> int | None:
 # ---- regions and fields --------------------------------------------------------------------------
 
 
-def _fill(
-    record: AnnotationRecord, store, schema: ProjectSchema, result, data: dict, skipped: list[str]
-) -> None:
-    """Read the regions and fields of ``result`` into ``record``, matched against recorded predictions."""
-    reference = data.get(schema.image_data_key)
-    record.image_ref = reference if isinstance(reference, str) else None
+@dataclass(frozen=True)
+class RegionMatch:
+    """How one accepted region relates to the prediction: the predicted region it came from (None when
+    the annotator added it), that prediction's model version, ``match`` (``"id"``, ``"iou"`` or None)
+    and the mask IoU between the two (None without a match or when the masks cannot be compared)."""
+
+    region_id: str
+    predicted_region_id: str | None = None
+    model_version: str | None = None
+    match: str | None = None
+    iou: float | None = None
+
+
+@dataclass
+class Comparison:
+    """One annotation compared with the task's predictions (``compare_annotation``).
+
+    ``regions`` are the readable accepted regions, ``matches`` one ``RegionMatch`` per region in the
+    same order; ``removed`` the predicted regions nothing matched; ``model_version`` the source
+    prediction's version (None without predictions); ``outcomes`` per region and field (kept, edited,
+    added, removed); ``skipped`` says why each unreadable region was left out.
+    """
+
+    regions: list[_Region]
+    matches: list[RegionMatch]
+    removed: list[PredictedRegion]
+    model_version: str | None
+    task_fields: dict
+    outcomes: list[FieldOutcome]
+    skipped: list[str]
+
+
+def compare_annotation(
+    schema: ProjectSchema, result: list[dict], predicted: list[PredictedRegion]
+) -> Comparison:
+    """Compare an annotation's ``result`` items with the predictions recorded for its task (pure).
+
+    ``predicted`` are the task's predicted regions and whole-task rows of every model version, newest
+    first (``TrainingStore.predicted_regions``, or ``store.prediction_regions`` of each prediction of an
+    export). Regions are the results of the schema's output tool; each is matched by
+    ``match_prediction`` and every field judged by ``outcomes``. The live webhook intake and
+    ``osprey-label eval acceptance`` both call this, so they count the same way.
+    """
     linked: dict[str, list[dict]] = {}
     for item in result:
         linked.setdefault(str(item.get("id")), []).append(item)
-    regions = []
+    regions, skipped = [], []
     for item in result:
         if item.get("from_name") != schema.output_tool.from_name or item.get("id") is None:
             continue
@@ -306,39 +348,56 @@ def _fill(
             regions.append(_read_region(schema, item, linked.get(str(item["id"]), [])))
         except BadRegionError as error:
             skipped.append(f"region {item.get('id')}: {error}")
-            logger.warning(
-                "annotation %s: region %s skipped: %s", record.annotation_id, item.get("id"), error
+    accepted_task = task_fields(schema, result)
+    found, version, removed = match_prediction(regions, predicted)
+    matches, out = [], []
+    for region in regions:
+        pred, how, iou = found.get(region.region_id) or (None, None, None)
+        matches.append(
+            RegionMatch(
+                region.region_id, pred.region_id if pred else None, pred.model_version if pred else None,
+                how, iou,
             )
-    record.task_fields = task_fields(schema, result)
+        )  # fmt: skip
+        pred_fields = region_fields(schema, pred.items[0], pred.items[1:]) if pred else None
+        out += outcomes(region.region_id, region.fields, pred_fields, iou, pred)
+    for pred in removed:
+        out += outcomes(
+            pred.region_id, None, region_fields(schema, pred.items[0], pred.items[1:]), None, pred
+        )
+    task_pred = next((p for p in predicted if p.kind == "task" and p.model_version == version), None)
+    if task_pred is not None or accepted_task:
+        predicted_task = task_fields(schema, task_pred.items) if task_pred else None
+        out += outcomes("", accepted_task, predicted_task, None, task_pred, region_level=False)
+    return Comparison(regions, matches, removed, version, accepted_task, out, skipped)
+
+
+def _fill(
+    record: AnnotationRecord, store, schema: ProjectSchema, result, data: dict, skipped: list[str]
+) -> None:
+    """Read the regions and fields of ``result`` into ``record``, matched against recorded predictions."""
+    reference = data.get(schema.image_data_key)
+    record.image_ref = reference if isinstance(reference, str) else None
     predicted = (
         store.predicted_regions(record.project_id, record.task_id) if record.task_id is not None else []
     )
-    matches, version, removed = match_prediction(regions, predicted)
-    for region in regions:
-        found = matches.get(region.region_id)
-        pred, how, iou = found if found else (None, None, None)
+    comparison = compare_annotation(schema, result, predicted)
+    for message in comparison.skipped:
+        logger.warning("annotation %s: skipped %s", record.annotation_id, message)
+    skipped.extend(comparison.skipped)
+    record.task_fields = comparison.task_fields
+    for region, match in zip(comparison.regions, comparison.matches, strict=True):
         record.regions.append(
             RegionRecord(
                 region_id=region.region_id, tool_type=str(region.item.get("type", "")).lower(),
                 labels=region.labels, rle=region.rle, width=region.mask.shape[1], height=region.mask.shape[0],
                 area=int(region.mask.sum()), fields=region.fields,
                 content_hash=_hash([region.rle, region.fields, region.labels]),
-                model_version=pred.model_version if pred else None,
-                predicted_region_id=pred.region_id if pred else None, match=how, iou=iou,
+                model_version=match.model_version, predicted_region_id=match.predicted_region_id,
+                match=match.match, iou=match.iou,
             )
         )  # fmt: skip
-        pred_fields = region_fields(schema, pred.items[0], pred.items[1:]) if pred else None
-        record.outcomes += outcomes(region.region_id, region.fields, pred_fields, iou, pred)
-    for pred in removed:
-        record.outcomes += outcomes(
-            pred.region_id, None, region_fields(schema, pred.items[0], pred.items[1:]), None, pred
-        )
-    task_pred = next((p for p in predicted if p.kind == "task" and p.model_version == version), None)
-    if task_pred is not None or record.task_fields:
-        predicted_task = task_fields(schema, task_pred.items) if task_pred else None
-        record.outcomes += outcomes(
-            "", record.task_fields, predicted_task, None, task_pred, region_level=False
-        )
+    record.outcomes += comparison.outcomes
 
 
 def _read_region(schema: ProjectSchema, item: dict, linked: list[dict]) -> _Region:

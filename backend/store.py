@@ -136,6 +136,24 @@ class PredictedRegion:
     created_at: float
 
 
+def prediction_regions(
+    result: list[dict], *, model_version: str, created_at: float = 0.0, source: str = "batch"
+) -> list[PredictedRegion]:
+    """A prediction's result items grouped as ``TrainingStore.record_prediction`` records them: one
+    ``PredictedRegion`` per ``id``, a region item (brush/polygon/rectangle) first with its per-region
+    items, and groups without a region item as whole-task rows (``kind="task"``)."""
+    groups: dict[str, list[dict]] = {}
+    for item in result:
+        if isinstance(item, dict) and item.get("id") is not None:
+            groups.setdefault(str(item["id"]), []).append(item)
+    out = []
+    for region_id, items in groups.items():
+        items.sort(key=lambda i: str(i.get("type", "")).lower() not in _REGION_TYPES)
+        kind = "region" if str(items[0].get("type", "")).lower() in _REGION_TYPES else "task"
+        out.append(PredictedRegion(region_id, str(model_version), source, kind, items, created_at))
+    return out
+
+
 @dataclass(frozen=True)
 class RegionRecord:
     """One accepted region as intake hands it to ``write_annotation``.
@@ -383,24 +401,19 @@ class TrainingStore:
 
         A batch prediction replaces the previous batch one of the same task and model version; an
         interactive one (``params.context`` was set) adds its region. Predictions without a project or task
-        id are not recorded (nothing could be matched to them). Items are grouped by ``id``: a region item
-        (brush/polygon/rectangle) with its per-region items, and the rest as whole-task rows.
+        id are not recorded (nothing could be matched to them). Items are grouped by ``id`` as
+        ``prediction_regions`` groups them: a region item (brush/polygon/rectangle) with its per-region
+        items, and the rest as whole-task rows.
         """
         if task_id is None or project_id is None or not isinstance(result, list):
             return 0
         project, now = project_key(project_id), time.time()
         source = "interactive" if interactive else "batch"
-        groups: dict[str, list[dict]] = {}
-        for item in result:
-            if isinstance(item, dict) and item.get("id") is not None:
-                groups.setdefault(str(item["id"]), []).append(item)
-        rows = []
-        for region_id, items in groups.items():
-            items.sort(key=lambda i: str(i.get("type", "")).lower() not in _REGION_TYPES)
-            kind = "region" if str(items[0].get("type", "")).lower() in _REGION_TYPES else "task"
-            rows.append(
-                (project, int(task_id), region_id, str(model_version), source, kind, _dumps(items), now)
-            )
+        regions = prediction_regions(result, model_version=model_version, created_at=now, source=source)
+        rows = [
+            (project, int(task_id), r.region_id, r.model_version, source, r.kind, _dumps(r.items), now)
+            for r in regions
+        ]
         with self._write() as conn:
             if not interactive:
                 conn.execute(
