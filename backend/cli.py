@@ -92,7 +92,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from osprey.cli import add_label_command
+    from osprey.cli import add_download_command, add_label_command
     from osprey.eval_cli import add_eval_commands
 
     from .acceptance_output import add_acceptance_command
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_label_command(subparsers)
+    add_download_command(subparsers)
     eval_parser = subparsers.add_parser(
         "eval", help="Osprey's region benchmarks (classify, captions) and pre-label acceptance"
     )

@@ -27,6 +27,8 @@ from segment_anything.predictor import SamPredictor
 from segment_anything.utils.amg import MaskData
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from ..download.sam import DEFAULT_SAM_BASE_URL, SAM_CHECKPOINTS
+
 __all__ = [
     "SAM_ARCHITECTURES",
     "TINY_MODEL_TYPE",
@@ -44,7 +46,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 TINY_MODEL_TYPE = "tiny"
 
 
@@ -90,21 +91,21 @@ SAM_ARCHITECTURES: dict[str, SamArchitecture] = {
         encoder_depth=32,
         encoder_num_heads=16,
         encoder_global_attn_indexes=(7, 15, 23, 31),
-        checkpoint_file="sam_vit_h_4b8939.pth",
+        checkpoint_file=SAM_CHECKPOINTS["vit_h"].name,
     ),
     "vit_l": SamArchitecture(
         encoder_embed_dim=1024,
         encoder_depth=24,
         encoder_num_heads=16,
         encoder_global_attn_indexes=(5, 11, 17, 23),
-        checkpoint_file="sam_vit_l_0b3195.pth",
+        checkpoint_file=SAM_CHECKPOINTS["vit_l"].name,
     ),
     "vit_b": SamArchitecture(
         encoder_embed_dim=768,
         encoder_depth=12,
         encoder_num_heads=12,
         encoder_global_attn_indexes=(2, 5, 8, 11),
-        checkpoint_file="sam_vit_b_01ec64.pth",
+        checkpoint_file=SAM_CHECKPOINTS["vit_b"].name,
     ),
     # Random weights only, for tests and plumbing checks: the real input frame (1024) and mask
     # input size (256), with every width and depth cut down so a CPU encodes an image in ~0.1 s.
@@ -132,7 +133,7 @@ def checkpoint_url(model_type: str) -> str:
     arch = _architecture(model_type)
     if arch.checkpoint_file is None:
         raise ValueError(f"model type {model_type!r} has no published checkpoint; it is random-weights only")
-    return _CHECKPOINT_BASE_URL + arch.checkpoint_file
+    return DEFAULT_SAM_BASE_URL + arch.checkpoint_file
 
 
 def build_sam(
@@ -216,7 +217,7 @@ def _checkpoint_path(model_type: str, arch: SamArchitecture, checkpoint: str | P
     if not path.is_file():
         raise FileNotFoundError(
             f"SAM {model_type} checkpoint not found at {path} (expected the published file "
-            f"{arch.checkpoint_file}, from {_CHECKPOINT_BASE_URL}{arch.checkpoint_file}); "
+            f"{arch.checkpoint_file}, from {DEFAULT_SAM_BASE_URL}{arch.checkpoint_file}); "
             "run `osprey-label download` to fetch it"
         )
     return path
