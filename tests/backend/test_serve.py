@@ -2,72 +2,30 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 from lsfakes import API_KEY, scene_png
+from serving import start_backend, tiny_backend_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(file_store, tmp_path_factory):
-    port = free_port()
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        LABEL_STUDIO_URL=file_store.url,
-        LABEL_STUDIO_API_KEY=API_KEY,
-        OSPREY_MODEL="tiny",
-        SAM_MODEL="tiny",
-        OSPREY_DEVICE="cpu",
-        OSPREY_POINTS_PER_SIDE="4",
-        OSPREY_MAX_MASKS="2",
-        OSPREY_PRED_IOU_THRESH="0",
-        OSPREY_STABILITY_SCORE_THRESH="0",
-        OSPREY_MIN_MASK_AREA="0",
-        MODEL_DIR=str(tmp_path_factory.mktemp("models")),
-        THREADS="4",
+    env = tiny_backend_env(
+        tmp_path_factory.mktemp("models"), LABEL_STUDIO_URL=file_store.url, LABEL_STUDIO_API_KEY=API_KEY
     )
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(url, process, log)
+        process, url = start_backend(env, log, timeout_s=120)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    try:
         yield url, log
-    finally:  # also when start-up failed: never leave a server behind
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            time.sleep(0.5)
-        if process.poll() is not None:
-            pytest.fail(f"osprey-label serve exited early:\n{log.read_text()}")
-    pytest.fail(f"osprey-label serve did not come up:\n{log.read_text()}")
+    finally:  # never leave a server behind
+        process.stop()
 
 
 def test_serve_answers_health_setup_and_predict_over_http(server, file_store):

@@ -1,0 +1,83 @@
+"""Headless Chromium logs into the real Label Studio, opens a task the backend pre-labelled and checks
+that Label Studio's own labeling interface shows the predicted regions and their linked fields.
+
+The screenshot is written to the test's folder; with ``OSPREY_SCREENSHOT_DIR`` set it is also copied
+there (``OSPREY_SCREENSHOT_DIR=docs`` refreshes the README's picture)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from labelstudio import ADMIN_EMAIL, ADMIN_PASSWORD, scene_png
+from PIL import Image
+from serving import ROOT
+
+pytestmark = pytest.mark.slow
+
+SCREENSHOT = "label-studio-prelabels.png"
+# Chromium as root in a container, with no network beyond loopback: no sandbox, no background traffic
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_label_studio_shows_the_prelabels(label_studio, osprey_backend, chromium, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    api = label_studio.api
+    config = ROOT / "label_configs" / "brush_full.xml"
+    project = api.create_project("Osprey pre-labels", config.read_text())
+    [task] = api.import_images(project["id"], {"street.png": scene_png(7, width=640, height=480)})
+    api.connect_backend(project["id"], osprey_backend.url)
+    api.retrieve_predictions(project["id"])
+    [prediction] = api.predictions(project["id"])
+    regions = [item for item in prediction["result"] if item["type"] == "brushlabels"]
+    first = regions[0]
+    category = next(
+        item["value"]["choices"][0]
+        for item in prediction["result"]
+        if item["id"] == first["id"] and item["from_name"] == "category"
+    )
+
+    shot = tmp_path / SCREENSHOT
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{label_studio.url}/user/login/")
+            page.fill("input[name=email]", ADMIN_EMAIL)
+            page.fill("input[name=password]", ADMIN_PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url(lambda url: "/user/login" not in url)
+
+            page.goto(f"{label_studio.url}/projects/{project['id']}/data?tab=0&task={task['id']}")
+            page.wait_for_selector(".lsf-outliner-item", timeout=120_000)
+            titles = page.locator(".lsf-outliner-item__title").all_inner_texts()
+            # the region list holds exactly the predicted regions, under their predicted labels
+            assert sorted(t.strip() for t in titles) == sorted(r["value"]["brushlabels"][0] for r in regions)
+            page.locator(".lsf-outliner-item").first.click()
+            # selecting a region shows its pre-filled per-region fields, the predicted category checked
+            checked = page.locator(".lsf-choices input:checked").first
+            checked.wait_for(timeout=30_000)
+            labels = page.locator(".lsf-choices input:checked").evaluate_all(
+                "nodes => nodes.map(n => n.closest('label').innerText.trim())"
+            )
+            assert any(label.startswith(category) for label in labels), (category, labels)
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+
+    with Image.open(shot) as picture:
+        assert picture.size == (1400, 900)
+    if os.environ.get("OSPREY_SCREENSHOT_DIR"):
+        target = Path(os.environ["OSPREY_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / SCREENSHOT)
