@@ -34,21 +34,22 @@ def normalize_ground_truth(category: str) -> str:
     return category.replace("_", " ").replace(":", " ")
 
 
-def normalize_prediction(text: str) -> str:
-    """The authors' answer clean-up: ``' person:hand.'`` -> ``'hand '``."""
+def _colon_cut(text: str) -> str:
+    """The authors' cut: stripped, then only the text between the first and second colon when it
+    holds one (``'a:b:c'`` -> ``'b'``; the text is not stripped again)."""
     text = text.strip()
-    if ":" in text:
-        text = text.split(":")[1]
-    return text.replace(".", " ").replace(":", " ").replace(",", " ")
+    return text.split(":")[1] if ":" in text else text
+
+
+def normalize_prediction(text: str) -> str:
+    """The authors' category answer clean-up: the colon cut, then ``.``, ``:`` and ``,`` become
+    spaces (``' person:hand.'`` -> ``'hand '``)."""
+    return _colon_cut(text).replace(".", " ").replace(":", " ").replace(",", " ")
 
 
 def normalize_caption(text: str) -> str:
-    """A generated caption as the authors score it: stripped, and only the text between the first
-    and second colon kept when it holds one."""
-    text = text.strip()
-    if ":" in text:
-        text = text.split(":")[1]
-    return text.strip()
+    """A generated caption as the authors score it: the colon cut, stripped."""
+    return _colon_cut(text).strip()
 
 
 def semantic_iou(prediction: str, ground_truth: str) -> float:

@@ -3,7 +3,7 @@
 Questions (greedy decoding on the fast path; the authors sampled with temperature 0.2):
 
 - category: Osprey's open-vocabulary question, ``What is the category of <mask><pos>? Using only
-  one word or phrase.`` (:class:`~osprey.fields.LabelRequest` with ``categories=()``); with a label
+  one word or phrase.``, answered raw (the protocol's normalisation does the colon cut); with a label
   set, also the closed-set scoring the backend serves (``categories=label_set``);
 - caption, ``osprey`` prompt: the short-description question the backend asks
   (``... Using a short phrase.``, :data:`osprey.prompts.CAPTION_QUESTION`);
@@ -39,7 +39,7 @@ class OspreyCategoryPredictor:
         self.osprey = osprey
         self.model_id = osprey.model_id
         self.untrained = osprey.untrained
-        self.open_request = LabelRequest(categories=(), max_category_tokens=max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         self.closed_request = LabelRequest(categories=tuple(label_set)) if label_set else None
 
     @property
@@ -61,8 +61,12 @@ class OspreyCategoryPredictor:
 
     def predict(self, image: np.ndarray, masks: list[np.ndarray]) -> list[CategoryPrediction]:
         encoded = self.osprey.encode_image(image)
-        answers = self.osprey.label(image, masks, self.open_request, encoded=encoded)
-        out = [CategoryPrediction(text=a.category) for a in answers]
+        # The raw answers, colons included: the protocol's normalisation cuts at the colon itself
+        # (``Osprey.label`` would already keep only the text after the first one).
+        texts = generate_answers(
+            self.osprey, image, masks, P.open_category_turn(), self.max_new_tokens, encoded=encoded
+        )
+        out = [CategoryPrediction(text=text) for text in texts]
         if self.closed_request is not None:
             closed = self.osprey.label(image, masks, self.closed_request, encoded=encoded)
             for prediction, answer in zip(out, closed, strict=True):
@@ -96,11 +100,18 @@ class OspreyCaptionPredictor:
 
 
 def generate_answers(
-    osprey, image: np.ndarray, masks: list[np.ndarray], first_turn: str, max_new_tokens: int
+    osprey,
+    image: np.ndarray,
+    masks: list[np.ndarray],
+    first_turn: str,
+    max_new_tokens: int,
+    *,
+    encoded=None,
 ) -> list[str]:
     """Greedy answers to a custom single-region question (``first_turn`` starts with ``<image>`` and
     holds one ``<mask><pos>``) for every mask, on the fast path: the image is encoded once (through
-    the model's cache when it has one) and all regions decode together."""
+    the model's cache when it has one; ``encoded`` reuses an encoding the caller already has) and all
+    regions decode together. Answers are stripped, nothing else."""
     from ..plan import GenerateTask, Planner
     from ..preprocess import stack_masks, to_rgb_array
 
@@ -108,7 +119,7 @@ def generate_answers(
         raise ValueError("a custom question must start with <image> and hold exactly one <mask><pos>")
     rgb = to_rgb_array(image)
     mask_t = stack_masks(masks, image_hw=rgb.shape[:2])
-    encoded = osprey.encode_image(rgb)
+    encoded = encoded if encoded is not None else osprey.encode_image(rgb)
     planner = Planner(tokenizer=osprey.tokenizer, request=LabelRequest(caption=True))
     question = planner.question(f"custom:{first_turn}", first_turn)
     tasks = [

@@ -169,20 +169,31 @@ def prepare_image(
 
 
 def _run(
-    report: EvalReport,
-    images: Sequence[EvalImage],
+    task: str,
+    images: Iterable[EvalImage],
     images_dir: str | Path,
     predictor,
     *,
+    annotations: str,
+    limit: int | None,
     target: Callable[[EvalObject], bool],
     missing_target: str,
     score_image: Callable[[EvalImage, list[EvalObject], list], list[dict]],
     on_record: Callable[[dict], None] | None,
     progress: bool,
-) -> None:
-    """Predict and score every image; ``score_image`` turns one image's predictions into records."""
+) -> EvalReport:
+    """Predict and score every image (the first ``limit``); ``score_image`` turns one image's
+    predictions into records. Returns the report with counts and skips; metrics are the caller's."""
     from tqdm import tqdm
 
+    images = list(images)[:limit] if limit is not None else list(images)
+    report = EvalReport(
+        task=task,
+        model=predictor.model_id,
+        untrained=bool(predictor.untrained),
+        annotations=annotations,
+        images_dir=str(images_dir),
+    )
     report.images_total = len(images)
     report.objects_total = sum(len(i.objects) for i in images)
     skipped_objects = 0
@@ -211,6 +222,7 @@ def _run(
     report.seconds = time.perf_counter() - start
     for reason, count in report.skip_counts().items():
         logger.info("skipped %d objects: %s", count, reason)
+    return report
 
 
 def _metric(values: Sequence[float]) -> dict:
@@ -231,14 +243,6 @@ def evaluate_classification(
     """Referring object classification: semantic similarity and semantic IoU of each object's
     open-vocabulary answer against its category (Osprey's LVIS/PACO protocol), plus top-1
     accuracy where the predictor also scored a closed label set. ``limit``: the first N images."""
-    images = list(images)[:limit] if limit is not None else list(images)
-    report = EvalReport(
-        task="classify",
-        model=predictor.model_id,
-        untrained=bool(predictor.untrained),
-        annotations=annotations,
-        images_dir=str(images_dir),
-    )
     sims: list[float] = []
     ious: list[float] = []
     correct: list[float] = []
@@ -270,11 +274,13 @@ def evaluate_classification(
             records.append(record)
         return records
 
-    _run(
-        report,
+    report = _run(
+        "classify",
         images,
         images_dir,
         predictor,
+        annotations=annotations,
+        limit=limit,
         target=lambda obj: bool(obj.category and obj.category.strip()),
         missing_target=NO_CATEGORY,
         score_image=score_image,
@@ -302,14 +308,6 @@ def evaluate_captions(
     """Region captioning: semantic similarity (the best cosine over an object's references) per
     object, and corpus-level BLEU-1..4, ROUGE-L, CIDEr-D and METEOR (see
     :func:`.metrics.caption_scores`; ``meteor`` None: when ``java`` is on PATH)."""
-    images = list(images)[:limit] if limit is not None else list(images)
-    report = EvalReport(
-        task="captions",
-        model=predictor.model_id,
-        untrained=bool(predictor.untrained),
-        annotations=annotations,
-        images_dir=str(images_dir),
-    )
     sims: list[float] = []
     candidates: list[str] = []
     references: list[tuple[str, ...]] = []
@@ -335,11 +333,13 @@ def evaluate_captions(
             )
         return records
 
-    _run(
-        report,
+    report = _run(
+        "captions",
         images,
         images_dir,
         predictor,
+        annotations=annotations,
+        limit=limit,
         target=lambda obj: bool(obj.captions),
         missing_target=NO_CAPTION,
         score_image=score_image,

@@ -16,6 +16,7 @@ from PIL import Image
 from backend.cli import build_parser
 from osprey.eval_cli import _closed_set_too_long, file_label_set, run_captions, run_classify
 from osprey.evaluation.data import load_classification_file
+from osprey.evaluation.metrics import normalize_prediction
 from osprey.evaluation.predictors import (
     REFCOCOG_CAPTION_TURN,
     OspreyCaptionPredictor,
@@ -24,7 +25,7 @@ from osprey.evaluation.predictors import (
 from osprey.evaluation.predictors import generate_answers as generate
 from osprey.evaluation.run import CategoryPrediction
 from osprey.fields import LabelRequest
-from osprey.prompts import caption_turn
+from osprey.prompts import caption_turn, clean_answer
 
 H, W = 48, 64
 
@@ -165,13 +166,25 @@ def test_category_predictor_on_tiny_osprey(tiny_osprey, scene):
     masks = scene["masks"][:3]
     answers = predictor.predict(scene["image"], masks)
     reference = tiny_osprey.label(scene["image"], masks, LabelRequest(categories=(), max_category_tokens=4))
-    assert [a.text for a in answers] == [r.category for r in reference]
+    # the same question and decoding as the library; the predictor keeps the raw text for the protocol
+    assert [clean_answer(a.text, keep_after_colon=True) for a in answers] == [r.category for r in reference]
     assert all(a.closed in {"cat", "dog", "car"} and 0 < a.closed_score <= 1 for a in answers)
     # the closed-set prompt: the label-set turn with its 64 image tokens (tiny: 128 px / 16 = 8x8)
     assert 64 < predictor.closed_set_prompt_tokens() < 200 and predictor.context_tokens == 4096
     assert _closed_set_too_long(predictor) is None
     predictor.closed_set_prompt_tokens = lambda: 5000
     assert "5000 tokens" in _closed_set_too_long(predictor)
+
+
+def test_category_answers_are_cut_at_colons_once_as_the_authors_do(tiny_osprey, scene, monkeypatch):
+    """``a:b:c`` scores as ``b`` (the authors' ``split(':')[1]``), not as ``c``, which a library-side
+    cut followed by the protocol's cut would give."""
+    import osprey.evaluation.predictors as predictors
+
+    monkeypatch.setattr(predictors, "generate_answers", lambda *args, **kwargs: ["person:hand:left"])
+    [answer] = OspreyCategoryPredictor(tiny_osprey).predict(scene["image"], scene["masks"][:1])
+    assert answer.text == "person:hand:left"
+    assert normalize_prediction(answer.text).split() == ["hand"]
 
 
 def test_custom_question_path_matches_the_library(tiny_osprey, scene):
