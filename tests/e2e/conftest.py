@@ -14,18 +14,10 @@ from labelstudio import (
     LabelStudioAPI,
     ensure_label_studio,
     personal_access_token,
+    skip_or_fail,
     start_label_studio,
 )
 from serving import ROOT, free_port, start_backend, tiny_backend_env
-
-# CI sets this so that a missing browser or a failed install fails the run instead of skipping it
-REQUIRED = os.environ.get("OSPREY_REQUIRE_E2E", "") == "1"
-
-
-def skip_or_fail(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"{reason} (OSPREY_REQUIRE_E2E=1)")
-    pytest.skip(reason)
 
 
 @dataclass

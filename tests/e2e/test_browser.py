@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from labelstudio import ADMIN_EMAIL, ADMIN_PASSWORD, scene_png
+from labelstudio import ADMIN_EMAIL, ADMIN_PASSWORD, scene_png, skip_or_fail
 from PIL import Image
 from serving import ROOT
 
@@ -31,7 +31,10 @@ CHROMIUM_ARGS = [
 
 
 def test_label_studio_shows_the_prelabels(label_studio, osprey_backend, chromium, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        skip_or_fail("playwright is not installed (it is in requirements-dev.txt)")
     api = label_studio.api
     config = ROOT / "label_configs" / "brush_full.xml"
     project = api.create_project("Osprey pre-labels", config.read_text())
