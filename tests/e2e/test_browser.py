@@ -30,6 +30,26 @@ CHROMIUM_ARGS = [
 ]
 
 
+def open_task(page, url: str, folder: Path, attempts: int = 3) -> None:
+    """Open a task in the labeling view until its region list shows. The first visit to a fresh
+    project's Data Manager once never opened the task within 120 s (a clean-clone CI run; not seen in
+    six local runs), so the page is visited again before giving up; what it showed last is kept."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    for attempt in range(attempts):
+        page.goto(url)
+        try:
+            page.wait_for_selector(".lsf-outliner-item", timeout=60_000)
+            return
+        except PageTimeout:
+            if attempt == attempts - 1:
+                page.screenshot(path=str(folder / "not-opened.png"))
+                (folder / "not-opened.html").write_text(page.content())
+                raise AssertionError(
+                    f"the task never opened at {url} (last at {page.url}); see {folder}/not-opened.png"
+                ) from None
+
+
 def test_label_studio_shows_the_prelabels(label_studio, osprey_backend, chromium, tmp_path):
     try:
         from playwright import sync_api
@@ -61,8 +81,9 @@ def test_label_studio_shows_the_prelabels(label_studio, osprey_backend, chromium
             page.click("button[type=submit]")
             page.wait_for_url(lambda url: "/user/login" not in url)
 
-            page.goto(f"{label_studio.url}/projects/{project['id']}/data?tab=0&task={task['id']}")
-            page.wait_for_selector(".lsf-outliner-item", timeout=120_000)
+            open_task(
+                page, f"{label_studio.url}/projects/{project['id']}/data?tab=0&task={task['id']}", tmp_path
+            )
             titles = page.locator(".lsf-outliner-item__title").all_inner_texts()
             # the region list holds exactly the predicted regions, under their predicted labels
             assert sorted(t.strip() for t in titles) == sorted(r["value"]["brushlabels"][0] for r in regions)
