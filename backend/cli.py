@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
-    from .settings import Settings
+    from .service.server import serve
+    from .service.settings import Settings
 
     overrides = {
         key: value
@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .schema import describe_schema, parse_field_map, parse_label_config
+    from .labelstudio.schema import describe_schema, parse_field_map, parse_label_config
 
     xml = Path(args.file).read_text()
     field_map = parse_field_map(
@@ -42,8 +42,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    from .precompute import precompute, task_image_references
-    from .settings import Settings
+    from .service.precompute import precompute, task_image_references
+    from .service.settings import Settings
 
     overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
     if args.model:
@@ -64,8 +64,8 @@ def _precompute(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .registry import ModelRegistry
-    from .settings import Settings
+    from .learning.registry import ModelRegistry
+    from .service.settings import Settings
 
     registry = ModelRegistry(root=args.model_dir or Settings.from_env().model_dir)
     if args.action == "list":
@@ -92,10 +92,10 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from osprey.cli import add_download_command, add_label_command
-    from osprey.eval_cli import add_eval_commands
+    from osprey.evaluation.cli import add_eval_commands
+    from osprey.inference.cli import add_download_command, add_label_command
 
-    from .acceptance_output import add_acceptance_command
+    from .reports.output import add_acceptance_command
 
     parser = argparse.ArgumentParser(
         prog="osprey-label", description="Osprey + SAM region pre-labelling for Label Studio"

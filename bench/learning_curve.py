@@ -7,8 +7,8 @@ arrive as a stream of "accepted" annotations; for each ``k`` the versions are tr
 ``k`` and scored on a fixed held-out set of separate images:
 
 - ``osprey``: Osprey's own closed-set scores (does not learn; with random weights it is chance);
-- ``fast-head``: :class:`osprey.head.FastHead` on :func:`osprey.region_features.region_features`;
-- ``osprey+head``: both pooled with :func:`osprey.head.blend` (head weight ``k / (k + 20)``).
+- ``fast-head``: :class:`osprey.learning.head.FastHead` on :func:`osprey.learning.region_features.region_features`;
+- ``osprey+head``: both pooled with :func:`osprey.learning.head.blend` (head weight ``k / (k + 20)``).
 
 A version is a function ``(k, train, test) -> {metric: value}`` returned by :func:`build_versions`;
 the table and the plot have one row / line per version, so registry versions (LoRA fine-tunes,
@@ -107,7 +107,7 @@ class RegionSet:
 
 
 def region_set(osprey, scenes: list[Scene]) -> RegionSet:
-    from osprey.region_features import region_features
+    from osprey.learning.region_features import region_features
 
     features = [region_features(osprey, s.image, s.masks) for s in scenes]
     return RegionSet(
@@ -119,7 +119,7 @@ def region_set(osprey, scenes: list[Scene]) -> RegionSet:
 
 
 def head_fields():
-    from osprey.head import FieldSpec
+    from osprey.learning.head import FieldSpec
 
     return [
         FieldSpec(name="category", labels=SHAPES),
@@ -139,7 +139,7 @@ def score(category_probs: np.ndarray, attribute_probs: np.ndarray, test: RegionS
 
 
 def train_head(train: RegionSet, k: int, layout):
-    from osprey.head import HeadTrainer
+    from osprey.learning.head import HeadTrainer
 
     trainer = HeadTrainer(fields=head_fields(), layout=layout)
     return trainer.fit(train.features[:k], train.labels(k))
@@ -160,7 +160,7 @@ def fast_head_version(layout) -> Callable:
 
 def osprey_scores(osprey, test: RegionSet) -> tuple[np.ndarray, np.ndarray]:
     """Osprey's own ``(N, 3)`` category and ``(N, 4)`` attribute probabilities on ``test``."""
-    from osprey.fields import LabelRequest
+    from osprey.inference.fields import LabelRequest
 
     request = LabelRequest(categories=SHAPES, attributes=tuple(COLOURS))
     cats, attrs = [], []
@@ -172,7 +172,7 @@ def osprey_scores(osprey, test: RegionSet) -> tuple[np.ndarray, np.ndarray]:
 
 
 def blended_version(osprey, layout) -> tuple[Callable, Callable]:
-    from osprey.head import blend
+    from osprey.learning.head import blend
 
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -254,8 +254,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
-    from osprey.api import Osprey
-    from osprey.region_features import feature_layout
+    from osprey.inference.api import Osprey
+    from osprey.learning.region_features import feature_layout
 
     ks = [int(k) for k in args.ks.split(",")]
     osprey = Osprey.from_pretrained(args.preset, device=args.device)

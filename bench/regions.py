@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from osprey.api import Osprey
-from osprey.fields import LabelRequest
+from osprey.inference.api import Osprey
+from osprey.inference.fields import LabelRequest
 
 CATEGORIES = ("person", "dog", "cat", "car", "bicycle", "tree", "chair", "bottle")
 PARTS = ("head", "body", "leg", "wheel")

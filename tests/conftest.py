@@ -17,7 +17,7 @@ logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns that random
 def tiny_osprey():
     """The ``tiny`` preset on CPU. Its extractor outputs are scaled up so that, with random weights,
     each region visibly changes the answers (tests can then tell regions apart)."""
-    from osprey.api import Osprey
+    from osprey.inference.api import Osprey
 
     osprey = Osprey.from_pretrained("tiny", device="cpu")
     with torch.no_grad():

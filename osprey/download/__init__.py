@@ -9,7 +9,7 @@ This is the library behind ``osprey-label download``. Every file goes where the 
   which also holds the one table of published SAM files, :data:`SAM_CHECKPOINTS`).
 - What the command prints: errors, the ``--check`` table (:mod:`osprey.download.report`).
 
-Importing this package is cheap: torch, ``osprey.checkpoint`` and ``huggingface_hub`` are imported
+Importing this package is cheap: torch, ``osprey.model.checkpoint`` and ``huggingface_hub`` are imported
 only by the functions that need them.
 """
 

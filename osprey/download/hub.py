@@ -2,18 +2,18 @@
 
 Osprey (``sunshine-lwt/Osprey-7b``, ``sunshine-lwt/Osprey-Chat-7b``) comes through
 ``huggingface_hub.snapshot_download``, into the Hugging Face cache (where
-:func:`osprey.checkpoint.resolve_checkpoint` finds it with ``local_files_only``) or into a plain
+:func:`osprey.model.checkpoint.resolve_checkpoint` finds it with ``local_files_only``) or into a plain
 folder. Only what loading reads is fetched: ``config.json``, the tokenizer files, and the weight files
 the index lists (or the single weight file). The ConvNeXt CLIP tower (``open_clip_pytorch_model.bin``
 of the LAION repo) is fetched only when the checkpoint has no vision tower: into the cache, or next to
-``config.json`` of a plain folder; :func:`osprey.checkpoint.resolve_clip_file` looks in both places.
+``config.json`` of a plain folder; :func:`osprey.model.checkpoint.resolve_clip_file` looks in both places.
 
 The hub checks every LFS file against its sha256 while downloading. :func:`check_osprey` runs the
 checks ``osprey-label serve`` runs before starting (resolve the checkpoint, list its weight files),
 plus the config, tokenizer and vision-tower checks that loading would otherwise fail on later,
 without building the model.
 
-:mod:`osprey.checkpoint` (and with it torch) and ``huggingface_hub`` are imported inside the
+:mod:`osprey.model.checkpoint` (and with it torch) and ``huggingface_hub`` are imported inside the
 functions, so that importing :mod:`osprey.download` stays cheap.
 """
 
@@ -54,7 +54,7 @@ def fetch_osprey(
     """Fetch a released Osprey checkpoint (and the CLIP tower when it lacks one); return its folder.
 
     Args:
-        model: ``osprey-7b`` or ``osprey-chat-7b`` (see :data:`osprey.checkpoint.OSPREY_REPOS`).
+        model: ``osprey-7b`` or ``osprey-chat-7b`` (see :data:`osprey.model.checkpoint.OSPREY_REPOS`).
         local_dir: a plain folder to fetch into; None fetches into the Hugging Face cache
             (``HF_HOME`` / ``HF_HUB_CACHE``), where ``--model osprey-7b`` later finds it.
         force: fetch every file again even when it is present.
@@ -65,7 +65,7 @@ def fetch_osprey(
         NetworkUnavailableError: the hub cannot be reached.
         DownloadError: any other failure (unknown repo, no weights in it, a full disk...).
     """
-    from ..checkpoint import CLIP_FILE, CLIP_REPO, INDEX_FILES, WEIGHT_FILES
+    from osprey.model.checkpoint import CLIP_FILE, CLIP_REPO, INDEX_FILES, WEIGHT_FILES
 
     repo = _osprey_repo(model)
     download = snapshot_download or _hub_snapshot_download
@@ -111,8 +111,14 @@ def check_osprey(
     files are there, and the vision tower is in the weights or its open_clip file can be found.
     ``verify_hashes`` also re-reads every weight file whose sha256 the hub recorded and compares.
     """
-    from ..checkpoint import INDEX_FILES, WEIGHT_FILES, MissingWeightsError, resolve_checkpoint, weight_files
-    from ..config import OspreyConfig
+    from osprey.model.checkpoint import (
+        INDEX_FILES,
+        WEIGHT_FILES,
+        MissingWeightsError,
+        resolve_checkpoint,
+        weight_files,
+    )
+    from osprey.model.config import OspreyConfig
 
     repo = _osprey_repo(model)
     label = repo.split("/")[-1]
@@ -171,7 +177,7 @@ def checkpoint_tensor_names(directory: Path) -> set[str]:
 
     Reads no tensor data: safetensors headers only, and ``.bin`` files memory-mapped.
     """
-    from ..checkpoint import INDEX_FILES, iter_tensors, weight_files
+    from osprey.model.checkpoint import INDEX_FILES, iter_tensors, weight_files
 
     for index_name in INDEX_FILES:
         index = directory / index_name
@@ -193,7 +199,7 @@ def osprey_offline_help(model: str, directory: Path | None) -> str:
     """How to bring ``model`` in by hand, into ``directory`` (None: any folder) or the hub cache."""
     from huggingface_hub import constants
 
-    from ..checkpoint import CLIP_FILE, CLIP_REPO
+    from osprey.model.checkpoint import CLIP_FILE, CLIP_REPO
 
     repo = _osprey_repo(model)
     return (
@@ -207,13 +213,13 @@ def osprey_offline_help(model: str, directory: Path | None) -> str:
 
 
 def _has_vision_tower(names: Iterable[str]) -> bool:
-    from ..checkpoint import map_key
+    from osprey.model.checkpoint import map_key
 
     return any((map_key(n) or "").startswith("vision_tower.") for n in names)
 
 
 def _vision_tower_status(folder: Path, config: dict, *, verify_hashes: bool) -> FileStatus:
-    from ..checkpoint import CLIP_FILE, CLIP_REPO, MissingWeightsError, resolve_clip_file
+    from osprey.model.checkpoint import CLIP_FILE, CLIP_REPO, MissingWeightsError, resolve_clip_file
 
     try:
         names = checkpoint_tensor_names(folder)
@@ -231,7 +237,7 @@ def _vision_tower_status(folder: Path, config: dict, *, verify_hashes: bool) -> 
 def _clip_file_found(directory: Path, *, folder_only: bool) -> bool:
     """Whether loading will find the CLIP file; ``folder_only``: inside ``directory`` itself, so that
     the folder can be copied to another machine as it is."""
-    from ..checkpoint import MissingWeightsError, resolve_clip_file
+    from osprey.model.checkpoint import MissingWeightsError, resolve_clip_file
 
     try:
         found = resolve_clip_file(_read_config(directory).get("mm_vision_tower"), directory)
@@ -244,7 +250,7 @@ def _clip_file_found(directory: Path, *, folder_only: bool) -> bool:
 
 
 def _osprey_repo(model: str) -> str:
-    from ..checkpoint import OSPREY_REPOS
+    from osprey.model.checkpoint import OSPREY_REPOS
 
     try:
         return OSPREY_REPOS[model.lower()]
@@ -255,7 +261,7 @@ def _osprey_repo(model: str) -> str:
 
 
 def _indexed_shards(directory: Path) -> list[str] | None:
-    from ..checkpoint import INDEX_FILES
+    from osprey.model.checkpoint import INDEX_FILES
 
     for index_name in INDEX_FILES:  # the same preference as weight_files()
         index = directory / index_name

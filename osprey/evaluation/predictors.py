@@ -6,7 +6,7 @@ Questions (greedy decoding on the fast path; the authors sampled with temperatur
   one word or phrase.``, answered raw (the protocol's normalisation does the colon cut); with a label
   set, also the closed-set scoring the backend serves (``categories=label_set``);
 - caption, ``osprey`` prompt: the short-description question the backend asks
-  (``... Using a short phrase.``, :data:`osprey.prompts.CAPTION_QUESTION`);
+  (``... Using a short phrase.``, :data:`osprey.model.prompts.CAPTION_QUESTION`);
 - caption, ``refcocog`` prompt: the question of the authors' RefCOCOg captioning evaluation, which
   the RefCOCOg-finetuned checkpoint was scored with (:data:`REFCOCOG_CAPTION_TURN`).
 """
@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import prompts as P
-from ..fields import LabelRequest
+from osprey.inference.fields import LabelRequest
+from osprey.model import prompts as P
+
 from .run import CategoryPrediction
 
 # The authors' RefCOCOg script asks "<image>.\nThis provides an overview of the picture.\nPlease give
@@ -112,8 +113,8 @@ def generate_answers(
     holds one ``<mask><pos>``) for every mask, on the fast path: the image is encoded once (through
     the model's cache when it has one; ``encoded`` reuses an encoding the caller already has) and all
     regions decode together. Answers are stripped, nothing else."""
-    from ..plan import GenerateTask, Planner
-    from ..preprocess import stack_masks, to_rgb_array
+    from osprey.inference.plan import GenerateTask, Planner
+    from osprey.model.preprocess import stack_masks, to_rgb_array
 
     if not first_turn.startswith(P.IMAGE_TOKEN) or first_turn.count(P.REGION_TOKENS) != 1:
         raise ValueError("a custom question must start with <image> and hold exactly one <mask><pos>")

@@ -2,7 +2,7 @@
 
 Typical use (one model, one embedder shared by every request and thread)::
 
-    from osprey.sam import SamEverything, SamImageEmbedder, SamRefiner, build_sam
+    from . import SamEverything, SamImageEmbedder, SamRefiner, build_sam
 
     sam = build_sam("vit_b", checkpoint="models/sam_vit_b_01ec64.pth", device="cuda")
     embedder = SamImageEmbedder(sam=sam, model_id="sam_vit_b_01ec64", max_images=16)

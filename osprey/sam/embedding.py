@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..feature_cache import FeatureCache, content_key
+from osprey.inference.feature_cache import FeatureCache, content_key
+
 from .build import ResizeLongestSide, Sam
 
 __all__ = ["ImageEmbedding", "SamImageEmbedder", "check_image"]

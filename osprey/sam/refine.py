@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..feature_cache import FeatureCache
+from osprey.inference.feature_cache import FeatureCache
+
 from .embedding import ImageEmbedding, SamImageEmbedder, check_image
 from .prompts import MaskPromptConfig, SamPrompt, build_sam_prompt
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.ls_format import choices_result, encode_brush_rle, region_result, textarea_result
+from backend.labelstudio.results import choices_result, encode_brush_rle, region_result, textarea_result
 
 CONFIGS = Path(__file__).resolve().parents[2] / "label_configs"
 BRUSH_CONFIG = (CONFIGS / "brush_full.xml").read_text()
@@ -183,8 +183,8 @@ def start_training(project_id: int = 3) -> dict:
 
 def write_annotations(db_path: str, first_id: int, count: int) -> int:
     """Store ``count`` annotations through the real intake; returns how many were stored."""
-    from backend.intake import handle_webhook
-    from backend.store import TrainingStore
+    from backend.learning.intake import handle_webhook
+    from backend.learning.store import TrainingStore
 
     store = TrainingStore(db_path)
     stored = 0
@@ -202,7 +202,7 @@ def write_annotations(db_path: str, first_id: int, count: int) -> int:
 
 def claim_all(db_path: str, worker_id: str, lease_s: float = 30.0) -> list[str]:
     """Claim and complete jobs until none is left; returns the ids this process ran."""
-    from backend.store import TrainingStore
+    from backend.learning.store import TrainingStore
 
     store = TrainingStore(db_path)
     ran = []

@@ -1,0 +1,127 @@
+"""LoRA training jobs: a project's accepted regions -> an adapter version, gated on held-out loss.
+
+The adapter is trained on a copy of the model loaded for the job (the served model keeps serving),
+starting from the project's current adapter when it has one. The held-out regions (the same 1-in-5
+task split as the head) give the answer-token loss of what is served now and of the new adapter; the
+version is always written, carrying the current head along, and promoted only when the loss is not
+worse.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+
+import torch
+
+from osprey.inference.api import Osprey
+from osprey.learning.lora import LoraSettings, LoraTrainer, RegionExample, instruction_samples, load_adapter
+
+from .training import heldout
+
+logger = logging.getLogger(__name__)
+
+
+def region_example(region, rgb) -> RegionExample:
+    fields = region.fields or {}
+    attributes = fields.get("attributes") or ()
+    return RegionExample(
+        image=rgb,
+        mask=region.mask(),
+        category=fields.get("category"),
+        part=fields.get("part"),
+        attributes=tuple(attributes) if isinstance(attributes, list | tuple) else (),
+        caption=fields.get("caption"),
+        description=fields.get("description"),
+    )
+
+
+class LoraJob:
+    """The ``lora`` job handler: ``job(project_id) -> dict``."""
+
+    def __init__(self, *, service, settings: LoraSettings | None = None, min_examples: int = 5) -> None:
+        self.service = service
+        self.settings = settings or LoraSettings()
+        self.min_examples = min_examples
+
+    def __call__(self, project_id: str) -> dict:
+        service = self.service
+        schema = service.project_schema(project_id)
+        label_sets = {spec.field: tuple(spec.labels) for spec in schema.fields if spec.labels}
+        regions = [r for r in service.store.accepted_regions(project_id) if r.image_ref]
+        if len(regions) < self.min_examples:
+            return {
+                "status": "skipped",
+                "reason": f"{len(regions)} accepted regions; {self.min_examples} needed",
+            }
+        images: dict[str, object] = {}
+        examples, test_flags = [], []
+        for region in regions:
+            if region.image_ref not in images:
+                images[region.image_ref] = service.loader.load(region.image_ref).rgb
+            examples.append(region_example(region, images[region.image_ref]))
+            test_flags.append(heldout(region.task_id, region.annotation_id))
+        if all(test_flags) or not any(test_flags):
+            test_flags = [i % 5 == 0 for i in range(len(examples))]
+        train = [e for e, t in zip(examples, test_flags, strict=True) if not t]
+        test = [e for e, t in zip(examples, test_flags, strict=True) if t]
+        sets = dict(
+            categories=label_sets.get("category", ()),
+            parts=label_sets.get("part", ()),
+            attributes=label_sets.get("attributes", ()),
+        )
+        train_samples, test_samples = instruction_samples(train, **sets), instruction_samples(test, **sets)
+        if not train_samples or not test_samples:
+            return {"status": "skipped", "reason": "the accepted regions give no question to train on"}
+
+        current = service.registry.current(project_id)
+        current_dir = service.registry.path(project_id, current.version) if current else None
+        copy = Osprey.from_pretrained(
+            service.settings.osprey_model,
+            device=service.models.osprey.device,
+            dtype=service.models.osprey.model.dtype,
+        )
+        try:
+            if current_dir is not None and (current_dir / "lora").is_dir():
+                trainer = load_adapter(copy, current_dir / "lora")
+            else:
+                trainer = LoraTrainer(osprey=copy, settings=self.settings)
+            served_loss = trainer.evaluate(test_samples, test)
+            history = trainer.fit(train_samples, train, progress=False)
+            new_loss = trainer.evaluate(test_samples, test)
+
+            def write(folder):
+                trainer.save(folder / "lora")
+                if current_dir is not None and (current_dir / "head").is_dir():
+                    shutil.copytree(current_dir / "head", folder / "head")  # keep the served head
+                return {
+                    "train_examples": len(train_samples),
+                    "heldout_examples": len(test_samples),
+                    "metrics": {**(current.metrics if current else {}), "heldout_answer_loss": new_loss},
+                    "notes": f"held-out answer loss {served_loss:.4f} -> {new_loss:.4f}; "
+                    f"epochs {history['epoch_losses']}",
+                }
+
+            kind = "head+lora" if current_dir is not None and (current_dir / "head").is_dir() else "lora"
+            info = service.registry.create(
+                project_id, kind=kind, base_model_version=service.models.version, write=write,
+                parent=current.version if current else None,
+            )  # fmt: skip
+        finally:
+            del copy
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        promote = new_loss <= served_loss
+        reason = f"held-out answer loss {served_loss:.4f} -> {new_loss:.4f}"
+        if promote:
+            service.registry.promote(project_id, info.version, reason=reason)
+        return {
+            "status": "promoted" if promote else "not promoted",
+            "version": info.version,
+            "model_version": info.model_version(),
+            "heldout_answer_loss": new_loss,
+            "served_answer_loss": served_loss,
+            "reason": reason,
+        }

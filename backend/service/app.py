@@ -1,0 +1,182 @@
+"""Flask app factory speaking the Label Studio ML backend protocol.
+
+Routes (as ``label-studio-ml`` 2.x serves them): ``GET /`` and ``/health``, ``POST /setup``,
+``POST /predict``, ``POST /webhook``, ``GET /metrics``. All state lives in the ``service`` object
+passed in; nothing is kept in module globals. ``/health`` and ``/setup`` never wait for model work:
+Label Studio gives them 1 s and 3 s and silently drops a backend that is late.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+
+from flask import Flask, Response, g, jsonify, request
+
+from backend.errors import RequestError, require
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class RouteStats:
+    """Request counts per route and status, and time spent per route (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.counts[f"{route} {status}"] += 1
+            self.seconds[route] += seconds
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "requests": dict(self.counts),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            }
+
+
+def create_app(settings: Settings, service) -> Flask:
+    """The WSGI app. ``service`` does the work (see :class:`backend.service.service.OspreyService`)."""
+    app = Flask("osprey-label")
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 2**20
+    stats = RouteStats()
+
+    def json_body() -> dict:
+        body = request.get_json(silent=True)
+        if body is None:
+            raise RequestError("the request body must be JSON (Content-Type: application/json)")
+        if not isinstance(body, dict):
+            raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def with_warning(doc: dict) -> dict:
+        warning = service.warning()
+        return {**doc, "warning": warning} if warning else doc
+
+    @app.before_request
+    def start() -> Response | None:
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:12]
+        g.started = time.perf_counter()
+        if settings.basic_auth_user:
+            auth = request.authorization
+            ok = (
+                auth is not None
+                and auth.username is not None
+                and auth.password is not None
+                and hmac.compare_digest(auth.username, settings.basic_auth_user)
+                and hmac.compare_digest(auth.password, settings.basic_auth_pass or "")
+            )
+            if not ok:
+                logger.warning(
+                    "refused %s %s: bad or missing basic auth [%s]",
+                    request.method,
+                    request.path,
+                    g.request_id,
+                )
+                return Response("Unauthorized", 401, {"WWW-Authenticate": 'Basic realm="osprey-label"'})
+        return None
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        seconds = time.perf_counter() - g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        stats.record(route, response.status_code, seconds)
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        if service.warning():
+            response.headers["X-Osprey-Warning"] = service.warning()
+        logger.info(
+            "%s %s %d %.3fs [%s]",
+            request.method,
+            request.path,
+            response.status_code,
+            seconds,
+            g.get("request_id"),
+        )
+        return response
+
+    @app.errorhandler(Exception)
+    def handle(error: Exception):
+        from werkzeug.exceptions import HTTPException
+
+        if isinstance(error, HTTPException):
+            return jsonify({"error": error.description, "request_id": g.get("request_id")}), error.code
+        status = getattr(error, "status", None)
+        if status is None and isinstance(error, ValueError):
+            status = 400
+        if status is not None and status < 600:
+            logger.warning(
+                "refused %s %s (%d): %s [%s]",
+                request.method,
+                request.path,
+                status,
+                error,
+                g.get("request_id"),
+            )
+            return jsonify({"error": str(error), "request_id": g.get("request_id")}), status
+        logger.exception("internal error in %s %s [%s]", request.method, request.path, g.get("request_id"))
+        return jsonify(
+            {"error": "internal error; see the backend log", "request_id": g.get("request_id")}
+        ), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(with_warning({"status": "UP", "model_class": "OspreyBackend", **service.health()}))
+
+    @app.post("/setup")
+    def setup():
+        body = json_body()
+        schema = require(body, "schema", str)
+        project = body.get("project")
+        extra = body.get("extra_params")
+        version = service.setup(
+            project=str(project) if project is not None else None, label_config=schema, extra_params=extra
+        )
+        return jsonify(with_warning({"model_version": version}))
+
+    @app.post("/predict")
+    def predict():
+        body = json_body()
+        tasks = require(body, "tasks", list)
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise RequestError(f"'params' must be an object, got {type(params).__name__}")
+        context = params.get("context") or None
+        if context is not None and not isinstance(context, dict):
+            raise RequestError(f"'params.context' must be an object, got {type(context).__name__}")
+        label_config = body.get("label_config")
+        if label_config is not None and not isinstance(label_config, str):
+            raise RequestError("'label_config' must be the project's XML as a string")
+        project = body.get("project")
+        response = service.predict(
+            tasks=tasks,
+            project=str(project) if project is not None else None,
+            label_config=label_config,
+            context=context,
+        )
+        return jsonify(with_warning(response))
+
+    @app.post("/webhook")
+    def webhook():
+        body = json_body()
+        action = require(body, "action", str)
+        outcome = service.webhook(action, body)
+        if outcome.get("status") == "ignored":  # as label-studio-ml answers events it does not train on
+            return jsonify({**outcome, "status": "Unknown event"}), 200
+        return jsonify(outcome), 201
+
+    @app.get("/metrics")
+    def metrics():
+        return jsonify({"routes": stats.snapshot(), **service.metrics()})
+
+    return app

@@ -1,0 +1,298 @@
+"""One task's prediction: find the regions, refine them with SAM, label them with Osprey, and write
+Label Studio results.
+
+Three ways, chosen per task: *interactive* (the request's ``context`` carries the annotator's clicks,
+box, brush or polygon), *existing regions* (the task's latest annotation or prediction already has
+regions of the output tool), and *segment everything* (no regions at all).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.labelstudio.results import (
+    BadRegionError,
+    choices_result,
+    mask_from_result,
+    parse_context,
+    region_geometry,
+    region_result,
+    textarea_result,
+)
+from backend.labelstudio.schema import FieldSpec, ProjectSchema
+from osprey.inference.fields import ClosedSetAnswer, LabelRequest, RegionLabels
+from osprey.learning.head import FastHead, blend
+from osprey.learning.region_features import feature_layout, region_features
+
+logger = logging.getLogger(__name__)
+
+REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "brush", "polygon", "rectangle")
+
+
+@dataclass
+class Region:
+    """A region to label: ``mask`` (H, W) bool; ``score`` is SAM's predicted IoU when SAM drew it."""
+
+    mask: np.ndarray
+    region_id: str
+    label: str | None = None
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    refine_existing: bool = False
+    segment_everything: bool = True
+    attribute_threshold: float = 0.5
+    max_caption_tokens: int = 32
+    max_description_tokens: int = 256
+
+
+def new_region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def label_request(fields: list[FieldSpec], options: PredictOptions) -> LabelRequest | None:
+    """What to ask Osprey for the given field specs; None when there is nothing to ask."""
+    by_field = {spec.field: spec for spec in fields}
+
+    def labels(name: str) -> tuple[str, ...] | None:
+        spec = by_field.get(name)
+        return tuple(spec.labels) if spec is not None and spec.is_closed_set and spec.labels else None
+
+    caption, description = "caption" in by_field, "description" in by_field
+    request = dict(categories=labels("category"), parts=labels("part"), attributes=labels("attributes"))
+    if not any(v is not None for v in request.values()) and not caption and not description:
+        return None
+    return LabelRequest(
+        **request,
+        caption=caption,
+        description=description,
+        max_caption_tokens=options.max_caption_tokens,
+        max_description_tokens=options.max_description_tokens,
+    )
+
+
+# ---- finding regions -------------------------------------------------------------------------------
+
+
+def interactive_region(refiner, rgb: np.ndarray, context: dict) -> Region:
+    """SAM's mask for the annotator's clicks / box / brush / polygon in ``context``."""
+    height, width = rgb.shape[:2]
+    prompt = parse_context(context, width=width, height=height)
+    refined = refiner.refine(
+        rgb,
+        points=prompt.points_xy if len(prompt.points_xy) else None,
+        point_labels=prompt.point_labels if len(prompt.point_labels) else None,
+        box_xyxy=prompt.box_xyxy,
+        mask=prompt.brush_mask,
+        polygon=prompt.polygon,
+    )
+    if not refined.mask.any():
+        raise BadRegionError("SAM found no object at the annotator's prompt; click inside the object")
+    return Region(
+        mask=refined.mask, region_id=new_region_id(), label=prompt.label, score=refined.predicted_iou
+    )
+
+
+def existing_regions(task: dict, schema: ProjectSchema, width: int, height: int) -> list[Region]:
+    """Regions of the image in the task's latest annotation (else latest prediction) that has any."""
+    sources = []
+    for key in ("annotations", "predictions"):
+        items = task.get(key) or []
+        if isinstance(items, list):
+            usable = [i for i in items if isinstance(i, dict) and not i.get("was_cancelled")]
+            sources.extend(
+                sorted(
+                    usable, key=lambda i: str(i.get("updated_at") or i.get("created_at") or ""), reverse=True
+                )
+            )
+    for source in sources:
+        regions = []
+        for item in source.get("result") or []:
+            if not isinstance(item, dict) or str(item.get("type", "")).lower() not in REGION_TYPES:
+                continue
+            if item.get("to_name") not in (None, schema.image_name):
+                continue
+            mask = mask_from_result(item, width, height)
+            if not mask.any():
+                continue
+            value = item.get("value") or {}
+            labels = value.get(str(item.get("type")).lower())
+            label = labels[0] if isinstance(labels, list) and labels else None
+            regions.append(Region(mask=mask, region_id=str(item.get("id") or new_region_id()), label=label))
+        if regions:
+            return regions
+    return []
+
+
+def refine_regions(refiner, rgb: np.ndarray, regions: list[Region]) -> list[Region]:
+    """Each existing region replaced by SAM's mask for it (used as a rough-mask prompt)."""
+    out = []
+    for region in regions:
+        refined = refiner.refine(rgb, mask=region.mask)
+        mask = refined.mask if refined.mask.any() else region.mask
+        out.append(
+            Region(mask=mask, region_id=region.region_id, label=region.label, score=refined.predicted_iou)
+        )
+    return out
+
+
+def everything_regions(everything, rgb: np.ndarray) -> list[Region]:
+    return [
+        Region(mask=r.mask, region_id=new_region_id(), score=float(r.predicted_iou))
+        for r in everything.generate(rgb)
+    ]
+
+
+def apply_head(
+    osprey, rgb: np.ndarray, regions: list[Region], answers: list[RegionLabels], head: FastHead, *, encoded
+) -> None:
+    """Blend the project's fast head into Osprey's closed-set answers, in place (see
+    :func:`osprey.learning.head.blend`: the head's weight grows with its accepted examples per field)."""
+    if not regions or not head.compatible_with(feature_layout(osprey)):
+        return
+    features = region_features(osprey, rgb, [r.mask for r in regions], encoded=encoded)
+    for labels, head_probs in zip(answers, head.label_probs(features), strict=True):
+        for name in ("category", "part"):
+            answer = getattr(labels, name)
+            if isinstance(answer, ClosedSetAnswer) and set(head_probs.get(name, {})) == set(answer.scores):
+                scores = blend(answer.scores, head_probs[name], head.n_train.get(name, 0))
+                best = max(scores, key=scores.get)
+                setattr(labels, name, ClosedSetAnswer(label=best, score=scores[best], scores=scores))
+        if labels.attributes and set(head_probs.get("attributes", {})) == set(labels.attributes):
+            labels.attributes = blend(
+                labels.attributes,
+                head_probs["attributes"],
+                head.n_train.get("attributes", 0),
+                multi_label=True,
+            )
+
+
+# ---- writing results ---------------------------------------------------------------------------------
+
+
+def region_results(
+    *,
+    schema: ProjectSchema,
+    region: Region,
+    labels: RegionLabels | None,
+    width: int,
+    height: int,
+    options: PredictOptions,
+) -> tuple[list[dict], float]:
+    """The region and its fields as Label Studio result items, and the region's score."""
+    tool = schema.output_tool
+    category_spec = schema.field("category")
+    category = labels.category if labels is not None else None
+    in_tool = category_spec is not None and category_spec.from_name == tool.from_name
+    if in_tool and isinstance(category, ClosedSetAnswer):
+        tool_label, score = category.label, category.score
+    else:
+        tool_label = (
+            region.label if region.label in tool.labels else (tool.labels[0] if tool.labels else None)
+        )
+        score = (
+            category.score
+            if isinstance(category, ClosedSetAnswer)
+            else (region.score if region.score is not None else 1.0)
+        )
+    geometry_item = region_result(
+        mask=region.mask,
+        tool=tool.tag_type,
+        from_name=tool.from_name,
+        to_name=schema.image_name,
+        width=width,
+        height=height,
+        label=tool_label if tool.labels else None,
+        score=score,
+        region_id=region.region_id,
+    )
+    results = [geometry_item]
+    # Per-region results repeat the region's geometry as Label Studio saves them, except a brush's
+    # RLE: the region result comes first, which is all the editor needs to link them.
+    geometry = None if tool.result_type.startswith("brush") else region_geometry(geometry_item)
+    if labels is not None:
+        results += field_results(schema, labels, region.region_id, geometry, options, skip=tool.from_name)
+    return results, score
+
+
+def field_results(
+    schema: ProjectSchema,
+    labels: RegionLabels,
+    region_id: str,
+    geometry: dict | None,
+    options: PredictOptions,
+    *,
+    skip: str | None = None,
+) -> list[dict]:
+    """Choices / TextArea results for the fields of ``schema`` answered in ``labels``."""
+    out = []
+    for spec in schema.fields:
+        if spec.from_name == skip:
+            continue
+        common = dict(region_id=region_id, from_name=spec.from_name, to_name=spec.to_name, geometry=geometry)
+        value = getattr(labels, spec.field, None)
+        if spec.field in ("category", "part") and isinstance(value, ClosedSetAnswer):
+            out.append(choices_result(choices=[value.label], score=value.score, **common))
+        elif spec.field == "attributes" and value:
+            chosen = [name for name, p in value.items() if p >= options.attribute_threshold]
+            if chosen:
+                score = float(np.mean([value[name] for name in chosen]))
+                out.append(choices_result(choices=chosen, score=score, **common))
+        elif spec.field in ("caption", "description") and isinstance(value, str) and value.strip():
+            out.append(
+                textarea_result(text=value.strip(), score=labels.text_scores.get(spec.field, 1.0), **common)
+            )
+    return out
+
+
+def predict_task(
+    *,
+    task: dict,
+    rgb: np.ndarray,
+    schema: ProjectSchema,
+    context: dict | None,
+    models,
+    options: PredictOptions,
+    head: FastHead | None = None,
+) -> tuple[list[dict], float]:
+    """All result items for one task and the prediction's overall score (mean region score)."""
+    height, width = rgb.shape[:2]
+    if context and context.get("result"):
+        regions = [interactive_region(models.refiner, rgb, context)]
+    else:
+        regions = existing_regions(task, schema, width, height)
+        if regions and options.refine_existing:
+            regions = refine_regions(models.refiner, rgb, regions)
+        elif not regions and options.segment_everything:
+            regions = everything_regions(models.everything, rgb)
+    per_region = [s for s in schema.fields if s.per_region]
+    whole_task = [s for s in schema.fields if not s.per_region]
+    results: list[dict] = []
+    scores: list[float] = []
+    request = label_request(per_region, options)
+    task_request = label_request(whole_task, options)
+    # One encoding of the image serves every question, the head's features and the whole-task fields.
+    encoded = models.osprey.encode_image(rgb) if (regions and request) or task_request else None
+    answers = (
+        models.osprey.label(rgb, [r.mask for r in regions], request, encoded=encoded)
+        if regions and request
+        else [None] * len(regions)
+    )
+    if head is not None and regions and request:
+        apply_head(models.osprey, rgb, regions, answers, head, encoded=encoded)
+    for region, labels in zip(regions, answers, strict=True):
+        items, score = region_results(
+            schema=schema, region=region, labels=labels, width=width, height=height, options=options
+        )
+        results += items
+        scores.append(score)
+    if task_request is not None:
+        whole = models.osprey.label(rgb, [np.ones((height, width), bool)], task_request, encoded=encoded)[0]
+        results += field_results(schema, whole, new_region_id(), None, options)
+    return results, float(np.mean(scores)) if scores else 0.0

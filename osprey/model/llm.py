@@ -1,0 +1,196 @@
+"""The one adapter module for Hugging Face transformers / tokenizers.
+
+Builds the Llama causal LM from :class:`~osprey.model.config.LLMConfig`, loads or builds the tokenizer,
+and runs the decoder on a prefix KV cache with explicit positions and a 4D attention mask.
+A change in the transformers cache or masking API touches this file only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LLMConfig
+
+logger = logging.getLogger(__name__)
+
+MASK_TOKEN = "<mask>"
+POS_TOKEN = "<pos>"
+
+
+def build_llm(config: LLMConfig) -> nn.Module:
+    """A ``LlamaForCausalLM`` with random weights and SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=False,
+    )
+    hf_config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(hf_config)
+
+
+# ---- tokenizers --------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer with ``<mask>``/``<pos>`` present and pad = unk (as Osprey trains)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    return finish_tokenizer(tokenizer)
+
+
+def finish_tokenizer(tokenizer):
+    missing = [t for t in (MASK_TOKEN, POS_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def build_tiny_tokenizer(vocab_size: int):
+    """A deterministic Llama-like BPE tokenizer (``<unk>``=0, ``<s>``=1, ``</s>``=2, SentencePiece-style
+    ``▁`` word prefix) trained on a built-in corpus, for the random-weight presets and tests.
+
+    ``<mask>`` and ``<pos>`` are added after the ``vocab_size`` base entries, so their ids fall
+    outside the embedding table exactly as in the released Osprey checkpoints.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .prompts import tokenizer_training_corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "▁"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_training_corpus(), trainer=trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise RuntimeError(f"tiny tokenizer grew to {tok.get_vocab_size()} entries, more than {vocab_size}")
+    base_size = tok.get_vocab_size()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=4096
+    )
+    # Pad the base vocabulary so the added tokens sit right after the embedding table, as in the
+    # released checkpoints (ids vocab_size and vocab_size + 1).
+    if base_size < vocab_size:
+        tokenizer.add_tokens([f"<unused{i}>" for i in range(vocab_size - base_size)])
+    return finish_tokenizer(tokenizer)
+
+
+# ---- running the decoder on a cached prefix -----------------------------------------------------------
+
+
+@dataclass
+class KVState:
+    """Keys/values of tokens already run through the decoder, with each token's segment and position.
+
+    ``layers[i] = (keys, values)``, each ``(1, n_kv_heads, T, head_dim)``; ``segment`` and
+    ``position`` are ``(T,)`` long tensors. Tensors are never modified in place, so one state can
+    be the base of many later forwards.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    segment: torch.Tensor
+    position: torch.Tensor
+
+    @classmethod
+    def empty(cls, device: torch.device) -> KVState:
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(layers=[], segment=none, position=none)
+
+
+def tree_attention_mask(
+    *,
+    query_segment: torch.Tensor,
+    query_position: torch.Tensor,
+    key_segment: torch.Tensor,
+    key_position: torch.Tensor,
+    visible: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive ``(1, 1, Q, K)`` mask: a query sees a key when the key's segment is the query's own
+    segment or one of its ancestors (``visible[q_seg, k_seg]``), and, within its own segment,
+    only keys at earlier or equal positions."""
+    same = query_segment[:, None] == key_segment[None, :]
+    allowed = visible[query_segment][:, key_segment] & (
+        ~same | (key_position[None, :] <= query_position[:, None])
+    )
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def forward_on_state(
+    llm: nn.Module,
+    state: KVState,
+    *,
+    embeds: torch.Tensor,
+    segment: torch.Tensor,
+    position: torch.Tensor,
+    visible: torch.Tensor,
+    logits_at: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, KVState]:
+    """Run ``embeds`` ``(N, D)`` after the tokens of ``state``.
+
+    Args:
+        segment, position: ``(N,)`` segment id and absolute position of every new token.
+        visible: ``(S, S)`` bool, ``visible[a, b]`` when segment ``a`` may attend to segment ``b``.
+        logits_at: indices into the new tokens whose next-token logits are wanted, or None.
+
+    Returns:
+        ``(logits (len(logits_at), V) in float32 or None, new state including the new tokens)``.
+    """
+    from transformers import DynamicCache
+
+    key_segment = torch.cat([state.segment, segment])
+    key_position = torch.cat([state.position, position])
+    mask = tree_attention_mask(
+        query_segment=segment,
+        query_position=position,
+        key_segment=key_segment,
+        key_position=key_position,
+        visible=visible,
+        dtype=embeds.dtype,
+    )
+    cache = DynamicCache(ddp_cache_data=state.layers) if state.layers else DynamicCache()
+    keep = logits_at if logits_at is not None else torch.zeros(0, dtype=torch.long, device=embeds.device)
+    out = llm(
+        inputs_embeds=embeds[None],
+        attention_mask=mask,
+        position_ids=position[None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+    )
+    new_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    logits = out.logits[0].float() if logits_at is not None else None
+    return logits, KVState(layers=new_layers, segment=key_segment, position=key_position)
+
+
+def embed_tokens(llm: nn.Module) -> nn.Embedding:
+    return llm.get_input_embeddings()
