@@ -11,6 +11,11 @@ class RequestError(ValueError):
     status = 400
 
 
+class WebhookError(RequestError):
+    """A Label Studio payload (webhook event, annotation, task) that is not what Label Studio sends; the
+    message names the bad key."""
+
+
 class UnprocessableError(ValueError):
     """The request is well formed but cannot be served (e.g. an unusable label config)."""
 

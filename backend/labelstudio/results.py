@@ -24,9 +24,12 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import cv2
 import numpy as np
+
+from backend.errors import WebhookError
 
 logger = logging.getLogger(__name__)
 
@@ -537,3 +540,61 @@ def textarea_result(
     result = _result_base(region_id, from_name, to_name, "textarea", score)
     result.update(value={**(geometry or {}), "text": [text]}, readonly=False)
     return result
+
+
+# ---- predictions as recorded ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictedRegion:
+    """A region (``kind="region"``) or the whole-task fields (``kind="task"``) of a recorded prediction.
+
+    ``items`` are the Label Studio result items that carry ``region_id``; a region's own item is first.
+    """
+
+    region_id: str
+    model_version: str
+    source: str
+    kind: str
+    items: list[dict]
+    created_at: float
+
+
+def prediction_regions(
+    result: list[dict], *, model_version: str, created_at: float = 0.0, source: str = "batch"
+) -> list[PredictedRegion]:
+    """A prediction's result items grouped as ``TrainingStore.record_prediction`` records them: one
+    ``PredictedRegion`` per ``id``, a region item (brush/polygon/rectangle) first with its per-region
+    items, and groups without a region item as whole-task rows (``kind="task"``)."""
+    groups: dict[str, list[dict]] = {}
+    for item in result:
+        if isinstance(item, dict) and item.get("id") is not None:
+            groups.setdefault(str(item["id"]), []).append(item)
+    out = []
+    for region_id, items in groups.items():
+        items.sort(key=lambda i: str(i.get("type", "")).lower() not in REGION_TYPES)
+        kind = "region" if str(items[0].get("type", "")).lower() in REGION_TYPES else "task"
+        out.append(PredictedRegion(region_id, str(model_version), source, kind, items, created_at))
+    return out
+
+
+# ---- annotations --------------------------------------------------------------------------------------
+
+
+def annotation_timestamp(annotation: dict) -> float:
+    """Label Studio's ``updated_at`` (else ``created_at``) as POSIX seconds; ISO 8601, naive means UTC.
+
+    Raises WebhookError (a ValueError) when neither is a readable time.
+    """
+    value = annotation.get("updated_at") or annotation.get("created_at")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        raise WebhookError(
+            "'annotation.updated_at' is missing; expected an ISO 8601 time such as '2025-05-01T12:00:00Z'"
+        )
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise WebhookError(f"'annotation.updated_at' is not an ISO 8601 time: {value[:40]!r}") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()

@@ -1,12 +1,7 @@
-"""The training store: what the backend predicted, what annotators accepted, and the training job queue.
+"""The training store: what the backend predicted and what annotators accepted, per project.
 
-One SQLite file (stdlib ``sqlite3``) shared by every thread and every process (gunicorn workers) of the
-service. WAL mode lets readers run beside one writer; every write is one ``BEGIN IMMEDIATE`` transaction
-(writers queue on the file lock for up to ``busy_timeout_s``), so a webhook that returns has committed.
-Each thread (and each process, after a fork) opens its own connection. The schema version lives in
-``PRAGMA user_version`` and migrations run on open, inside a write transaction.
-
-Tables (see ``_MIGRATIONS``):
+Kept in the SQLite file of :mod:`backend.learning.database` (WAL, one transaction per write, so a webhook
+that returns has committed). Its tables:
 
 - ``predicted_regions``: each region the backend returned, with its result items (the region item first,
   then the per-region Choices/TextArea items carrying its ``id``), per project, task and model version;
@@ -19,8 +14,8 @@ Tables (see ``_MIGRATIONS``):
   or removed.
 - ``tombstones``: deleted annotations and tasks; later events for them are refused.
 - ``project_counters``: per project, how many region labels were stored or changed (``new_since``).
-- ``jobs``: the durable job queue (at most one queued job per project and kind, one running per project).
 
+The job queue shares the file but not this class (:mod:`backend.learning.queue.sqlite_queue`).
 Timestamps are POSIX seconds (float). Project ids are strings: Label Studio's ``"12.1699999999"`` from
 ``/setup`` and ``/predict`` is reduced to ``"12"`` everywhere (``project_key``).
 """
@@ -29,129 +24,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sqlite3
-import threading
 import time
-import uuid
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from backend.labelstudio.ids import project_key
+from backend.labelstudio.results import PredictedRegion, prediction_regions
+from backend.reports.comparison import FieldOutcome
+
+from .database import SqliteDatabase, dumps
+
 logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-OUTCOMES = ("kept", "edited", "added", "removed")
-JOB_STATES = ("queued", "running", "done", "failed")
-_REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "brush", "polygon", "rectangle")
-
-_MIGRATIONS: dict[int, list[str]] = {
-    1: [
-        """CREATE TABLE predicted_regions (
-            project_id TEXT NOT NULL, task_id INTEGER NOT NULL, region_id TEXT NOT NULL,
-            model_version TEXT NOT NULL, source TEXT NOT NULL CHECK (source IN ('batch', 'interactive')),
-            kind TEXT NOT NULL CHECK (kind IN ('region', 'task')), items_json TEXT NOT NULL,
-            created_at REAL NOT NULL,
-            PRIMARY KEY (project_id, task_id, region_id, model_version))""",
-        "CREATE INDEX predicted_regions_age ON predicted_regions (project_id, created_at)",
-        """CREATE TABLE annotations (
-            project_id TEXT NOT NULL, annotation_id INTEGER NOT NULL, task_id INTEGER,
-            state TEXT NOT NULL CHECK (state IN ('accepted', 'cancelled', 'unparsed')),
-            updated_ts REAL NOT NULL, content_hash TEXT NOT NULL, image_ref TEXT,
-            task_fields_json TEXT NOT NULL DEFAULT '{}', completed_by INTEGER,
-            ground_truth INTEGER NOT NULL DEFAULT 0, raw_json TEXT, received_at REAL NOT NULL,
-            PRIMARY KEY (project_id, annotation_id))""",
-        "CREATE INDEX annotations_task ON annotations (project_id, task_id)",
-        """CREATE TABLE regions (
-            project_id TEXT NOT NULL, annotation_id INTEGER NOT NULL, region_id TEXT NOT NULL,
-            task_id INTEGER, image_ref TEXT, width INTEGER NOT NULL, height INTEGER NOT NULL,
-            tool_type TEXT NOT NULL, labels_json TEXT NOT NULL, rle BLOB NOT NULL, area INTEGER NOT NULL,
-            fields_json TEXT NOT NULL, model_version TEXT, predicted_region_id TEXT,
-            match TEXT CHECK (match IN ('id', 'iou') OR match IS NULL), iou REAL,
-            content_hash TEXT NOT NULL, updated_ts REAL NOT NULL, stored_at REAL NOT NULL,
-            PRIMARY KEY (project_id, annotation_id, region_id))""",
-        "CREATE INDEX regions_age ON regions (project_id, stored_at)",
-        """CREATE TABLE field_outcomes (
-            project_id TEXT NOT NULL, annotation_id INTEGER NOT NULL, region_id TEXT NOT NULL,
-            field TEXT NOT NULL, outcome TEXT NOT NULL CHECK (outcome IN ('kept', 'edited', 'added', 'removed')),
-            model_version TEXT,
-            PRIMARY KEY (project_id, annotation_id, region_id, field))""",
-        """CREATE TABLE tombstones (
-            project_id TEXT NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('annotation', 'task')),
-            object_id INTEGER NOT NULL, deleted_at REAL NOT NULL,
-            PRIMARY KEY (project_id, kind, object_id))""",
-        "CREATE TABLE project_counters (project_id TEXT PRIMARY KEY, changes INTEGER NOT NULL DEFAULT 0)",
-        """CREATE TABLE jobs (
-            job_id INTEGER PRIMARY KEY AUTOINCREMENT, project_id TEXT NOT NULL, kind TEXT NOT NULL,
-            payload_json TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
-            attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL, worker_id TEXT,
-            token TEXT, lease_s REAL, lease_until REAL, created_at REAL NOT NULL, started_at REAL,
-            heartbeat_at REAL, finished_at REAL, result_json TEXT, error TEXT)""",
-        "CREATE UNIQUE INDEX jobs_one_queued ON jobs (project_id, kind) WHERE status = 'queued'",
-        "CREATE UNIQUE INDEX jobs_one_running ON jobs (project_id) WHERE status = 'running'",
-        "CREATE INDEX jobs_status ON jobs (status, job_id)",
-    ],
-}
-
-
-class StoreVersionError(RuntimeError):
-    """The database was written by a newer osprey-label (its schema version is unknown here)."""
-
-
-class LeaseLostError(RuntimeError):
-    """A job was finished by a worker that no longer holds it (its lease expired and it was requeued)."""
-
-
-class UnknownJobError(ValueError):
-    """No job has this id."""
-
-
-def project_key(project) -> str:
-    """Label Studio project reference (``12``, ``"12"``, ``"12.1699999999"``) as the store's key ``"12"``."""
-    if isinstance(project, bool) or project is None:
-        raise ValueError(f"expected a Label Studio project id (int or str), got {project!r}")
-    text = str(project).strip().split(".", 1)[0]
-    if not text:
-        raise ValueError(f"expected a non-empty Label Studio project id, got {project!r}")
-    return text
-
-
-@dataclass(frozen=True)
-class PredictedRegion:
-    """A region (``kind="region"``) or the whole-task fields (``kind="task"``) of a recorded prediction.
-
-    ``items`` are the Label Studio result items that carry ``region_id``; a region's own item is first.
-    """
-
-    region_id: str
-    model_version: str
-    source: str
-    kind: str
-    items: list[dict]
-    created_at: float
-
-
-def prediction_regions(
-    result: list[dict], *, model_version: str, created_at: float = 0.0, source: str = "batch"
-) -> list[PredictedRegion]:
-    """A prediction's result items grouped as ``TrainingStore.record_prediction`` records them: one
-    ``PredictedRegion`` per ``id``, a region item (brush/polygon/rectangle) first with its per-region
-    items, and groups without a region item as whole-task rows (``kind="task"``)."""
-    groups: dict[str, list[dict]] = {}
-    for item in result:
-        if isinstance(item, dict) and item.get("id") is not None:
-            groups.setdefault(str(item["id"]), []).append(item)
-    out = []
-    for region_id, items in groups.items():
-        items.sort(key=lambda i: str(i.get("type", "")).lower() not in _REGION_TYPES)
-        kind = "region" if str(items[0].get("type", "")).lower() in _REGION_TYPES else "task"
-        out.append(PredictedRegion(region_id, str(model_version), source, kind, items, created_at))
-    return out
 
 
 @dataclass(frozen=True)
@@ -176,17 +61,6 @@ class RegionRecord:
     predicted_region_id: str | None = None
     match: str | None = None
     iou: float | None = None
-
-
-@dataclass(frozen=True)
-class FieldOutcome:
-    """Whether a pre-label survived: ``region_id`` is ``""`` for whole-task fields and the predicted
-    region's id for removed regions; ``field`` is a field name or ``"region"`` (the mask itself)."""
-
-    region_id: str
-    field: str
-    outcome: str
-    model_version: str | None = None
 
 
 @dataclass
@@ -251,28 +125,6 @@ class AcceptedRegion:
         return decode_brush_rle(self.rle, self.width, self.height)
 
 
-@dataclass(frozen=True)
-class Job:
-    """A queued, running or finished job. ``token`` identifies one claim: finishing a job with a stale
-    token raises LeaseLostError. ``lease_until`` is the POSIX time after which a running job is stale."""
-
-    job_id: str
-    project_id: str
-    kind: str
-    payload: dict
-    status: str
-    attempts: int
-    max_attempts: int
-    created_at: float
-    worker_id: str | None = None
-    token: str | None = None
-    lease_until: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    result: dict | None = None
-    error: str | None = None
-
-
 def compare_versions(ts: float, content_hash: str, other_ts: float, other_hash: str) -> int:
     """1 when version (ts, hash) supersedes the other, 0 when they are the same, -1 when it is older.
 
@@ -282,20 +134,11 @@ def compare_versions(ts: float, content_hash: str, other_ts: float, other_hash: 
     return (mine > other) - (mine < other)
 
 
-class _Connection(sqlite3.Connection):
-    """A connection that can be weakly referenced: a thread's connection closes when the thread ends."""
+class TrainingStore(SqliteDatabase):
+    """Predictions and accepted regions in the service's SQLite file (see the module docstring).
 
-
-def _dumps(value) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-class TrainingStore:
-    """Predictions, accepted regions and the job queue in one SQLite file (see the module docstring).
-
-    ``busy_timeout_s`` is how long a writer waits for another's transaction; ``max_predicted_regions`` bounds
-    the predicted regions kept per project (oldest dropped); ``max_attempts`` is how often a job whose worker
-    died is retried; ``keep_finished_jobs`` bounds the finished jobs kept per project.
+    ``max_predicted_regions`` bounds the predicted regions kept per project (oldest dropped);
+    ``busy_timeout_s`` and ``synchronous`` are those of :class:`~backend.learning.database.SqliteDatabase`.
     """
 
     def __init__(
@@ -304,88 +147,13 @@ class TrainingStore:
         *,
         busy_timeout_s: float = 30.0,
         max_predicted_regions: int = 50_000,
-        max_attempts: int = 3,
-        keep_finished_jobs: int = 200,
         synchronous: str = "FULL",
     ) -> None:
-        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
-            raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, got {synchronous!r}")
-        if max_attempts < 1 or max_predicted_regions < 1:
-            raise ValueError("max_attempts and max_predicted_regions must be >= 1")
-        self.path = str(path)
-        self.busy_timeout_s = float(busy_timeout_s)
+        if max_predicted_regions < 1:
+            raise ValueError(f"max_predicted_regions must be >= 1, got {max_predicted_regions}")
         self.max_predicted_regions = int(max_predicted_regions)
-        self.max_attempts = int(max_attempts)
-        self.keep_finished_jobs = int(keep_finished_jobs)
-        self._synchronous = synchronous.upper()
-        self._local = threading.local()
-        self._connections: weakref.WeakSet[_Connection] = weakref.WeakSet()
-        self._lock = threading.Lock()
         self._predictions_recorded = 0
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._migrate()
-
-    # ---- connections and transactions ----
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            return conn
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self.busy_timeout_s,
-            isolation_level=None,
-            check_same_thread=False,
-            factory=_Connection,
-        )
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        self._local.conn, self._local.pid = conn, os.getpid()
-        conn.pid = os.getpid()
-        with self._lock:
-            self._connections.add(conn)
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: BEGIN IMMEDIATE takes the write lock first, so it never deadlocks."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def close(self) -> None:
-        """Close this process's connections (threads reopen on their next call)."""
-        with self._lock:
-            mine = [c for c in self._connections if c.pid == os.getpid()]
-            for conn in mine:
-                self._connections.discard(conn)
-        for conn in mine:
-            conn.close()
-        self._local = threading.local()
-
-    def _migrate(self) -> None:
-        with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreVersionError(
-                    f"{self.path} has schema version {version}, newer than this osprey-label knows "
-                    f"({SCHEMA_VERSION}); upgrade osprey-label or point the store at another file"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[target]:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {target}")
-                logger.info("training store %s migrated to schema version %d", self.path, target)
-
-    def schema_version(self) -> int:
-        return self._conn().execute("PRAGMA user_version").fetchone()[0]
+        super().__init__(path, busy_timeout_s=busy_timeout_s, synchronous=synchronous)
 
     # ---- predictions ----
     def record_prediction(
@@ -411,7 +179,7 @@ class TrainingStore:
         source = "interactive" if interactive else "batch"
         regions = prediction_regions(result, model_version=model_version, created_at=now, source=source)
         rows = [
-            (project, int(task_id), r.region_id, r.model_version, source, r.kind, _dumps(r.items), now)
+            (project, int(task_id), r.region_id, r.model_version, source, r.kind, dumps(r.items), now)
             for r in regions
         ]
         with self._write() as conn:
@@ -511,15 +279,15 @@ class TrainingStore:
             conn.execute(
                 "INSERT INTO annotations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (project, record.annotation_id, record.task_id, record.state, record.updated_ts,
-                 record.content_hash, record.image_ref, _dumps(record.task_fields), record.completed_by,
-                 int(bool(record.ground_truth)), _dumps(record.raw) if record.raw is not None else None, now),
+                 record.content_hash, record.image_ref, dumps(record.task_fields), record.completed_by,
+                 int(bool(record.ground_truth)), dumps(record.raw) if record.raw is not None else None, now),
             )  # fmt: skip
             regions = record.regions if record.state == "accepted" else []
             conn.executemany(
                 "INSERT INTO regions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (project, record.annotation_id, r.region_id, record.task_id, record.image_ref, r.width,
-                     r.height, r.tool_type, _dumps(r.labels), bytes(r.rle), r.area, _dumps(r.fields),
+                     r.height, r.tool_type, dumps(r.labels), bytes(r.rle), r.area, dumps(r.fields),
                      r.model_version, r.predicted_region_id, r.match, r.iou, r.content_hash,
                      record.updated_ts, now)
                     for r in regions
@@ -675,234 +443,20 @@ class TrainingStore:
         """How many region labels were stored or changed since ``change_counter`` returned ``marker``."""
         return self.change_counter(project_id) - int(marker)
 
-    def acceptance_summary(self, project_id: str) -> dict:
-        """Per field: ``{kept, edited, added, removed, acceptance_rate}``; the same per model version.
-
-        ``acceptance_rate`` is kept / (kept + edited + removed): the share of pre-labels the annotators
-        left unchanged (None without pre-labels). The pseudo-field ``region`` counts masks (kept: mask
-        IoU >= 0.99 with the predicted one). ``matches`` counts accepted regions by how they were matched
-        to a prediction (``id``, ``iou``, ``none``) with their mean mask IoU.
-        """
-        project, conn = project_key(project_id), self._conn()
-        fields: dict[str, dict] = {}
-        versions: dict[str, dict[str, dict]] = {}
-        for name, outcome, version, n in conn.execute(
+    def outcome_counts(self, project_id: str) -> list[tuple[str, str, str | None, int]]:
+        """``(field, outcome, model_version, n)`` over the project's field outcomes (see
+        :func:`backend.reports.acceptance.acceptance_summary`)."""
+        rows = self._conn().execute(
             "SELECT field, outcome, model_version, count(*) FROM field_outcomes WHERE project_id = ?"
             " GROUP BY field, outcome, model_version",
-            (project,),
-        ):
-            for table in (fields, versions.setdefault(version or "none", {})):
-                counts = table.setdefault(name, dict.fromkeys(OUTCOMES, 0))
-                counts[outcome] += n
-        for table in (fields, *versions.values()):
-            for counts in table.values():
-                judged = counts["kept"] + counts["edited"] + counts["removed"]
-                counts["acceptance_rate"] = round(counts["kept"] / judged, 4) if judged else None
-        matches = {
-            (match or "none"): {"regions": n, "mean_iou": round(iou, 4) if iou is not None else None}
-            for match, n, iou in conn.execute(
-                "SELECT match, count(*), avg(iou) FROM regions WHERE project_id = ? GROUP BY match",
-                (project,),
-            )
-        }
-        return {"fields": fields, "by_model_version": versions, "matches": matches}
+            (project_key(project_id),),
+        )
+        return [tuple(r) for r in rows]
 
-    # ---- the job queue ----
-    def enqueue(self, project_id: str, kind: str, payload: dict | None = None) -> str:
-        """Queue a job; returns its id. While a job of this project and kind is queued, that job is
-        returned instead, with its payload replaced by this one (the newest request wins)."""
-        project, payload_json = project_key(project_id), _dumps(payload or {})
-        if not isinstance(kind, str) or not kind:
-            raise ValueError(f"kind must be a non-empty string such as 'train', got {kind!r}")
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT job_id FROM jobs WHERE project_id = ? AND kind = ? AND status = 'queued'",
-                (project, kind),
-            ).fetchone()
-            if row is not None:
-                conn.execute("UPDATE jobs SET payload_json = ? WHERE job_id = ?", (payload_json, row[0]))
-                return str(row[0])
-            cursor = conn.execute(
-                "INSERT INTO jobs (project_id, kind, payload_json, status, max_attempts, created_at)"
-                " VALUES (?, ?, ?, 'queued', ?, ?)",
-                (project, kind, payload_json, self.max_attempts, time.time()),
-            )
-            return str(cursor.lastrowid)
-
-    def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Atomically take the oldest queued job of a project that has no running job, or None.
-
-        The job becomes ``running`` for ``worker_id`` until ``now + lease_s`` (``heartbeat`` extends it).
-        """
-        if lease_s <= 0:
-            raise ValueError(f"lease_s must be > 0 seconds, got {lease_s}")
-        now, token = time.time(), uuid.uuid4().hex
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT job_id FROM jobs q WHERE status = 'queued' AND NOT EXISTS (SELECT 1 FROM jobs r"
-                " WHERE r.project_id = q.project_id AND r.status = 'running') ORDER BY job_id LIMIT 1"
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_id = ?, token = ?,"
-                " lease_s = ?, lease_until = ?, started_at = ?, heartbeat_at = ? WHERE job_id = ?",
-                (worker_id, token, float(lease_s), now + lease_s, now, now, row[0]),
-            )
-            return self._job(conn, row[0])
-
-    def heartbeat(self, job_id: str, *, token: str | None = None) -> bool:
-        """Extend a running job's lease by its ``lease_s``; False when the job is no longer held."""
-        now = time.time()
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE jobs SET lease_until = ? + lease_s, heartbeat_at = ? WHERE job_id = ?"
-                " AND status = 'running' AND (? IS NULL OR token = ?)",
-                (now, now, int(job_id), token, token),
-            )
-            return cursor.rowcount == 1
-
-    def complete(self, job_id: str, result: dict | None = None, *, token: str | None = None) -> None:
-        """Mark a running job done with its ``result`` (a JSON object). Raises LeaseLostError when the
-        job is not running (or, with ``token``, no longer held by that claim): nothing is marked."""
-        self._finish(job_id, "done", result_json=_dumps(result or {}), error=None, token=token)
-
-    def fail(self, job_id: str, error: str, *, token: str | None = None) -> None:
-        """Mark a running job failed, keeping ``error``; LeaseLostError as for ``complete``."""
-        self._finish(job_id, "failed", result_json=None, error=str(error)[:4000], token=token)
-
-    def _finish(self, job_id, status: str, *, result_json, error, token: str | None) -> None:
-        with self._write() as conn:
-            cursor = conn.execute(
-                "UPDATE jobs SET status = ?, result_json = ?, error = ?, finished_at = ?, lease_until = NULL"
-                " WHERE job_id = ? AND status = 'running' AND (? IS NULL OR token = ?)",
-                (status, result_json, error, time.time(), int(job_id), token, token),
-            )
-            if cursor.rowcount != 1:
-                job = self._job(conn, int(job_id))
-                raise LeaseLostError(
-                    f"job {job_id} is {job.status} (attempt {job.attempts}), not held by this claim; its lease "
-                    f"expired and it was requeued or finished elsewhere, so this outcome was not recorded"
-                )
-            project = conn.execute("SELECT project_id FROM jobs WHERE job_id = ?", (int(job_id),)).fetchone()[
-                0
-            ]
-            conn.execute(
-                "DELETE FROM jobs WHERE project_id = ? AND status IN ('done', 'failed') AND job_id NOT IN"
-                " (SELECT job_id FROM jobs WHERE project_id = ? AND status IN ('done', 'failed')"
-                " ORDER BY job_id DESC LIMIT ?)",
-                (project, project, self.keep_finished_jobs),
-            )
-
-    def requeue_stale(self, *, now: float | None = None) -> dict:
-        """Running jobs whose lease expired (their worker died): back to ``queued``, or ``failed`` once
-        ``max_attempts`` claims were spent. A stale job whose project and kind already has a queued job
-        is failed as superseded by it. Returns ``{"requeued": [ids], "failed": [ids]}``."""
-        now = time.time() if now is None else now
-        out: dict[str, list[str]] = {"requeued": [], "failed": []}
-        with self._write() as conn:
-            stale = conn.execute(
-                "SELECT job_id, project_id, kind, attempts, max_attempts FROM jobs"
-                " WHERE status = 'running' AND lease_until < ?",
-                (now,),
-            ).fetchall()
-            for job_id, project, kind, attempts, max_attempts in stale:
-                queued = conn.execute(
-                    "SELECT job_id FROM jobs WHERE project_id = ? AND kind = ? AND status = 'queued'",
-                    (project, kind),
-                ).fetchone()
-                if attempts >= max_attempts or queued is not None:
-                    why = (
-                        f"worker lost (lease expired) on attempt {attempts} of {max_attempts}"
-                        if queued is None
-                        else f"worker lost (lease expired); superseded by queued job {queued[0]}"
-                    )
-                    conn.execute(
-                        "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, lease_until = NULL,"
-                        " token = NULL WHERE job_id = ?",
-                        (why, now, job_id),
-                    )
-                    out["failed"].append(str(job_id))
-                else:
-                    conn.execute(
-                        "UPDATE jobs SET status = 'queued', worker_id = NULL, token = NULL, lease_until = NULL"
-                        " WHERE job_id = ?",
-                        (job_id,),
-                    )
-                    out["requeued"].append(str(job_id))
-        if stale:
-            logger.warning("stale jobs: requeued %s, failed %s", out["requeued"], out["failed"])
-        return out
-
-    def job(self, job_id: str) -> Job:
-        """One job by id; UnknownJobError when there is none."""
-        return self._job(self._conn(), int(job_id))
-
-    def jobs(self, project_id: str, *, limit: int = 50) -> list[Job]:
-        """The project's jobs, newest first."""
+    def region_matches(self, project_id: str) -> list[tuple[str | None, float | None]]:
+        """``(match, mask IoU)`` of each accepted region of the project: how it was matched to a
+        prediction (``id``, ``iou`` or None) and the IoU with it."""
         rows = self._conn().execute(
-            "SELECT * FROM jobs WHERE project_id = ? ORDER BY job_id DESC LIMIT ?",
-            (project_key(project_id), limit),
+            "SELECT match, iou FROM regions WHERE project_id = ?", (project_key(project_id),)
         )
-        return [self._job_from_row(r) for r in rows]
-
-    def status(self) -> dict:
-        """Job counts per state, the last error and the last finished job (for /health and /metrics)."""
-        conn = self._conn()
-        counts = dict.fromkeys(JOB_STATES, 0)
-        counts.update(dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()))
-        last_failed = conn.execute(
-            "SELECT * FROM jobs WHERE status = 'failed' ORDER BY finished_at DESC LIMIT 1"
-        ).fetchone()
-        last = conn.execute(
-            "SELECT * FROM jobs WHERE status IN ('done', 'failed') ORDER BY finished_at DESC LIMIT 1"
-        ).fetchone()
-        return {
-            "backend": "sqlite",
-            **counts,
-            "last_error": job_brief(self._job_from_row(last_failed)) if last_failed else None,
-            "last_finished": job_brief(self._job_from_row(last)) if last else None,
-        }
-
-    def _job(self, conn, job_id: int) -> Job:
-        row = conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise UnknownJobError(f"no job has id {job_id}; list them with jobs(project_id)")
-        return self._job_from_row(row)
-
-    @staticmethod
-    def _job_from_row(r) -> Job:
-        return Job(
-            job_id=str(r["job_id"]),
-            project_id=r["project_id"],
-            kind=r["kind"],
-            payload=json.loads(r["payload_json"]),
-            status=r["status"],
-            attempts=r["attempts"],
-            max_attempts=r["max_attempts"],
-            created_at=r["created_at"],
-            worker_id=r["worker_id"],
-            token=r["token"],
-            lease_until=r["lease_until"],
-            started_at=r["started_at"],
-            finished_at=r["finished_at"],
-            result=json.loads(r["result_json"]) if r["result_json"] else None,
-            error=r["error"],
-        )
-
-
-def job_brief(job: Job) -> dict:
-    """A finished job as a small JSON object for status pages."""
-    brief = {
-        "job_id": job.job_id,
-        "project_id": job.project_id,
-        "kind": job.kind,
-        "status": job.status,
-        "attempts": job.attempts,
-        "finished_at": job.finished_at,
-    }
-    if job.error:
-        brief["error"] = job.error
-    if job.result:
-        brief["result"] = job.result
-    return brief
+        return [tuple(r) for r in rows]

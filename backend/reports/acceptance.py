@@ -5,13 +5,13 @@ was_cancelled, created_at, updated_at, ...}], predictions: [{id, model_version, 
 ...}]}``. For every compared annotation the task's predictions become ``PredictedRegion`` rows exactly
 as the live backend records them (``store.prediction_regions``; per model version only the newest
 prediction, as ``record_prediction`` replaces a batch prediction of the same version), and
-``intake.compare_annotation`` judges each region and field - the very function the webhook intake
+``comparison.compare_annotation`` judges each region and field - the very function the webhook intake
 uses for the live statistics, so both count the same way.
 
 Outcomes per field and model version: ``kept`` (pre-label unchanged), ``edited``, ``removed`` (the
 predicted region was deleted), ``added`` (no pre-label); ``acceptance_rate`` = kept / (kept + edited +
 removed). The pseudo-field ``region`` is the mask (kept when mask IoU >= 0.99). Regions are matched by
-id, else by mask IoU >= 0.5 (``intake.match_prediction``); the report gives the IoU distribution.
+id, else by mask IoU >= 0.5 (``comparison.match_prediction``); the report gives the IoU distribution.
 
 The command ``osprey-label eval acceptance``, the schema it infers when no label config is given, and
 the table, JSON and chart it writes are in :mod:`backend.reports.output`.
@@ -29,13 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.errors import WebhookError
+from backend.labelstudio.results import PredictedRegion, annotation_timestamp, prediction_regions
 from backend.labelstudio.schema import FIELDS, ProjectSchema
-from backend.learning.intake import RegionMatch, WebhookError, annotation_timestamp, compare_annotation
-from backend.learning.store import OUTCOMES, FieldOutcome, PredictedRegion, prediction_regions
+
+from .comparison import OUTCOMES, FieldOutcome, RegionMatch, compare_annotation
 
 IOU_THRESHOLDS = (0.5, 0.9, 0.99)
 ANNOTATION_CHOICES = ("latest", "all")
-NO_VERSION = "none"  # outcomes without a pre-label (added), as TrainingStore.acceptance_summary names them
+NO_VERSION = "none"  # outcomes without a pre-label (added), as acceptance_summary names them
 UNVERSIONED = "unversioned"  # a prediction exported without a model_version
 
 
@@ -231,19 +233,54 @@ def compare_export(
 # ---- the report -----------------------------------------------------------------------------------
 
 
-def summarize_outcomes(outcomes: Iterable[FieldOutcome]) -> tuple[dict, dict]:
-    """``(fields, by_model_version)`` counted as ``TrainingStore.acceptance_summary`` counts them:
-    per field ``{kept, edited, added, removed, acceptance_rate}``; versions keyed ``none`` for added."""
+def outcome_tables(counts: Iterable[tuple[str, str, str | None, int]]) -> tuple[dict, dict]:
+    """``(fields, by_model_version)`` from ``(field, outcome, model_version, n)`` counts: per field
+    ``{kept, edited, added, removed, acceptance_rate}``; versions keyed ``none`` for added regions.
+
+    ``acceptance_rate`` is kept / (kept + edited + removed): the share of pre-labels the annotators left
+    unchanged (None without pre-labels). The pseudo-field ``region`` counts masks (kept: mask IoU >= 0.99
+    with the predicted one).
+    """
     fields: dict[str, dict] = {}
     versions: dict[str, dict[str, dict]] = {}
-    for outcome in outcomes:
-        for table in (fields, versions.setdefault(outcome.model_version or NO_VERSION, {})):
-            table.setdefault(outcome.field, dict.fromkeys(OUTCOMES, 0))[outcome.outcome] += 1
+    for name, outcome, version, n in counts:
+        for table in (fields, versions.setdefault(version or NO_VERSION, {})):
+            table.setdefault(name, dict.fromkeys(OUTCOMES, 0))[outcome] += n
     for table in (fields, *versions.values()):
-        for counts in table.values():
-            judged = counts["kept"] + counts["edited"] + counts["removed"]
-            counts["acceptance_rate"] = round(counts["kept"] / judged, 4) if judged else None
+        for row in table.values():
+            judged = row["kept"] + row["edited"] + row["removed"]
+            row["acceptance_rate"] = round(row["kept"] / judged, 4) if judged else None
     return _ordered(fields), {v: _ordered(t) for v, t in sorted(versions.items(), key=_version_order)}
+
+
+def summarize_outcomes(outcomes: Iterable[FieldOutcome]) -> tuple[dict, dict]:
+    """``outcome_tables`` of individual outcomes (each counts once)."""
+    return outcome_tables((o.field, o.outcome, o.model_version, 1) for o in outcomes)
+
+
+def match_table(matches: Iterable[tuple[str | None, float | None]]) -> dict:
+    """Accepted regions by how they were matched (``id``, ``iou``, ``none``) from ``(match, mask IoU)``
+    pairs, each with its count and mean IoU."""
+    rows = list(matches)
+    out = {}
+    for how in ("id", "iou", None):
+        ious = [iou for match, iou in rows if match == how and iou is not None]
+        n = sum(1 for match, _ in rows if match == how)
+        if n:
+            out[how or "none"] = {"regions": n, "mean_iou": round(sum(ious) / len(ious), 4) if ious else None}
+    return out
+
+
+def acceptance_summary(store, project_id: str) -> dict:
+    """The live acceptance of a project from the training store (``/metrics``): ``fields`` and
+    ``by_model_version`` as ``outcome_tables``, ``matches`` as ``match_table``. ``store`` is a
+    :class:`backend.learning.store.TrainingStore`."""
+    fields, versions = outcome_tables(store.outcome_counts(project_id))
+    return {
+        "fields": fields,
+        "by_model_version": versions,
+        "matches": match_table(store.region_matches(project_id)),
+    }
 
 
 def _ordered(table: dict) -> dict:
@@ -266,18 +303,8 @@ def iou_stats(values: list[float]) -> dict:
     return out
 
 
-def _match_summary(matches: list[RegionMatch]) -> dict:
-    """Accepted regions by how they were matched, with their mean IoU (as ``acceptance_summary`` shows)."""
-    out = {}
-    for how in ("id", "iou", None):
-        rows = [m for m in matches if m.match == how]
-        if rows:
-            ious = [m.iou for m in rows if m.iou is not None]
-            out[how or "none"] = {
-                "regions": len(rows),
-                "mean_iou": round(sum(ious) / len(ious), 4) if ious else None,
-            }
-    return out
+def _matches_of(matches: list[RegionMatch]) -> dict:
+    return match_table((m.match, m.iou) for m in matches)
 
 
 def acceptance_report(
@@ -292,7 +319,7 @@ def acceptance_report(
 
     Keys: ``annotation`` (which were compared), ``tasks`` (counts), ``skipped`` (each with ``task``,
     ``annotation``, ``reason`` and ``detail``) and ``skipped_counts`` per reason, ``fields`` and
-    ``by_model_version`` (outcome counts and acceptance rates, as ``TrainingStore.acceptance_summary``),
+    ``by_model_version`` (outcome counts and acceptance rates, as the live ``acceptance_summary``),
     ``matches`` (regions by match: ``id``, ``iou``, ``none``), ``iou`` (distribution of the matched
     regions' mask IoU, overall and per model version) and ``regions`` (one row per accepted region).
     """
@@ -334,7 +361,7 @@ def acceptance_report(
         "skipped": collected.skipped,
         "fields": fields,
         "by_model_version": by_version,
-        "matches": _match_summary(matches),
+        "matches": _matches_of(matches),
         "iou": iou,
         "regions": [
             {

@@ -19,9 +19,11 @@ from backend.errors import NotReadyError, RequestError, UnprocessableError
 from backend.labelstudio.images import ImageLoader, ImageLoadError
 from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_field_map, parse_label_config
 from backend.learning.intake import handle_webhook, reparse_unparsed
-from backend.learning.queue.redis_queue import Worker, make_queue
+from backend.learning.queue import make_queue
 from backend.learning.registry import ModelRegistry
 from backend.learning.store import TrainingStore
+from backend.learning.worker import Worker
+from backend.reports.acceptance import acceptance_summary
 
 from .predict import PredictOptions, predict_task
 from .settings import Settings
@@ -126,7 +128,7 @@ class OspreyService:
         from backend.learning.training import ProjectTrainer
 
         self.store = TrainingStore(settings.model_dir / "training.sqlite3")
-        self.queue = make_queue(store=self.store, redis_url=settings.redis_url)
+        self.queue = make_queue(sqlite_path=self.store.path, redis_url=settings.redis_url)
         self.registry = ModelRegistry(root=settings.model_dir)
         self.trainer = ProjectTrainer(service=self, min_examples=settings.min_train_examples)
         self.worker = Worker(queue=self.queue, train=self.trainer)
@@ -302,7 +304,7 @@ class OspreyService:
             "training": {
                 "queue": self._safe(self.queue.status),
                 "acceptance": {
-                    p: self._safe(self.store.acceptance_summary, p) for p in self._known_projects()
+                    p: self._safe(acceptance_summary, self.store, p) for p in self._known_projects()
                 },
                 "worker": {
                     "running": self.worker.current is not None,

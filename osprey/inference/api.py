@@ -68,7 +68,9 @@ class Osprey:
         self.config = config
         self.model_id = model_id
         self.cache = cache
-        self.adapter_tag = ""  # the active LoRA adapter (see osprey.learning.lora.AdapterSet); part of cache keys
+        self.adapter_tag = (
+            ""  # the active LoRA adapter (see osprey.learning.lora.AdapterSet); part of cache keys
+        )
         self.fast = FastRunner(
             model=model, eos_token_id=tokenizer.eos_token_id, max_batch_tokens=max_batch_tokens
         )

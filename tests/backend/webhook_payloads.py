@@ -184,9 +184,10 @@ def start_training(project_id: int = 3) -> dict:
 def write_annotations(db_path: str, first_id: int, count: int) -> int:
     """Store ``count`` annotations through the real intake; returns how many were stored."""
     from backend.learning.intake import handle_webhook
+    from backend.learning.queue import SqliteJobQueue
     from backend.learning.store import TrainingStore
 
-    store = TrainingStore(db_path)
+    store, queue = TrainingStore(db_path), SqliteJobQueue(db_path)
     stored = 0
     for annotation_id in range(first_id, first_id + count):
         mask = box_mask(4, 20, 4 + annotation_id % 30, 30 + annotation_id % 30)
@@ -195,25 +196,28 @@ def write_annotations(db_path: str, first_id: int, count: int) -> int:
             annotation_id=annotation_id,
             task_id=annotation_id,
         )
-        stored += handle_webhook(store, body, label_config_for=lambda _: None)["status"] == "stored"
+        stored += (
+            handle_webhook(store, body, label_config_for=lambda _: None, queue=queue)["status"] == "stored"
+        )
     store.close()
+    queue.close()
     return stored
 
 
 def claim_all(db_path: str, worker_id: str, lease_s: float = 30.0) -> list[str]:
     """Claim and complete jobs until none is left; returns the ids this process ran."""
-    from backend.learning.store import TrainingStore
+    from backend.learning.queue import SqliteJobQueue
 
-    store = TrainingStore(db_path)
+    queue = SqliteJobQueue(db_path)
     ran = []
     idle = 0
     while idle < 20:
-        job = store.claim(worker_id, lease_s)
+        job = queue.claim(worker_id, lease_s)
         if job is None:
             idle += 1
             continue
         idle = 0
-        store.complete(job.job_id, {"by": worker_id}, token=job.token)
+        queue.complete(job.job_id, {"by": worker_id}, token=job.token)
         ran.append(job.job_id)
-    store.close()
+    queue.close()
     return ran

@@ -1,58 +1,24 @@
-"""Training jobs: one small queue interface, two backends, and the worker thread that runs the jobs.
+"""The job queue on Redis + RQ (when ``REDIS_URL`` is set): jobs are RQ jobs (``rq.Job`` hashes in the RQ
+queue ``osprey-train``, finished and failed ones in RQ's registries, so ``rq info`` shows them) on a Redis
+that persists them across restarts.
 
-- ``TrainingStore`` (SQLite, the default): the queue lives in the training store's file.
-- ``RedisJobQueue`` (when ``REDIS_URL`` is set): jobs are RQ jobs (``rq.Job`` hashes in the RQ queue
-  ``osprey-train``, finished and failed ones in RQ's registries, so ``rq info`` shows them) on a Redis
-  that persists them across restarts. Claims are atomic (``WATCH``/``MULTI``) and a per-project Redis lock
-  (``osprey:osprey-train:lock:<project>``, held from claim to complete/fail/requeue) keeps one running job
-  per project. The jobs are
-  run by this module's ``Worker`` threads inside the service processes, not by ``rq worker``.
-
-Both have the same semantics: ``enqueue`` keeps at most one queued job per project and kind; ``claim``
-hands out the oldest queued job of a project with no running job, leased for ``lease_s`` seconds;
-``heartbeat`` extends the lease; ``complete``/``fail`` record the outcome only while the claim still
-holds (else LeaseLostError); ``requeue_stale`` puts jobs whose worker died back in the queue, or fails
-them after ``max_attempts`` claims.
+Claims are atomic (``WATCH``/``MULTI``) and a per-project Redis lock (``osprey:osprey-train:lock:<project>``,
+held from claim to complete/fail/requeue) keeps one running job per project. The jobs are run by
+:class:`backend.learning.worker.Worker` threads inside the service processes, not by ``rq worker``.
+Semantics as in :mod:`backend.learning.queue.base`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
 import time
-import traceback
 import uuid
-from collections.abc import Callable
-from typing import Protocol
 
-from backend.learning.store import Job, LeaseLostError, TrainingStore, UnknownJobError, job_brief, project_key
+from backend.labelstudio.ids import project_key
+
+from .base import Job, LeaseLostError, UnknownJobError, job_brief
 
 logger = logging.getLogger(__name__)
-
-TrainHandler = Callable[[str, str, dict], dict]
-
-
-class JobQueue(Protocol):
-    """What the worker and the service need from a job queue (see the module docstring)."""
-
-    def enqueue(self, project_id: str, kind: str, payload: dict | None = None) -> str: ...
-    def claim(self, worker_id: str, lease_s: float) -> Job | None: ...
-    def heartbeat(self, job_id: str, *, token: str | None = None) -> bool: ...
-    def complete(self, job_id: str, result: dict | None = None, *, token: str | None = None) -> None: ...
-    def fail(self, job_id: str, error: str, *, token: str | None = None) -> None: ...
-    def requeue_stale(self, *, now: float | None = None) -> dict: ...
-    def job(self, job_id: str) -> Job: ...
-    def jobs(self, project_id: str, *, limit: int = 50) -> list[Job]: ...
-    def status(self) -> dict: ...
-
-
-def make_queue(*, store: TrainingStore, redis_url: str | None = None, max_attempts: int = 3) -> JobQueue:
-    """The Redis queue when ``redis_url`` is set (``REDIS_URL``), else the store's SQLite queue."""
-    if redis_url:
-        return RedisJobQueue.from_url(redis_url, max_attempts=max_attempts)
-    return store
 
 
 def run_rq_job(project_id: str, kind: str, payload: dict) -> None:
@@ -336,135 +302,3 @@ class RedisJobQueue:
             token=meta.get("token"), lease_until=meta.get("lease_until"), started_at=meta.get("started_at"),
             finished_at=meta.get("finished_at"), result=meta.get("result"), error=meta.get("error"),
         )  # fmt: skip
-
-
-class Worker:
-    """Runs queued jobs in a background thread of the service process.
-
-    ``train(project_id, kind, payload) -> dict`` does the work; its dict is the job's result. While it
-    runs, a second thread heartbeats every ``lease_s / 3`` seconds. A handler exception fails the job with
-    the error (the worker goes on); a job whose lease was lost meanwhile is left to whoever holds it now.
-    Stale jobs (dead workers) are requeued at ``start()`` and every ``lease_s`` seconds after.
-    """
-
-    def __init__(
-        self,
-        *,
-        queue: JobQueue,
-        train: TrainHandler,
-        worker_id: str | None = None,
-        lease_s: float = 60.0,
-        poll_s: float = 2.0,
-    ) -> None:
-        if lease_s <= 0 or poll_s <= 0:
-            raise ValueError(f"lease_s and poll_s must be > 0 seconds, got {lease_s} and {poll_s}")
-        self.queue = queue
-        self.train = train
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.lease_s = float(lease_s)
-        self.poll_s = float(poll_s)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._last_requeue = 0.0
-        self.current: Job | None = None
-        self.processed = 0
-
-    def start(self) -> None:
-        """Requeue stale jobs, then poll for jobs in a daemon thread. RuntimeError if already started."""
-        if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError(f"worker {self.worker_id} is already running; call stop() first")
-        self._stop.clear()
-        self._requeue()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"osprey-worker-{self.worker_id}", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 30.0) -> bool:
-        """Ask the thread to stop after its current job; True when it has stopped within ``timeout``."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def wake(self) -> None:
-        """Look for a job now instead of at the next poll (call after enqueue)."""
-        self._wake.set()
-
-    def _requeue(self) -> None:
-        self._last_requeue = time.monotonic()
-        try:
-            self.queue.requeue_stale()
-        except Exception:
-            logger.exception("worker %s: requeueing stale jobs failed", self.worker_id)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if time.monotonic() - self._last_requeue >= self.lease_s:
-                self._requeue()
-            try:
-                ran = self.run_once()
-            except Exception:  # a queue outage must not kill the thread; try again at the next poll
-                logger.exception("worker %s: claiming a job failed", self.worker_id)
-                ran = None
-            if ran is None:
-                self._wake.wait(self.poll_s)
-                self._wake.clear()
-
-    def run_once(self) -> Job | None:
-        """Claim one job and run it to the end in this thread; None when no job was ready."""
-        job = self.queue.claim(self.worker_id, self.lease_s)
-        if job is None:
-            return None
-        self.current = job
-        beating = threading.Event()
-        lost = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job, beating, lost), daemon=True)
-        beat.start()
-        started = time.perf_counter()
-        try:
-            outcome, error = self._call(job)
-        finally:
-            beating.set()
-            beat.join()
-            self.current = None
-        try:
-            if error is None:
-                self.queue.complete(job.job_id, outcome, token=job.token)
-            else:
-                self.queue.fail(job.job_id, error, token=job.token)
-        except LeaseLostError as lease_error:
-            logger.error("worker %s: %s", self.worker_id, lease_error)
-        self.processed += 1
-        logger.info(
-            "worker %s: job %s (%s, project %s) %s in %.1f s", self.worker_id, job.job_id, job.kind,
-            job.project_id, "done" if error is None else "failed", time.perf_counter() - started,
-        )  # fmt: skip
-        return job
-
-    def _call(self, job: Job) -> tuple[dict | None, str | None]:
-        try:
-            outcome = self.train(job.project_id, job.kind, job.payload)
-        except Exception as error:
-            logger.error("job %s failed:\n%s", job.job_id, traceback.format_exc())
-            return None, f"{type(error).__name__}: {error}"
-        if outcome is not None and not isinstance(outcome, dict):
-            return (
-                None,
-                f"the train handler returned {type(outcome).__name__}; expected a dict (the job's result)",
-            )
-        return outcome or {}, None
-
-    def _heartbeat(self, job: Job, done: threading.Event, lost: threading.Event) -> None:
-        while not done.wait(self.lease_s / 3):
-            try:
-                if not self.queue.heartbeat(job.job_id, token=job.token):
-                    lost.set()
-                    logger.error("worker %s: job %s lost its lease; its outcome will not be recorded",
-                                 self.worker_id, job.job_id)  # fmt: skip
-                    return
-            except Exception:
-                logger.exception("worker %s: heartbeat for job %s failed", self.worker_id, job.job_id)

@@ -22,7 +22,9 @@ from webhook_payloads import (
 )
 
 from backend.learning.intake import WebhookError, handle_webhook, reparse_unparsed
+from backend.learning.queue import SqliteJobQueue
 from backend.learning.store import TrainingStore
+from backend.reports.acceptance import acceptance_summary
 
 NO_CONFIG = {"label_config_for": lambda project_id: None}
 DOG = box_mask(5, 20, 5, 25)
@@ -36,8 +38,13 @@ def store(tmp_path):
     store.close()
 
 
+def queue_of(store: TrainingStore) -> SqliteJobQueue:
+    """The SQLite job queue in the store's own file (as the service sets it up)."""
+    return SqliteJobQueue(store.path)
+
+
 def send(store, body, **kwargs) -> dict:
-    return handle_webhook(store, body, **{**NO_CONFIG, **kwargs})
+    return handle_webhook(store, body, **{**NO_CONFIG, "queue": queue_of(store), **kwargs})
 
 
 def test_created_annotation_stores_regions_fields_and_masks(store, caplog):
@@ -81,7 +88,10 @@ def test_polygon_regions_are_stored_as_masks(store):
 def test_label_config_falls_back_to_the_one_seen_at_setup(store):
     body = annotation_event(brush_region("r1", DOG, category="dog"), label_config=None)
     out = handle_webhook(
-        store, body, label_config_for=lambda project_id: BRUSH_CONFIG if project_id == "3" else None
+        store,
+        body,
+        label_config_for=lambda project_id: BRUSH_CONFIG if project_id == "3" else None,
+        queue=queue_of(store),
     )
     assert out["status"] == "stored" and store.accepted_regions(3)[0].fields == {"category": "dog"}
 
@@ -89,9 +99,12 @@ def test_label_config_falls_back_to_the_one_seen_at_setup(store):
 def test_without_any_config_the_annotation_is_kept_raw_and_parsed_later(store):
     out = send(store, annotation_event(brush_region("r1", DOG, category="dog"), label_config=None))
     assert out["status"] == "unparsed" and store.count_accepted(3) == 0 and store.count_unparsed(3) == 1
-    assert reparse_unparsed(store, "3.1700000000", BRUSH_CONFIG) == 1
+    assert reparse_unparsed(store, "3.1700000000", BRUSH_CONFIG, queue=queue_of(store)) == 1
     assert store.accepted_regions(3)[0].fields == {"category": "dog"}
-    assert reparse_unparsed(store, "3", BRUSH_CONFIG) == 0 and store.count_unparsed(3) == 0
+    assert (
+        reparse_unparsed(store, "3", BRUSH_CONFIG, queue=queue_of(store)) == 0
+        and store.count_unparsed(3) == 0
+    )
 
 
 def test_duplicate_delivery_changes_nothing(store):
@@ -220,7 +233,7 @@ def test_acceptance_per_field_against_the_recorded_prediction(store):
     assert regions["kept"].model_version == "osprey-7b+sam-vit_h" and regions["kept"].iou == 1.0
     assert regions["redrawn"].model_version == "osprey-7b+sam-vit_h" and 0.8 < regions["redrawn"].iou < 0.9
     assert regions["mine"].model_version is None and regions["mine"].iou is None
-    summary = store.acceptance_summary(3)
+    summary = acceptance_summary(store, 3)
     fields = summary["fields"]
     assert fields["category"] == {"kept": 2, "edited": 1, "added": 1, "removed": 1, "acceptance_rate": 0.5}
     assert fields["caption"] == {"kept": 1, "edited": 1, "added": 0, "removed": 0, "acceptance_rate": 0.5}
@@ -237,10 +250,10 @@ def test_training_is_triggered_every_n_new_labels_and_by_start_training(store):
     ]
     assert [o["train"] for o in outs] == [False, False, True, False, False, True, False]
     assert outs[2]["job_id"] == outs[5]["job_id"]  # still queued: the request is merged
-    assert store.job(outs[5]["job_id"]).payload == {"reason": "new_labels", "changes": 6}
+    assert queue_of(store).job(outs[5]["job_id"]).payload == {"reason": "new_labels", "changes": 6}
     out = send(store, start_training())
     assert out == {**out, "status": "queued", "train": True, "job_id": outs[5]["job_id"]}
-    assert store.status()["queued"] == 1
+    assert queue_of(store).status()["queued"] == 1
 
 
 def test_other_events_are_ignored(store):

@@ -1,4 +1,5 @@
-"""The SQLite training store: schema versions, predictions, the job queue, concurrent writers."""
+"""The SQLite training store: schema versions, predictions, concurrent writers (with the job queue
+in the same file)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ import threading
 import pytest
 from webhook_payloads import box_mask, claim_all, predicted, write_annotations
 
-from backend.learning.store import (
-    LeaseLostError,
-    StoreVersionError,
-    TrainingStore,
-    UnknownJobError,
-    compare_versions,
-    project_key,
-)
+from backend.labelstudio.ids import project_key
+from backend.learning.database import StoreVersionError
+from backend.learning.queue import SqliteJobQueue
+from backend.learning.store import TrainingStore, compare_versions
 
 
 @pytest.fixture
@@ -26,19 +23,15 @@ def store(tmp_path):
     store.close()
 
 
+@pytest.fixture
+def queue(store):
+    """The SQLite job queue in the store's own file."""
+    queue = SqliteJobQueue(store.path)
+    yield queue
+    queue.close()
+
+
 # ---- schema ----
-
-
-def test_schema_is_created_in_wal_mode_and_reopening_keeps_data(tmp_path):
-    path = tmp_path / "nested" / "train.db"
-    first = TrainingStore(path)
-    assert first.schema_version() == 1
-    job_id = first.enqueue("3", "train", {"n": 1})
-    first.close()
-    again = TrainingStore(path)
-    assert again.job(job_id).payload == {"n": 1}
-    assert again._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    again.close()
 
 
 def test_a_database_from_a_newer_version_is_refused(tmp_path):
@@ -98,96 +91,16 @@ def test_predicted_regions_are_bounded_per_project(tmp_path):
     store.close()
 
 
-# ---- the job queue ----
-
-
-def test_enqueue_keeps_one_queued_job_per_project_and_kind(store):
-    first = store.enqueue("3", "train", {"changes": 10})
-    assert store.enqueue("3.99", "train", {"changes": 20}) == first
-    assert store.job(first).payload == {"changes": 20}
-    other_kind = store.enqueue("3", "lora", {})
-    other_project = store.enqueue("4", "train", {})
-    assert len({first, other_kind, other_project}) == 3
-    with pytest.raises(ValueError, match="kind"):
-        store.enqueue("3", "", {})
-    with pytest.raises(UnknownJobError, match="no job has id 999"):
-        store.job("999")
-
-
-def test_one_running_job_per_project(store):
-    train = store.enqueue("3", "train", {})
-    lora = store.enqueue("3", "lora", {})
-    elsewhere = store.enqueue("4", "train", {})
-    first = store.claim("w1", 30)
-    assert first.job_id == train and first.status == "running" and first.attempts == 1
-    second = store.claim("w2", 30)
-    assert second.job_id == elsewhere  # project 3 is busy, so its lora job waits
-    assert store.claim("w3", 30) is None
-    again = store.enqueue("3", "train", {"more": True})  # a new request while the first one runs
-    assert again != train
-    store.complete(train, {"accuracy": 0.9}, token=first.token)
-    assert store.claim("w3", 30).job_id == lora
-    assert store.job(train).result == {"accuracy": 0.9} and store.job(train).status == "done"
-
-
-def test_failed_job_keeps_its_error_and_status_reports_it(store):
-    job_id = store.enqueue("3", "train", {})
-    job = store.claim("w1", 30)
-    store.fail(job_id, "CUDA out of memory", token=job.token)
-    status = store.status()
-    assert status["failed"] == 1 and status["running"] == 0
-    assert status["last_error"]["error"] == "CUDA out of memory" and status["last_error"]["job_id"] == job_id
-    assert status["last_finished"]["status"] == "failed"
-    assert store.jobs("3")[0].error == "CUDA out of memory"
-    with pytest.raises(LeaseLostError, match="not held"):
-        store.complete(job_id, {})
-
-
-def test_an_expired_lease_is_requeued_then_failed_after_max_attempts(tmp_path):
-    store = TrainingStore(tmp_path / "t.db", max_attempts=2)
-    job_id = store.enqueue("3", "train", {})
-    dead = store.claim("dies", 0.01)
-    assert store.requeue_stale(now=dead.lease_until + 1) == {"requeued": [job_id], "failed": []}
-    assert store.job(job_id).status == "queued"
-    with pytest.raises(LeaseLostError):  # the dead worker wakes up: its outcome is not recorded
-        store.complete(job_id, {"half": "done"}, token=dead.token)
-    second = store.claim("dies-too", 0.01)
-    assert second.attempts == 2 and second.token != dead.token
-    assert store.requeue_stale(now=second.lease_until + 1) == {"requeued": [], "failed": [job_id]}
-    failed = store.job(job_id)
-    assert failed.status == "failed" and "lease expired" in failed.error and failed.result is None
-    assert store.status()["last_error"]["job_id"] == job_id
-    store.close()
-
-
-def test_heartbeat_extends_the_lease(store):
-    store.enqueue("3", "train", {})
-    job = store.claim("w1", 0.5)
-    assert store.heartbeat(job.job_id, token=job.token)
-    assert store.job(job.job_id).lease_until > job.lease_until
-    assert not store.heartbeat(job.job_id, token="someone else")
-    assert store.requeue_stale(now=job.lease_until) == {"requeued": [], "failed": []}
-
-
-def test_a_stale_job_is_superseded_by_a_newer_queued_one(store):
-    old = store.enqueue("3", "train", {"changes": 1})
-    job = store.claim("dies", 0.01)
-    newer = store.enqueue("3", "train", {"changes": 2})
-    assert store.requeue_stale(now=job.lease_until + 1) == {"requeued": [], "failed": [old]}
-    assert "superseded by queued job" in store.job(old).error
-    assert store.claim("w2", 30).job_id == newer
-
-
 # ---- concurrency ----
 
 
-def test_threads_share_the_store_without_losing_writes(store):
+def test_threads_share_the_store_without_losing_writes(store, queue):
     errors = []
 
     def work(n: int) -> None:
         try:
             for i in range(20):
-                store.enqueue(f"p{n}", f"k{i % 3}", {"i": i})
+                queue.enqueue(f"p{n}", f"k{i % 3}", {"i": i})
                 store.record_prediction(
                     project_id=n,
                     task_id=i,
@@ -203,17 +116,17 @@ def test_threads_share_the_store_without_losing_writes(store):
     for thread in threads:
         thread.join()
     assert errors == []
-    assert store.status()["queued"] == 8 * 3
+    assert queue.status()["queued"] == 8 * 3
     assert sum(len(store.predicted_regions(n, 7)) for n in range(8)) == 8
 
     claimed: list[str] = []
     lock = threading.Lock()
 
     def drain(worker: str) -> None:
-        while (job := store.claim(worker, 30)) is not None:
+        while (job := queue.claim(worker, 30)) is not None:
             with lock:
                 claimed.append(job.job_id)
-            store.complete(job.job_id, {}, token=job.token)
+            queue.complete(job.job_id, {}, token=job.token)
 
     threads = [threading.Thread(target=drain, args=(f"w{n}",)) for n in range(4)]
     for thread in threads:
@@ -221,7 +134,7 @@ def test_threads_share_the_store_without_losing_writes(store):
     for thread in threads:
         thread.join()
     assert len(claimed) == len(set(claimed)) == 24
-    assert store.status()["done"] == 24
+    assert queue.status()["done"] == 24
 
 
 def test_two_processes_write_and_claim_on_the_same_file(tmp_path):
@@ -233,11 +146,13 @@ def test_two_processes_write_and_claim_on_the_same_file(tmp_path):
     assert stored == [15, 15]
     store = TrainingStore(path)
     assert store.count_accepted(3) == 30 and store.change_counter(3) == 30
+    queue = SqliteJobQueue(path)
     for n in range(12):
-        store.enqueue(f"p{n}", "train", {})
+        queue.enqueue(f"p{n}", "train", {})
     with context.Pool(2) as pool:
         ran = pool.starmap(claim_all, [(path, "proc-a"), (path, "proc-b")])
     all_ids = ran[0] + ran[1]
     assert len(all_ids) == len(set(all_ids)) == 12
-    assert store.status()["done"] == 12
+    assert queue.status()["done"] == 12
     store.close()
+    queue.close()

@@ -30,8 +30,9 @@ from backend.cli import build_parser, main
 from backend.labelstudio.results import mask_from_result, region_result
 from backend.labelstudio.schema import parse_label_config
 from backend.learning.intake import handle_webhook
+from backend.learning.queue import SqliteJobQueue
 from backend.learning.store import TrainingStore
-from backend.reports.acceptance import acceptance_report, check_export, compare_export
+from backend.reports.acceptance import acceptance_report, acceptance_summary, check_export, compare_export
 from backend.reports.output import evaluate_export, format_table, resolve_schema
 
 V1 = "osprey-7b+sam-vit_h"
@@ -190,7 +191,7 @@ def _ts(clock: str) -> float:
 def test_live_webhook_and_export_count_the_same(tmp_path, brush_schema):
     """The point of the fold: the store's live statistics equal the export report for the same data."""
     tasks = export_tasks()
-    store = TrainingStore(tmp_path / "train.db")
+    store, queue = TrainingStore(tmp_path / "train.db"), SqliteJobQueue(tmp_path / "train.db")
     for task in tasks:
         chosen = [a for a in task["annotations"] if not a["was_cancelled"]]
         if not chosen:
@@ -202,9 +203,9 @@ def test_live_webhook_and_export_count_the_same(tmp_path, brush_schema):
             )  # fmt: skip
         latest = max(chosen, key=lambda a: a["updated_at"])
         body = annotation_event(latest["result"], annotation_id=latest["id"], task_id=task["id"])
-        assert handle_webhook(store, body, label_config_for=lambda _: None)["status"] == "stored"
+        assert handle_webhook(store, body, label_config_for=lambda _: None, queue=queue)["status"] == "stored"
     report = acceptance_report(tasks, brush_schema)
-    live = store.acceptance_summary(3)
+    live = acceptance_summary(store, 3)
     assert live["fields"] == report["fields"]
     assert live["by_model_version"] == report["by_model_version"]
     assert live["matches"] == report["matches"]

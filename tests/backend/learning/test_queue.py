@@ -16,8 +16,8 @@ import uuid
 
 import pytest
 
-from backend.learning.queue.redis_queue import RedisJobQueue, Worker, make_queue
-from backend.learning.store import LeaseLostError, TrainingStore
+from backend.learning.queue import LeaseLostError, RedisJobQueue, SqliteJobQueue, make_queue
+from backend.learning.worker import Worker
 
 requires_redis = pytest.mark.skipif(
     shutil.which("redis-server") is None,
@@ -79,7 +79,7 @@ def make(request, tmp_path):
 
     def build(max_attempts: int = 3):
         if request.param == "sqlite":
-            queue = TrainingStore(tmp_path / f"q{len(made)}.db", max_attempts=max_attempts)
+            queue = SqliteJobQueue(tmp_path / f"q{len(made)}.db", max_attempts=max_attempts)
         else:
             server = request.getfixturevalue("redis_server")
             queue = RedisJobQueue(
@@ -90,7 +90,7 @@ def make(request, tmp_path):
 
     yield build
     for queue in made:
-        if isinstance(queue, TrainingStore):
+        if isinstance(queue, SqliteJobQueue):
             queue.close()
 
 
@@ -103,10 +103,12 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def test_make_queue_picks_the_backend(tmp_path):
-    store = TrainingStore(tmp_path / "t.db")
-    assert make_queue(store=store) is store
-    assert isinstance(make_queue(store=store, redis_url="redis://127.0.0.1:1/0"), RedisJobQueue)
-    store.close()
+    sqlite = make_queue(sqlite_path=tmp_path / "t.db")
+    assert isinstance(sqlite, SqliteJobQueue) and sqlite.path == str(tmp_path / "t.db")
+    assert isinstance(
+        make_queue(sqlite_path=tmp_path / "t.db", redis_url="redis://127.0.0.1:1/0"), RedisJobQueue
+    )
+    sqlite.close()
 
 
 def test_worker_runs_jobs_and_records_results(make):
