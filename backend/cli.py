@@ -1,4 +1,10 @@
-"""The ``osprey-label`` command line."""
+"""The ``osprey-label`` command line: the one entry point, which builds the parser and runs a subcommand.
+
+``serve``, ``precompute``, ``models`` and ``check-config`` are here; the others live beside what they
+drive and are registered below: ``label`` (:mod:`osprey.inference.cli`), ``download``
+(:mod:`osprey.download.cli`), ``eval classify|captions`` (:mod:`osprey.evaluation.cli`) and
+``eval acceptance`` (:mod:`backend.reports.cli`).
+"""
 
 from __future__ import annotations
 
@@ -92,10 +98,11 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from osprey.download.cli import add_download_command
     from osprey.evaluation.cli import add_eval_commands
-    from osprey.inference.cli import add_download_command, add_label_command
+    from osprey.inference.cli import add_label_command
 
-    from .reports.output import add_acceptance_command
+    from .reports.cli import add_acceptance_command
 
     parser = argparse.ArgumentParser(
         prog="osprey-label", description="Osprey + SAM region pre-labelling for Label Studio"

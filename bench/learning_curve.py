@@ -1,6 +1,6 @@
 """Learning curve: held-out accuracy against the number of accepted labels, per model version.
 
-The synthetic task (also used by ``tests/osprey/test_head.py``): 128x128 noisy backgrounds with
+The synthetic task (also used by ``tests/osprey/learning/test_head.py``): 128x128 noisy backgrounds with
 1-3 non-overlapping shapes each (circle, square, triangle; random size, position and rotation),
 filled in red, green, blue or yellow with jitter. Category = shape, attribute = colour. Regions
 arrive as a stream of "accepted" annotations; for each ``k`` the versions are trained on the first

@@ -8,9 +8,7 @@ Coordinate frames:
 - This module's **pixel** coordinates are continuous: pixel column ``i`` covers ``[i, i + 1)``, so
   ``x_px = x_pct / 100 * width`` and a mask whose columns run ``x0..x1`` has box edges ``x0`` and
   ``x1 + 1``. Boxes are ``XYXY`` in these units. Masks are ``(H, W)`` bool arrays.
-- Brush masks are Label Studio's RLE: the bit-packed run-length code of the RGBA bytes of an
-  ``original_width x original_height`` canvas (see ``label_studio_sdk.converter.brush``); the alpha
-  byte carries the mask (any non-zero alpha is painted, as the Label Studio editor draws it).
+- Brush masks are Label Studio's RLE (:mod:`backend.labelstudio.rle`).
 
 Result shapes follow what Label Studio 1.23 itself stores: every result of one region (the region
 and its per-region Choices/TextArea results) shares the region's ``id``. Label Studio builds a region
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -31,16 +28,12 @@ import numpy as np
 
 from backend.errors import WebhookError
 
+from .rle import BadRegionError, decode_brush_rle, encode_brush_rle, image_size
+
 logger = logging.getLogger(__name__)
 
-_HEADER_BYTES = 7  # 32-bit value count, 5-bit word size - 1, four 4-bit run-length sizes - 1 (53 bits)
-_MAX_VALUES = 2**32 - 1  # the header counts values in 32 bits
 LABELED_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "keypointlabels")
 REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "brush", "polygon", "rectangle")
-
-
-class BadRegionError(ValueError):
-    """Region data from Label Studio that cannot be used; the message says what was wrong."""
 
 
 def finite_number(value, name: str) -> float:
@@ -50,118 +43,6 @@ def finite_number(value, name: str) -> float:
     if not math.isfinite(value):
         raise BadRegionError(f"{name} must be finite, got {value!r}")
     return float(value)
-
-
-def _image_size(width: int, height: int) -> tuple[int, int]:
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
-    return int(width), int(height)
-
-
-def _rle_bytes(rle, max_len: int) -> np.ndarray:
-    if not isinstance(rle, (list, tuple, np.ndarray)):
-        raise BadRegionError(f"brush rle must be a list of integers 0..255, got {type(rle).__name__}")
-    if len(rle) > max_len:
-        raise BadRegionError(
-            f"brush rle has {len(rle)} entries, more than any mask of this image can need ({max_len}); "
-            f"the data is corrupt or belongs to another image"
-        )
-    try:
-        array = np.asarray(rle)
-    except (ValueError, OverflowError):
-        raise BadRegionError("brush rle must be a flat list of integers 0..255") from None
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise BadRegionError(f"brush rle must be a flat list of integers 0..255, got dtype {array.dtype}")
-    if array.size < _HEADER_BYTES:
-        raise BadRegionError(f"brush rle has {array.size} entries; even its header needs {_HEADER_BYTES}")
-    if array.min() < 0 or array.max() > 255:
-        raise BadRegionError(f"brush rle entries must be bytes 0..255, got {array.min()}..{array.max()}")
-    return array.astype(np.uint8)
-
-
-def rle_header(rle: Sequence[int]) -> tuple[int, int, list[int]]:
-    """Read an RLE header: ``(number of values, word size in bits, run-length field sizes)``."""
-    head = int.from_bytes(bytes(int(b) for b in rle[:_HEADER_BYTES]), "big")  # 56 bits, 53 used
-    count = head >> 24
-    word_size = ((head >> 19) & 0x1F) + 1
-    sizes = [((head >> (15 - 4 * k)) & 0xF) + 1 for k in range(4)]
-    return count, word_size, sizes
-
-
-def decode_brush_rle(rle: Sequence[int], width: int, height: int) -> np.ndarray:
-    """Decode Label Studio brush RLE into an ``(H, W)`` bool mask (alpha > 0).
-
-    The header's value count must equal ``width * height * 4`` (RGBA bytes of the image); that is
-    checked before anything is decoded. Raises BadRegionError on a size mismatch, non-integer,
-    negative or absurdly long input, or data that ends early.
-    """
-    width, height = _image_size(width, height)
-    expected = width * height * 4
-    if expected > _MAX_VALUES:
-        raise BadRegionError(
-            f"a {width}x{height} image is too large for Label Studio brush RLE (32-bit count)"
-        )
-    data = _rle_bytes(rle, max_len=8 * expected + 64)
-    count, word_size, sizes = rle_header(data)
-    if count != expected:
-        raise BadRegionError(
-            f"brush rle encodes {count} RGBA bytes but a {width}x{height} image needs {expected}; the mask "
-            f"was drawn on an image of another size (check original_width/original_height)"
-        )
-    if data.size > math.ceil(expected * (word_size + 3 + max(sizes)) / 8) + 64:
-        raise BadRegionError(f"brush rle has {data.size} entries, more than {count} values can take")
-    values = _decode_runs(data, count, word_size, sizes)
-    return values.reshape(height, width, 4)[:, :, 3] > 0
-
-
-def _decode_runs(data: np.ndarray, count: int, word_size: int, sizes: list[int]) -> np.ndarray:
-    bits = np.unpackbits(data)
-    text = (bits + ord("0")).tobytes().decode("ascii")
-    total_bits = len(text)
-    weights = (1 << np.arange(word_size - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
-    out = np.zeros(count, dtype=np.uint8 if word_size <= 8 else np.uint32)
-    pos, i = 8 * _HEADER_BYTES - 3, 0
-    while i < count:
-        if pos + 3 > total_bits:
-            break
-        repeated = text[pos] == "1"
-        size = sizes[int(text[pos + 1 : pos + 3], 2)]
-        pos += 3
-        if pos + size > total_bits:
-            break
-        run = int(text[pos : pos + size], 2) + 1
-        pos += size
-        end = min(i + run, count)
-        needed = word_size if repeated else run * word_size
-        if pos + needed > total_bits:
-            break
-        if repeated:
-            out[i:end] = int(text[pos : pos + word_size], 2)
-        else:
-            words = bits[pos : pos + run * word_size].reshape(run, word_size).astype(np.uint64) @ weights
-            out[i:end] = words[: end - i]
-        pos += needed
-        i = end
-    if i < count:
-        raise BadRegionError(f"brush rle ends after {i} of its {count} values; the data is truncated")
-    return out
-
-
-def encode_brush_rle(mask: np.ndarray) -> list[int]:
-    """Encode an ``(H, W)`` mask as Label Studio brush RLE (RGBA bytes, 255 where the mask is set).
-
-    Uses label-studio-sdk's encoder (``converter.brush.encode_rle``), the format the editor decodes.
-    """
-    from label_studio_sdk.converter.brush import encode_rle
-
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.size == 0:
-        raise ValueError(f"mask must be a non-empty (H, W) array, got shape {mask.shape}")
-    if mask.size * 4 > _MAX_VALUES:
-        raise ValueError(f"a {mask.shape[1]}x{mask.shape[0]} mask is too large for brush RLE (32-bit count)")
-    rgba = np.repeat((mask > 0).astype(np.uint8).ravel() * np.uint8(255), 4)
-    return [int(byte) for byte in encode_rle(rgba)]
 
 
 def _check_rotation(item: dict) -> None:
@@ -197,7 +78,7 @@ def mask_from_result(result_item: dict, width: int, height: int) -> np.ndarray:
     Per-region results (choices/textarea) that repeat their region's geometry are read too. Raises
     BadRegionError for keypoints, unknown types, rotated images or a size mismatch.
     """
-    width, height = _image_size(width, height)
+    width, height = image_size(width, height)
     if not isinstance(result_item, dict) or not isinstance(result_item.get("value"), dict):
         raise BadRegionError("a result item must be a dict with a 'value' dict")
     _check_rotation(result_item)
@@ -397,7 +278,7 @@ def parse_context(context: dict, *, width: int, height: int) -> AnnotatorInput:
     image, zero-area boxes, empty brush strokes, rotated images or a size mismatch between the item's
     ``original_width``/``original_height`` and ``width``/``height``.
     """
-    width, height = _image_size(width, height)
+    width, height = image_size(width, height)
     items = context.get("result") if isinstance(context, dict) else None
     if not isinstance(items, list) or not items:
         raise BadRegionError('the context must be {"result": [...]} with at least one item from a smart tool')
@@ -477,7 +358,7 @@ def region_result(
     width, height, rotation: 0}``; the labelled variants add ``value[type] = [label]``. Raises
     BadRegionError for an empty mask, ValueError for inconsistent arguments.
     """
-    width, height = _image_size(width, height)
+    width, height = image_size(width, height)
     kind = str(tool).lower()
     if kind not in REGION_TYPES:
         raise ValueError(f"tool {tool!r} cannot hold a region; expected one of {', '.join(REGION_TYPES)}")

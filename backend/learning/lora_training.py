@@ -18,7 +18,7 @@ import torch
 from osprey.inference.api import Osprey
 from osprey.learning.lora import LoraSettings, LoraTrainer, RegionExample, instruction_samples, load_adapter
 
-from .training import heldout
+from .heldout import heldout_flags
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,12 @@ class LoraJob:
                 "reason": f"{len(regions)} accepted regions; {self.min_examples} needed",
             }
         images: dict[str, object] = {}
-        examples, test_flags = [], []
+        examples = []
         for region in regions:
             if region.image_ref not in images:
                 images[region.image_ref] = service.loader.load(region.image_ref).rgb
             examples.append(region_example(region, images[region.image_ref]))
-            test_flags.append(heldout(region.task_id, region.annotation_id))
-        if all(test_flags) or not any(test_flags):
-            test_flags = [i % 5 == 0 for i in range(len(examples))]
+        test_flags = heldout_flags([(r.task_id, r.annotation_id) for r in regions])
         train = [e for e, t in zip(examples, test_flags, strict=True) if not t]
         test = [e for e, t in zip(examples, test_flags, strict=True) if t]
         sets = dict(

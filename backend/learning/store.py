@@ -120,7 +120,7 @@ class AcceptedRegion:
     updated_at: float
 
     def mask(self) -> np.ndarray:
-        from backend.labelstudio.results import decode_brush_rle
+        from backend.labelstudio.rle import decode_brush_rle
 
         return decode_brush_rle(self.rle, self.width, self.height)
 

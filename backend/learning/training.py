@@ -9,7 +9,6 @@ new version is always written; it is promoted only when no metric is worse.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -23,6 +22,8 @@ from osprey.inference.fields import LabelRequest
 from osprey.learning.head import FastHead, FieldSpec, HeadTrainer, blend
 from osprey.learning.region_features import feature_layout, region_features
 
+from .heldout import heldout_flags
+from .lora_training import LoraJob
 from .registry import not_worse
 
 logger = logging.getLogger(__name__)
@@ -38,12 +39,6 @@ def head_fields(schema: ProjectSchema) -> list[FieldSpec]:
                 FieldSpec(name=spec.field, labels=tuple(spec.labels), multi_label=spec.field == "attributes")
             )
     return out
-
-
-def heldout(task_id: int | None, annotation_id: int) -> bool:
-    """Stable 1-in-5 split by task (regions of one task never straddle the split)."""
-    key = f"{task_id if task_id is not None else f'a{annotation_id}'}".encode()
-    return hashlib.sha256(key).digest()[0] % 5 == 0
 
 
 def blended_answers(osprey_out, head_probs: dict, head: FastHead | None) -> dict:
@@ -89,7 +84,7 @@ class Example:
     image_ref: str
     mask: np.ndarray  # (H, W) bool
     truth: dict  # field -> accepted value
-    test: bool  # held out
+    test: bool  # held out (see backend.learning.heldout)
 
 
 class ProjectTrainer:
@@ -107,8 +102,6 @@ class ProjectTrainer:
         if kind == "train":
             return self.train_head(project_id)
         if kind == "lora":
-            from .lora_training import LoraJob
-
             return LoraJob(service=self.service, min_examples=self.min_examples)(project_id)
         raise ValueError(f"unknown job kind {kind!r}; expected 'train' or 'lora'")
 
@@ -128,9 +121,6 @@ class ProjectTrainer:
         features, examples = self._features(project_id, usable, fields)
         train = [i for i, e in enumerate(examples) if not e.test]
         test = [i for i, e in enumerate(examples) if e.test]
-        if not test or not train:  # tiny projects: hold out every fifth region instead
-            test = list(range(0, len(examples), 5))
-            train = [i for i in range(len(examples)) if i not in set(test)]
         labels = {f.name: [examples[i].truth.get(f.name) for i in train] for f in fields}
         head = HeadTrainer(fields=fields, layout=feature_layout(service.models.osprey)).fit(
             features[train], labels
@@ -183,7 +173,7 @@ class ProjectTrainer:
         by_image: dict[str, list] = defaultdict(list)
         for region in regions:
             by_image[region.image_ref].append(region)
-        rows, examples = [], []
+        rows, examples, keys = [], [], []
         for ref, group in by_image.items():
             rgb = self.service.loader.load(ref).rgb
             masks = [r.mask() for r in group]
@@ -192,7 +182,10 @@ class ProjectTrainer:
                 rows.append(region_features(self.service.models.osprey, rgb, masks))
             for region, mask in zip(group, masks, strict=True):
                 truth = {f.name: region.fields.get(f.name) for f in fields}
-                examples.append(Example(ref, mask, truth, heldout(region.task_id, region.annotation_id)))
+                examples.append(Example(ref, mask, truth, test=False))
+                keys.append((region.task_id, region.annotation_id))
+        for example, test in zip(examples, heldout_flags(keys), strict=True):
+            example.test = test
         return np.concatenate(rows).astype(np.float32), examples
 
     def _compare(self, project_id: str, examples, features, test, fields, head, current):

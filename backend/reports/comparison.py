@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.labelstudio.results import BadRegionError, PredictedRegion, encode_brush_rle, mask_from_result
+from backend.labelstudio.results import PredictedRegion, mask_from_result
+from backend.labelstudio.rle import BadRegionError, encode_brush_rle
 from backend.labelstudio.schema import FieldSpec, ProjectSchema
 
 OUTCOMES = ("kept", "edited", "added", "removed")

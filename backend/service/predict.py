@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from backend.labelstudio.results import (
-    BadRegionError,
     choices_result,
     mask_from_result,
     parse_context,
@@ -23,6 +22,7 @@ from backend.labelstudio.results import (
     region_result,
     textarea_result,
 )
+from backend.labelstudio.rle import BadRegionError
 from backend.labelstudio.schema import FieldSpec, ProjectSchema
 from osprey.inference.fields import ClosedSetAnswer, LabelRequest, RegionLabels
 from osprey.learning.head import FastHead, blend

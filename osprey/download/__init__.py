@@ -10,7 +10,8 @@ This is the library behind ``osprey-label download``. Every file goes where the 
 - What the command prints: errors, the ``--check`` table (:mod:`osprey.download.report`).
 
 Importing this package is cheap: torch, ``osprey.model.checkpoint`` and ``huggingface_hub`` are imported
-only by the functions that need them.
+only by the functions that need them. May import ``osprey.model`` (checkpoint names and resolution)
+and ``huggingface_hub``; never ``backend``. The ``osprey-label download`` command is :mod:`osprey.download.cli`.
 """
 
 from __future__ import annotations

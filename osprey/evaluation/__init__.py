@@ -8,4 +8,5 @@
 - :mod:`.predictors`: Osprey as a predictor.
 
 The ``osprey-label eval`` commands (:mod:`osprey.evaluation.cli`) wrap these. Nothing heavy is imported here.
+May import ``osprey.model`` and ``osprey.inference``; never ``backend``.
 """

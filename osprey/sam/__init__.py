@@ -1,8 +1,10 @@
 """SAM-assisted refinement of annotator input, with cached image embeddings, and segment everything.
+May import segment-anything (``build``, the one adapter), ``osprey.inference.feature_cache`` and
+``osprey.download`` (the published checkpoint table); never ``backend``.
 
 Typical use (one model, one embedder shared by every request and thread)::
 
-    from . import SamEverything, SamImageEmbedder, SamRefiner, build_sam
+    from osprey.sam import SamEverything, SamImageEmbedder, SamRefiner, build_sam
 
     sam = build_sam("vit_b", checkpoint="models/sam_vit_b_01ec64.pth", device="cuda")
     embedder = SamImageEmbedder(sam=sam, model_id="sam_vit_b_01ec64", max_images=16)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.labelstudio.results import choices_result, encode_brush_rle, region_result, textarea_result
+from backend.labelstudio.results import choices_result, region_result, textarea_result
+from backend.labelstudio.rle import encode_brush_rle
 
 CONFIGS = Path(__file__).resolve().parents[2] / "label_configs"
 BRUSH_CONFIG = (CONFIGS / "brush_full.xml").read_text()

@@ -142,7 +142,7 @@ def test_accepted_labels_train_a_version_that_is_promoted_and_served(loop):
 
 
 def test_a_worse_head_is_written_but_not_promoted(loop):
-    from backend.learning.training import heldout
+    from backend.learning.heldout import heldout
 
     service, client, scenes, tasks = loop
     project = str(PROJECT)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from lsfakes import API_KEY, scene_png
 
-from backend.labelstudio.results import decode_brush_rle, encode_brush_rle
+from backend.labelstudio.rle import decode_brush_rle, encode_brush_rle
 from backend.service.app import create_app
 from backend.service.service import OspreyService
 from backend.service.settings import Settings

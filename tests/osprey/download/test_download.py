@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save
 
 from osprey import download
-from osprey.inference.cli import add_download_command, run_download
+from osprey.download.cli import add_download_command, run_download
 from osprey.model.checkpoint import CLIP_FILE, CLIP_REPO, resolve_checkpoint, resolve_clip_file, weight_files
 from osprey.sam.build import SAM_ARCHITECTURES
 
