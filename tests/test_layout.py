@@ -83,7 +83,9 @@ def test_dependencies_point_one_way():
     assert not bad, "imports against the layout:\n" + "\n".join(sorted(set(bad)))
 
 
-@pytest.mark.skipif(not LAYOUT_TOOL.exists(), reason="../shared/tools/layout_check.py is not beside the checkout")
+@pytest.mark.skipif(
+    not LAYOUT_TOOL.exists(), reason="../shared/tools/layout_check.py is not beside the checkout"
+)
 def test_the_shared_layout_check_passes():
     """No import cycle, no osprey -> backend import, no module over 600 lines, >= 3 subpackages each."""
     out = subprocess.run(

@@ -133,21 +133,6 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
 
-def _closed_set_too_long(predictor) -> str | None:
-    """A warning when the closed-set prompt (which lists every label) exceeds the model's context."""
-    if not hasattr(predictor, "closed_set_prompt_tokens"):
-        return None
-    tokens, context = predictor.closed_set_prompt_tokens(), predictor.context_tokens
-    if tokens <= context:
-        return None
-    message = (
-        f"the closed-set prompt is {tokens} tokens (it lists every label), beyond the model's context of "
-        f"{context}: closed-set answers are unreliable; give a smaller label set with --categories"
-    )
-    logger.warning(message)
-    return message
-
-
 def run_classify(args: argparse.Namespace, *, predictor=None, embedder=None) -> int:
     """The ``eval classify`` command. ``predictor``/``embedder`` replace Osprey and the sentence
     model (tests, other models)."""
@@ -169,7 +154,6 @@ def run_classify(args: argparse.Namespace, *, predictor=None, embedder=None) -> 
         predictor = OspreyCategoryPredictor(
             _load_osprey(args), label_set=label_set, max_new_tokens=args.max_new_tokens
         )
-    too_long = _closed_set_too_long(predictor)
     with _RecordWriter(args.predictions) as writer:
         report = evaluate_classification(
             images,
@@ -190,8 +174,6 @@ def run_classify(args: argparse.Namespace, *, predictor=None, embedder=None) -> 
         "ground_truth_normalisation": "'_' and ':' -> ' '",
         "prediction_normalisation": "strip; text between the 1st and 2nd ':' if any; '.', ':', ',' -> ' '",
     }
-    if too_long:
-        report.notes.append(too_long)
     if label_set:
         known = {_label_key(label) for label in label_set}
         outside = {

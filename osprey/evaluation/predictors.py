@@ -8,7 +8,7 @@ Questions (greedy decoding on the fast path; the authors sampled with temperatur
 - caption, ``osprey`` prompt: the short-description question the backend asks
   (``... Using a short phrase.``, :data:`osprey.model.prompts.CAPTION_QUESTION`);
 - caption, ``refcocog`` prompt: the question of the authors' RefCOCOg captioning evaluation, which
-  the RefCOCOg-finetuned checkpoint was scored with (:data:`REFCOCOG_CAPTION_TURN`).
+  the RefCOCOg-finetuned checkpoint was scored with (:data:`osprey.model.prompts.REFCOCOG_CAPTION_TURN`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ from osprey.model import prompts as P
 
 from .run import CategoryPrediction
 
-# The authors' RefCOCOg script asks "<image>.\nThis provides an overview of the picture.\nPlease give
-# me a short description of <mask><pos>." and their preprocessing moves "<image>" to the front
-# followed by a newline, which leaves the stray "." on a line of its own.
-REFCOCOG_CAPTION_TURN = (
-    f"{P.IMAGE_TOKEN}\n.\nThis provides an overview of the picture.\n"
-    f"Please give me a short description of {P.REGION_TOKENS}."
-)
 CAPTION_PROMPTS = ("osprey", "refcocog")
 
 
@@ -46,19 +39,6 @@ class OspreyCategoryPredictor:
     @property
     def question(self) -> str:
         return P.conversation(P.open_category_turn())
-
-    @property
-    def context_tokens(self) -> int:
-        return self.osprey.config.llm.max_position_embeddings
-
-    def closed_set_prompt_tokens(self) -> int:
-        """Length in tokens (image tokens included) of the closed-set prompt, up to the region;
-        0 without a label set. Past the model's context (:attr:`context_tokens`) answers degrade."""
-        if self.closed_request is None:
-            return 0
-        turn = P.category_turn(self.closed_request.categories)
-        ids = P.tokenize_prompt(self.osprey.tokenizer, P.conversation(turn))
-        return len(ids) - 1 + self.osprey.config.vision.num_image_tokens
 
     def predict(self, image: np.ndarray, masks: list[np.ndarray]) -> list[CategoryPrediction]:
         encoded = self.osprey.encode_image(image)
@@ -90,14 +70,14 @@ class OspreyCaptionPredictor:
 
     @property
     def question(self) -> str:
-        turn = P.caption_turn() if self.prompt == "osprey" else REFCOCOG_CAPTION_TURN
+        turn = P.caption_turn() if self.prompt == "osprey" else P.REFCOCOG_CAPTION_TURN
         return P.conversation(turn)
 
     def predict(self, image: np.ndarray, masks: list[np.ndarray]) -> list[str]:
         if self.prompt == "osprey":
             request = LabelRequest(caption=True, max_caption_tokens=self.max_new_tokens)
             return [a.caption for a in self.osprey.label(image, masks, request)]
-        return generate_answers(self.osprey, image, masks, REFCOCOG_CAPTION_TURN, self.max_new_tokens)
+        return generate_answers(self.osprey, image, masks, P.REFCOCOG_CAPTION_TURN, self.max_new_tokens)
 
 
 def generate_answers(

@@ -7,6 +7,7 @@ A change in the transformers cache or masking API touches this file only.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +49,51 @@ def build_llm(config: LLMConfig) -> nn.Module:
 
 # ---- tokenizers --------------------------------------------------------------------------------------
 
+# transformers 4.31's Llama fast tokenizer (what the authors ran) normalised every text piece between
+# added tokens on its own: a "▁" in front, spaces as "▁", and no pre-tokenizer. transformers 5 prepends
+# "▁" to the first piece only (a Metaspace pre-tokenizer), so "<pos>." would become "<pos>" "." where
+# the model was trained on "<pos>" "▁.".
+SPACE = "▁"
+
 
 def load_tokenizer(path: str | Path):
-    """The checkpoint's tokenizer with ``<mask>``/``<pos>`` present and pad = unk (as Osprey trains)."""
+    """The checkpoint's tokenizer as the authors' code used it: see :func:`finish_tokenizer`.
+
+    Reads ``tokenizer.json`` when the checkpoint has one, else SentencePiece's ``tokenizer.model``
+    (converted by transformers, which needs ``protobuf``). Both give the authors' ids.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except (ImportError, ValueError, OSError) as error:
+        raise ValueError(
+            f"cannot load the tokenizer of {path}: {error} (a checkpoint needs tokenizer.json or "
+            f"tokenizer.model; reading tokenizer.model needs `pip install protobuf sentencepiece`)"
+        ) from error
     return finish_tokenizer(tokenizer)
 
 
 def finish_tokenizer(tokenizer):
-    missing = [t for t in (MASK_TOKEN, POS_TOKEN) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+    """``<mask>``/``<pos>`` present as special, never-normalised tokens (as the authors' ``add_tokens(...,
+    special_tokens=True)`` registers them; a checkpoint's ``added_tokens.json`` alone does not), pad =
+    unk (as Osprey trains), and each text piece normalised as transformers 4.31 did (see ``SPACE``)."""
+    from tokenizers import normalizers
+    from transformers import AddedToken
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; Osprey's prompts are "
+            f"tokenised with the fast Llama tokenizer (tokenizer.json, or tokenizer.model with protobuf)"
+        )
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in (MASK_TOKEN, POS_TOKEN)],
+        special_tokens=True,
+    )
     tokenizer.pad_token = tokenizer.unk_token
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    backend.pre_tokenizer = None
     return tokenizer
 
 
@@ -183,13 +215,30 @@ def forward_on_state(
         inputs_embeds=embeds[None],
         attention_mask=mask,
         position_ids=position[None],
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=keep,
+        **{_cache_argument(llm): cache},
     )
-    new_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    returned = out.cache if _cache_argument(llm) == "cache" else out.past_key_values
+    new_layers = [(layer.keys, layer.values) for layer in returned.layers]
     logits = out.logits[0].float() if logits_at is not None else None
     return logits, KVState(layers=new_layers, segment=key_segment, position=key_position)
+
+
+def _cache_argument(llm: nn.Module) -> str:
+    """The decoder's name for its KV cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``
+    (earlier 5.x, where ``cache`` does not exist yet). Asked once per model class; a peft wrapper
+    passes the argument through to its base model."""
+    cls = type(llm.get_base_model() if hasattr(llm, "get_base_model") else llm)
+    name = _CACHE_ARGUMENT.get(cls)
+    if name is None:
+        parameters = inspect.signature(cls.forward).parameters
+        name = "cache" if "cache" in parameters else "past_key_values"
+        _CACHE_ARGUMENT[cls] = name
+    return name
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
 
 
 def embed_tokens(llm: nn.Module) -> nn.Embedding:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import iter_tensors, map_key, resolve_checkpoint, resolve_clip_file, weight_files
+from .checkpoint import (
+    CLIP_FILE,
+    MissingWeightsError,
+    iter_tensors,
+    map_key,
+    resolve_checkpoint,
+    resolve_clip_file,
+    weight_files,
+)
 from .config import OspreyConfig, load_preset
 from .llm import MASK_TOKEN, POS_TOKEN, build_tiny_tokenizer, load_tokenizer
 from .modeling import OspreyModel, build_osprey_model
@@ -49,14 +57,20 @@ def load_strict(
     source: str,
     scope: str = "",
     optional_prefix: str | None = None,
+    only: set[str] | None = None,
 ) -> set[str]:
     """Assign released tensors onto ``model`` (built on the meta device).
 
-    Only parameters whose names start with ``scope`` are expected from this source. Raises
+    Only parameters whose names start with ``scope`` (and, with ``only``, are in it) are expected from
+    this source. Raises
     ValueError naming every unexpected, mis-shaped or missing tensor; parameters under
     ``optional_prefix`` may stay missing (they are loaded from elsewhere). Returns the names loaded.
     """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name.startswith(scope)}
+    expected = {
+        name: tuple(t.shape)
+        for name, t in model.state_dict().items()
+        if name.startswith(scope) and (only is None or name in only)
+    }
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
@@ -140,8 +154,42 @@ def load_checkpoint(name_or_path: str, *, device: torch.device, dtype: torch.dty
         raise ValueError(
             f"{directory} holds only part of the vision tower: missing {_names(sorted(vision_names - loaded))}"
         )
+    else:
+        _authors_layer_scales(model, hf_config, directory, device=device, dtype=dtype)
     model.to(device)
     return model.eval(), tokenizer, config
+
+
+def _authors_layer_scales(model: OspreyModel, hf_config: dict, directory: Path, *, device, dtype) -> None:
+    """The ConvNeXt layer scales (``gamma``) from the open_clip file when it can be found, as the
+    authors' code ends up with them: transformers 4.31 renames checkpoint keys containing "gamma", so
+    their model never reads the checkpoint's (bf16) ``gamma`` and keeps the open_clip file's fp32 ones.
+    Without that file the checkpoint's stay. One log line says which."""
+    names = {n for n in model.state_dict() if n.startswith("vision_tower.") and n.endswith(".gamma")}
+    if not names:
+        return
+    try:
+        clip_file = resolve_clip_file(hf_config.get("mm_vision_tower"), directory)
+    except MissingWeightsError:
+        logger.info(
+            "ConvNeXt layer scales (%d gamma) from the checkpoint: its open_clip file (%s) is not here; "
+            "the authors' code reads them from that file (fp32), so features may differ by rounding",
+            len(names),
+            hf_config.get("mm_vision_tower") or CLIP_FILE,
+        )
+        return
+    gammas = (
+        ("model.vision_tower.vision_tower." + key, tensor)
+        for key, tensor in iter_tensors(clip_file)
+        if key.endswith(".gamma") and key.startswith("visual.")
+    )
+    load_strict(
+        model, gammas, device=device, dtype=dtype, source=f"{clip_file} (layer scales)",
+        scope="vision_tower.", only=names,
+    )  # fmt: skip
+    logger.info(
+        "ConvNeXt layer scales (%d gamma) from %s, as the authors' code reads them", len(names), clip_file
+    )
 
 
 def _chain(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,8 +1,15 @@
-"""Osprey's ``osprey_v1`` conversation, the questions it was trained on, and prompt tokenisation.
+"""Osprey's ``osprey_v1`` conversation, the prompts its weights were trained on, and prompt tokenisation.
+
+Every string here is data the weights were trained on (or that the authors' evaluation asks), so it is
+reproduced byte for byte, typos and missing spaces included; each constant names its upstream source
+(CircleRadon/Osprey at deb0e57). A prompt reaches the model as the authors' ``preprocess_multimodal``
+leaves it: ``<image>`` moved to the front, followed by one newline, the rest stripped.
 
 A prompt is tokenised the way the authors' code does it: the text is split at ``<image>``, each
 chunk is tokenised on its own (BOS kept only on the first chunk) and a single image placeholder
 id sits between the chunks; :func:`expand_image_placeholder` widens it to one id per image token.
+Within a chunk every text piece between added tokens (``<mask>``, ``<pos>``) is normalised on its
+own, as transformers 4.31's Llama tokenizer did (see :func:`osprey.model.llm.load_tokenizer`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ IMAGE_TOKEN = "<image>"
 REGION_TOKENS = "<mask><pos>"
 IMAGE_PLACEHOLDER_ID = -200
 
+# conv_templates["osprey_v1"] (osprey/conversation.py), the template of every evaluation script and of
+# the demo. (Training used conv_vicuna_v1, whose system prompt says "user" where this says "human".)
 SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
@@ -20,19 +29,34 @@ SYSTEM = (
 USER, ASSISTANT = "USER", "ASSISTANT"
 SEP, SEP2 = " ", "</s>"
 
+# The first turn of region captions, descriptions and short answers: osprey/datasets/vg.py:54 and
+# osprey_724k.py:52 (training), osprey/eval/lvis_paco_eval.py (evaluation).
 OVERVIEW = f"{IMAGE_TOKEN}\nThis provides an overview of the picture.\n"
+# The short-answer suffix of Osprey-724K's short-form questions (osprey/datasets/osprey_724k.py:152,224).
 SHORT_ANSWER = " Answer the question using a single word or phrase."
+# demo/osprey_inference.py:66 and :76: the questions the authors' own inference code asks.
 CAPTION_QUESTION = f"Please give me a short description of {REGION_TOKENS}. Using a short phrase."
 DESCRIPTION_QUESTION = f"Can you give me a detailed description of {REGION_TOKENS}?"
+# osprey/eval/lvis_paco_eval.py (get_init_inputs): the open-vocabulary category question.
 OPEN_CATEGORY_QUESTION = f"What is the category of {REGION_TOKENS}? Using only one word or phrase."
-CATEGORY_INSTRUCTION = (
-    "Below you answer with the category name of what is inside one given region of the image. "
-    "Only one region is given each time."
+# osprey/eval/refcocog_eval.py:208,212: "<image>.\nThis provides ..." - preprocess_multimodal moves
+# "<image>" to the front, which leaves the stray "." on a line of its own.
+REFCOCOG_CAPTION_TURN = (
+    f"{IMAGE_TOKEN}\n.\nThis provides an overview of the picture.\n"
+    f"Please give me a short description of {REGION_TOKENS}."
 )
+# Stage-2 category training, osprey/datasets/stage2_data.py: COCODataset.begin_str (no label list) ...
+COCO_CATEGORY_INSTRUCTION = (
+    "In the conversation below, you simply answer the category name based on what you see "
+    "in the imagery inside a particular region. I will give you only one region each time.\n"
+)
+# ... and PascalPart.begin_str (its leading space is stripped by preprocess_multimodal; "seein" is
+# upstream's), followed by the label lists: categories joined by ", ", parts by "," (no space).
 PART_INSTRUCTION = (
-    "Below you answer with the category and subcategory name of what is inside one given region of "
-    "the image; the region may be a part of an object. Only one region is given each time. "
-    "Answer in the format category:subcategory."
+    "In the conversation below, you simply answer the category and subcategory name based on what you see"
+    "in the image inside a particular region. It maybe a subpart of an object. "
+    "I will give you only one region each time. Your answer should in the format of "
+    "category:subcategory. "
 )
 YES, NO = "Yes", "No"
 
@@ -55,19 +79,27 @@ def open_category_turn() -> str:
 
 
 def attribute_turn(attribute: str) -> str:
+    """A yes/no question about one attribute. No upstream prompt asks for attributes: the question form
+    and its suffix are those of Osprey-724K's short-form region QA (osprey_724k.py, whose questions live
+    in the dataset files), answered ``Yes``/``No``."""
     return OVERVIEW + f"Is {REGION_TOKENS} {attribute}?{SHORT_ANSWER}"
 
 
 def category_turn(categories: Sequence[str], parts: Sequence[str] = ()) -> str:
-    """The label set goes into the first turn, as in Osprey's category/part training; the
-    question itself is the bare region."""
+    """The stage-2 category prompt, then the bare region, as the category training asked it.
+
+    With ``parts``: PascalPart's instruction, answers ``category:subcategory``, with both label lists in
+    the first turn (the training's label-set conditioning). Without: COCO's instruction, which lists no
+    labels (the label set then enters only as the scored candidates). A part label set without
+    categories has no trained form; it is asked with COCO's instruction.
+    """
     if parts:
-        vocabulary = (
-            f"Categories Containing {', '.join(categories)}. Subcategories Containing {', '.join(parts)}."
+        labels = (
+            "Categories Containing " + ", ".join(categories) + ". "
+            "Subcategories Containing " + ",".join(parts) + ".\n"
         )
-        return f"{IMAGE_TOKEN}\n{PART_INSTRUCTION} {vocabulary}\n{REGION_TOKENS}"
-    vocabulary = f"Categories Containing {', '.join(categories)}."
-    return f"{IMAGE_TOKEN}\n{CATEGORY_INSTRUCTION} {vocabulary}\n{REGION_TOKENS}"
+        return f"{IMAGE_TOKEN}\n{PART_INSTRUCTION}{labels}{REGION_TOKENS}"
+    return f"{IMAGE_TOKEN}\n{COCO_CATEGORY_INSTRUCTION}{REGION_TOKENS}"
 
 
 def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
@@ -130,6 +162,7 @@ def tokenizer_training_corpus() -> Iterator[str]:
         conversation(attribute_turn("red")),
         conversation(category_turn(["cat", "dog"], ["head", "tail"])),
         conversation(category_turn(["person", "car"])),
+        conversation(REFCOCOG_CAPTION_TURN),
         f"{YES} {NO} yes no category:subcategory dog:head cat:tail",
         words,
     ]

@@ -14,18 +14,14 @@ import pytest
 from PIL import Image
 
 from backend.cli import build_parser
-from osprey.evaluation.cli import _closed_set_too_long, file_label_set, run_captions, run_classify
+from osprey.evaluation.cli import file_label_set, run_captions, run_classify
 from osprey.evaluation.data import load_classification_file
 from osprey.evaluation.metrics import normalize_prediction
-from osprey.evaluation.predictors import (
-    REFCOCOG_CAPTION_TURN,
-    OspreyCaptionPredictor,
-    OspreyCategoryPredictor,
-)
+from osprey.evaluation.predictors import OspreyCaptionPredictor, OspreyCategoryPredictor
 from osprey.evaluation.predictors import generate_answers as generate
 from osprey.evaluation.run import CategoryPrediction
 from osprey.inference.fields import LabelRequest
-from osprey.model.prompts import caption_turn, clean_answer
+from osprey.model.prompts import REFCOCOG_CAPTION_TURN, caption_turn, clean_answer
 
 H, W = 48, 64
 
@@ -169,11 +165,6 @@ def test_category_predictor_on_tiny_osprey(tiny_osprey, scene):
     # the same question and decoding as the library; the predictor keeps the raw text for the protocol
     assert [clean_answer(a.text, keep_after_colon=True) for a in answers] == [r.category for r in reference]
     assert all(a.closed in {"cat", "dog", "car"} and 0 < a.closed_score <= 1 for a in answers)
-    # the closed-set prompt: the label-set turn with its 64 image tokens (tiny: 128 px / 16 = 8x8)
-    assert 64 < predictor.closed_set_prompt_tokens() < 200 and predictor.context_tokens == 4096
-    assert _closed_set_too_long(predictor) is None
-    predictor.closed_set_prompt_tokens = lambda: 5000
-    assert "5000 tokens" in _closed_set_too_long(predictor)
 
 
 def test_category_answers_are_cut_at_colons_once_as_the_authors_do(tiny_osprey, scene, monkeypatch):

@@ -189,3 +189,28 @@ def test_generated_text_carries_the_same_confidence_in_both_paths(results):
         for key, value in f.text_scores.items():
             assert 0.0 < value <= 1.0
             assert value == pytest.approx(b.text_scores[key], abs=1e-4)
+
+
+def test_the_fast_path_uses_no_deprecated_transformers_api(tiny_osprey, scene):
+    """transformers renamed ``past_key_values`` to ``cache``; the old name warns now and breaks later."""
+    import logging
+    import warnings
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            encoded = tiny_osprey._encode(scene["image"])  # the prefix forward, not a cached one
+            tiny_osprey.label(scene["image"], scene["masks"][:2], ALL_FIELDS, encoded=encoded)
+    finally:
+        hf_logger.removeHandler(handler)
+    said = [str(w.message) for w in caught] + records
+    assert not [m for m in said if "deprecat" in m.lower()], said

@@ -40,13 +40,16 @@ def test_instruction_samples_use_osprey_prompts():
     answers = [(s.example, s.answer) for s in samples]
     assert answers == [(0, "circle"), (0, "Yes"), (0, "No"), (0, "a red circle"),
                        (1, "square"), (1, "No"), (1, "Yes"), (1, "a green square")]  # fmt: skip
-    assert samples[0].prompt.endswith(
-        "Categories Containing circle, square, triangle.\n<mask><pos> ASSISTANT:"
+    assert samples[0].prompt.endswith(  # COCO's category training prompt, as the weights learned it
+        "I will give you only one region each time.\n<mask><pos> ASSISTANT:"
     )
     with_parts = instruction_samples([RegionExample(image=examples[0].image, mask=examples[0].mask,
                                                      category="dog", part="head")],
                                      categories=("dog",), parts=("head", "tail"))  # fmt: skip
     assert with_parts[0].answer == "dog:head"
+    assert (
+        "Categories Containing dog. Subcategories Containing head,tail.\n<mask><pos>" in with_parts[0].prompt
+    )
 
 
 def test_lora_lowers_held_out_loss_and_the_saved_adapter_reloads(tmp_path):

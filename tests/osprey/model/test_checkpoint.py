@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -138,6 +139,68 @@ def test_vision_tower_comes_from_the_open_clip_file_when_absent(tmp_path, clip_v
     osprey = Osprey.from_pretrained(str(directory), device="cpu")
     key = "visual.trunk.stem.0.weight"
     assert torch.equal(osprey.model.state_dict()[f"vision_tower.{key}"], clip_visual[key].float())
+
+
+def test_layer_scales_come_from_the_open_clip_file_as_in_the_authors_code(tmp_path, clip_visual, caplog):
+    """transformers 4.31 never loads a checkpoint's ``gamma`` (it renames keys containing "gamma"), so the
+    authors' tower keeps the open_clip file's fp32 layer scales; without that file ours stay."""
+    directory = tmp_path / "Osprey-7b"
+    write_common(directory, mm_vision_tower="./clip/open_clip_pytorch_model.bin")
+    shipped = {f"model.vision_tower.vision_tower.{k}": v for k, v in clip_visual.items()}
+    gammas = {k: v for k, v in clip_visual.items() if k.endswith(".gamma")}
+    assert len(gammas) == 36  # ConvNeXt-L: 3 + 3 + 27 + 3 blocks
+    for key in gammas:
+        shipped[f"model.vision_tower.vision_tower.{key}"] = (gammas[key].float() * 1.1).bfloat16()
+    save_file(
+        {**released_llm_tensors(torch.Generator().manual_seed(5)), **shipped},
+        str(directory / "model.safetensors"),
+    )
+    clip_gammas = {
+        k: torch.rand(v.shape, generator=torch.Generator().manual_seed(6)) for k, v in gammas.items()
+    }
+    (directory / "clip").mkdir()
+    torch.save(
+        {**clip_gammas, "visual.trunk.stem.0.weight": torch.zeros(192, 3, 4, 4)},
+        directory / "clip" / "open_clip_pytorch_model.bin",
+    )
+    with caplog.at_level(logging.INFO, logger="osprey.model.loading"):
+        osprey = Osprey.from_pretrained(str(directory), device="cpu")
+    state = osprey.model.state_dict()
+    for key, value in clip_gammas.items():
+        assert torch.equal(state[f"vision_tower.{key}"], value), key  # fp32, bit for bit
+    stem = "visual.trunk.stem.0.weight"  # everything else comes from the checkpoint
+    assert torch.equal(state[f"vision_tower.{stem}"], clip_visual[stem].float())
+    assert any(
+        "layer scales (36 gamma) from" in m and "open_clip_pytorch_model.bin" in m for m in caplog.messages
+    )
+
+    (directory / "clip" / "open_clip_pytorch_model.bin").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="osprey.model.loading"):
+        osprey = Osprey.from_pretrained(str(directory), device="cpu")
+    key = next(iter(gammas))
+    assert torch.equal(
+        osprey.model.state_dict()[f"vision_tower.{key}"],
+        shipped[f"model.vision_tower.vision_tower.{key}"].float(),
+    )
+    assert any("layer scales (36 gamma) from the checkpoint" in m for m in caplog.messages)
+
+
+def test_an_open_clip_file_without_the_layer_scales_is_refused(tmp_path, clip_visual):
+    directory = tmp_path / "Osprey-7b"
+    write_common(directory, mm_vision_tower="open_clip_pytorch_model.bin")
+    shipped = {f"model.vision_tower.vision_tower.{k}": v for k, v in clip_visual.items()}
+    save_file(
+        {**released_llm_tensors(torch.Generator().manual_seed(7)), **shipped},
+        str(directory / "model.safetensors"),
+    )
+    torch.save(
+        {"visual.trunk.stem.0.weight": torch.zeros(192, 3, 4, 4)}, directory / "open_clip_pytorch_model.bin"
+    )
+    with pytest.raises(
+        ValueError, match=r"layer scales.*36 missing tensors: vision_tower\.visual\.trunk\.stages"
+    ):
+        Osprey.from_pretrained(str(directory), device="cpu")
 
 
 def test_missing_vision_weights_name_the_file_and_the_command(tmp_path):

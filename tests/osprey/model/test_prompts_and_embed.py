@@ -24,12 +24,32 @@ def test_osprey_v1_conversation_text():
     )
 
 
-def test_category_turn_puts_the_label_set_in_the_first_turn():
-    turn = P.category_turn(["cat", "dog"], ["head", "tail"])
-    assert turn.startswith("<image>\n")
-    assert "Categories Containing cat, dog. Subcategories Containing head, tail.\n<mask><pos>" in turn
-    assert "category:subcategory" in turn
-    assert P.category_turn(["cat"]).endswith("Categories Containing cat.\n<mask><pos>")
+def test_category_turns_are_the_stage2_training_prompts_byte_for_byte():
+    """osprey/datasets/stage2_data.py after preprocess_multimodal: PascalPart with both label lists
+    (parts joined without a space, "seein" as upstream has it), COCO with none."""
+    assert P.category_turn(["cat", "dog"], ["head", "tail"]) == (
+        "<image>\nIn the conversation below, you simply answer the category and subcategory name based on "
+        "what you seein the image inside a particular region. It maybe a subpart of an object. I will give "
+        "you only one region each time. Your answer should in the format of category:subcategory. "
+        "Categories Containing cat, dog. Subcategories Containing head,tail.\n<mask><pos>"
+    )
+    coco = (
+        "<image>\nIn the conversation below, you simply answer the category name based on what you see in "
+        "the imagery inside a particular region. I will give you only one region each time.\n<mask><pos>"
+    )
+    assert P.category_turn(["cat"]) == P.category_turn(["person", "car"]) == coco
+    assert P.category_turn(["head", "tail"]) == coco  # a part set alone has no trained prompt
+
+
+def test_evaluation_turns_are_the_authors_questions():
+    assert P.open_category_turn() == (
+        "<image>\nThis provides an overview of the picture.\nWhat is the category of <mask><pos>? Using "
+        "only one word or phrase."
+    )
+    assert P.REFCOCOG_CAPTION_TURN == (
+        "<image>\n.\nThis provides an overview of the picture.\nPlease give me a short description of "
+        "<mask><pos>."
+    )
 
 
 def test_tokenize_prompt_splits_at_the_image_and_keeps_one_bos(tokenizer):
