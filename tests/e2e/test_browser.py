@@ -84,6 +84,13 @@ def test_label_studio_shows_the_prelabels(label_studio, osprey_backend, chromium
             open_task(
                 page, f"{label_studio.url}/projects/{project['id']}/data?tab=0&task={task['id']}", tmp_path
             )
+            # the outliner's items can show before their titles render (seen once on a loaded CI machine)
+            page.wait_for_function(
+                "n => [...document.querySelectorAll('.lsf-outliner-item__title')]"
+                ".filter(e => e.innerText.trim()).length >= n",
+                arg=len(regions),
+                timeout=60_000,
+            )
             titles = page.locator(".lsf-outliner-item__title").all_inner_texts()
             # the region list holds exactly the predicted regions, under their predicted labels
             assert sorted(t.strip() for t in titles) == sorted(r["value"]["brushlabels"][0] for r in regions)
