@@ -3,7 +3,7 @@
 ``serve``, ``precompute``, ``models`` and ``check-config`` are here; the others live beside what they
 drive and are registered below: ``label`` (:mod:`osprey.inference.cli`), ``download``
 (:mod:`osprey.download.cli`), ``eval classify|captions`` (:mod:`osprey.evaluation.cli`) and
-``eval acceptance`` (:mod:`backend.reports.cli`).
+``eval acceptance`` (:mod:`backend.reports.cli`) and ``prelabel`` (:mod:`backend.service.prelabel_cli`).
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     from osprey.inference.cli import add_label_command
 
     from .reports.cli import add_acceptance_command
+    from .service.prelabel_cli import add_prelabel_command
 
     parser = argparse.ArgumentParser(
         prog="osprey-label", description="Osprey + SAM region pre-labelling for Label Studio"
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = eval_parser.add_subparsers(dest="eval_command", required=True)
     add_eval_commands(eval_sub)
     add_acceptance_command(eval_sub)
+    add_prelabel_command(subparsers)
 
     serve = subparsers.add_parser(
         "serve", help="run the Label Studio ML backend (settings from the environment)"

@@ -27,6 +27,7 @@ ALLOWED = {
     "backend.labelstudio": {"backend.errors"},
     "backend.reports": {"backend.labelstudio", "backend.errors"},
     "backend.learning": {"backend.labelstudio", "backend.reports", "backend.errors", "osprey.*"},
+    "backend.prelabel": {"backend.labelstudio", "backend.learning", "backend.errors", "osprey.*"},
     "backend.service": {"backend.*", "osprey.*"},
     "backend.cli": {"backend.*", "osprey.*"},
 }

@@ -8,9 +8,10 @@ Each thread (and each process, after a fork) opens its own connection. The schem
 ``PRAGMA user_version`` and migrations run on open, inside a write transaction.
 
 Tables (see ``_MIGRATIONS``): ``predicted_regions``, ``annotations``, ``regions``, ``field_outcomes``,
-``tombstones`` and ``project_counters`` belong to :class:`backend.learning.store.TrainingStore`;
-``jobs`` to :class:`backend.learning.queue.sqlite_queue.SqliteJobQueue`. Both open the same file and
-run the same migrations, so either can be opened first.
+``tombstones``, ``project_counters`` and ``project_configs`` belong to
+:class:`backend.learning.store.TrainingStore`; ``jobs`` to
+:class:`backend.learning.queue.sqlite_queue.SqliteJobQueue`. Both open the same file and run the same
+migrations, so either can be opened first.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -75,6 +76,11 @@ _MIGRATIONS: dict[int, list[str]] = {
         "CREATE UNIQUE INDEX jobs_one_queued ON jobs (project_id, kind) WHERE status = 'queued'",
         "CREATE UNIQUE INDEX jobs_one_running ON jobs (project_id) WHERE status = 'running'",
         "CREATE INDEX jobs_status ON jobs (status, job_id)",
+    ],
+    2: [
+        # the label config Label Studio last sent per project, so jobs and restarts never depend on memory
+        """CREATE TABLE project_configs (
+            project_id TEXT PRIMARY KEY, label_config TEXT NOT NULL, updated_at REAL NOT NULL)""",
     ],
 }
 

@@ -222,6 +222,35 @@ class TrainingStore(SqliteDatabase):
             for r in rows
         ]
 
+    # ---- label configs ----
+    def remember_label_config(self, project_id: str, label_config: str) -> None:
+        """Keep the project's label config (what Label Studio sent last) across restarts."""
+        if not isinstance(label_config, str) or not label_config.strip():
+            raise ValueError("label_config must be a non-empty XML string")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO project_configs VALUES (?, ?, ?) ON CONFLICT (project_id) DO UPDATE"
+                " SET label_config = excluded.label_config, updated_at = excluded.updated_at"
+                " WHERE label_config != excluded.label_config",
+                (project_key(project_id), label_config, time.time()),
+            )
+
+    def label_config(self, project_id: str) -> str | None:
+        """The project's last known label config, or None."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT label_config FROM project_configs WHERE project_id = ?", (project_key(project_id),)
+            )
+            .fetchone()
+        )
+        return row[0] if row else None
+
+    def known_projects(self) -> list[str]:
+        """Projects whose label config is known, in id order."""
+        rows = self._conn().execute("SELECT project_id FROM project_configs").fetchall()
+        return sorted((r[0] for r in rows), key=lambda p: (len(p), p))
+
     # ---- annotations ----
     def annotation_state(self, project_id: str, annotation_id: int, task_id: int | None = None):
         """``("deleted", None, None)`` for a tombstoned annotation or task, ``(state, updated_ts,

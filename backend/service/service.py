@@ -23,9 +23,11 @@ from backend.learning.queue import make_queue
 from backend.learning.registry import ModelRegistry
 from backend.learning.store import TrainingStore
 from backend.learning.worker import Worker
+from backend.prelabel.deferral import is_prelabel_job
+from backend.prelabel.predict import PredictOptions, predict_task
 from backend.reports.acceptance import acceptance_summary
 
-from .predict import PredictOptions, predict_task
+from .batch import BatchPredictor
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ class OspreyService:
         self._project_configs: dict[str, str] = {}
         self._state_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self._busy_since: float | None = None
+        self.busy_since: float | None = None  # when the model lock was last taken (None: idle)
         self.started = time.time()
         # Retraining: accepted labels in SQLite under MODEL_DIR, jobs there or in Redis, versions
         # under MODEL_DIR/<project>/, and a worker thread that runs the jobs.
@@ -131,7 +133,8 @@ class OspreyService:
         self.queue = make_queue(sqlite_path=self.store.path, redis_url=settings.redis_url)
         self.registry = ModelRegistry(root=settings.model_dir)
         self.trainer = ProjectTrainer(service=self, min_examples=settings.min_train_examples)
-        self.worker = Worker(queue=self.queue, train=self.trainer)
+        self.batch = BatchPredictor(service=self)
+        self.worker = Worker(queue=self.queue, train=self._run_job)
         self._heads: dict[str, tuple[int, object]] = {}
         self._adapters = None  # osprey.learning.lora.AdapterSet, made when a project first has an adapter
 
@@ -206,13 +209,34 @@ class OspreyService:
         return self.schema_for(label_config)
 
     def label_config_for(self, project: str) -> str | None:
+        """The label config Label Studio last sent for ``project`` (kept in the store across restarts)."""
+        key = str(project).split(".", 1)[0]
         with self._state_lock:
-            return self._project_configs.get(str(project))
+            known = self._project_configs.get(key)
+        if known is not None:
+            return known
+        try:
+            stored = self.store.label_config(key)
+        except sqlite3.Error as error:
+            logger.warning("project %s: cannot read its stored label config: %s", key, error)
+            return None
+        if stored is not None:
+            with self._state_lock:
+                self._project_configs[key] = stored
+        return stored
 
     def _remember_config(self, project: str | None, label_config: str | None) -> None:
-        if project and label_config:
-            with self._state_lock:
-                self._project_configs[project.split(".", 1)[0]] = label_config
+        if not (project and label_config):
+            return
+        key = project.split(".", 1)[0]
+        with self._state_lock:
+            changed = self._project_configs.get(key) != label_config
+            self._project_configs[key] = label_config
+        if changed:  # a write only when it changed: /setup has 3 s and comes on every connect
+            try:
+                self.store.remember_label_config(key, label_config)
+            except sqlite3.Error as error:
+                logger.warning("project %s: label config kept in memory only: %s", key, error)
 
     # ---- cheap calls: never wait for the models ----
     def warning(self) -> str | None:
@@ -221,7 +245,7 @@ class OspreyService:
         return None
 
     def health(self) -> dict:
-        busy = self._busy_since
+        busy = self.busy_since
         return {
             "model_version": self.models.version,
             "busy_s": round(time.time() - busy, 1) if busy else 0.0,
@@ -271,8 +295,8 @@ class OspreyService:
         except Exception:
             logger.exception("project %s: parsing stored annotations failed", project_id)
 
-    def _record(
-        self, project_id: str | None, task: dict, version: str, items: list, *, interactive: bool
+    def record_prediction(
+        self, project_id: str | None, task: dict, version: str, items: list, *, interactive: bool = False
     ) -> None:
         """Remember what was predicted (acceptance tracking); a busy store never fails a prediction."""
         if not project_id or task.get("id") is None:
@@ -312,11 +336,17 @@ class OspreyService:
                     "processed": self.worker.processed,
                 },
             },
+            "prelabel": {"jobs": self.batch.metrics(), "budget_s": self.settings.predict_budget_s},
         }
 
     def _known_projects(self) -> list[str]:
         with self._state_lock:
-            return sorted(self._project_configs)
+            known = set(self._project_configs)
+        try:
+            known.update(self.store.known_projects())
+        except sqlite3.Error:
+            pass
+        return sorted(known, key=lambda p: (len(p), p))
 
     @staticmethod
     def _safe(call, *args):
@@ -325,9 +355,15 @@ class OspreyService:
         except Exception as error:  # a Redis or database outage must not break /metrics
             return {"error": str(error)}
 
-    def _count(self, key: str, n: int = 1) -> None:
+    def count(self, key: str, n: int = 1) -> None:
         with self._state_lock:
             self._counts[key] += n
+
+    # ---- background jobs: training, and the pre-label work /predict deferred ----
+    def _run_job(self, project_id: str, kind: str, payload: dict) -> dict:
+        if is_prelabel_job(kind):
+            return self.batch.run_job(project_id, kind, payload)
+        return self.trainer(project_id, kind, payload)
 
     # ---- webhooks: persisted before answering, training queued ----
     def webhook(self, action: str, payload: dict) -> dict:
@@ -342,7 +378,7 @@ class OspreyService:
             queue=self.queue,
             field_map=self.field_map,
         )
-        self._count(f"webhook {action} {outcome.get('status')}")
+        self.count(f"webhook {action} {outcome.get('status')}")
         if outcome.get("train"):
             if self.lora_enabled:
                 project_id = str(project.get("id") if isinstance(project, dict) else project).split(".", 1)[0]
@@ -355,7 +391,7 @@ class OspreyService:
         self, *, tasks: list, project: str | None, label_config: str | None, context: dict | None
     ) -> dict:
         if not self._predict_slots.acquire(timeout=0.05):
-            self._count("refused busy")
+            self.count("refused busy")
             raise NotReadyError("the backend is busy with other predictions; retry in a moment")
         try:
             return self._predict(tasks=tasks, project=project, label_config=label_config, context=context)
@@ -378,24 +414,23 @@ class OspreyService:
             raise RequestError(
                 f"an interactive request (params.context) must carry one task, got {len(tasks)}"
             )
-        results, errors = [], []
-        for index, task in enumerate(tasks):
-            try:
-                items, score = self._predict_one(task, schema, context, head, project_id)
-                results.append({"result": items, "score": score, "model_version": version})
-                self._record(project_id, task, version, items, interactive=context is not None)
-                self._count("tasks ok")
-            except (ValueError, FileNotFoundError) as error:
-                task_id = task.get("id") if isinstance(task, dict) else None
-                logger.warning(
-                    "task %s (%d of %d) got no prediction: %s", task_id, index + 1, len(tasks), error
-                )
-                results.append({"result": [], "score": 0.0, "model_version": version})
-                errors.append({"index": index, "task": task_id, "error": str(error)})
-                self._count("tasks failed")
-        if context is not None and errors:
-            raise RequestError(errors[0]["error"])  # the annotator is waiting on this one task: say why
-        return {"results": results, "errors": errors} if errors else {"results": results}
+        if context is None:
+            return self.batch.predict(
+                tasks,
+                schema=schema,
+                label_config=label_config,
+                project=project_id,
+                version=version,
+                head=head,
+            )
+        try:
+            items, score = self._predict_one(tasks[0], schema, context, head, project_id)
+        except (ValueError, FileNotFoundError) as error:
+            self.count("tasks failed")
+            raise RequestError(str(error)) from None  # the annotator is waiting on this one task: say why
+        self.record_prediction(project_id, tasks[0], version, items, interactive=True)
+        self.count("tasks ok")
+        return {"results": [{"result": items, "score": score, "model_version": version}]}
 
     def _predict_one(
         self, task, schema: ProjectSchema, context: dict | None, head, project_id: str | None
@@ -411,18 +446,8 @@ class OspreyService:
             image = self.loader.load(reference)
         except ImageLoadError as error:
             raise RequestError(f"cannot load the task image: {error}") from None
-        with self.model_lock:
-            self._busy_since = time.time()
-            try:
-                self.activate_project(project_id)
-                return predict_task(
-                    task=task,
-                    rgb=image.rgb,
-                    schema=schema,
-                    context=context,
-                    models=self.models,
-                    options=self.options,
-                    head=head,
-                )
-            finally:
-                self._busy_since = None
+        with self.batch.model_session(project_id):
+            return predict_task(
+                task=task, rgb=image.rgb, schema=schema, context=context, models=self.models,
+                options=self.options, head=head,
+            )  # fmt: skip

@@ -54,6 +54,11 @@ class Settings:
     max_description_tokens: int = field(default=256, metadata={"env": "OSPREY_MAX_DESCRIPTION_TOKENS"})
     cache_images: int = field(default=16, metadata={"env": "OSPREY_CACHE_IMAGES"})
     cache_dir: str | None = field(default=None, metadata={"env": "OSPREY_CACHE_DIR"})
+    # Batch predictions and bulk pre-labelling
+    predict_budget_s: float = field(default=60.0, metadata={"env": "OSPREY_PREDICT_BUDGET_S"})
+    prelabel_batch_tasks: int = field(default=4, metadata={"env": "OSPREY_PRELABEL_BATCH_TASKS"})
+    prelabel_chunk_tasks: int = field(default=8, metadata={"env": "OSPREY_PRELABEL_CHUNK_TASKS"})
+    prelabel_retries: int = field(default=2, metadata={"env": "OSPREY_PRELABEL_RETRIES"})
     # Retraining
     redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL"})
     train_every: int = field(default=20, metadata={"env": "OSPREY_TRAIN_EVERY"})
@@ -76,6 +81,14 @@ class Settings:
             raise ValueError(f"OSPREY_LORA must be auto, true or false, got {self.lora!r}")
         if not 0.0 < self.attribute_threshold < 1.0:
             raise ValueError("OSPREY_ATTRIBUTE_THRESHOLD must be between 0 and 1")
+        if self.predict_budget_s <= 0:
+            raise ValueError(
+                "OSPREY_PREDICT_BUDGET_S must be > 0 seconds (keep it under Label Studio's ML_TIMEOUT_PREDICT)"
+            )
+        if self.prelabel_batch_tasks < 1 or self.prelabel_chunk_tasks < 1 or self.prelabel_retries < 0:
+            raise ValueError(
+                "OSPREY_PRELABEL_BATCH_TASKS and OSPREY_PRELABEL_CHUNK_TASKS must be >= 1, OSPREY_PRELABEL_RETRIES >= 0"
+            )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

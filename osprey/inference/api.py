@@ -21,11 +21,15 @@ from osprey.model.preprocess import preprocess_image, stack_masks, to_rgb_array
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN, conversation, tokenize_prompt
 
 from .baseline import BaselineRunner
-from .fast import EncodedImage, FastRunner, encode_image
+from .fast import EncodedImage, FastRunner, batch_images, encode_image, encode_prefix
 from .fields import LabelRequest, RegionLabels
 from .plan import Planner
 
 logger = logging.getLogger(__name__)
+
+# Part of every cache key of an encoded image: bump it when EncodedImage's layout changes, so values
+# an older version persisted on disk are recomputed instead of misread (2: batch-row KV states).
+ENCODING_FORMAT = "enc2"
 
 
 def image_feature_cache(
@@ -129,12 +133,95 @@ class Osprey:
             return self._encode(rgb)
         from .feature_cache import content_key
 
-        key = content_key(rgb, "osprey", self.model_id, str(self.model.dtype), self.adapter_tag)
+        key = content_key(
+            rgb, "osprey", ENCODING_FORMAT, self.model_id, str(self.model.dtype), self.adapter_tag
+        )
         return self.cache.get_or_compute(key, lambda: self._encode(rgb))
 
     def _encode(self, rgb: np.ndarray) -> EncodedImage:
         pixels = preprocess_image(rgb, image_size=self.config.vision.image_size)
         return encode_image(self.model, pixels, rgb.shape[:2], list(self._prefix_ids))
+
+    def encode_images(self, images: Sequence[Image.Image | np.ndarray]) -> list[EncodedImage]:
+        """:meth:`encode_image` for several images; those not cached go through the vision tower as one
+        batch (the decoder runs each prefix on its own)."""
+        from .feature_cache import content_key
+
+        rgbs = [to_rgb_array(image) for image in images]
+        out: list[EncodedImage | None] = [None] * len(rgbs)
+        keys = [
+            content_key(
+                rgb, "osprey", ENCODING_FORMAT, self.model_id, str(self.model.dtype), self.adapter_tag
+            )
+            for rgb in rgbs
+        ]
+        if self.cache is not None:
+            for i, key in enumerate(keys):
+                out[i] = self.cache.peek(key)
+        todo = [i for i, value in enumerate(out) if value is None]
+        if todo:
+            size = self.config.vision.image_size
+            pixels = torch.cat([preprocess_image(rgbs[i], image_size=size) for i in todo])
+            with torch.inference_mode():
+                encoded = self.model.encode_pixels_batch(pixels)
+            for i, (features, tokens) in zip(todo, encoded, strict=True):
+                out[i] = encode_prefix(
+                    self.model, features, tokens, rgbs[i].shape[:2], list(self._prefix_ids)
+                )
+                if self.cache is not None:
+                    self.cache.put(keys[i], out[i])
+        return out
+
+    def label_many(
+        self,
+        items: Sequence[tuple[Image.Image | np.ndarray, Sequence[np.ndarray] | np.ndarray]],
+        request: LabelRequest,
+        *,
+        encoded: Sequence[EncodedImage] | None = None,
+    ) -> list[list[RegionLabels]]:
+        """:meth:`label` for several ``(image, masks)`` pairs at once: every image's regions and
+        questions share the same forward passes and the same decoding loop (:class:`ImageBatch`), and
+        each answer is the one :meth:`label` gives for that image alone. Returns one list per item."""
+        rgbs = [to_rgb_array(image) for image, _ in items]
+        mask_ts = [
+            stack_masks(masks, image_hw=rgb.shape[:2]) if len(masks) else None
+            for rgb, (_, masks) in zip(rgbs, items, strict=True)
+        ]
+        live = [i for i, masks in enumerate(mask_ts) if masks is not None]
+        out: list[list[RegionLabels]] = [[] for _ in items]
+        if not live:
+            return out
+        encoded = list(encoded) if encoded is not None else self.encode_images([rgbs[i] for i in live])
+        if encoded is not None and len(encoded) == len(items):
+            encoded = [encoded[i] for i in live]
+        for i, enc in zip(live, encoded, strict=True):
+            if enc.image_hw != rgbs[i].shape[:2]:
+                raise ValueError(
+                    f"encoded image {i} is {enc.image_hw} (H, W) but the image is {rgbs[i].shape[:2]}"
+                )
+        counts = [len(mask_ts[i]) for i in live]
+        with torch.inference_mode():
+            tokens = [
+                self.model.region_tokens(enc.features, mask_ts[i])
+                for i, enc in zip(live, encoded, strict=True)
+            ]
+        region_tokens = (torch.cat([t[0] for t in tokens]), torch.cat([t[1] for t in tokens]))
+        image_of = [b for b, n in enumerate(counts) for _ in range(n)]
+        planner = Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
+        first, gens = planner.first_round(len(image_of))
+        for task in (*first, *gens):
+            task.image = image_of[task.region]
+        batch = batch_images(encoded)
+        self.fast.score(batch, first, region_tokens)
+        second = planner.second_round(first)
+        self.fast.score(batch, second, region_tokens)
+        self.fast.generate(batch, gens, region_tokens)
+        answers = planner.assemble(len(image_of), first, second, gens)
+        start = 0
+        for i, n in zip(live, counts, strict=True):
+            out[i] = answers[start : start + n]
+            start += n
+        return out
 
     # ---- labelling ----
     def label(

@@ -164,16 +164,49 @@ class FeatureCache(Generic[T]):
             raise
         pending.value = value
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-                self._counters["evictions"] += 1
+            self._store_locked(key, value)
             del self._pending[key]
         pending.done.set()
         if not from_disk:
             self._save(key, value)
         return value
+
+    def peek(self, key: str) -> T | None:
+        """The value under ``key`` from memory or disk, without computing; None when neither holds it.
+        With :meth:`put`, callers compute misses together (a batch) instead of one ``compute`` each."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self._counters["hits"] += 1
+                return self._items[key]
+        loaded = self._load(key)
+        if loaded is None:
+            return None
+        with self._lock:
+            self._counters["disk_hits"] += 1
+        self._remember(key, loaded)
+        return loaded
+
+    def put(self, key: str, value: T) -> None:
+        """Store a value computed by the caller after a :meth:`peek` miss (memory, then disk)."""
+        if not _KEY_PATTERN.match(key):
+            raise ValueError(f"cache key must be 1-200 characters of [A-Za-z0-9_.-], got {key!r}")
+        with self._lock:
+            self._counters["misses"] += 1
+        self._remember(key, value)
+        self._save(key, value)
+
+    def _remember(self, key: str, value: T) -> None:
+        with self._lock:
+            self._store_locked(key, value)
+
+    def _store_locked(self, key: str, value: T) -> None:
+        """Keep ``value`` as the newest item, evicting the oldest beyond ``max_items`` (hold the lock)."""
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+            self._counters["evictions"] += 1
 
     def stats(self) -> dict[str, Any]:
         """Counters and sizes: hits, misses, disk_hits, evictions, waits, items, disk_bytes.

@@ -27,19 +27,24 @@ class Question:
 
 @dataclass
 class ScoreTask:
-    """Score each candidate answer to ``question`` for ``region``: ``candidates[i] = (label, ids)``."""
+    """Score each candidate answer to ``question`` for ``region``: ``candidates[i] = (label, ids)``.
+    ``image`` is the region's image within an :class:`~osprey.inference.fast.ImageBatch` (0 alone)."""
 
     region: int
     question: Question
     candidates: list[tuple[str, list[int]]]
     log_likelihoods: list[float] = field(default_factory=list)
+    image: int = 0
 
 
 @dataclass
 class GenerateTask:
+    """Greedy answer to ``question`` for ``region`` (of ``image``, as for :class:`ScoreTask`)."""
+
     region: int
     question: Question
     max_new_tokens: int
+    image: int = 0
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)  # log p of each greedy token
 
@@ -117,7 +122,9 @@ class Planner:
                 continue
             best = task.candidates[int(torch.tensor(task.log_likelihoods).argmax())][0]
             candidates = [(p, self._answer(task.question, f"{best}:{p}", finished=True)) for p in req.parts]
-            tasks.append(ScoreTask(region=task.region, question=task.question, candidates=candidates))
+            tasks.append(
+                ScoreTask(region=task.region, question=task.question, candidates=candidates, image=task.image)
+            )
         return tasks
 
     # ---- answers ----

@@ -139,11 +139,13 @@ def build_tiny_tokenizer(vocab_size: int):
 
 @dataclass
 class KVState:
-    """Keys/values of tokens already run through the decoder, with each token's segment and position.
+    """Keys/values of tokens already run through the decoder, in ``B`` independent rows (one image
+    each), with every token's segment and position.
 
-    ``layers[i] = (keys, values)``, each ``(1, n_kv_heads, T, head_dim)``; ``segment`` and
-    ``position`` are ``(T,)`` long tensors. Tensors are never modified in place, so one state can
-    be the base of many later forwards.
+    ``layers[i] = (keys, values)``, each ``(B, n_kv_heads, T, head_dim)``; ``segment`` and ``position``
+    are ``(B, T)`` long tensors. A segment of ``-1`` marks padding (a row shorter than the longest),
+    which no query ever sees. Tensors are never modified in place, so one state can be the base of many
+    later forwards.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
@@ -151,9 +153,36 @@ class KVState:
     position: torch.Tensor
 
     @classmethod
-    def empty(cls, device: torch.device) -> KVState:
-        none = torch.zeros(0, dtype=torch.long, device=device)
-        return cls(layers=[], segment=none, position=none)
+    def empty(cls, device: torch.device, batch: int = 1) -> KVState:
+        none = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return cls(layers=[], segment=none, position=none.clone())
+
+    @property
+    def batch(self) -> int:
+        return self.segment.shape[0]
+
+    @classmethod
+    def stack(cls, states: list[KVState]) -> KVState:
+        """One state whose row ``b`` is ``states[b]`` (each a single row), shorter rows padded."""
+        length = max(s.segment.shape[1] for s in states)
+
+        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            short = length - t.shape[-2 if t.dim() == 4 else -1]
+            if not short:
+                return t
+            if t.dim() == 4:  # (1, H, T, D): pad the token axis
+                return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], short, t.shape[3])], dim=2)
+            return torch.cat([t, t.new_full((t.shape[0], short), value)], dim=1)
+
+        layers = [
+            tuple(torch.cat([pad(s.layers[i][k], 0) for s in states]) for k in (0, 1))
+            for i in range(len(states[0].layers))
+        ]
+        return cls(
+            layers=layers,
+            segment=torch.cat([pad(s.segment, -1) for s in states]),
+            position=torch.cat([pad(s.position, 0) for s in states]),
+        )
 
 
 def tree_attention_mask(
@@ -165,16 +194,25 @@ def tree_attention_mask(
     visible: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Additive ``(1, 1, Q, K)`` mask: a query sees a key when the key's segment is the query's own
-    segment or one of its ancestors (``visible[q_seg, k_seg]``), and, within its own segment,
-    only keys at earlier or equal positions."""
-    same = query_segment[:, None] == key_segment[None, :]
-    allowed = visible[query_segment][:, key_segment] & (
-        ~same | (key_position[None, :] <= query_position[:, None])
+    """Additive ``(B, 1, Q, K)`` mask for rows of ``(B, Q)`` queries and ``(B, K)`` keys: a query sees a
+    key of its row when the key's segment is the query's own or one of its ancestors
+    (``visible[b, q_seg, k_seg]``, ``(B, S, S)``) and, within its own segment, only keys at earlier or
+    equal positions. Padding keys (segment -1) are never seen; a padding query sees its row's first key
+    only (its output is discarded, and a row of nothing but -inf would give NaN)."""
+    rows = torch.arange(query_segment.shape[0], device=query_segment.device)[:, None, None]
+    q_seg, k_seg = query_segment.clamp(min=0), key_segment.clamp(min=0)
+    same = q_seg[:, :, None] == k_seg[:, None, :]
+    allowed = visible[rows, q_seg[:, :, None], k_seg[:, None, :]] & (
+        ~same | (key_position[:, None, :] <= query_position[:, :, None])
     )
+    allowed &= (key_segment >= 0)[:, None, :]
+    padding = query_segment < 0
+    if padding.any():
+        allowed[padding] = False
+        allowed[..., 0] |= padding
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+    return mask[:, None]
 
 
 def forward_on_state(
@@ -185,22 +223,23 @@ def forward_on_state(
     segment: torch.Tensor,
     position: torch.Tensor,
     visible: torch.Tensor,
-    logits_at: torch.Tensor | None,
+    logits_at: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor | None, KVState]:
-    """Run ``embeds`` ``(N, D)`` after the tokens of ``state``.
+    """Run ``embeds`` ``(B, N, D)`` after the tokens of ``state`` (``B`` rows).
 
     Args:
-        segment, position: ``(N,)`` segment id and absolute position of every new token.
-        visible: ``(S, S)`` bool, ``visible[a, b]`` when segment ``a`` may attend to segment ``b``.
-        logits_at: indices into the new tokens whose next-token logits are wanted, or None.
+        segment, position: ``(B, N)`` segment id (-1: padding) and absolute position of every new token.
+        visible: ``(B, S, S)`` bool, ``visible[b, a, c]`` when segment ``a`` of row ``b`` may attend to
+            segment ``c``.
+        logits_at: ``(rows, indices)`` of the new tokens whose next-token logits are wanted, or None.
 
     Returns:
-        ``(logits (len(logits_at), V) in float32 or None, new state including the new tokens)``.
+        ``(logits (len(rows), V) in float32 or None, new state including the new tokens)``.
     """
     from transformers import DynamicCache
 
-    key_segment = torch.cat([state.segment, segment])
-    key_position = torch.cat([state.position, position])
+    key_segment = torch.cat([state.segment, segment], dim=1)
+    key_position = torch.cat([state.position, position], dim=1)
     mask = tree_attention_mask(
         query_segment=segment,
         query_position=position,
@@ -210,26 +249,30 @@ def forward_on_state(
         dtype=embeds.dtype,
     )
     cache = DynamicCache(ddp_cache_data=state.layers) if state.layers else DynamicCache()
-    keep = logits_at if logits_at is not None else torch.zeros(0, dtype=torch.long, device=embeds.device)
-    out = llm(
-        inputs_embeds=embeds[None],
+    causal_lm = (
+        llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    )  # peft: LoRA stays in the layers
+    decoder = causal_lm.model
+    out = decoder(
+        inputs_embeds=embeds,
         attention_mask=mask,
-        position_ids=position[None],
+        position_ids=position,
         use_cache=True,
-        logits_to_keep=keep,
-        **{_cache_argument(llm): cache},
+        **{_cache_argument(decoder): cache},
     )
-    returned = out.cache if _cache_argument(llm) == "cache" else out.past_key_values
+    returned = out.cache if _cache_argument(decoder) == "cache" else out.past_key_values
     new_layers = [(layer.keys, layer.values) for layer in returned.layers]
-    logits = out.logits[0].float() if logits_at is not None else None
+    logits = None
+    if logits_at is not None:
+        rows, indices = logits_at
+        logits = causal_lm.lm_head(out.last_hidden_state[rows, indices]).float()
     return logits, KVState(layers=new_layers, segment=key_segment, position=key_position)
 
 
 def _cache_argument(llm: nn.Module) -> str:
     """The decoder's name for its KV cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``
-    (earlier 5.x, where ``cache`` does not exist yet). Asked once per model class; a peft wrapper
-    passes the argument through to its base model."""
-    cls = type(llm.get_base_model() if hasattr(llm, "get_base_model") else llm)
+    (earlier 5.x, where ``cache`` does not exist yet). Asked once per model class."""
+    cls = type(llm)
     name = _CACHE_ARGUMENT.get(cls)
     if name is None:
         parameters = inspect.signature(cls.forward).parameters

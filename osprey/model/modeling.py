@@ -49,11 +49,15 @@ class OspreyModel(nn.Module):
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``pixels (1, 3, S, S)`` -> (``{level: (C, h, w)}``, projected image tokens ``(N_img, D)``)."""
+        return self.encode_pixels_batch(pixels)[0]
+
+    def encode_pixels_batch(self, pixels: torch.Tensor) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """``pixels (B, 3, S, S)`` -> per image (``{level: (C, h, w)}``, image tokens ``(N_img, D)``),
+        the vision tower and projector run once for the whole batch."""
         features = self.vision_tower(pixels.to(device=self.device, dtype=self.dtype))
-        features = {level: f[0] for level, f in features.items()}
         tokens = features[self.config.vision.image_token_level]
-        tokens = tokens.flatten(1).transpose(0, 1)  # (h*w, C)
-        return features, self.mm_projector(tokens)
+        tokens = self.mm_projector(tokens.flatten(2).transpose(1, 2))  # (B, h*w, D)
+        return [({level: f[i] for level, f in features.items()}, tokens[i]) for i in range(pixels.shape[0])]
 
     def region_tokens(
         self, features: dict[str, torch.Tensor], masks: torch.Tensor

@@ -47,7 +47,9 @@ def ensure_label_studio(venv: Path) -> Path:
     return executable
 
 
-def start_label_studio(executable: Path, data_dir: Path, port: int) -> Process:
+def start_label_studio(executable: Path, data_dir: Path, port: int, **extra_env: str) -> Process:
+    """Label Studio on 127.0.0.1:``port``; ``extra_env`` sets more of its settings (e.g.
+    ``ML_TIMEOUT_PREDICT``)."""
     env = dict(
         os.environ,
         LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
@@ -58,6 +60,7 @@ def start_label_studio(executable: Path, data_dir: Path, port: int) -> Process:
         FRONTEND_SENTRY_DSN="",
         ML_BLOCK_LOCAL_IP="false",  # the backend runs on loopback
         SSRF_PROTECTION_ENABLED="false",  # otherwise the webhook to a loopback backend is skipped
+        **extra_env,
     )
     env.pop("DJANGO_SETTINGS_MODULE", None)
     argv = [str(executable), "start", "--internal-host", "127.0.0.1", "--port", str(port), "--no-browser"]
@@ -145,8 +148,13 @@ class LabelStudioAPI:
         return self.tasks(project_id)
 
     def tasks(self, project_id: int) -> list[dict]:
-        page = self.call("GET", f"/api/tasks/?project={project_id}&page_size=100")
-        return sorted(page["tasks"], key=lambda task: task["id"])
+        found, page = [], 1
+        while True:
+            batch = self.call("GET", f"/api/tasks/?project={project_id}&page_size=100&page={page}")["tasks"]
+            found += batch
+            if len(batch) < 100:
+                return sorted(found, key=lambda task: task["id"])
+            page += 1
 
     def connect_backend(self, project_id: int, backend_url: str) -> dict:
         body = {"url": backend_url, "project": project_id, "title": "osprey", "is_interactive": True}
@@ -166,6 +174,20 @@ class LabelStudioAPI:
 
     def predictions(self, project_id: int) -> list[dict]:
         return self.call("GET", f"/api/predictions/?project={project_id}")
+
+    def wait_for_predictions(self, project_id: int, tasks: int, timeout_s: float = 300) -> list[dict]:
+        """The project's predictions once ``tasks`` tasks have one: a retrieve that outlives the backend's
+        budget is finished by its background pre-label job a little later."""
+        deadline = time.time() + timeout_s
+        while True:
+            found = self.predictions(project_id)
+            if len({p["task"] for p in found}) >= tasks or time.time() > deadline:
+                return found
+            time.sleep(1)
+
+    def import_tasks(self, project_id: int, tasks: list[dict]) -> None:
+        """Import tasks as JSON (``[{"image": url}, ...]``), e.g. pointing at files that do not exist."""
+        self.call("POST", f"/api/projects/{project_id}/import", expect=201, json=tasks)
 
     def annotate(self, task_id: int, result: list[dict]) -> dict:
         body = {"result": result, "was_cancelled": False, "ground_truth": False, "lead_time": 4.0}

@@ -61,7 +61,7 @@ def test_label_studio_shows_the_prelabels(label_studio, osprey_backend, chromium
     [task] = api.import_images(project["id"], {"street.png": scene_png(7, width=640, height=480)})
     api.connect_backend(project["id"], osprey_backend.url)
     api.retrieve_predictions(project["id"])
-    [prediction] = api.predictions(project["id"])
+    [prediction] = api.wait_for_predictions(project["id"], 1)
     regions = [item for item in prediction["result"] if item["type"] == "brushlabels"]
     first = regions[0]
     category = next(

@@ -85,7 +85,7 @@ def test_label_studio_retrieves_and_stores_predictions(label_studio, osprey_back
 
     answer = api.retrieve_predictions(project["id"])
     assert answer["processed_items"] == 2, answer
-    predictions = api.predictions(project["id"])
+    predictions = api.wait_for_predictions(project["id"], 2)
     assert sorted(p["task"] for p in predictions) == [task["id"] for task in tasks]
     for prediction in predictions:
         check_prediction(prediction, config, version, (320, 240))
@@ -138,7 +138,7 @@ def test_annotations_train_a_version_that_label_studio_then_uses(label_studio, o
     project, tasks, ml = connected_project(label_studio, osprey_backend, config, images)
     base_version = ml["model_version"]
     api.retrieve_predictions(project["id"])
-    predictions = {p["task"]: p for p in api.predictions(project["id"])}
+    predictions = {p["task"]: p for p in api.wait_for_predictions(project["id"], len(tasks))}
     assert set(predictions) == {task["id"] for task in tasks}
 
     # The annotator accepts every predicted region and sets its closed-set fields to fixed answers
@@ -183,5 +183,7 @@ def test_annotations_train_a_version_that_label_studio_then_uses(label_studio, o
         if task["id"] not in predictions
     ]
     api.retrieve_predictions(project["id"], [new_task["id"]])
-    [fresh] = [p for p in api.predictions(project["id"]) if p["task"] == new_task["id"]]
+    [fresh] = [
+        p for p in api.wait_for_predictions(project["id"], len(tasks) + 1) if p["task"] == new_task["id"]
+    ]
     check_prediction(fresh, config, new_version, (320, 240))

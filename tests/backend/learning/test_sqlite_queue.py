@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from backend.learning.database import SCHEMA_VERSION
 from backend.learning.queue import LeaseLostError, SqliteJobQueue, UnknownJobError
 
 
@@ -18,7 +19,7 @@ def queue(tmp_path):
 def test_schema_is_created_in_wal_mode_and_reopening_keeps_data(tmp_path):
     path = tmp_path / "nested" / "train.db"
     first = SqliteJobQueue(path)
-    assert first.schema_version() == 1
+    assert first.schema_version() == SCHEMA_VERSION == 2
     job_id = first.enqueue("3", "train", {"n": 1})
     first.close()
     again = SqliteJobQueue(path)

@@ -179,13 +179,15 @@ def _output_tool(xml: str) -> str:
 # ---- batches, bad input, the service keeps serving ----
 
 
-def test_a_failing_task_gets_an_empty_result_and_a_reason(client):
+def test_a_failing_task_gets_no_result_and_a_reason(client):
+    """An empty prediction of the current version would block the task in every later retrieve;
+    without a ``result`` key Label Studio stores nothing for it, and the count stays one per task."""
     tasks = [task(1), task(2, image="/data/upload/7/missing.png"), task(3)]
     response = predict(client, config("captions_only.xml"), tasks)
     assert response.status_code == 200
     results = response.json["results"]
     assert len(results) == 3
-    assert results[1] == {"result": [], "score": 0.0, "model_version": "tiny+sam-tiny-untrained"}
+    assert results[1] == {"score": 0.0, "model_version": "tiny+sam-tiny-untrained"}
     assert results[0]["result"] and results[2]["result"]
     [error] = response.json["errors"]
     assert error["index"] == 1 and error["task"] == 2 and "404" in error["error"]
@@ -242,7 +244,7 @@ def test_image_from_a_disallowed_host_is_refused_without_crashing(client):
         client, config("captions_only.xml"), [task(image="http://169.254.169.254/latest/meta-data")]
     )
     assert response.status_code == 200
-    assert response.json["results"][0]["result"] == []
+    assert "result" not in response.json["results"][0]  # nothing for Label Studio to store
     assert "169.254.169.254" in response.json["errors"][0]["error"]
 
 
@@ -331,7 +333,7 @@ def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, fi
 def test_a_task_runs_the_vision_tower_once_even_without_a_cache(tiny_models):
     from backend.labelstudio.results import region_result
     from backend.labelstudio.schema import parse_label_config
-    from backend.service.predict import PredictOptions, predict_task
+    from backend.prelabel.predict import PredictOptions, predict_task
 
     schema = parse_label_config(config("brush_full.xml"))
     mask = np.zeros((60, 80), bool)

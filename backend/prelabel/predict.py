@@ -1,5 +1,5 @@
-"""One task's prediction: find the regions, refine them with SAM, label them with Osprey, and write
-Label Studio results.
+"""Tasks' predictions: find the regions, refine them with SAM, label them with Osprey (several tasks in
+the same forward passes), and write Label Studio results.
 
 Three ways, chosen per task: *interactive* (the request's ``context`` carries the annotator's clicks,
 box, brush or polygon), *existing regions* (the task's latest annotation or prediction already has
@@ -251,6 +251,28 @@ def field_results(
     return out
 
 
+def find_regions(
+    *,
+    task: dict,
+    rgb: np.ndarray,
+    schema: ProjectSchema,
+    context: dict | None,
+    models,
+    options: PredictOptions,
+) -> list[Region]:
+    """The task's regions: SAM's mask for the annotator's prompt (``context``), else the regions already
+    drawn (SAM-refined when ``options.refine_existing``), else SAM's segment everything."""
+    height, width = rgb.shape[:2]
+    if context and context.get("result"):
+        return [interactive_region(models.refiner, rgb, context)]
+    regions = existing_regions(task, schema, width, height)
+    if regions and options.refine_existing:
+        return refine_regions(models.refiner, rgb, regions)
+    if not regions and options.segment_everything:
+        return everything_regions(models.everything, rgb)
+    return regions
+
+
 def predict_task(
     *,
     task: dict,
@@ -262,37 +284,62 @@ def predict_task(
     head: FastHead | None = None,
 ) -> tuple[list[dict], float]:
     """All result items for one task and the prediction's overall score (mean region score)."""
-    height, width = rgb.shape[:2]
-    if context and context.get("result"):
-        regions = [interactive_region(models.refiner, rgb, context)]
-    else:
-        regions = existing_regions(task, schema, width, height)
-        if regions and options.refine_existing:
-            regions = refine_regions(models.refiner, rgb, regions)
-        elif not regions and options.segment_everything:
-            regions = everything_regions(models.everything, rgb)
+    regions = find_regions(task=task, rgb=rgb, schema=schema, context=context, models=models, options=options)
+    return label_tasks([(rgb, regions)], schema=schema, models=models, options=options, head=head)[0]
+
+
+def label_tasks(
+    items: list[tuple[np.ndarray, list[Region]]],
+    *,
+    schema: ProjectSchema,
+    models,
+    options: PredictOptions,
+    head: FastHead | None = None,
+) -> list[tuple[list[dict], float]]:
+    """Result items and overall score (mean region score) for each ``(image, regions)`` of several tasks.
+
+    Every task's regions are labelled in the same Osprey forward passes (:meth:`Osprey.label_many`), as
+    are the whole-task fields; the answers are those each task would get alone.
+    """
     per_region = [s for s in schema.fields if s.per_region]
     whole_task = [s for s in schema.fields if not s.per_region]
-    results: list[dict] = []
-    scores: list[float] = []
     request = label_request(per_region, options)
     task_request = label_request(whole_task, options)
-    # One encoding of the image serves every question, the head's features and the whole-task fields.
-    encoded = models.osprey.encode_image(rgb) if (regions and request) or task_request else None
-    answers = (
-        models.osprey.label(rgb, [r.mask for r in regions], request, encoded=encoded)
-        if regions and request
-        else [None] * len(regions)
-    )
-    if head is not None and regions and request:
-        apply_head(models.osprey, rgb, regions, answers, head, encoded=encoded)
-    for region, labels in zip(regions, answers, strict=True):
-        items, score = region_results(
-            schema=schema, region=region, labels=labels, width=width, height=height, options=options
+    osprey = models.osprey
+    need = [i for i, (_, regions) in enumerate(items) if (regions and request) or task_request]
+    # One encoding of each image serves every question, the head's features and the whole-task fields.
+    encoded = dict(zip(need, osprey.encode_images([items[i][0] for i in need]), strict=True)) if need else {}
+    answers: list[list] = [[None] * len(regions) for _, regions in items]
+    if request is not None:
+        labelled = [i for i in need if items[i][1]]
+        batch = osprey.label_many(
+            [(items[i][0], [r.mask for r in items[i][1]]) for i in labelled],
+            request,
+            encoded=[encoded[i] for i in labelled],
         )
-        results += items
-        scores.append(score)
+        for i, labels in zip(labelled, batch, strict=True):
+            answers[i] = labels
+            if head is not None:
+                apply_head(osprey, items[i][0], items[i][1], labels, head, encoded=encoded[i])
+    whole: dict[int, RegionLabels] = {}
     if task_request is not None:
-        whole = models.osprey.label(rgb, [np.ones((height, width), bool)], task_request, encoded=encoded)[0]
-        results += field_results(schema, whole, new_region_id(), None, options)
-    return results, float(np.mean(scores)) if scores else 0.0
+        full = [(items[i][0], [np.ones(items[i][0].shape[:2], bool)]) for i in need]
+        for i, labels in zip(
+            need, osprey.label_many(full, task_request, encoded=[encoded[i] for i in need]), strict=True
+        ):
+            whole[i] = labels[0]
+    out = []
+    for i, (rgb, regions) in enumerate(items):
+        height, width = rgb.shape[:2]
+        results: list[dict] = []
+        scores: list[float] = []
+        for region, labels in zip(regions, answers[i], strict=True):
+            region_items, score = region_results(
+                schema=schema, region=region, labels=labels, width=width, height=height, options=options
+            )
+            results += region_items
+            scores.append(score)
+        if i in whole:
+            results += field_results(schema, whole[i], new_region_id(), None, options)
+        out.append((results, float(np.mean(scores)) if scores else 0.0))
+    return out
