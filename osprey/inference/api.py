@@ -21,35 +21,47 @@ from osprey.model.preprocess import preprocess_image, stack_masks, to_rgb_array
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN, conversation, tokenize_prompt
 
 from .baseline import BaselineRunner
-from .fast import EncodedImage, FastRunner, batch_images, encode_image, encode_prefix
+from .fast import EncodedImage, FastRunner, ImageFeatures, batch_images, encode_image, encode_prefix
 from .fields import LabelRequest, RegionLabels
 from .plan import Planner
+from .steps import yield_before_each
 
 logger = logging.getLogger(__name__)
 
 # Part of every cache key of an encoded image: bump it when EncodedImage's layout changes, so values
 # an older version persisted on disk are recomputed instead of misread (2: batch-row KV states).
-ENCODING_FORMAT = "enc2"
+ENCODING_FORMAT = "enc3"
 
 
 def image_feature_cache(
-    *, max_images: int, device: str | torch.device = "cpu", disk_dir=None, max_disk_bytes: int = 8 * 2**30
+    *,
+    max_images: int | None = None,
+    max_bytes: int | None = None,
+    host_max_bytes: int = 0,
+    device: str | torch.device = "cpu",
+    disk_dir=None,
+    max_disk_bytes: int = 8 * 2**30,
 ):
-    """A :class:`~osprey.inference.feature_cache.FeatureCache` for :class:`~osprey.inference.fast.EncodedImage` values
-    (vision features, image tokens, prefix KV cache: ~0.6 GB per image for the 7B model in bf16).
-    With ``disk_dir`` they persist across restarts and load straight onto ``device``."""
-    from osprey.model.llm import KVState
-
-    from .fast import SegmentTree
+    """A :class:`~osprey.inference.feature_cache.FeatureCache` for :class:`~osprey.inference.fast.EncodedImage`
+    values. The device tier holds whole encodings (vision features, image tokens, prefix KV cache:
+    ~0.58 GB per image for the 7B model in bf16), bounded by ``max_images`` and/or ``max_bytes``; the
+    host tier (``host_max_bytes``) and the disk (``disk_dir``: across restarts) keep only the
+    :class:`~osprey.inference.fast.ImageFeatures` (~20 MB), and a hit there reruns the prefix."""
+    from .fast import ImageFeatures
     from .feature_cache import FeatureCache
 
+    if max_images is None and max_bytes is None:
+        raise ValueError("bound the device tier: give max_images, max_bytes or both")
     return FeatureCache(
         name="osprey",
         max_items=max_images,
+        max_bytes=max_bytes,
+        host_max_bytes=host_max_bytes,
         disk_dir=disk_dir,
         max_disk_bytes=max_disk_bytes,
         map_location=device,
-        value_types=[EncodedImage, KVState, SegmentTree],
+        value_types=[ImageFeatures],
+        slim=ImageFeatures.of,
     )
 
 
@@ -82,6 +94,9 @@ class Osprey:
             model=model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
         prefix = tokenize_prompt(tokenizer, conversation(IMAGE_TOKEN))
+        # a scheduler sharing the model may hand it over before any vision or decoder block
+        yield_before_each(model.llm.get_decoder().layers)
+        yield_before_each(b for stage in model.vision_tower.visual.trunk.stages for b in stage.blocks)
         self._prefix_ids = prefix[: prefix.index(IMAGE_PLACEHOLDER_ID) + 1]
 
     @classmethod
@@ -136,11 +151,19 @@ class Osprey:
         key = content_key(
             rgb, "osprey", ENCODING_FORMAT, self.model_id, str(self.model.dtype), self.adapter_tag
         )
-        return self.cache.get_or_compute(key, lambda: self._encode(rgb))
+        return self.cache.get_or_compute(key, lambda: self._encode(rgb), restore=self._from_features)
 
     def _encode(self, rgb: np.ndarray) -> EncodedImage:
         pixels = preprocess_image(rgb, image_size=self.config.vision.image_size)
         return encode_image(self.model, pixels, rgb.shape[:2], list(self._prefix_ids))
+
+    def _from_features(self, kept: ImageFeatures) -> EncodedImage:
+        """An encoding from what the host or disk cache kept: only the prefix runs again."""
+        device = self.device
+        features = {name: value.to(device) for name, value in kept.features.items()}
+        return encode_prefix(
+            self.model, features, kept.image_tokens.to(device), tuple(kept.image_hw), list(self._prefix_ids)
+        )
 
     def encode_images(self, images: Sequence[Image.Image | np.ndarray]) -> list[EncodedImage]:
         """:meth:`encode_image` for several images; those not cached go through the vision tower as one
@@ -157,7 +180,7 @@ class Osprey:
         ]
         if self.cache is not None:
             for i, key in enumerate(keys):
-                out[i] = self.cache.peek(key)
+                out[i] = self.cache.peek(key, restore=self._from_features)
         todo = [i for i, value in enumerate(out) if value is None]
         if todo:
             size = self.config.vision.image_size

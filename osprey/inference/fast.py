@@ -25,6 +25,7 @@ from osprey.model.modeling import OspreyModel
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID
 
 from .plan import GenerateTask, Question, ScoreTask, candidate_log_likelihood
+from .steps import acquire, step_boundary
 
 ROOT = 0
 
@@ -76,6 +77,22 @@ class EncodedImage:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.lock = threading.Lock()
+
+
+@dataclass
+class ImageFeatures:
+    """What the host and disk caches keep of an :class:`EncodedImage`: the vision features and image
+    tokens (~20 MB for the 7B model in bf16), not the prefix keys/values (~0.56 GB), which one decoder
+    forward rebuilds (:func:`encode_prefix`)."""
+
+    image_hw: tuple[int, int]
+    features: dict[str, torch.Tensor]
+    image_tokens: torch.Tensor
+    prefix_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, image: EncodedImage) -> ImageFeatures:
+        return cls(image.image_hw, dict(image.features), image.image_tokens, image.prefix_ids)
 
 
 @dataclass
@@ -254,7 +271,7 @@ class FastRunner:
         the cache for this request, so other requests extending it meanwhile do no harm."""
         model = self.model
         wanted = {(t.image, t.question.key): t.question for t in tasks}
-        with batch.lock:
+        with acquire(batch.lock):  # another request of this image may hold it, stepped aside
             packer = _Packer(batch.trees, self._segment_ends(batch.state), model.device)
             for (row, _), q in wanted.items():
                 shared, _ = split_question(q, len(batch.prefix_ids), model.mask_token_id)
@@ -322,6 +339,7 @@ class FastRunner:
         ``(mask tokens (R, D), spatial tokens (R, D))``, indexed by ``task.region``."""
         if not tasks:
             return
+        step_boundary()
         batch = self._batch(image)
         snap = self._prepare(batch, tasks)
         chunk: list[ScoreTask] = []
@@ -332,6 +350,7 @@ class FastRunner:
             grown[task.image] += need
             if chunk and max(grown) * sum(1 for s in grown if s) > self.max_batch_tokens:  # padded width
                 self._score_chunk(batch, snap, chunk, region_tokens)
+                step_boundary()
                 chunk, grown = [], [0] * len(sizes)
                 grown[task.image] = need
             chunk.append(task)
@@ -388,6 +407,7 @@ class FastRunner:
         unless the token limit came first)."""
         if not tasks:
             return
+        step_boundary()
         model = self.model
         batch = self._batch(image)
         snap = self._prepare(batch, tasks)
@@ -432,6 +452,7 @@ class FastRunner:
             active = still
             if not active:
                 break
+            step_boundary()
             state, logits = self._step(state, visible, [(seqs[i], next_pos[i]) for i in active])
             for i in active:
                 next_pos[i] += 1

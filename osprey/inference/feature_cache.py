@@ -1,17 +1,19 @@
 """A thread-safe cache of per-image features, keyed by image content.
 
-Used for SAM image embeddings and (later) Osprey's CLIP features: the expensive encoder runs
-once per distinct image, whatever URL or request it came from.
+Used for SAM image embeddings and Osprey's image encodings: the expensive encoder runs once per
+distinct image, whatever URL or request it came from.
 
-- Memory: an LRU of at most ``max_items`` values.
+- Tiers, each bounded in bytes: the device (whole values where they were computed), host RAM (what
+  the device tier evicts, slimmed) and disk (the slim value of everything computed); see
+  :class:`FeatureCache`.
 - Concurrency: callers asking for the same key while it is being computed wait for that one
   computation (per-key in-flight dedupe); the computation runs outside the cache's lock, so other
   keys are served meanwhile. If the computation raises, every waiter gets the same exception and
   nothing is cached.
-- Disk (optional): values are written with ``torch.save`` to ``disk_dir/<key>.pt`` (via a temp
+- Disk (optional): slim values are written with ``torch.save`` to ``disk_dir/<key>.pt`` (via a temp
   file and ``os.replace``, so readers never see half a file), the folder is kept under
   ``max_disk_bytes`` by deleting the least recently used files (oldest mtime; a disk hit refreshes
-  the mtime), and a memory miss is served from disk before computing. Files are loaded with
+  the mtime), and a miss in memory is served from disk before computing. Files are loaded with
   ``torch.load(weights_only=True, map_location=map_location)`` (``"cpu"`` unless told otherwise),
   so a value read back from disk lives on that device. A file that cannot be read is logged,
   deleted and recomputed.
@@ -23,6 +25,7 @@ numbers, strings, tuples, lists, dicts of those, and dataclasses whose types are
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -37,7 +40,9 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["FeatureCache", "content_key"]
+from .steps import waiting
+
+__all__ = ["FeatureCache", "content_key", "nbytes", "to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,14 @@ def content_key(image: np.ndarray, *parts: str) -> str:
     return digest.hexdigest()
 
 
+def _check_key(key: str) -> None:
+    if not _KEY_PATTERN.match(key):
+        raise ValueError(
+            f"cache key must be 1-200 characters of [A-Za-z0-9_.-] (it names a file), got {key!r}; "
+            "build keys with content_key()"
+        )
+
+
 class _Pending:
     """One in-flight computation that other callers of the same key wait on."""
 
@@ -83,36 +96,149 @@ class _Pending:
         self.error: BaseException | None = None
 
 
+def nbytes(value: Any) -> int:
+    """Bytes of the tensors and arrays in ``value`` (dataclasses, dicts, lists and tuples are walked;
+    a tensor reachable twice counts once)."""
+    seen: set[int] = set()
+
+    def walk(item: Any) -> int:
+        if isinstance(item, torch.Tensor):
+            if item.device.type != "meta":  # a meta tensor has no storage to share: count its shape
+                if item.data_ptr() in seen:
+                    return 0
+                seen.add(item.data_ptr())
+            return item.numel() * item.element_size()
+        if isinstance(item, np.ndarray):
+            return int(item.nbytes)
+        if isinstance(item, dict):
+            return sum(walk(v) for v in item.values())
+        if isinstance(item, (list, tuple)):
+            return sum(walk(v) for v in item)
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return sum(walk(getattr(item, f.name)) for f in dataclasses.fields(item))
+        return 0
+
+    return walk(value)
+
+
+def to_device(value: Any, device: str | torch.device) -> Any:
+    """``value`` with every tensor in it moved to ``device`` (dataclasses are copied, not changed)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value,
+            **{
+                f.name: to_device(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init
+            },
+        )
+    return value
+
+
+class _Tier:
+    """An LRU of values with their sizes, bounded by items and bytes (the caller holds the lock)."""
+
+    def __init__(self, *, max_items: int | None, max_bytes: int | None) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+
+    def get(self, key: str) -> Any | None:
+        entry = self.items.get(key)
+        if entry is None:
+            return None
+        self.items.move_to_end(key)
+        return entry[0]
+
+    def pop(self, key: str) -> Any | None:
+        entry = self.items.pop(key, None)
+        if entry is None:
+            return None
+        self.bytes -= entry[1]
+        return entry[0]
+
+    def put(self, key: str, value: Any, size: int) -> list[tuple[str, Any]]:
+        """Keep ``value`` as the newest; returns the evicted ``(key, value)`` pairs, oldest first (the
+        new value itself when it alone is over the byte budget)."""
+        self.pop(key)
+        self.items[key] = (value, size)
+        self.bytes += size
+        evicted = []
+        while self.items and (
+            (self.max_items is not None and len(self.items) > self.max_items)
+            or (self.max_bytes is not None and self.bytes > self.max_bytes)
+        ):
+            old_key, (old_value, old_size) = self.items.popitem(last=False)
+            self.bytes -= old_size
+            self.evictions += 1
+            evicted.append((old_key, old_value))
+        return evicted
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+
+
 class FeatureCache(Generic[T]):
-    """LRU cache of computed features with in-flight dedupe and optional disk persistence.
+    """LRU cache of computed features in three tiers, with in-flight dedupe.
+
+    - **device** (``max_items`` / ``max_bytes``): whole values, where they were computed (the GPU).
+    - **host** (``host_max_bytes``, 0 = off): what the device tier evicts, slimmed by ``slim`` and moved
+      to host RAM; a hit is brought back by the caller's ``restore``.
+    - **disk** (``disk_dir``, ``max_disk_bytes``): the slim value of every computed one, written once.
+
+    ``slim(value)`` keeps what is expensive to recompute and cheap to store (for Osprey's encodings:
+    the vision features and image tokens, not the prefix keys/values, which are 25x larger and
+    recomputed in one forward); ``restore(slim_value)``, given per call because it may need the model,
+    rebuilds the whole value on the device. Without ``slim`` the value is stored as it is and restored
+    by moving it to ``map_location``.
 
     Args:
         name: short name used in logs and stats (e.g. ``"sam-embeddings"``).
-        max_items: how many values to keep in memory (>= 1).
+        max_items: at most this many values in the device tier (None: bounded by bytes only).
+        max_bytes: at most this many bytes of tensors in the device tier (None: by items only).
+        host_max_bytes: byte budget of the host tier (0 turns it off).
         disk_dir: folder for persisted values, created if missing; ``None`` keeps memory only.
         max_disk_bytes: bound on the total size of ``*.pt`` files in ``disk_dir``.
-        map_location: device that values read from disk are loaded onto (default ``"cpu"``).
+        map_location: the device values are restored onto (default ``"cpu"``).
         value_types: dataclass types stored as values, allowed when loading from disk.
+        slim: what of a value the host and disk tiers keep (default: all of it).
     """
 
     def __init__(
         self,
         *,
         name: str,
-        max_items: int,
+        max_items: int | None = None,
+        max_bytes: int | None = None,
+        host_max_bytes: int = 0,
         disk_dir: str | Path | None = None,
         max_disk_bytes: int = 2**30,
         map_location: str | torch.device = "cpu",
         value_types: Iterable[type] = (),
+        slim: Callable[[T], Any] | None = None,
     ) -> None:
-        if not isinstance(max_items, int) or max_items < 1:
+        if max_items is None and max_bytes is None:
+            raise ValueError("give the device tier a bound: max_items, max_bytes or both")
+        if max_items is not None and (not isinstance(max_items, int) or max_items < 1):
             raise ValueError(f"max_items must be an int >= 1, got {max_items!r}")
-        if max_disk_bytes < 0:
-            raise ValueError(f"max_disk_bytes must be >= 0, got {max_disk_bytes}")
+        for label, amount in (("max_bytes", max_bytes), ("host_max_bytes", host_max_bytes),
+                              ("max_disk_bytes", max_disk_bytes)):  # fmt: skip
+            if amount is not None and amount < 0:
+                raise ValueError(f"{label} must be >= 0, got {amount}")
         self.name = name
         self.max_items = max_items
         self.max_disk_bytes = int(max_disk_bytes)
         self.map_location = map_location
+        self.slim = slim
         self.disk_dir = Path(disk_dir).expanduser() if disk_dir is not None else None
         if self.disk_dir is not None:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
@@ -121,26 +247,34 @@ class FeatureCache(Generic[T]):
             torch.serialization.add_safe_globals(types)
         self._lock = threading.Lock()
         self._disk_lock = threading.Lock()
-        self._items: OrderedDict[str, T] = OrderedDict()
+        self._device = _Tier(max_items=max_items, max_bytes=max_bytes)
+        self._host = _Tier(max_items=None, max_bytes=int(host_max_bytes))
         self._pending: dict[str, _Pending] = {}
-        self._counters = dict.fromkeys(("hits", "misses", "disk_hits", "evictions", "waits"), 0)
+        self._counters = dict.fromkeys(("hits", "misses", "host_hits", "disk_hits", "waits"), 0)
 
-    def get_or_compute(self, key: str, compute: Callable[[], T]) -> T:
-        """Return the value cached under ``key``, computing it with ``compute()`` on a miss.
+    @property
+    def max_bytes(self) -> int | None:
+        return self._device.max_bytes
+
+    @property
+    def host_max_bytes(self) -> int:
+        return int(self._host.max_bytes or 0)
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], T], restore: Callable[[Any], T] | None = None
+    ) -> T:
+        """Return the value cached under ``key`` (device, host, then disk tier), computing it with
+        ``compute()`` on a miss; ``restore`` rebuilds a value from its slim form (see the class).
 
         Concurrent callers with the same key share one computation: the first runs ``compute``
         (outside the cache lock), the others wait and get its value, or its exception.
         """
-        if not _KEY_PATTERN.match(key):
-            raise ValueError(
-                f"cache key must be 1-200 characters of [A-Za-z0-9_.-] (it names a file), got {key!r}; "
-                "build keys with content_key()"
-            )
+        _check_key(key)
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
+            value = self._device.get(key)
+            if value is not None:
                 self._counters["hits"] += 1
-                return self._items[key]
+                return value
             pending = self._pending.get(key)
             owner = pending is None
             if owner:
@@ -149,13 +283,19 @@ class FeatureCache(Generic[T]):
                 self._counters["waits"] += 1
         assert pending is not None
         if not owner:
-            pending.done.wait()
+            with waiting():  # the computing thread may have stepped aside for this one
+                pending.done.wait()
             if pending.error is not None:
                 raise pending.error
             return pending.value
 
         try:
-            value, from_disk = self._load_or_compute(key, compute)
+            value = self._restored(key, restore)
+            computed = value is None
+            if computed:
+                with self._lock:
+                    self._counters["misses"] += 1
+                value = compute()
         except BaseException as error:
             pending.error = error
             with self._lock:
@@ -163,72 +303,99 @@ class FeatureCache(Generic[T]):
             pending.done.set()
             raise
         pending.value = value
+        self._remember(key, value)
         with self._lock:
-            self._store_locked(key, value)
             del self._pending[key]
         pending.done.set()
-        if not from_disk:
+        if computed:
             self._save(key, value)
         return value
 
-    def peek(self, key: str) -> T | None:
-        """The value under ``key`` from memory or disk, without computing; None when neither holds it.
-        With :meth:`put`, callers compute misses together (a batch) instead of one ``compute`` each."""
+    def peek(self, key: str, restore: Callable[[Any], T] | None = None) -> T | None:
+        """The value under ``key`` from any tier, without computing; None when none holds it. With
+        :meth:`put`, callers compute misses together (a batch) instead of one ``compute`` each."""
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
+            value = self._device.get(key)
+            if value is not None:
                 self._counters["hits"] += 1
-                return self._items[key]
-        loaded = self._load(key)
-        if loaded is None:
-            return None
-        with self._lock:
-            self._counters["disk_hits"] += 1
-        self._remember(key, loaded)
-        return loaded
+                return value
+        value = self._restored(key, restore)
+        if value is not None:
+            self._remember(key, value)
+        return value
 
     def put(self, key: str, value: T) -> None:
-        """Store a value computed by the caller after a :meth:`peek` miss (memory, then disk)."""
-        if not _KEY_PATTERN.match(key):
-            raise ValueError(f"cache key must be 1-200 characters of [A-Za-z0-9_.-], got {key!r}")
+        """Store a value computed by the caller after a :meth:`peek` miss (device tier, then disk)."""
+        _check_key(key)
         with self._lock:
             self._counters["misses"] += 1
         self._remember(key, value)
         self._save(key, value)
 
+    def _restored(self, key: str, restore: Callable[[Any], T] | None) -> T | None:
+        """The value rebuilt from the host tier or the disk, or None."""
+        with self._lock:
+            slim = self._host.pop(key)
+            tier = "host_hits" if slim is not None else None
+        if slim is None:
+            slim = self._load(key)
+            tier = "disk_hits" if slim is not None else None
+        if slim is None:
+            return None
+        value = restore(slim) if restore is not None else to_device(slim, self.map_location)
+        with self._lock:
+            self._counters[tier] += 1
+        return value
+
+    def _slim(self, value: T) -> Any:
+        return self.slim(value) if self.slim is not None else value
+
     def _remember(self, key: str, value: T) -> None:
         with self._lock:
-            self._store_locked(key, value)
-
-    def _store_locked(self, key: str, value: T) -> None:
-        """Keep ``value`` as the newest item, evicting the oldest beyond ``max_items`` (hold the lock)."""
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
-            self._counters["evictions"] += 1
+            evicted = self._device.put(key, value, nbytes(value))
+        if not self._host.max_bytes:
+            return
+        for old_key, old_value in evicted:  # demoted: slim, on the host
+            slim = to_device(self._slim(old_value), "cpu")
+            with self._lock:
+                if old_key not in self._device.items:
+                    self._host.put(old_key, slim, nbytes(slim))
 
     def stats(self) -> dict[str, Any]:
-        """Counters and sizes: hits, misses, disk_hits, evictions, waits, items, disk_bytes.
+        """Counters and sizes of each tier.
 
-        ``hits`` counts memory hits, ``waits`` callers that joined an in-flight computation,
-        ``misses`` calls that ran ``compute``, ``disk_hits`` memory misses served from disk.
+        ``hits`` counts device-tier hits, ``host_hits`` and ``disk_hits`` misses there served (and
+        restored) from the host tier or the disk, ``misses`` calls that ran ``compute``, ``waits``
+        callers that joined an in-flight computation, ``evictions`` / ``host_evictions`` values pushed
+        out of the device / host tier; ``items`` / ``bytes`` are the device tier's, ``host_*`` and
+        ``disk_*`` the other tiers'.
         """
         with self._lock:
             stats: dict[str, Any] = dict(self._counters)
-            stats["items"] = len(self._items)
-        stats["disk_bytes"] = sum(size for _, _, size in self._disk_files())
+            stats.update(
+                items=len(self._device.items), bytes=self._device.bytes, max_items=self.max_items,
+                max_bytes=self._device.max_bytes, evictions=self._device.evictions,
+                host_items=len(self._host.items), host_bytes=self._host.bytes,
+                host_max_bytes=self.host_max_bytes, host_evictions=self._host.evictions,
+            )  # fmt: skip
+        files = self._disk_files()
+        stats.update(
+            disk_items=len(files),
+            disk_bytes=sum(size for _, _, size in files),
+            max_disk_bytes=self.max_disk_bytes,
+        )
         stats["name"] = self.name
-        stats["max_items"] = self.max_items
         return stats
 
     def clear(self) -> None:
-        """Drop every value (memory and disk) and reset the counters, like ``lru_cache.cache_clear``.
+        """Drop every value (all tiers) and reset the counters, like ``lru_cache.cache_clear``.
 
         Computations in flight finish and are stored as usual.
         """
         with self._lock:
-            self._items.clear()
+            self._device.clear()
+            self._host.clear()
+            self._device.evictions = self._host.evictions = 0
             for counter in self._counters:
                 self._counters[counter] = 0
         with self._disk_lock:
@@ -237,23 +404,13 @@ class FeatureCache(Generic[T]):
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
-            return key in self._items
+            return key in self._device.items
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._items)
+            return len(self._device.items)
 
     # Disk persistence ------------------------------------------------------------------------
-
-    def _load_or_compute(self, key: str, compute: Callable[[], T]) -> tuple[T, bool]:
-        loaded = self._load(key)
-        if loaded is not None:
-            with self._lock:
-                self._counters["disk_hits"] += 1
-            return loaded, True
-        with self._lock:
-            self._counters["misses"] += 1
-        return compute(), False
 
     def _path(self, key: str) -> Path:
         assert self.disk_dir is not None
@@ -287,7 +444,7 @@ class FeatureCache(Generic[T]):
                 dir=self.disk_dir, prefix=f".{key}.", suffix=".tmp", delete=False
             ) as f:
                 tmp_name = f.name
-                torch.save(value, f)
+                torch.save(self._slim(value), f)
             os.replace(tmp_name, path)
             tmp_name = None
         except Exception as error:  # disk full, read-only folder...: the cache still works in memory

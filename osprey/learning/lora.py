@@ -11,10 +11,11 @@ code on several GPUs; on a CPU it runs as is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,10 +150,20 @@ class LoraTrainer:
         return model.llm(inputs_embeds=embeds[None], labels=labels[None]).loss
 
     @torch.no_grad()
-    def evaluate(self, samples: Sequence[InstructionSample], examples: Sequence[RegionExample]) -> float:
-        """Mean answer-token cross-entropy over ``samples`` (lower is better)."""
+    def evaluate(
+        self,
+        samples: Sequence[InstructionSample],
+        examples: Sequence[RegionExample],
+        *,
+        step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> float:
+        """Mean answer-token cross-entropy over ``samples`` (lower is better). ``step_session`` is
+        entered around each sample's forward (a scheduler sharing the GPU with serving)."""
         self.osprey.model.eval()
-        losses = [float(self._loss(s, examples)) for s in samples]
+        losses = []
+        for sample in samples:
+            with step_session():
+                losses.append(float(self._loss(sample, examples)))
         return float(np.mean(losses)) if losses else float("nan")
 
     def fit(
@@ -161,8 +172,10 @@ class LoraTrainer:
         examples: Sequence[RegionExample],
         *,
         progress: bool = True,
+        step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> dict:
-        """Train on ``samples``; returns the mean loss of each epoch."""
+        """Train on ``samples``; returns the mean loss of each epoch. ``step_session`` is entered around
+        each optimisation step (a scheduler sharing the GPU with serving)."""
         from accelerate import Accelerator
 
         if not samples:
@@ -183,7 +196,7 @@ class LoraTrainer:
             rng.shuffle(order)
             total = 0.0
             for index in order:
-                with accelerator.accumulate(self.osprey.model):
+                with step_session(), accelerator.accumulate(self.osprey.model):
                     loss = self._loss(samples[index], examples)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import get_rel_pos
 from segment_anything.predictor import SamPredictor
 from segment_anything.utils.amg import MaskData
 from segment_anything.utils.transforms import ResizeLongestSide
@@ -41,6 +42,7 @@ __all__ = [
     "build_sam",
     "build_tiny_sam",
     "checkpoint_url",
+    "get_rel_pos",
     "known_model_types",
 ]
 

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from osprey.inference.feature_cache import FeatureCache, content_key
+from osprey.inference.steps import acquire, yield_after, yield_before_each
 
+from .attention import chunk_global_attention
 from .build import ResizeLongestSide, Sam
 
 __all__ = ["ImageEmbedding", "SamImageEmbedder", "check_image"]
@@ -67,9 +69,11 @@ class SamImageEmbedder:
         sam: the SAM model (see :mod:`osprey.sam.build`); shared, read-only.
         model_id: names the weights (e.g. ``"sam_vit_b_01ec64"``); part of the cache key, so it
             must change whenever the weights do (a disk cache outlives the process).
-        max_images: embeddings kept in memory (one is 4 MiB for the released models).
+        max_images, max_bytes: bounds of the device tier (one embedding is 4 MiB for the released
+            models); either may be None, not both.
+        host_max_bytes: byte budget of the host tier, which keeps what the device tier evicts (0: off).
         disk_dir, max_disk_bytes: optional persistence of embeddings (see :class:`FeatureCache`).
-        cache: an existing cache to share instead of making one (then the three above are unused).
+        cache: an existing cache to share instead of making one (then the bounds above are unused).
 
     Encoder runs are serialized by a lock (concurrent encodes of different images would only
     compete for the same device and multiply peak memory); the same image requested by several
@@ -81,7 +85,9 @@ class SamImageEmbedder:
         *,
         sam: Sam,
         model_id: str,
-        max_images: int = 16,
+        max_images: int | None = 16,
+        max_bytes: int | None = None,
+        host_max_bytes: int = 0,
         disk_dir: str | Path | None = None,
         max_disk_bytes: int = 2**30,
         cache: FeatureCache[ImageEmbedding] | None = None,
@@ -95,12 +101,19 @@ class SamImageEmbedder:
         self.cache: FeatureCache[ImageEmbedding] = cache or FeatureCache(
             name="sam-embeddings",
             max_items=max_images,
+            max_bytes=max_bytes,
+            host_max_bytes=host_max_bytes,
             disk_dir=disk_dir,
             max_disk_bytes=max_disk_bytes,
             map_location=sam.device,
             value_types=[ImageEmbedding],
         )
         self._encoder_lock = threading.Lock()
+        # a scheduler may hand SAM over between encoder and decoder blocks, and between bands of a
+        # global attention (see osprey.inference.steps)
+        yield_before_each([*sam.image_encoder.blocks, *sam.mask_decoder.transformer.layers])
+        yield_after(sam.mask_decoder)  # before its masks are upscaled
+        chunk_global_attention(sam.image_encoder)
         self._encoder_dtype = next(sam.image_encoder.parameters()).dtype
 
     @property
@@ -134,7 +147,7 @@ class SamImageEmbedder:
         input_size = (int(resized.shape[0]), int(resized.shape[1]))
         x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
         x = self.sam.preprocess(x)  # normalised, padded to (1, 3, encoder_size, encoder_size)
-        with self._encoder_lock:
+        with acquire(self._encoder_lock):
             features = self.sam.image_encoder(x.to(self._encoder_dtype))
         logger.debug("encoded a %dx%d image", *original_size)
         return ImageEmbedding(features=features.float(), original_size=original_size, input_size=input_size)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from osprey.inference.steps import step_boundary
+
 from .build import MaskData, SamAutomaticMaskGenerator, SamPredictor
 from .embedding import SamImageEmbedder, check_image
 from .masks import mask_bbox_xyxy
@@ -117,6 +119,11 @@ class _CachedPredictor(SamPredictor):
         self.input_size = embedding.input_size
         self.is_image_set = True
 
+    def predict_torch(self, *args, **kwargs):
+        out = super().predict_torch(*args, **kwargs)
+        step_boundary()  # between the decoder (with the masks' upscaling) and the CPU-side filtering
+        return out
+
 
 class _SharedRle(dict):
     """An RLE dict that ``copy.deepcopy`` shares instead of copying.
@@ -142,8 +149,14 @@ class _CachedMaskGenerator(SamAutomaticMaskGenerator):
         crop_box: list[int],
         orig_size: tuple[int, ...],
     ) -> MaskData:
+        step_boundary()  # between SAM decoder batches: more urgent work may use the model
         data = super()._process_batch(points, im_size, crop_box, orig_size)
         data["rles"] = [_SharedRle(rle) for rle in data["rles"]]
+        return data
+
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        data = super()._generate_masks(image)
+        step_boundary()  # before the post-processing (NMS, clean-up, decoding the RLEs)
         return data
 
 
@@ -186,6 +199,7 @@ class SamEverything:
 
         regions = []
         for record in records:
+            step_boundary()
             mask = np.asarray(record["segmentation"], dtype=bool)
             area = int(mask.sum())
             if area == 0 or area < opts.min_mask_region_area:

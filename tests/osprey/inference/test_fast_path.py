@@ -214,3 +214,36 @@ def test_the_fast_path_uses_no_deprecated_transformers_api(tiny_osprey, scene):
         hf_logger.removeHandler(handler)
     said = [str(w.message) for w in caught] + records
     assert not [m for m in said if "deprecat" in m.lower()], said
+
+
+def test_host_and_disk_tiers_keep_features_not_the_prefix_cache_and_give_the_same_answers(
+    tiny_osprey, scene, tmp_path
+):
+    from osprey.inference.api import image_feature_cache
+    from osprey.inference.fast import ImageFeatures
+    from osprey.inference.feature_cache import nbytes
+
+    request = LabelRequest(categories=("cat", "dog"), caption=True, max_caption_tokens=6)
+    other = np.ascontiguousarray(scene["image"][::-1])
+    calls = []
+    hook = tiny_osprey.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        tiny_osprey.cache = image_feature_cache(max_images=1, host_max_bytes=2**30, disk_dir=tmp_path)
+        first = tiny_osprey.label(scene["image"], scene["masks"][:2], request)
+        encoded = tiny_osprey.encode_image(scene["image"])  # a hit
+        slim = nbytes(encoded) - nbytes(encoded.state)  # all but the prefix keys/values
+        tiny_osprey.label(other, scene["masks"][:1], request)  # the first image is demoted to the host
+        stats = tiny_osprey.cache.stats()
+        assert stats["host_items"] == 1 and stats["host_bytes"] == slim
+        again = tiny_osprey.label(scene["image"], scene["masks"][:2], request)
+        assert len(calls) == 2 and tiny_osprey.cache.stats()["host_hits"] == 1  # only the prefix reran
+        assert len(list(tmp_path.glob("*.pt"))) == 2
+        for a, b in zip(again, first, strict=True):
+            assert (a.category.label, a.caption) == (b.category.label, b.caption)
+            assert a.category.scores == pytest.approx(b.category.scores, abs=1e-5)
+        for path in tmp_path.glob("*.pt"):
+            kept = torch.load(path, weights_only=True)
+            assert isinstance(kept, ImageFeatures) and nbytes(kept) < nbytes(encoded)
+    finally:
+        hook.remove()
+        tiny_osprey.cache = None

@@ -245,3 +245,67 @@ def test_corrupt_disk_file_is_logged_deleted_and_recomputed(tmp_path, caplog) ->
     # The recomputed value replaced the corrupt file and loads in a fresh cache.
     fresh: FeatureCache[torch.Tensor] = FeatureCache(name="t", max_items=2, disk_dir=tmp_path)
     assert torch.equal(fresh.get_or_compute("bad", lambda: pytest.fail("expected disk hit")), value)
+
+
+# tiers in bytes -----------------------------------------------------------------------------------
+
+
+def _value(seed: int, floats: int = 1024) -> _Features:
+    return _Features(torch.full((floats,), float(seed)), (seed, seed))  # 4 KiB of tensor
+
+
+def test_device_tier_evicts_by_bytes_and_a_value_over_the_budget_is_not_kept() -> None:
+    cache = FeatureCache(name="t", max_bytes=int(2.5 * 4096))
+    for i in range(3):
+        cache.get_or_compute(f"k{i}", lambda i=i: _value(i))
+    stats = cache.stats()
+    assert (stats["items"], stats["bytes"], stats["evictions"]) == (2, 2 * 4096, 1)
+    assert "k0" not in cache and "k2" in cache
+    big = cache.get_or_compute("big", lambda: _value(9, floats=4096))  # 16 KiB: over the budget alone
+    assert big.tensor.numel() == 4096 and "big" not in cache and cache.stats()["bytes"] <= 2.5 * 4096
+
+
+def test_host_tier_keeps_the_slim_form_of_what_the_device_evicts_and_restore_rebuilds_it() -> None:
+    slimmed, restored = [], []
+
+    def slim(value: _Features) -> _Features:
+        slimmed.append(value.size)
+        return _Features(value.tensor[:256].clone(), value.size)  # a quarter: the cheap-to-store part
+
+    def restore(kept: _Features) -> _Features:
+        restored.append(kept.size)
+        return _Features(kept.tensor.repeat(4), kept.size)
+
+    cache = FeatureCache(name="t", max_items=1, host_max_bytes=1024, slim=slim)
+    computed = []
+
+    def compute(i):
+        computed.append(i)
+        return _value(i)
+
+    cache.get_or_compute("a", lambda: compute(0), restore)
+    cache.get_or_compute("b", lambda: compute(1), restore)  # "a" demoted: slim, on the host
+    stats = cache.stats()
+    assert (stats["items"], stats["host_items"], stats["host_bytes"]) == (1, 1, 1024)
+    again = cache.get_or_compute("a", lambda: compute(0), restore)  # from the host: no compute
+    assert computed == [0, 1] and restored == [(0, 0)] and torch.equal(again.tensor, _value(0).tensor)
+    stats = cache.stats()
+    assert stats["host_hits"] == 1 and stats["items"] == 1 and stats["host_items"] == 1  # "b" demoted now
+    cache.get_or_compute("c", lambda: compute(2), restore)  # "a" demoted, pushes "b" out of the host
+    assert cache.stats()["host_evictions"] == 1 and cache.peek("b", restore) is None
+
+
+def test_disk_tier_writes_only_the_slim_form(tmp_path) -> None:
+    cache = FeatureCache(
+        name="t", max_items=2, disk_dir=tmp_path, value_types=[_Features],
+        slim=lambda v: _Features(v.tensor[:8].clone(), v.size),
+    )  # fmt: skip
+    cache.get_or_compute("a", lambda: _value(3))
+    (path,) = tmp_path.glob("*.pt")
+    on_disk = torch.load(path, weights_only=True)
+    assert on_disk.tensor.numel() == 8 and on_disk.size == (3, 3)
+    fresh = FeatureCache(name="t", max_items=2, disk_dir=tmp_path, value_types=[_Features])
+    got = fresh.get_or_compute(
+        "a", lambda: pytest.fail("recomputed"), lambda kept: _Features(kept.tensor.repeat(128), kept.size)
+    )
+    assert torch.equal(got.tensor, _value(3).tensor) and fresh.stats()["disk_hits"] == 1
