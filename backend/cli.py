@@ -9,10 +9,11 @@ drive and are registered below: ``label`` (:mod:`osprey.inference.cli`), ``downl
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
+
+from .service.logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,7 +27,6 @@ def _serve(args: argparse.Namespace) -> int:
             ("port", args.port),
             ("osprey_model", args.model),
             ("sam_model", args.sam_model),
-            ("workers", args.workers),
             ("threads", args.threads),
         )
         if value is not None
@@ -127,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (PORT, default 9090)")
     serve.add_argument("--model", help="Osprey preset or checkpoint dir (OSPREY_MODEL, default osprey-7b)")
     serve.add_argument("--sam-model", help="vit_h, vit_l, vit_b or tiny (SAM_MODEL, default vit_h)")
-    serve.add_argument("--workers", type=int, help="processes, each with its own models (WORKERS, default 1)")
-    serve.add_argument("--threads", type=int, help="threads per process (THREADS, default 8)")
+    serve.add_argument("--threads", type=int, help="request threads (THREADS, default 8)")
     serve.set_defaults(func=_serve)
 
     pre = subparsers.add_parser(
@@ -162,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = os.environ.get("LOG_LEVEL", "INFO") if args.command == "serve" else args.log_level
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        configure_logging(level)  # query strings and credentials are removed from every record
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"osprey-label {args.command}: error: {error}", file=sys.stderr)

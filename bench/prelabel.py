@@ -73,9 +73,16 @@ def make_tasks(n: int, regions: int, schema, size=(480, 640), seed: int = 0) -> 
 def build_models(preset: str, sam: str, device: str | None, max_masks: int) -> Models:
     osprey = Osprey.from_pretrained(preset, device=device, random_weights=preset == "osprey-7b")
     sam_model = build_sam(sam, random_weights=sam != "tiny", device=osprey.device)
+    return models_from(osprey, sam_model, sam, max_masks=max_masks)
+
+
+def models_from(osprey: Osprey, sam_model, sam: str, *, max_masks: int, points_per_side: int = 8,
+                points_per_batch: int = 64) -> Models:  # fmt: skip
+    """The service's model bundle around already built models (a fresh, empty SAM embedding cache)."""
     embedder = SamImageEmbedder(sam=sam_model, model_id=f"sam_{sam}", max_images=2)
-    options = EverythingOptions(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0,
-                                min_mask_region_area=0, max_masks=max_masks)  # fmt: skip
+    options = EverythingOptions(points_per_side=points_per_side, points_per_batch=points_per_batch,
+                                pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0,
+                                max_masks=max_masks)  # fmt: skip
     return Models(osprey=osprey, refiner=SamRefiner(embedder=embedder),
                   everything=SamEverything(embedder=embedder, options=options), sam_model=sam, untrained=True)  # fmt: skip
 
@@ -94,7 +101,7 @@ def same(a, b, tol: float = 1e-3) -> bool:
     return True
 
 
-def run(engine, tasks, schema, device) -> tuple[float, list]:
+def timed_predict(engine, tasks, schema, device) -> tuple[float, list]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -104,7 +111,7 @@ def run(engine, tasks, schema, device) -> tuple[float, list]:
     return time.perf_counter() - start, out
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -127,11 +134,14 @@ def main() -> int:
         "--only", type=int, metavar="N", help="run batch_tasks=N alone (whole-process timers)"
     )
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace, models: Models) -> list[dict]:
+    """One row per setting (one task at a time, then each ``--batch`` size), on ``models``; with
+    ``--only N`` one row of ``batch_tasks=N`` alone."""
     schema = parse_label_config(CONFIG.read_text())
     regions = 0 if args.segment_everything else args.regions
-    models = build_models(args.preset, args.sam, args.device, args.max_masks)
     device = models.osprey.device
     options = PredictOptions(
         max_caption_tokens=args.caption_tokens, max_description_tokens=args.description_tokens
@@ -144,15 +154,14 @@ def main() -> int:
 
     engine(2).predict(tasks[:2], schema)  # warm-up: kernels, allocator
     if args.only is not None:
-        seconds, _ = run(engine(args.only), tasks, schema, device)
-        print(json.dumps({"batch_tasks": args.only, "seconds": round(seconds, 2)}))
-        return 0
+        seconds, _ = timed_predict(engine(args.only), tasks, schema, device)
+        return [{"batch_tasks": args.only, "seconds": round(seconds, 2)}]
     sizes = [1, *(int(b) for b in args.batch.split(","))]
     times: dict[int, list[float]] = {size: [] for size in sizes}
     outputs: dict[int, list] = {}
     for _ in range(args.repeat):  # settings in turn (1, 2, 4, ..., 1, 2, 4, ...): drift hits all alike
         for size in sizes:
-            seconds, outputs[size] = run(engine(size), tasks, schema, device)
+            seconds, outputs[size] = timed_predict(engine(size), tasks, schema, device)
             times[size].append(seconds)
     base_s = float(np.median(times[1]))
     rows = [
@@ -169,6 +178,17 @@ def main() -> int:
             tasks_per_min=round(60 * args.tasks / row["seconds"], 2), ratio=round(base_s / row["seconds"], 2),
             seconds=round(row["seconds"], 2),
         )  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    models = build_models(args.preset, args.sam, args.device, args.max_masks)
+    rows = run(args, models)
+    if args.only is not None:
+        print(json.dumps(rows[0]))
+        return 0
+    cfg, device = models.osprey.config, models.osprey.device
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +72,64 @@ def timed(fn, device, *args):
     return time.perf_counter() - start, out
 
 
+def full_request(caption_tokens: int = 16, description_tokens: int = 32) -> LabelRequest:
+    """All five fields: category and part label sets, attributes, caption, description."""
+    return LabelRequest(
+        categories=CATEGORIES,
+        parts=PARTS,
+        attributes=ATTRIBUTES,
+        caption=True,
+        description=True,
+        max_caption_tokens=caption_tokens,
+        max_description_tokens=description_tokens,
+    )
+
+
+def run(
+    osprey: Osprey,
+    *,
+    regions: Sequence[int] = (1, 5, 20),
+    caption_tokens: int = 16,
+    description_tokens: int = 32,
+    deadline: float | None = None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """One row per region count: baseline and fast seconds, speed-up, and whether the answers agree.
+
+    ``deadline`` (a ``time.perf_counter()`` value): a region count whose time, extrapolated linearly
+    from the previous row, would end after it is left out (the caller sees fewer rows). ``on_row`` is
+    called with each row as soon as it is measured."""
+    device = osprey.device
+    request = full_request(caption_tokens, description_tokens)
+    cfg = osprey.config
+    warm_image, warm_masks = make_scene(1, seed=99)
+    osprey.label(warm_image, warm_masks, request)  # warm-up: kernels, allocator
+    rows: list[dict] = []
+    for n in regions:
+        if deadline is not None and rows:
+            last = rows[-1]
+            expected = (last["baseline_s"] + last["fast_s"]) * n / last["regions"]
+            if time.perf_counter() + expected > deadline:
+                break
+        image, masks = make_scene(n, seed=n)
+        t_base, base = timed(osprey.label_baseline, device, image, masks, request)
+        t_fast, fast = timed(osprey.label, device, image, masks, request)
+        rows.append({
+            "model": cfg.name,
+            "device": str(device),
+            "regions": n,
+            "fields": 5,
+            "baseline_s": round(t_base, 3),
+            "fast_s": round(t_fast, 3),
+            "speedup": round(t_base / t_fast, 1),
+            "fast_s_per_region": round(t_fast / n, 4),
+            "same_answers": same_answers(fast, base),
+        })  # fmt: skip
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,46 +144,22 @@ def main() -> int:
     args = parser.parse_args()
 
     osprey = Osprey.from_pretrained(args.preset, device=args.device, random_weights=args.random_weights)
-    device = osprey.device
-    request = LabelRequest(
-        categories=CATEGORIES,
-        parts=PARTS,
-        attributes=ATTRIBUTES,
-        caption=True,
-        description=True,
-        max_caption_tokens=args.caption_tokens,
-        max_description_tokens=args.description_tokens,
-    )
     cfg = osprey.config
     header = (
         f"model {cfg.name} ({cfg.llm.num_hidden_layers} layers, hidden {cfg.llm.hidden_size}, "
-        f"{cfg.vision.num_image_tokens} image tokens) on {device}, dtype {osprey.model.dtype}; "
+        f"{cfg.vision.num_image_tokens} image tokens) on {osprey.device}, dtype {osprey.model.dtype}; "
         f"fields: {len(CATEGORIES)} categories, {len(PARTS)} parts, {len(ATTRIBUTES)} attributes, "
         f"caption <= {args.caption_tokens} tokens, description <= {args.description_tokens} tokens"
     )
     if not args.json:
         print(header)
-    warm_image, warm_masks = make_scene(1, seed=99)
-    osprey.label(warm_image, warm_masks, request)  # warm-up: kernels, allocator
-    rows = []
-    for n in (int(x) for x in args.regions.split(",")):
-        image, masks = make_scene(n, seed=n)
-        t_base, base = timed(osprey.label_baseline, device, image, masks, request)
-        t_fast, fast = timed(osprey.label, device, image, masks, request)
-        row = {
-            "model": cfg.name,
-            "device": str(device),
-            "regions": n,
-            "fields": 5,
-            "baseline_s": round(t_base, 3),
-            "fast_s": round(t_fast, 3),
-            "speedup": round(t_base / t_fast, 1),
-            "fast_s_per_region": round(t_fast / n, 4),
-            "same_answers": same_answers(fast, base),
-        }
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
+    rows = run(
+        osprey,
+        regions=[int(x) for x in args.regions.split(",")],
+        caption_tokens=args.caption_tokens,
+        description_tokens=args.description_tokens,
+        on_row=(lambda row: print(json.dumps(row), flush=True)) if args.json else None,
+    )
     if not args.json:
         print(
             f"{'regions':>7} | {'baseline s':>10} | {'fast s':>8} | {'fast s/region':>13} | {'speed-up':>8} | same answers"

@@ -167,14 +167,17 @@ def warm_up(refiner: SamRefiner, image: np.ndarray, device: str) -> None:
         refiner.embedder.encode(image[:64, :64].copy())
 
 
-def bench_model(model_type: str, args: argparse.Namespace) -> list[dict]:
-    sam = build_sam(
-        model_type,
-        checkpoint=args.checkpoint,
-        random_weights=args.checkpoint is None,
-        device=args.device,
-        dtype=DTYPES[args.dtype],
-    )
+def bench_model(model_type: str, args: argparse.Namespace, sam=None) -> list[dict]:
+    """The rows of one SAM model; ``sam`` is an already built one of ``model_type`` (else built here
+    from ``args``)."""
+    if sam is None:
+        sam = build_sam(
+            model_type,
+            checkpoint=args.checkpoint,
+            random_weights=args.checkpoint is None,
+            device=args.device,
+            dtype=DTYPES[args.dtype],
+        )
     embedder = SamImageEmbedder(sam=sam, model_id=f"bench-{model_type}", max_images=4)
     refiner = SamRefiner(embedder=embedder)
     image = synthetic_image(args.height, args.width)

@@ -17,10 +17,14 @@ Sources of a task's image reference:
 named, even on private addresses (an internal MinIO); ``*.example.com`` and ``*`` admit matching hosts
 only while every address they resolve to is public. Private, loopback, link-local (cloud metadata
 169.254.169.254), multicast, reserved and unspecified addresses are refused everywhere else except at
-Label Studio's origin. Redirects are followed by hand (at most 5), each hop checked again. Bodies are
-streamed under a byte cap and a total time cap; the pixel count is checked from the header before
-decoding; EXIF orientation is applied (as browsers do, so sizes match Label Studio's
-``original_width``/``original_height``).
+Label Studio's origin. An IPv6 address that stands for an IPv4 one (IPv4-mapped ``::ffff:0:0/96`` and
+-compatible ``::/96``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/96``, 6to4 ``2002::/16``, Teredo
+``2001::/32``) is judged by the IPv4 address it carries (Teredo: its server and its client); other
+addresses in the local-use NAT64 prefix ``64:ff9b:1::/48`` carry an IPv4 address where only the
+network's operator knows, and are refused. Redirects are followed by hand (at most 5), each hop
+checked again. Bodies are streamed under a byte cap and a total time cap; the pixel count is checked
+from the header before decoding; EXIF orientation is applied (as browsers do, so sizes match Label
+Studio's ``original_width``/``original_height``).
 Known limit: the name is resolved for the check and again by the HTTP client (DNS rebinding window).
 """
 
@@ -101,10 +105,49 @@ def _origin(url: str) -> tuple[str, str, int]:
     return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215 local use, any RFC 6052 layout
+_NAT64_LOCAL_96 = ipaddress.IPv6Network("64:ff9b:1::/96")  # the one layout of it that can be read
+
+
+def carried_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses a connection to ``ip`` reaches through an IPv4 embedding (IPv4-mapped or
+    -compatible, NAT64, 6to4, Teredo: server and client); None for a plain IPv6 address, [] for a
+    local-use NAT64 address outside ``64:ff9b:1::/96`` (the operator's layout is unknown)."""
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _IPV4_COMPATIBLE or ip in _NAT64 or ip in _NAT64_LOCAL_96:  # :: and ::1 give 0.0.0.0/8
+        return [low32]
+    if ip in _NAT64_LOCAL:
+        return []
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    return None
+
+
 def _public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        carried = carried_ipv4(ip)
+        if carried is not None:
+            return bool(carried) and all(_public_ip(v4) for v4 in carried)
+    return _public_ip(ip)
+
+
+def _described(address: str) -> str:
+    """``address``, with the IPv4 addresses it carries when it is an IPv4 embedding (for messages)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    carried = carried_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+    if carried is None:
+        return address
+    return f"{address} = {' and '.join(map(str, carried))}" if carried else f"{address} = unknown IPv4"
+
+
+def _public_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     flags = (
         ip.is_private,
         ip.is_loopback,
@@ -142,6 +185,7 @@ class ImageLoader:
         token_provider: Callable[[], str | None] | None = None,
         cache_size: int = 8,
         resolver: Callable[[str, int], list[str]] = _resolve,
+        url_ttl_s: float = 60.0,
     ) -> None:
         self._ls_url = self._check_ls_url(label_studio_url)
         self._ls_origin = _origin(self._ls_url) if self._ls_url else None
@@ -158,6 +202,10 @@ class ImageLoader:
         self._resolver = resolver
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+        # reference -> (content hash, when it was read): an annotator's clicks on one image within
+        # url_ttl_s reuse its decoded pixels without fetching it again (0: always fetch)
+        self._recent: OrderedDict[str, tuple[str, float, str]] = OrderedDict()
+        self.url_ttl_s = float(url_ttl_s)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._counts: Counter[str] = Counter()
@@ -191,6 +239,9 @@ class ImageLoader:
                 f"the task's image reference must be a non-empty string, got {type(url_or_path).__name__}"
             )
         reference = url_or_path.strip()
+        recent = self._recent_image(reference)
+        if recent is not None:
+            return recent
         data, source = self._read(reference)
         content_hash = hashlib.sha256(data).hexdigest()
         with self._lock:
@@ -205,6 +256,28 @@ class ImageLoader:
                 self._cache[content_hash] = rgb
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
+        if self.url_ttl_s > 0 and source != "data-uri":
+            with self._lock:
+                self._recent[reference] = (content_hash, time.monotonic(), source)
+                self._recent.move_to_end(reference)
+                while len(self._recent) > 4 * self._cache_size:
+                    self._recent.popitem(last=False)
+        return LoadedImage(rgb=rgb, content_hash=content_hash, source=source)
+
+    def _recent_image(self, reference: str) -> LoadedImage | None:
+        """The image read from ``reference`` less than ``url_ttl_s`` ago, if its pixels are still cached."""
+        with self._lock:
+            entry = self._recent.get(reference)
+            if entry is None:
+                return None
+            content_hash, read_at, source = entry
+            rgb = self._cache.get(content_hash)
+            if rgb is None or time.monotonic() - read_at > self.url_ttl_s:
+                del self._recent[reference]
+                return None
+            self._cache.move_to_end(content_hash)
+            self._counts["loaded"] += 1
+            self._counts["recent_hits"] += 1
         return LoadedImage(rgb=rgb, content_hash=content_hash, source=source)
 
     def stats(self) -> dict[str, int]:
@@ -293,7 +366,10 @@ class ImageLoader:
             self._local.session = session
         return session
 
-    def _check_host(self, url: str) -> None:
+    def check_url(self, url: str) -> None:
+        """Raise ImageLoadError (``refused`` or ``unreachable``) unless ``url`` may be fetched: Label
+        Studio's origin, an exactly named host, or a wildcard-matched host whose every address is public
+        (module docstring). Every hop of a fetch, redirects included, goes through this check."""
         source = sanitize_url(url)
         scheme, host, port = _origin(url)
         if scheme not in ("http", "https") or not host:
@@ -312,7 +388,7 @@ class ImageLoader:
             addresses = self._resolver(host, port)
         except (OSError, UnicodeError):
             raise self._refuse(f"cannot resolve host {host}", source, "unreachable") from None
-        blocked = [address for address in addresses if not _public(address)]
+        blocked = [_described(address) for address in addresses if not _public(address)]
         if blocked or not addresses:
             raise self._refuse(
                 f"host {host} resolves to a non-public address ({', '.join(blocked) or 'none'}); name it "
@@ -323,7 +399,7 @@ class ImageLoader:
     def _fetch(self, url: str) -> bytes:
         deadline = time.monotonic() + self.timeout_s
         for _ in range(MAX_REDIRECTS + 1):
-            self._check_host(url)
+            self.check_url(url)
             response = self._get(url, deadline)
             if response.status_code in _REDIRECTS:
                 location = response.headers.get("Location")

@@ -28,21 +28,32 @@ import numpy as np
 
 from backend.errors import WebhookError
 
+from .limits import DEFAULT_LIMITS, RECTANGLE_PERCENT_RANGE, PayloadLimits
 from .rle import BadRegionError, decode_brush_rle, encode_brush_rle, image_size
 
 logger = logging.getLogger(__name__)
 
 LABELED_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "keypointlabels")
 REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "brush", "polygon", "rectangle")
+_RASTER_ROWS = 64  # rectangles are rasterised this many rows at a time (bounded temporaries)
 
 
 def finite_number(value, name: str) -> float:
     """``value`` as a float; BadRegionError unless it is a finite int/float (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise BadRegionError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise BadRegionError(f"{name} must be finite, got {value!r}")
-    return float(value)
+        raise BadRegionError(f"{name} must be a number, got {type(value).__name__} {str(value)[:40]}")
+    number = _float(value)
+    if not math.isfinite(number):
+        raise BadRegionError(f"{name} must be finite, got {number!r}")
+    return number
+
+
+def _float(value) -> float:
+    """``float(value)``, with ints too large for a float (``10**400``) read as infinity."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _check_rotation(item: dict) -> None:
@@ -72,13 +83,17 @@ def check_original_size(item: dict, width: int, height: int) -> None:
         )
 
 
-def mask_from_result(result_item: dict, width: int, height: int) -> np.ndarray:
+def mask_from_result(
+    result_item: dict, width: int, height: int, *, limits: PayloadLimits = DEFAULT_LIMITS
+) -> np.ndarray:
     """The ``(H, W)`` bool mask of a stored region result (brush, polygon or rectangle, labelled or not).
 
     Per-region results (choices/textarea) that repeat their region's geometry are read too. Raises
-    BadRegionError for keypoints, unknown types, rotated images or a size mismatch.
+    BadRegionError for keypoints, unknown types, rotated images or a size mismatch, and
+    PayloadTooLargeError (a BadRegionError) past ``limits``, before the mask is allocated.
     """
     width, height = image_size(width, height)
+    limits.check_image_size(width, height)
     if not isinstance(result_item, dict) or not isinstance(result_item.get("value"), dict):
         raise BadRegionError("a result item must be a dict with a 'value' dict")
     _check_rotation(result_item)
@@ -90,7 +105,9 @@ def mask_from_result(result_item: dict, width: int, height: int) -> np.ndarray:
         return decode_brush_rle(value.get("rle"), width, height)
     if kind.startswith("polygon") or (kind not in REGION_TYPES and "points" in value):
         return rasterize_polygon(
-            polygon_to_pixels(value, width=width, height=height), width=width, height=height
+            polygon_to_pixels(value, width=width, height=height, max_points=limits.max_polygon_points),
+            width=width,
+            height=height,
         )
     if kind.startswith("rectangle") or (kind not in REGION_TYPES and "height" in value and "x" in value):
         return rasterize_rectangle(value, width=width, height=height)
@@ -114,7 +131,17 @@ def keypoint_to_pixels(value: dict, *, width: int, height: int) -> tuple[float, 
 
 
 def rectangle_corners(value: dict, *, width: int, height: int) -> np.ndarray:
-    """``(4, 2)`` pixel corners (TL, TR, BR, BL) of a rectangle value, rotated about its top-left corner."""
+    """``(4, 2)`` pixel corners (TL, TR, BR, BL) of a rectangle value, rotated about its top-left corner.
+
+    Percent values outside ``RECTANGLE_PERCENT_RANGE`` (more than an image size beyond the image) are
+    refused as corrupt.
+    """
+    low, high = RECTANGLE_PERCENT_RANGE
+    for key in ("x", "y", "width", "height"):
+        if not low <= _percent(value, key) <= high:
+            raise BadRegionError(
+                f"the rectangle's {key} is {value[key]!r}% of the image; expected {low:g}..{high:g}%"
+            )
     x, y = _percent(value, "x") / 100 * width, _percent(value, "y") / 100 * height
     w, h = _percent(value, "width") / 100 * width, _percent(value, "height") / 100 * height
     if w <= 0 or h <= 0:
@@ -148,11 +175,13 @@ def rasterize_rectangle(value: dict, *, width: int, height: int) -> np.ndarray:
     x0, y0 = np.floor(np.clip(corners.min(axis=0), 0, (width, height))).astype(int)
     x1, y1 = np.ceil(np.clip(corners.max(axis=0), 0, (width, height))).astype(int)
     mask = np.zeros((height, width), dtype=bool)
-    yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
-    offsets = np.stack([xx - corners[0][0], yy - corners[0][1]], axis=-1)  # (h, w, 2)
-    u = offsets @ u_axis / (u_axis @ u_axis)  # position along the top edge, 0..1 inside
-    v = offsets @ v_axis / (v_axis @ v_axis)
-    mask[y0:y1, x0:x1] = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
+    for top in range(y0, y1, _RASTER_ROWS):  # a few rows at a time: the temporaries are 48 bytes a pixel
+        bottom = min(top + _RASTER_ROWS, y1)
+        yy, xx = np.mgrid[top:bottom, x0:x1] + 0.5
+        offsets = np.stack([xx - corners[0][0], yy - corners[0][1]], axis=-1)  # (h, w, 2)
+        u = offsets @ u_axis / (u_axis @ u_axis)  # position along the top edge, 0..1 inside
+        v = offsets @ v_axis / (v_axis @ v_axis)
+        mask[top:bottom, x0:x1] = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
     return mask
 
 
@@ -173,11 +202,15 @@ def mask_to_rectangle_value(mask: np.ndarray) -> dict:
     }
 
 
-def polygon_to_pixels(value: dict, *, width: int, height: int) -> list[tuple[float, float]]:
-    """Pixel vertices of a polygon value ``{points: [[x%, y%], ...]}`` (clipped to the image)."""
+def polygon_to_pixels(
+    value: dict, *, width: int, height: int, max_points: int = DEFAULT_LIMITS.max_polygon_points
+) -> list[tuple[float, float]]:
+    """Pixel vertices of a polygon value ``{points: [[x%, y%], ...]}`` (clipped to the image); a polygon of
+    more than ``max_points`` vertices is refused (PayloadTooLargeError) before any is read."""
     points = value.get("points") if isinstance(value, dict) else None
     if not isinstance(points, list) or len(points) < 3:
         raise BadRegionError("a polygon needs 'points' with at least 3 [x%, y%] pairs")
+    PayloadLimits(max_polygon_points=max_points).check_polygon(points)
     vertices = []
     for index, point in enumerate(points):
         if not isinstance(point, (list, tuple)) or len(point) != 2:
@@ -271,17 +304,21 @@ class AnnotatorInput:
 CONTEXT_TYPES = ("keypointlabels", "keypoint", *REGION_TYPES)
 
 
-def parse_context(context: dict, *, width: int, height: int) -> AnnotatorInput:
+def parse_context(
+    context: dict, *, width: int, height: int, limits: PayloadLimits = DEFAULT_LIMITS
+) -> AnnotatorInput:
     """Read Label Studio's interactive ``context`` (``{"result": [...]}``) for an image of this size.
 
     Raises BadRegionError for an empty or malformed context, unknown item types, points outside the
     image, zero-area boxes, empty brush strokes, rotated images or a size mismatch between the item's
-    ``original_width``/``original_height`` and ``width``/``height``.
+    ``original_width``/``original_height`` and ``width``/``height``; PayloadTooLargeError past ``limits``
+    (items, keypoints, polygon vertices), before any item is read.
     """
     width, height = image_size(width, height)
     items = context.get("result") if isinstance(context, dict) else None
     if not isinstance(items, list) or not items:
         raise BadRegionError('the context must be {"result": [...]} with at least one item from a smart tool')
+    limits.check_context(context)
     parsed = AnnotatorInput(
         width=width, height=height, points_xy=np.zeros((0, 2)), point_labels=np.zeros(0, int)
     )
@@ -304,9 +341,11 @@ def parse_context(context: dict, *, width: int, height: int) -> AnnotatorInput:
             elif kind.startswith("rectangle"):
                 parsed.box_xyxy = np.array(rectangle_to_xyxy(value, width=width, height=height))
             elif kind.startswith("polygon"):
-                parsed.polygon = polygon_to_pixels(value, width=width, height=height)
+                parsed.polygon = polygon_to_pixels(
+                    value, width=width, height=height, max_points=limits.max_polygon_points
+                )
             else:
-                stroke = mask_from_result(item, width, height)
+                stroke = mask_from_result(item, width, height, limits=limits)
                 if not stroke.any():
                     raise BadRegionError("the brush stroke is empty")
                 parsed.brush_mask = stroke if parsed.brush_mask is None else parsed.brush_mask | stroke
@@ -469,7 +508,12 @@ def annotation_timestamp(annotation: dict) -> float:
     """
     value = annotation.get("updated_at") or annotation.get("created_at")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        seconds = _float(value)
+        if not math.isfinite(seconds):
+            raise WebhookError(
+                f"'annotation.updated_at' must be a finite time (ISO 8601 or POSIX seconds), got {seconds!r}"
+            )
+        return seconds
     if not isinstance(value, str):
         raise WebhookError(
             "'annotation.updated_at' is missing; expected an ISO 8601 time such as '2025-05-01T12:00:00Z'"

@@ -17,6 +17,11 @@ case-insensitive): ``region_category`` and ``regionCategory`` map to ``category`
 ``object_short_description`` maps to ``caption``. An explicit ``field_map`` ({tag name: field}, see
 ``parse_field_map``) overrides the defaults; the field ``none`` keeps a tag out of the mapping.
 
+A per-region ``TextArea`` whose name maps to no field (``notes``, ``comment``) receives the region's
+caption when no other tag does (``OSPREY_FIELD_MAP='notes=none'`` keeps it empty, or map it to another
+field); ``ProjectSchema.tags`` says what every tag of the config receives, and why (``/setup`` answers
+with it and ``osprey-label check-config`` prints it).
+
 If no ``Choices`` maps to ``category`` and the output tool (``BrushLabels`` etc.) has two or more
 labels, those labels are the closed category label set: the schema then holds a synthetic
 ``category`` field whose ``from_name`` is the output tool itself (the category is written into the
@@ -29,6 +34,8 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
+
+from .roles import TagRole, tag_roles
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +110,7 @@ class FieldSpec:
     ``labels`` is the closed label set (Choice values) or empty for free text (TextArea);
     ``multiple`` is True for ``choice="multiple"``; ``per_region`` is False for whole-task tags.
     ``when_label_value`` copies ``whenLabelValue`` (Label Studio then shows the tag only for regions
-    with that label).
+    with that label). ``source`` says why the tag has this field (its name, the field map, ...).
     """
 
     field: str
@@ -114,6 +121,7 @@ class FieldSpec:
     multiple: bool
     per_region: bool
     when_label_value: str | None = None
+    source: str = ""
 
     @property
     def result_type(self) -> str:
@@ -135,6 +143,7 @@ class ProjectSchema:
     fields: list[FieldSpec] = dataclass_field(default_factory=list)
     warnings: list[str] = dataclass_field(default_factory=list)
     extra_tools: list[RegionTool] = dataclass_field(default_factory=list)
+    tags: list[TagRole] = dataclass_field(default_factory=list)
 
     def field(self, name: str) -> FieldSpec | None:
         """The spec of field ``name`` (one of ``FIELDS``), or None when the config does not ask for it."""
@@ -151,6 +160,10 @@ class ProjectSchema:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def tag_roles(self) -> list[dict]:
+        """``[{"tag", "tag_type", "receives", "reason"}]`` for every control tag, in config order."""
+        return [asdict(role) for role in self.tags]
 
 
 def parse_field_map(text: str | None) -> dict[str, str]:
@@ -228,6 +241,16 @@ def parse_label_config(xml: str, *, field_map: dict[str, str] | None = None) -> 
         fields=fields,
         warnings=warnings,
         extra_tools=extra,
+        tags=tag_roles(
+            controls,
+            image_name,
+            output=output,
+            clicks=clicks,
+            extra=extra,
+            fields=fields,
+            left_out={tag for tag, field in (field_map or {}).items() if field == NO_FIELD},
+            names=_CANONICAL_TAG,
+        ),  # fmt: skip
     )
 
 
@@ -358,6 +381,7 @@ def _map_fields(controls, image_name, output: RegionTool, field_map: dict[str, s
             raise SchemaError(f"field map tag {tag_name!r} does not point at image {image_name!r} (toName)")
     chosen: dict[str, FieldSpec] = {}
     explicit_fields: set[str] = set()
+    unnamed_texts = []  # per-region TextAreas no name matches: the first gets the caption if free
     for control in controls:  # explicit mappings first: they win over names
         target = field_map.get(control.name, NO_FIELD)
         if target != NO_FIELD:
@@ -378,7 +402,9 @@ def _map_fields(controls, image_name, output: RegionTool, field_map: dict[str, s
         ):
             continue
         target = default_field_for_name(control.name)
-        if target is None:
+        if target is None and tag == "textarea" and _per_region(control):
+            unnamed_texts.append(control)
+        elif target is None:
             warnings.append(
                 f"{_CANONICAL_TAG[tag]} {control.name!r} is not mapped to any field; rename it or map it "
                 f"with OSPREY_FIELD_MAP='{control.name}=<field>'"
@@ -390,6 +416,20 @@ def _map_fields(controls, image_name, output: RegionTool, field_map: dict[str, s
             )
         else:
             _add_field(chosen, _field_spec(control, target, image_name, explicit=False), warnings)
+    for control in unnamed_texts:
+        if "caption" not in chosen:
+            spec = _field_spec(control, "caption", image_name, explicit=False)
+            spec.source = (
+                f"a per-region TextArea whose name matches no field gets the caption by default "
+                f"(OSPREY_FIELD_MAP='{control.name}=none' leaves it empty)"
+            )
+            chosen["caption"] = spec
+        else:
+            warnings.append(
+                f"TextArea {control.name!r} is not mapped to any field and the caption goes to "
+                f"{chosen['caption'].from_name!r}; it is left empty (map it with "
+                f"OSPREY_FIELD_MAP='{control.name}=<field>')"
+            )
     if "category" not in chosen and len(output.labels) > 1:
         chosen["category"] = FieldSpec(
             field="category",
@@ -399,13 +439,19 @@ def _map_fields(controls, image_name, output: RegionTool, field_map: dict[str, s
             labels=list(output.labels),
             multiple=False,
             per_region=True,
+            source=f"the {output.tag_type} labels are the category label set (no Choices maps to category)",
         )
     return [chosen[name] for name in FIELDS if name in chosen]
+
+
+def _per_region(control) -> bool:
+    return str(control.attr.get("perRegion", "")).lower() == "true"
 
 
 def _field_spec(control, target: str, image_name: str, explicit: bool) -> FieldSpec:
     tag = (control.tag or "").lower()
     how = "mapped by OSPREY_FIELD_MAP" if explicit else "mapped by its name"
+    source = f"OSPREY_FIELD_MAP='{control.name}={target}'" if explicit else "its name"
     fix = f"rename the tag or set OSPREY_FIELD_MAP='{control.name}=<field or none>'"
     if tag not in _FIELD_TAG_TYPES[target]:
         allowed = " or ".join(_CANONICAL_TAG[t] for t in sorted(_FIELD_TAG_TYPES[target]))
@@ -431,8 +477,9 @@ def _field_spec(control, target: str, image_name: str, explicit: bool) -> FieldS
         tag_type=_CANONICAL_TAG[tag],
         labels=labels,
         multiple=multiple,
-        per_region=str(control.attr.get("perRegion", "")).lower() == "true",
+        per_region=_per_region(control),
         when_label_value=control.attr.get("whenLabelValue") or None,
+        source=source,
     )
 
 
@@ -486,5 +533,13 @@ def describe_schema(schema: ProjectSchema) -> str:
     missing = [name for name in FIELDS if schema.field(name) is None]
     if missing:
         out.append(f"Not asked for: {', '.join(missing)}")
+    if schema.tags:
+        out.append("Each tag receives:")
+        width = max(len(role.tag) for role in schema.tags)
+        kinds = max(len(role.tag_type) for role in schema.tags)
+        out.extend(
+            f"  {role.tag.ljust(width)}  {role.tag_type.ljust(kinds)}  {role.receives}: {role.reason}"
+            for role in schema.tags
+        )
     out.extend(f"Warning: {message}" for message in schema.warnings)
     return "\n".join(out)

@@ -37,7 +37,8 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from backend.errors import WebhookError
-from backend.labelstudio.ids import project_key
+from backend.labelstudio.ids import MAX_ID, label_studio_id, project_key
+from backend.labelstudio.limits import DEFAULT_LIMITS, PayloadLimits
 from backend.labelstudio.results import annotation_timestamp
 from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_label_config
 from backend.reports.comparison import compare_annotation
@@ -62,6 +63,7 @@ def handle_webhook(
     queue: JobQueue,
     train_every: int | None = None,
     field_map: dict[str, str] | None = None,
+    limits: PayloadLimits = DEFAULT_LIMITS,
 ) -> dict:
     """Persist one Label Studio webhook event; returns ``{"status", "action", ...}``.
 
@@ -71,7 +73,9 @@ def handle_webhook(
     (START_TRAINING, or the project's new region labels crossed a multiple of ``train_every``) and
     ``job_id`` names it. Jobs go to ``queue`` (either back end of :mod:`backend.learning.queue`).
     The label config comes from ``payload["project"]["label_config"]``, else ``label_config_for(project_id)``.
-    Raises WebhookError (a ValueError) for a malformed payload.
+    Regions past ``limits`` (claimed image size, polygon vertices, regions per annotation) are not
+    decoded: they are listed under ``skipped`` with the reason. Raises WebhookError (a ValueError) for a
+    malformed payload, naming the field.
     """
     started = time.perf_counter()
     if not isinstance(payload, dict):
@@ -80,7 +84,7 @@ def handle_webhook(
     if not isinstance(action, str) or not action:
         raise WebhookError("the webhook body has no 'action' string (e.g. 'ANNOTATION_CREATED')")
     if action in ANNOTATION_EVENTS:
-        out = _annotation_event(store, payload, label_config_for, field_map, train_every, queue)
+        out = _annotation_event(store, payload, label_config_for, field_map, train_every, queue, limits)
     elif action in DELETE_EVENTS:
         out = _delete_event(store, payload)
     elif action == "TASKS_DELETED":
@@ -109,6 +113,7 @@ def reparse_unparsed(
     queue: JobQueue,
     train_every: int | None = None,
     field_map: dict[str, str] | None = None,
+    limits: PayloadLimits = DEFAULT_LIMITS,
 ) -> int:
     """Parse the annotations kept raw while the project's config was unknown; returns how many."""
     done = 0
@@ -116,7 +121,7 @@ def reparse_unparsed(
         raw = {**raw, "project": {"id": project_key(project_id), "label_config": label_config}}
         out = handle_webhook(
             store, raw, label_config_for=lambda _: label_config, train_every=train_every, queue=queue,
-            field_map=field_map,
+            field_map=field_map, limits=limits,
         )  # fmt: skip
         done += out["status"] in ("stored", "cancelled")
     return done
@@ -126,11 +131,7 @@ def reparse_unparsed(
 
 
 def _int(value, where: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise WebhookError(f"{where} must be an integer id, got {type(value).__name__} {value!r}")
-    return value
+    return label_studio_id(value, where, error=WebhookError)
 
 
 def _project_id(payload: dict) -> str:
@@ -139,6 +140,8 @@ def _project_id(payload: dict) -> str:
         project = project.get("id")
     if project is None or isinstance(project, (bool, list, dict)):
         raise WebhookError("the webhook body has no 'project' with an 'id'; Label Studio sends one per event")
+    if not isinstance(project, str):
+        _int(project, "'project.id'")
     return project_key(project)
 
 
@@ -174,7 +177,7 @@ def _delete_event(store: TrainingStore, payload: dict) -> dict:
     }
 
 
-def _annotation_event(store, payload, label_config_for, field_map, train_every, queue) -> dict:
+def _annotation_event(store, payload, label_config_for, field_map, train_every, queue, limits) -> dict:
     annotation = payload.get("annotation")
     if not isinstance(annotation, dict):
         raise WebhookError(
@@ -224,7 +227,7 @@ def _annotation_event(store, payload, label_config_for, field_map, train_every, 
             schema = _schema(config, tuple(sorted((field_map or {}).items())))
         except SchemaError as error:
             raise WebhookError(f"project {project}'s label config cannot be read: {error}") from None
-        _fill(record, store, schema, result, data, skipped)
+        _fill(record, store, schema, result, data, skipped, limits)
     written = store.write_annotation(record)
     status = (
         {"accepted": "stored"}.get(record.state, record.state)
@@ -243,14 +246,20 @@ def _annotation_event(store, payload, label_config_for, field_map, train_every, 
 def _optional_int(value) -> int | None:
     if isinstance(value, dict):
         value = value.get("id")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID else None
 
 
 # ---- regions -------------------------------------------------------------------------------------
 
 
 def _fill(
-    record: AnnotationRecord, store, schema: ProjectSchema, result, data: dict, skipped: list[str]
+    record: AnnotationRecord,
+    store,
+    schema: ProjectSchema,
+    result,
+    data: dict,
+    skipped: list[str],
+    limits: PayloadLimits,
 ) -> None:
     """Read the regions and fields of ``result`` into ``record``, matched against recorded predictions."""
     reference = data.get(schema.image_data_key)
@@ -258,7 +267,7 @@ def _fill(
     predicted = (
         store.predicted_regions(record.project_id, record.task_id) if record.task_id is not None else []
     )
-    comparison = compare_annotation(schema, result, predicted)
+    comparison = compare_annotation(schema, result, predicted, limits=limits)
     for message in comparison.skipped:
         logger.warning("annotation %s: skipped %s", record.annotation_id, message)
     skipped.extend(comparison.skipped)

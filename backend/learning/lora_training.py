@@ -1,34 +1,40 @@
 """LoRA training jobs: a project's accepted regions -> an adapter version, gated on held-out loss.
 
 The adapter is trained on a copy of the model loaded for the job (the served model keeps serving),
-starting from the project's current adapter when it has one. The held-out regions (the same 1-in-5
-task split as the head) give the answer-token loss of what is served now and of the new adapter; the
-version is always written, carrying the current head along, and promoted only when the loss is not
-worse.
+starting from the project's current adapter when it has one. Regions whose image is gone or of another
+size, or whose mask is unreadable, are skipped and reported by reason (:mod:`backend.learning.examples`).
+The held-out regions (the same 1-in-5 task split as the head) give the answer-token loss of what is
+served now and of the new adapter; the version is always written, carrying the current head along, and
+promoted only when the loss is not worse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import shutil
+from collections.abc import Callable
 
 import torch
 
 from osprey.inference.api import Osprey
 from osprey.learning.lora import LoraSettings, LoraTrainer, RegionExample, instruction_samples, load_adapter
 
+from .examples import SkipReport, usable_regions
 from .heldout import heldout_flags
 
 logger = logging.getLogger(__name__)
 
 
-def region_example(region, rgb) -> RegionExample:
+def region_example(region, rgb, mask) -> RegionExample:
+    """One accepted region as a LoRA example: ``rgb`` its ``(H, W, 3)`` uint8 image, ``mask`` its
+    ``(H, W)`` bool mask."""
     fields = region.fields or {}
     attributes = fields.get("attributes") or ()
     return RegionExample(
         image=rgb,
-        mask=region.mask(),
+        mask=mask,
         category=fields.get("category"),
         part=fields.get("part"),
         attributes=tuple(attributes) if isinstance(attributes, list | tuple) else (),
@@ -40,30 +46,45 @@ def region_example(region, rgb) -> RegionExample:
 class LoraJob:
     """The ``lora`` job handler: ``job(project_id) -> dict``."""
 
-    def __init__(self, *, service, settings: LoraSettings | None = None, min_examples: int = 5) -> None:
+    def __init__(
+        self,
+        *,
+        service,
+        settings: LoraSettings | None = None,
+        min_examples: int = 5,
+        step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
         self.service = service
         self.settings = settings or LoraSettings()
         self.min_examples = min_examples
+        self.step_session = step_session  # each training step shares the GPU at the lowest priority
 
     def __call__(self, project_id: str) -> dict:
         service = self.service
         schema = service.project_schema(project_id)
         label_sets = {spec.field: tuple(spec.labels) for spec in schema.fields if spec.labels}
-        regions = [r for r in service.store.accepted_regions(project_id) if r.image_ref]
+        regions = service.store.accepted_regions(project_id)
         if len(regions) < self.min_examples:
             return {
                 "status": "skipped",
                 "reason": f"{len(regions)} accepted regions; {self.min_examples} needed",
             }
-        images: dict[str, object] = {}
-        examples = []
-        for region in regions:
-            if region.image_ref not in images:
-                images[region.image_ref] = service.loader.load(region.image_ref).rgb
-            examples.append(region_example(region, images[region.image_ref]))
-        test_flags = heldout_flags([(r.task_id, r.annotation_id) for r in regions])
-        train = [e for e, t in zip(examples, test_flags, strict=True) if not t]
-        test = [e for e, t in zip(examples, test_flags, strict=True) if t]
+        # the split is drawn over every stored region, as the head job draws it: a skip moves no other
+        flags = heldout_flags([(r.task_id, r.annotation_id) for r in regions])
+        held_out = {id(r): flag for r, flag in zip(regions, flags, strict=True)}
+        skipped = SkipReport()
+        train, test = [], []
+        for image in usable_regions(regions, service.loader, skipped):
+            for region, mask in zip(image.regions, image.masks, strict=True):
+                (test if held_out[id(region)] else train).append(region_example(region, image.rgb, mask))
+        skipped.log(project_id, "lora", len(regions))
+        if len(train) + len(test) < self.min_examples:
+            return {
+                "status": "skipped",
+                "reason": f"{len(train) + len(test)} usable accepted regions after skipping {skipped.total}; "
+                f"{self.min_examples} needed",
+                "skipped_examples": skipped.as_dict(),
+            }
         sets = dict(
             categories=label_sets.get("category", ()),
             parts=label_sets.get("part", ()),
@@ -71,7 +92,11 @@ class LoraJob:
         )
         train_samples, test_samples = instruction_samples(train, **sets), instruction_samples(test, **sets)
         if not train_samples or not test_samples:
-            return {"status": "skipped", "reason": "the accepted regions give no question to train on"}
+            return {
+                "status": "skipped",
+                "reason": "the usable accepted regions give no question to train on, or none held out",
+                "skipped_examples": skipped.as_dict(),
+            }
 
         current = service.registry.current(project_id)
         current_dir = service.registry.path(project_id, current.version) if current else None
@@ -85,9 +110,10 @@ class LoraJob:
                 trainer = load_adapter(copy, current_dir / "lora")
             else:
                 trainer = LoraTrainer(osprey=copy, settings=self.settings)
-            served_loss = trainer.evaluate(test_samples, test)
-            history = trainer.fit(train_samples, train, progress=False)
-            new_loss = trainer.evaluate(test_samples, test)
+            step = self.step_session
+            served_loss = trainer.evaluate(test_samples, test, step_session=step)
+            history = trainer.fit(train_samples, train, progress=False, step_session=step)
+            new_loss = trainer.evaluate(test_samples, test, step_session=step)
 
             def write(folder):
                 trainer.save(folder / "lora")
@@ -98,7 +124,7 @@ class LoraJob:
                     "heldout_examples": len(test_samples),
                     "metrics": {**(current.metrics if current else {}), "heldout_answer_loss": new_loss},
                     "notes": f"held-out answer loss {served_loss:.4f} -> {new_loss:.4f}; "
-                    f"epochs {history['epoch_losses']}",
+                    f"epochs {history['epoch_losses']}; skipped regions: {skipped.total}",
                 }
 
             kind = "head+lora" if current_dir is not None and (current_dir / "head").is_dir() else "lora"
@@ -122,4 +148,5 @@ class LoraJob:
             "heldout_answer_loss": new_loss,
             "served_answer_loss": served_loss,
             "reason": reason,
+            "skipped_examples": skipped.as_dict(),
         }

@@ -5,6 +5,11 @@ are fsynced, and the folder is renamed into place, so a crash never leaves a hal
 that looks complete. ``CURRENT`` names the promoted version; it is replaced atomically and read by
 every worker process (a change of its modification time makes a worker reload). ``history.jsonl``
 records each promotion, which is what ``rollback`` walks back.
+
+A writer holds an exclusive ``flock`` on its temporary folder until the folder is renamed, so what a
+writer killed outright (kill -9, power loss) leaves is recognisable: a ``.tmp-*`` folder nobody holds.
+The registry removes those, and the temporary files of an interrupted ``CURRENT`` replacement, when it
+starts (``remove_unfinished``), logging each; versions, ``CURRENT`` and the history are never touched.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 _PROJECT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TMP_VERSION_RE = re.compile(r"^\.tmp-[0-9a-f]{1,64}$")  # what ``create`` writes into (uuid4 hex)
+_TMP_CURRENT_RE = re.compile(r"^\.CURRENT\.[0-9a-f]{32}\.tmp$")  # what ``_write_atomic`` writes CURRENT into
 
 
 @dataclass
@@ -80,10 +87,28 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def _try_lock_dir(path: Path) -> int | None:
+    """An fd holding an exclusive flock on the folder ``path``, or None when another process (or
+    another fd of this one) holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class ModelRegistry:
+    """The versions of every project under ``root`` (``MODEL_DIR``); see the module docstring.
+
+    Starting one removes what writes killed mid-way left behind (``remove_unfinished``).
+    """
+
     def __init__(self, *, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.remove_unfinished()
 
     def project_dir(self, project: str, *, create: bool = False) -> Path:
         """The project's folder; created only for writes (reading an unknown project changes nothing)."""
@@ -162,8 +187,7 @@ class ModelRegistry:
         """Write a new version: ``write(folder)`` fills a temporary folder and returns the meta fields
         it knows (``train_examples``, ``metrics`` ...); the folder becomes ``vNNNN`` only when complete."""
         directory = self.project_dir(project, create=True)
-        tmp = directory / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        tmp, hold = self._new_tmp(directory)
         try:
             extra = write(tmp) or {}
             with self._locked(project):
@@ -185,8 +209,25 @@ class ModelRegistry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            os.close(hold)  # releases the folder's flock (it followed the folder through the rename)
         logger.info("project %s: wrote version %s (%s)", project, version, kind)
         return info
+
+    @staticmethod
+    def _new_tmp(directory: Path) -> tuple[Path, int]:
+        """A new temporary version folder and an fd holding its flock while it is written."""
+        while True:
+            tmp = directory / f".tmp-{uuid.uuid4().hex}"
+            tmp.mkdir()
+            try:
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue  # a starting registry took it for a leftover between mkdir and open
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if tmp.is_dir():
+                return tmp, fd
+            os.close(fd)  # removed before this process got the lock: take another name
 
     def promote(self, project: str, version: str, *, reason: str = "") -> VersionInfo:
         info = self.info(project, version)
@@ -223,12 +264,56 @@ class ModelRegistry:
                 os.fsync(handle.fileno())
         logger.info("project %s: %s -> %s (%s)", project, action, version or "base model", reason)
 
+    def remove_unfinished(self) -> list[Path]:
+        """Remove, in every project folder, the temporary version folders no live writer holds and the
+        temporary files of interrupted ``CURRENT`` replacements; returns the removed paths, each logged.
+        Complete versions (``vNNNN``), ``CURRENT``, the history and files of other names are kept."""
+        removed: list[Path] = []
+        try:
+            folders = sorted(p for p in self.root.iterdir() if _PROJECT_RE.match(p.name) and p.is_dir())
+        except OSError as error:
+            logger.warning(
+                "model registry %s: cannot list it to remove unfinished writes: %s", self.root, error
+            )
+            return removed
+        for folder in folders:
+            removed += self._remove_unfinished_in(folder)
+        return removed
+
     def clean_unfinished(self, project: str) -> int:
-        """Remove temporary folders left by writes that crashed; returns how many."""
-        removed = 0
-        for path in self.project_dir(project).glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
-            removed += 1
+        """``remove_unfinished`` for one project; returns how many leftovers were removed."""
+        directory = self.project_dir(project)
+        return len(self._remove_unfinished_in(directory)) if directory.is_dir() else 0
+
+    def _remove_unfinished_in(self, directory: Path) -> list[Path]:
+        removed = []
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as error:
+            logger.warning("model registry: cannot list %s: %s", directory, error)
+            return removed
+        for path in entries:
+            try:
+                if _TMP_VERSION_RE.match(path.name) and path.is_dir() and not path.is_symlink():
+                    fd = _try_lock_dir(path)
+                    if fd is None:
+                        continue  # a live writer is filling it
+                    try:
+                        shutil.rmtree(path)
+                    finally:
+                        os.close(fd)
+                elif _TMP_CURRENT_RE.match(path.name) and path.is_file():
+                    with self._locked(directory.name):  # CURRENT is only replaced under this lock
+                        path.unlink(missing_ok=True)
+                else:
+                    continue
+            except FileNotFoundError:
+                continue  # its writer finished (or another registry removed it) meanwhile
+            except OSError as error:
+                logger.warning("model registry: cannot remove the unfinished write %s: %s", path, error)
+                continue
+            logger.warning("model registry: removed %s, left by a write that did not finish", path)
+            removed.append(path)
         return removed
 
 

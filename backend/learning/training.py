@@ -1,18 +1,20 @@
 """Training jobs: a project's accepted regions -> a fast head version, gated and promoted.
 
-The job builds region features for every accepted region (one cached vision forward per image),
-splits the regions by task (a stable 1-in-5 hash of the task id is held out), fits the head on the
-rest, and compares what would be served, Osprey's probabilities blended with the new head, against
-what is served now (Osprey alone, or blended with the current head) on the held-out regions. The
-new version is always written; it is promoted only when no metric is worse.
+The job splits the accepted regions by task (a stable 1-in-5 hash of the task id is held out), builds
+region features for every usable region (one cached vision forward per image; regions whose image is
+gone or of another size, or whose mask is unreadable, are skipped and reported by reason, see
+:mod:`backend.learning.examples`), fits the head on the training side, and compares what would be
+served, Osprey's probabilities blended with the new head, against what is served now (Osprey alone,
+or blended with the current head) on the held-out regions. The new version is always written; it is
+promoted only when no metric is worse.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-import threading
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,7 @@ from osprey.inference.fields import LabelRequest
 from osprey.learning.head import FastHead, FieldSpec, HeadTrainer, blend
 from osprey.learning.region_features import feature_layout, region_features
 
+from .examples import SkipReport, usable_regions
 from .heldout import heldout_flags
 from .lora_training import LoraJob
 from .registry import not_worse
@@ -79,10 +82,19 @@ def served_metrics(answers: list[dict], truths: list[dict], fields: list[FieldSp
     return metrics
 
 
+def label_request(fields: list[FieldSpec]) -> LabelRequest:
+    """What Osprey is asked for the project's closed-set fields."""
+    by_name = {f.name: f for f in fields}
+    return LabelRequest(
+        categories=by_name["category"].labels if "category" in by_name else None,
+        parts=by_name["part"].labels if "part" in by_name else None,
+        attributes=by_name["attributes"].labels if "attributes" in by_name else None,
+    )
+
+
 @dataclass
 class Example:
     image_ref: str
-    mask: np.ndarray  # (H, W) bool
     truth: dict  # field -> accepted value
     test: bool  # held out (see backend.learning.heldout)
 
@@ -91,18 +103,28 @@ class ProjectTrainer:
     """The job handler (``backend.learning.queue.redis_queue.Worker`` calls it): ``trainer(project, kind, payload) -> dict``."""
 
     def __init__(
-        self, *, service, min_examples: int = 5, tolerance: float = 0.0, lock: threading.Lock | None = None
+        self,
+        *,
+        service,
+        min_examples: int = 5,
+        tolerance: float = 0.0,
+        session: Callable[[str], contextlib.AbstractContextManager] | None = None,
+        step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self.service = service  # OspreyService: models, store, registry, loader, label configs
         self.min_examples = min_examples
         self.tolerance = tolerance
-        self.lock = lock or service.model_lock
+        # the served model, one step at a time with the project's adapter (the service's scheduler)
+        self.session = session or (lambda project: contextlib.nullcontext())
+        self.step_session = step_session  # the LoRA job's own model copy: GPU time, no adapter
 
     def __call__(self, project_id: str, kind: str, payload: dict) -> dict:
         if kind == "train":
             return self.train_head(project_id)
         if kind == "lora":
-            return LoraJob(service=self.service, min_examples=self.min_examples)(project_id)
+            return LoraJob(
+                service=self.service, min_examples=self.min_examples, step_session=self.step_session
+            )(project_id)
         raise ValueError(f"unknown job kind {kind!r}; expected 'train' or 'lora'")
 
     def train_head(self, project_id: str) -> dict:
@@ -111,23 +133,32 @@ class ProjectTrainer:
         fields = head_fields(schema)
         if not fields:
             return {"status": "skipped", "reason": "the label config has no closed-set field to learn"}
-        regions = service.store.accepted_regions(project_id)
-        usable = [r for r in regions if r.image_ref and any(r.fields.get(f.name) for f in fields)]
-        if len(usable) < self.min_examples:
+        regions = [
+            r for r in service.store.accepted_regions(project_id) if any(r.fields.get(f.name) for f in fields)
+        ]
+        if len(regions) < self.min_examples:
             return {
                 "status": "skipped",
-                "reason": f"{len(usable)} accepted regions; {self.min_examples} needed",
+                "reason": f"{len(regions)} accepted regions; {self.min_examples} needed",
             }
-        features, examples = self._features(project_id, usable, fields)
+        skipped = SkipReport()
+        features, examples, served_now = self._features(project_id, regions, fields, skipped)
         train = [i for i, e in enumerate(examples) if not e.test]
         test = [i for i, e in enumerate(examples) if e.test]
+        if len(examples) < self.min_examples or not train or not test:
+            return {
+                "status": "skipped",
+                "reason": f"{len(examples)} usable accepted regions ({len(train)} to train on, {len(test)} "
+                f"held out) after skipping {skipped.total}; {self.min_examples} needed, on both sides",
+                "skipped_examples": skipped.as_dict(),
+            }
         labels = {f.name: [examples[i].truth.get(f.name) for i in train] for f in fields}
         head = HeadTrainer(fields=fields, layout=feature_layout(service.models.osprey)).fit(
             features[train], labels
         )
         current = service.current_head(project_id)
         candidate_metrics, current_metrics = self._compare(
-            project_id, examples, features, test, fields, head, current
+            examples, features, served_now, test, fields, head, current
         )
         promote, reason = not_worse(candidate_metrics, current_metrics, tolerance=self.tolerance)
 
@@ -143,7 +174,7 @@ class ProjectTrainer:
                 "train_examples": len(train),
                 "heldout_examples": len(test),
                 "metrics": candidate_metrics,
-                "notes": f"served now: {current_metrics}; {reason}",
+                "notes": f"served now: {current_metrics}; {reason}; skipped regions: {skipped.total}",
             }
 
         info = service.registry.create(
@@ -167,52 +198,45 @@ class ProjectTrainer:
             "metrics": candidate_metrics,
             "current_metrics": current_metrics,
             "reason": reason,
+            "skipped_examples": skipped.as_dict(),
         }
 
-    def _features(self, project_id: str, regions, fields) -> tuple[np.ndarray, list[Example]]:
-        by_image: dict[str, list] = defaultdict(list)
-        for region in regions:
-            by_image[region.image_ref].append(region)
-        rows, examples, keys = [], [], []
-        for ref, group in by_image.items():
-            rgb = self.service.loader.load(ref).rgb
-            masks = [r.mask() for r in group]
-            with self.lock:
-                self.service.activate_project(project_id)
-                rows.append(region_features(self.service.models.osprey, rgb, masks))
-            for region, mask in zip(group, masks, strict=True):
-                truth = {f.name: region.fields.get(f.name) for f in fields}
-                examples.append(Example(ref, mask, truth, test=False))
-                keys.append((region.task_id, region.annotation_id))
-        for example, test in zip(examples, heldout_flags(keys), strict=True):
-            example.test = test
-        return np.concatenate(rows).astype(np.float32), examples
-
-    def _compare(self, project_id: str, examples, features, test, fields, head, current):
+    def _features(
+        self, project_id: str, regions, fields, skipped: SkipReport
+    ) -> tuple[np.ndarray, list[Example], dict[int, object]]:
+        """``(N, F)`` features of the N usable regions, their examples, and for each held-out one (by
+        example index) what is served now: Osprey with the project's adapter. Each image is loaded
+        once; the held-out split is drawn over all ``regions``, so a skipped region moves no other."""
         osprey = self.service.models.osprey
-        by_name = {f.name: f for f in fields}
-        request = LabelRequest(
-            categories=by_name["category"].labels if "category" in by_name else None,
-            parts=by_name["part"].labels if "part" in by_name else None,
-            attributes=by_name["attributes"].labels if "attributes" in by_name else None,
-        )
-        by_image: dict[str, list[int]] = defaultdict(list)
-        for i in test:
-            by_image[examples[i].image_ref].append(i)
-        outputs: dict[int, object] = {}
-        for ref, indices in by_image.items():
-            rgb = self.service.loader.load(ref).rgb
-            masks = [examples[i].mask for i in indices]
-            with self.lock:
-                self.service.activate_project(project_id)  # what is served now: its adapter too
-                for i, out in zip(indices, osprey.label(rgb, masks, request), strict=True):
-                    outputs[i] = out
+        request = label_request(fields)
+        flags = heldout_flags([(r.task_id, r.annotation_id) for r in regions])
+        held_out = {id(r): flag for r, flag in zip(regions, flags, strict=True)}
+        rows, examples, served_now = [], [], {}
+        for image in usable_regions(regions, self.service.loader, skipped):
+            with self.session(project_id):
+                rows.append(region_features(osprey, image.rgb, image.masks))
+            tests = [i for i, region in enumerate(image.regions) if held_out[id(region)]]
+            if tests:
+                with self.session(project_id):  # what is served now: its adapter too
+                    answers = osprey.label(image.rgb, [image.masks[i] for i in tests], request)
+                served_now.update((len(examples) + i, out) for i, out in zip(tests, answers, strict=True))
+            for region in image.regions:
+                truth = {f.name: region.fields.get(f.name) for f in fields}
+                examples.append(Example(image.image_ref, truth, test=held_out[id(region)]))
+        skipped.log(project_id, "train", len(regions))
+        dim = feature_layout(osprey).dim
+        features = np.concatenate(rows) if rows else np.zeros((0, dim))
+        return features.astype(np.float32), examples, served_now
+
+    def _compare(self, examples, features, served_now, test, fields, head, current):
         truths = [examples[i].truth for i in test]
         new_probs = head.label_probs(features[test])
-        candidate = [blended_answers(outputs[i], p, head) for i, p in zip(test, new_probs, strict=True)]
+        candidate = [blended_answers(served_now[i], p, head) for i, p in zip(test, new_probs, strict=True)]
         if current is not None and current.compatible_with(head.layout):
             old_probs = current.label_probs(features[test])
-            served = [blended_answers(outputs[i], p, current) for i, p in zip(test, old_probs, strict=True)]
+            served = [
+                blended_answers(served_now[i], p, current) for i, p in zip(test, old_probs, strict=True)
+            ]
         else:
-            served = [blended_answers(outputs[i], {}, None) for i in test]
+            served = [blended_answers(served_now[i], {}, None) for i in test]
         return served_metrics(candidate, truths, fields), served_metrics(served, truths, fields)

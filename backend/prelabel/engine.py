@@ -4,7 +4,7 @@ One code path serves ``osprey-label prelabel`` and the work a ``/predict`` batch
 
 - :class:`PrelabelEngine` predicts a batch of tasks: images fetched in parallel threads, each task's
   regions found with SAM, then every task's regions labelled by Osprey in the same forward passes and
-  decoding loop (:func:`backend.prelabel.predict.label_tasks`); a task that fails says why.
+  decoding loop (:func:`backend.prelabel.predict.answer_tasks`); a task that fails says why.
 - :func:`prelabel` drives it over a task stream and writes through a sink (``LabelStudioClient``):
   tasks that already hold a non-empty prediction of this model version are skipped (so a rerun resumes);
   finished predictions are written in chunks (a crash loses at most one chunk); a failed task is retried
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from backend.labelstudio.schema import ProjectSchema
 
-from .predict import PredictOptions, find_regions, label_tasks
+from .predict import PredictOptions, answer_tasks, find_regions, task_results
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,10 @@ class PrelabelEngine:
     ``models``: the service's :class:`~backend.service.service.Models` (Osprey, SAM refiner and
     segment-everything); ``loader``: an :class:`~backend.labelstudio.images.ImageLoader`;
     ``batch_tasks``: how many tasks share Osprey's forward passes; ``model_session``: a context
-    manager factory entered around every model step (the service's model lock and the project's
-    adapter), so interactive requests can run between steps.
+    manager factory entered around every model step (the service's scheduler and the project's
+    adapter), so interactive requests can run between steps; ``courtesy``: one entered around the
+    work that needs no model (Label Studio's formats), which gives way to interactive requests at
+    each region.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class PrelabelEngine:
         options: PredictOptions,
         batch_tasks: int = 4,
         model_session: Callable[[], contextlib.AbstractContextManager] | None = None,
+        courtesy: Callable[[], contextlib.AbstractContextManager] | None = None,
         image_threads: int = 4,
     ) -> None:
         if batch_tasks < 1:
@@ -104,6 +107,7 @@ class PrelabelEngine:
         self.options = options
         self.batch_tasks = int(batch_tasks)
         self.model_session = model_session or contextlib.nullcontext
+        self.courtesy = courtesy or contextlib.nullcontext
         self.image_threads = max(1, int(image_threads))
 
     def predict(self, tasks: list[dict], schema: ProjectSchema, *, head=None) -> list[TaskResult]:
@@ -133,15 +137,14 @@ class PrelabelEngine:
             found.append((index, rgb, regions))
         for start in range(0, len(found), self.batch_tasks):
             batch = found[start : start + self.batch_tasks]
+            items = [(rgb, regions) for _, rgb, regions in batch]
             try:
                 with self.model_session():
-                    labelled = label_tasks(
-                        [(rgb, regions) for _, rgb, regions in batch],
-                        schema=schema,
-                        models=self.models,
-                        options=self.options,
-                        head=head,
+                    answers = answer_tasks(
+                        items, schema=schema, models=self.models, options=self.options, head=head
                     )
+                with self.courtesy():  # no model needed; clicks go first
+                    labelled = task_results(items, answers, schema=schema, options=self.options)
             except (ValueError, RuntimeError) as error:  # e.g. out of memory: every task of the batch says so
                 for index, _, _ in batch:
                     results[index] = TaskResult(_task_id(tasks[index]), "failed", f"labelling: {error}")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from backend.labelstudio.limits import DEFAULT_LIMITS, PayloadLimits
 from backend.labelstudio.results import (
     choices_result,
     mask_from_result,
@@ -25,6 +26,7 @@ from backend.labelstudio.results import (
 from backend.labelstudio.rle import BadRegionError
 from backend.labelstudio.schema import FieldSpec, ProjectSchema
 from osprey.inference.fields import ClosedSetAnswer, LabelRequest, RegionLabels
+from osprey.inference.steps import step_boundary
 from osprey.learning.head import FastHead, blend
 from osprey.learning.region_features import feature_layout, region_features
 
@@ -45,11 +47,14 @@ class Region:
 
 @dataclass(frozen=True)
 class PredictOptions:
+    """How tasks are predicted; ``limits`` bound the regions and prompts a task may carry."""
+
     refine_existing: bool = False
     segment_everything: bool = True
     attribute_threshold: float = 0.5
     max_caption_tokens: int = 32
     max_description_tokens: int = 256
+    limits: PayloadLimits = field(default=DEFAULT_LIMITS)
 
 
 def new_region_id() -> str:
@@ -80,10 +85,12 @@ def label_request(fields: list[FieldSpec], options: PredictOptions) -> LabelRequ
 # ---- finding regions -------------------------------------------------------------------------------
 
 
-def interactive_region(refiner, rgb: np.ndarray, context: dict) -> Region:
+def interactive_region(
+    refiner, rgb: np.ndarray, context: dict, *, limits: PayloadLimits = DEFAULT_LIMITS
+) -> Region:
     """SAM's mask for the annotator's clicks / box / brush / polygon in ``context``."""
     height, width = rgb.shape[:2]
-    prompt = parse_context(context, width=width, height=height)
+    prompt = parse_context(context, width=width, height=height, limits=limits)
     refined = refiner.refine(
         rgb,
         points=prompt.points_xy if len(prompt.points_xy) else None,
@@ -99,8 +106,13 @@ def interactive_region(refiner, rgb: np.ndarray, context: dict) -> Region:
     )
 
 
-def existing_regions(task: dict, schema: ProjectSchema, width: int, height: int) -> list[Region]:
-    """Regions of the image in the task's latest annotation (else latest prediction) that has any."""
+def existing_regions(
+    task: dict, schema: ProjectSchema, width: int, height: int, *, limits: PayloadLimits = DEFAULT_LIMITS
+) -> list[Region]:
+    """Regions of the image in the task's latest annotation (else latest prediction) that has any.
+
+    Raises BadRegionError for a region that cannot be read and PayloadTooLargeError when the source has
+    more than ``limits.max_regions`` regions (checked before any mask is made)."""
     sources = []
     for key in ("annotations", "predictions"):
         items = task.get(key) or []
@@ -112,13 +124,14 @@ def existing_regions(task: dict, schema: ProjectSchema, width: int, height: int)
                 )
             )
     for source in sources:
+        items = [
+            item for item in source.get("result") or [] if isinstance(item, dict)
+            and str(item.get("type", "")).lower() in REGION_TYPES and item.get("to_name") in (None, schema.image_name)
+        ]  # fmt: skip
+        limits.check_regions(len(items), "the task's annotation or prediction")
         regions = []
-        for item in source.get("result") or []:
-            if not isinstance(item, dict) or str(item.get("type", "")).lower() not in REGION_TYPES:
-                continue
-            if item.get("to_name") not in (None, schema.image_name):
-                continue
-            mask = mask_from_result(item, width, height)
+        for item in items:
+            mask = mask_from_result(item, width, height, limits=limits)
             if not mask.any():
                 continue
             value = item.get("value") or {}
@@ -264,8 +277,8 @@ def find_regions(
     drawn (SAM-refined when ``options.refine_existing``), else SAM's segment everything."""
     height, width = rgb.shape[:2]
     if context and context.get("result"):
-        return [interactive_region(models.refiner, rgb, context)]
-    regions = existing_regions(task, schema, width, height)
+        return [interactive_region(models.refiner, rgb, context, limits=options.limits)]
+    regions = existing_regions(task, schema, width, height, limits=options.limits)
     if regions and options.refine_existing:
         return refine_regions(models.refiner, rgb, regions)
     if not regions and options.segment_everything:
@@ -296,7 +309,29 @@ def label_tasks(
     options: PredictOptions,
     head: FastHead | None = None,
 ) -> list[tuple[list[dict], float]]:
-    """Result items and overall score (mean region score) for each ``(image, regions)`` of several tasks.
+    """Result items and overall score (mean region score) for each ``(image, regions)`` of several tasks:
+    :func:`answer_tasks` (the model) then :func:`task_results` (Label Studio's format)."""
+    answers = answer_tasks(items, schema=schema, models=models, options=options, head=head)
+    return task_results(items, answers, schema=schema, options=options)
+
+
+@dataclass
+class TaskAnswers:
+    """Osprey's answers for one task: per region (in order), and for the whole-task fields."""
+
+    regions: list
+    whole: RegionLabels | None
+
+
+def answer_tasks(
+    items: list[tuple[np.ndarray, list[Region]]],
+    *,
+    schema: ProjectSchema,
+    models,
+    options: PredictOptions,
+    head: FastHead | None = None,
+) -> list[TaskAnswers]:
+    """Osprey's answers for each ``(image, regions)`` of several tasks: the part that needs the model.
 
     Every task's regions are labelled in the same Osprey forward passes (:meth:`Osprey.label_many`), as
     are the whole-task fields; the answers are those each task would get alone.
@@ -328,18 +363,31 @@ def label_tasks(
             need, osprey.label_many(full, task_request, encoded=[encoded[i] for i in need]), strict=True
         ):
             whole[i] = labels[0]
+    return [TaskAnswers(regions=answers[i], whole=whole.get(i)) for i in range(len(items))]
+
+
+def task_results(
+    items: list[tuple[np.ndarray, list[Region]]],
+    answers: list[TaskAnswers],
+    *,
+    schema: ProjectSchema,
+    options: PredictOptions,
+) -> list[tuple[list[dict], float]]:
+    """Label Studio result items (masks as brush RLE or polygons, linked fields) and the overall score
+    (mean region score) of each task, from :func:`answer_tasks`' answers; needs no model."""
     out = []
-    for i, (rgb, regions) in enumerate(items):
+    for (rgb, regions), answer in zip(items, answers, strict=True):
         height, width = rgb.shape[:2]
         results: list[dict] = []
         scores: list[float] = []
-        for region, labels in zip(regions, answers[i], strict=True):
+        for region, labels in zip(regions, answer.regions, strict=True):
+            step_boundary()  # work that shares the machine with more urgent work gives way here
             region_items, score = region_results(
                 schema=schema, region=region, labels=labels, width=width, height=height, options=options
             )
             results += region_items
             scores.append(score)
-        if i in whole:
-            results += field_results(schema, whole[i], new_region_id(), None, options)
+        if answer.whole is not None:
+            results += field_results(schema, answer.whole, new_region_id(), None, options)
         out.append((results, float(np.mean(scores)) if scores else 0.0))
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backend.labelstudio.limits import DEFAULT_LIMITS, PayloadLimits, PayloadTooLargeError
 from backend.labelstudio.results import PredictedRegion, mask_from_result
 from backend.labelstudio.rle import BadRegionError, encode_brush_rle
 from backend.labelstudio.schema import FieldSpec, ProjectSchema
@@ -80,7 +81,11 @@ class Comparison:
 
 
 def compare_annotation(
-    schema: ProjectSchema, result: list[dict], predicted: list[PredictedRegion]
+    schema: ProjectSchema,
+    result: list[dict],
+    predicted: list[PredictedRegion],
+    *,
+    limits: PayloadLimits = DEFAULT_LIMITS,
 ) -> Comparison:
     """Compare an annotation's ``result`` items with the predictions recorded for its task (pure).
 
@@ -89,18 +94,27 @@ def compare_annotation(
     export). Regions are the results of the schema's output tool; each is matched by
     ``match_prediction`` and every field judged by ``outcomes``. The live webhook intake and
     ``osprey-label eval acceptance`` both call this, so they count the same way.
+
+    Regions past ``limits`` are skipped with the reason before their masks are made; an annotation with
+    more than ``limits.max_regions`` regions has none read.
     """
     linked: dict[str, list[dict]] = {}
     for item in result:
         linked.setdefault(str(item.get("id")), []).append(item)
     regions, skipped = [], []
-    for item in result:
-        if item.get("from_name") != schema.output_tool.from_name or item.get("id") is None:
-            continue
+    items = [
+        i for i in result if i.get("from_name") == schema.output_tool.from_name and i.get("id") is not None
+    ]
+    try:
+        limits.check_regions(len(items), "the annotation")
+    except PayloadTooLargeError as error:
+        skipped.append(f"every region: {error}")
+        items = []
+    for item in items:
         try:
-            regions.append(_read_region(schema, item, linked.get(str(item["id"]), [])))
+            regions.append(_read_region(schema, item, linked.get(str(item["id"]), []), limits))
         except BadRegionError as error:
-            skipped.append(f"region {item.get('id')}: {error}")
+            skipped.append(f"region {str(item.get('id'))[:64]}: {error}")
     accepted_task = task_fields(schema, result)
     found, version, removed = match_prediction(regions, predicted)
     matches, out = [], []
@@ -125,11 +139,13 @@ def compare_annotation(
     return Comparison(regions, matches, removed, version, accepted_task, out, skipped)
 
 
-def _read_region(schema: ProjectSchema, item: dict, linked: list[dict]) -> AcceptedItem:
+def _read_region(
+    schema: ProjectSchema, item: dict, linked: list[dict], limits: PayloadLimits
+) -> AcceptedItem:
     width, height = item.get("original_width"), item.get("original_height")
     if not isinstance(width, int) or not isinstance(height, int):
         raise BadRegionError("the region has no integer original_width/original_height")
-    mask = mask_from_result(item, width, height)
+    mask = mask_from_result(item, width, height, limits=limits)
     if not mask.any():
         raise BadRegionError("the region's mask is empty")
     value = item["value"]

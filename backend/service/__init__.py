@@ -1,5 +1,6 @@
 """The HTTP service: the Flask app and its routes, settings, the per-process service state, request
-handling for the three prediction modes, the gunicorn server and the precompute command.
+handling for the three prediction modes, admission (basic auth, webhook bound), log redaction, the
+waitress server and the precompute command.
 
 May import every other ``backend`` package and ``osprey``; nothing imports it except ``backend.cli``.
 """

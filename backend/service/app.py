@@ -8,17 +8,28 @@ Label Studio gives them 1 s and 3 s and silently drops a backend that is late.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
 
+import orjson
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 
 from backend.errors import RequestError, require
+from backend.labelstudio.ids import request_project
 
+from .admission import (
+    WEBHOOK_SECRET_HEADER,
+    ConcurrencyLimit,
+    basic_auth_matches,
+    secret_matches,
+    webhook_registrar,
+    webhook_secret,
+)
+from .payloads import parse_json
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,16 +56,37 @@ class RouteStats:
             }
 
 
+class _FastJSON(DefaultJSONProvider):
+    """Flask's JSON answers written by orjson: a brush mask is thousands of integers, which the
+    standard encoder takes ~10 ms to write; what orjson cannot write goes to the standard one."""
+
+    def dumps(self, obj, **kwargs) -> str:
+        try:
+            return orjson.dumps(obj).decode()
+        except TypeError:
+            return super().dumps(obj, **kwargs)
+
+
 def create_app(settings: Settings, service) -> Flask:
     """The WSGI app. ``service`` does the work (see :class:`backend.service.service.OspreyService`)."""
     app = Flask("osprey-label")
-    app.config["MAX_CONTENT_LENGTH"] = 64 * 2**20
+    app.json = _FastJSON(app)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     stats = RouteStats()
+    # as many webhooks may wait as run, each at most 0.5 s: Label Studio gives up on a webhook after 1 s
+    webhooks = ConcurrencyLimit(
+        name="webhooks",
+        limit=settings.webhook_concurrency,
+        max_waiting=settings.webhook_concurrency,
+        wait_s=0.5,
+    )
+    secret = webhook_secret(configured=settings.webhook_secret, basic_auth_pass=settings.basic_auth_pass)
+    registrar = webhook_registrar(settings, secret)
 
     def json_body() -> dict:
-        body = request.get_json(silent=True)
-        if body is None:
+        if not request.is_json:
             raise RequestError("the request body must be JSON (Content-Type: application/json)")
+        body = parse_json(request.get_data(cache=True))  # nesting limited before the parser recurses
         if not isinstance(body, dict):
             raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
         return body
@@ -68,22 +100,30 @@ def create_app(settings: Settings, service) -> Flask:
         g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:12]
         g.started = time.perf_counter()
         if settings.basic_auth_user:
-            auth = request.authorization
-            ok = (
-                auth is not None
-                and auth.username is not None
-                and auth.password is not None
-                and hmac.compare_digest(auth.username, settings.basic_auth_user)
-                and hmac.compare_digest(auth.password, settings.basic_auth_pass or "")
+            ok = basic_auth_matches(
+                request.headers.get("Authorization"),
+                user=settings.basic_auth_user,
+                password=settings.basic_auth_pass or "",
+            ) or (
+                request.path == "/webhook"
+                and secret_matches(request.headers.get(WEBHOOK_SECRET_HEADER), secret)
             )
             if not ok:
+                hint = (
+                    f" or {WEBHOOK_SECRET_HEADER} (README: webhooks and basic auth)"
+                    if request.path == "/webhook"
+                    else ""
+                )
                 logger.warning(
-                    "refused %s %s: bad or missing basic auth [%s]",
+                    "refused %s %s: bad or missing basic auth%s [%s]",
                     request.method,
                     request.path,
+                    hint,
                     g.request_id,
                 )
-                return Response("Unauthorized", 401, {"WWW-Authenticate": 'Basic realm="osprey-label"'})
+                return Response(
+                    "Unauthorized", 401, {"WWW-Authenticate": 'Basic realm="osprey-label", charset="UTF-8"'}
+                )
         return None
 
     @app.after_request
@@ -122,7 +162,8 @@ def create_app(settings: Settings, service) -> Flask:
                 error,
                 g.get("request_id"),
             )
-            return jsonify({"error": str(error), "request_id": g.get("request_id")}), status
+            headers = {"Retry-After": str(error.retry_after_s)} if hasattr(error, "retry_after_s") else {}
+            return jsonify({"error": str(error), "request_id": g.get("request_id")}), status, headers
         logger.exception("internal error in %s %s [%s]", request.method, request.path, g.get("request_id"))
         return jsonify(
             {"error": "internal error; see the backend log", "request_id": g.get("request_id")}
@@ -137,15 +178,20 @@ def create_app(settings: Settings, service) -> Flask:
     def setup():
         body = json_body()
         schema = require(body, "schema", str)
-        project = body.get("project")
+        project = request_project(body.get("project"))
         extra = body.get("extra_params")
-        version = service.setup(
-            project=str(project) if project is not None else None, label_config=schema, extra_params=extra
-        )
-        return jsonify(with_warning({"model_version": version}))
+        version = service.setup(project=project, label_config=schema, extra_params=extra)
+        if registrar is not None and project is not None:  # Label Studio's webhook needs the secret
+            registrar.ensure_in_background(str(project).split(".", 1)[0], request.host)
+        tags = service.schema_for(schema).tag_roles()  # what each tag of the config will receive
+        return jsonify(with_warning({"model_version": version, "tags": tags}))
 
     @app.post("/predict")
     def predict():
+        with service.request_times.measure() as timing:  # the JSON in and out included
+            return predict_request(timing)
+
+    def predict_request(timing: dict):
         body = json_body()
         tasks = require(body, "tasks", list)
         params = body.get("params") or {}
@@ -154,13 +200,13 @@ def create_app(settings: Settings, service) -> Flask:
         context = params.get("context") or None
         if context is not None and not isinstance(context, dict):
             raise RequestError(f"'params.context' must be an object, got {type(context).__name__}")
+        timing["kind"] = "interactive" if context is not None else "batch"
         label_config = body.get("label_config")
         if label_config is not None and not isinstance(label_config, str):
             raise RequestError("'label_config' must be the project's XML as a string")
-        project = body.get("project")
         response = service.predict(
             tasks=tasks,
-            project=str(project) if project is not None else None,
+            project=request_project(body.get("project")),
             label_config=label_config,
             context=context,
         )
@@ -170,13 +216,14 @@ def create_app(settings: Settings, service) -> Flask:
     def webhook():
         body = json_body()
         action = require(body, "action", str)
-        outcome = service.webhook(action, body)
+        with webhooks.slot(f"webhook {action} [{g.request_id}]"):
+            outcome = service.webhook(action, body)
         if outcome.get("status") == "ignored":  # as label-studio-ml answers events it does not train on
             return jsonify({**outcome, "status": "Unknown event"}), 200
         return jsonify(outcome), 201
 
     @app.get("/metrics")
     def metrics():
-        return jsonify({"routes": stats.snapshot(), **service.metrics()})
+        return jsonify({"routes": stats.snapshot(), "webhooks": webhooks.snapshot(), **service.metrics()})
 
     return app

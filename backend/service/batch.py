@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
 
 from backend.labelstudio.api import LabelStudioClient
 from backend.labelstudio.schema import ProjectSchema
 from backend.prelabel.deferral import Progress, defer, deferred_task_ids
 from backend.prelabel.engine import PrelabelEngine, prelabel
+
+from .scheduler import BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +35,7 @@ class BatchPredictor:
         self._client: LabelStudioClient | None = None
         self.progress: dict[str, Progress] = {}
 
-    # ---- the engine, under the service's model lock ----
-    @contextmanager
-    def model_session(self, project: str | None):
-        """The model lock, held for one engine step, with the project's adapter active."""
-        service = self.service
-        with service.model_lock:
-            service.busy_since = time.time()
-            try:
-                service.activate_project(project)
-                yield
-            finally:
-                service.busy_since = None
-
+    # ---- the engine, one step at a time at batch priority ----
     def engine(self, project: str | None) -> PrelabelEngine:
         service = self.service
         return PrelabelEngine(
@@ -54,7 +43,8 @@ class BatchPredictor:
             loader=service.loader,
             options=service.options,
             batch_tasks=self.settings.prelabel_batch_tasks,
-            model_session=lambda: self.model_session(project),
+            model_session=lambda: service.model_session(project, BATCH),
+            courtesy=lambda: service.scheduler.courtesy(BATCH),
         )
 
     def client(self) -> LabelStudioClient | None:

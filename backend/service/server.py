@@ -1,7 +1,24 @@
-"""``osprey-label serve``: the service under gunicorn.
+"""``osprey-label serve``: the service under waitress, which never gives a thread to a slow client.
 
-Weights are checked before any worker starts, so a missing file stops the command with a message
-naming it; each worker then loads the models once (no fork after CUDA initialisation).
+Why waitress: Label Studio drops a backend whose ``/health`` takes over 1 s, and a thread-per-
+connection server (gunicorn's sync and gthread workers) gives a thread to a connection as soon as its
+first byte arrives, so ten clients trickling headers at 1 byte/s hold every thread; gunicorn's own
+answer is a buffering proxy (nginx) in front, which a pip install cannot provide. Waitress (Pylons
+project, pure Python, a decade in production) *is* that buffer: one asynchronous loop reads every
+request, headers and body, and hands it to a worker thread only once it is complete, and buffers the
+response, so slow senders and slow readers cost a socket and a buffer, never a thread. Before any
+thread is given, a request is held to :class:`Settings`' caps:
+
+- headers over ``OSPREY_MAX_HEADER_BYTES`` are answered 431, bodies over ``OSPREY_MAX_REQUEST_BYTES``
+  413 (bodies over 512 KiB are spooled to a temporary file while they arrive);
+- a connection that sends nothing for ``OSPREY_CLIENT_TIMEOUT_S`` is closed;
+- at most ``OSPREY_MAX_CONNECTIONS`` connections are open (more wait in the kernel's backlog).
+
+Threads: ``THREADS`` for ``/predict`` (at most ``THREADS`` - 2 at once), ``/health``, ``/setup`` and
+``/metrics``, plus two per ``OSPREY_WEBHOOK_CONCURRENCY`` for webhooks (one running and one waiting,
+see :class:`backend.service.admission.ConcurrencyLimit`), so neither can take the threads ``/health``
+needs. One process serves; weights are checked before the models load, so a missing file stops the
+command with a message naming it. SIGTERM stops accepting and lets running requests finish (5 s).
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ def check_weights(settings: Settings) -> None:
 
 
 def build_app(settings: Settings):
-    """The WSGI app with its models loaded (one worker's worth)."""
+    """The WSGI app with its models loaded and its training worker started."""
     from .app import create_app
     from .service import OspreyService, load_models
 
@@ -55,30 +72,44 @@ def build_app(settings: Settings):
     return create_app(settings, service)
 
 
+def server_options(settings: Settings) -> dict:
+    """Keyword arguments for ``waitress.create_server`` (see the module docstring for each limit)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        # webhooks running plus as many waiting (see create_app) come on top of THREADS
+        "threads": settings.threads + 2 * settings.webhook_concurrency,
+        "connection_limit": settings.max_connections,
+        "channel_timeout": max(1, round(settings.client_timeout_s)),
+        "cleanup_interval": max(1, min(30, round(settings.client_timeout_s / 2))),
+        "max_request_header_size": settings.max_header_bytes,
+        "max_request_body_size": settings.max_request_bytes,
+        "asyncore_use_poll": True,  # select() stops at 1024 file descriptors
+        "ident": "osprey-label",
+        "expose_tracebacks": False,
+    }
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)  # waitress's loop catches it, then finishes running requests
+
+
 def serve(settings: Settings) -> None:
-    from gunicorn.app.base import BaseApplication
+    """Check the weights, load the models, then serve until SIGTERM or Ctrl-C."""
+    import signal
+
+    from waitress import create_server
 
     check_weights(settings)
-
-    class Server(BaseApplication):
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{settings.host}:{settings.port}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("threads", settings.threads)
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("timeout", 600)  # model loading; requests themselves are bounded by Label Studio
-            self.cfg.set("graceful_timeout", 30)
-            self.cfg.set("loglevel", settings.log_level.lower())
-            self.cfg.set("accesslog", None)
-
-        def load(self):
-            return build_app(settings)
-
+    app = build_app(settings)
+    server = create_server(app, **server_options(settings))
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     logger.info(
-        "serving on %s:%d (%d workers x %d threads)",
+        "serving on http://%s:%d (%d threads, %d more for webhooks; at most %d connections)",
         settings.host,
         settings.port,
-        settings.workers,
         settings.threads,
+        2 * settings.webhook_concurrency,
+        settings.max_connections,
     )
-    Server().run()
+    server.run()

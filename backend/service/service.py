@@ -7,27 +7,33 @@ empty result and a reason, never a failed batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from backend.errors import NotReadyError, RequestError, UnprocessableError
+from backend.labelstudio.ids import bad_task_ids
 from backend.labelstudio.images import ImageLoader, ImageLoadError
 from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_field_map, parse_label_config
+from backend.learning.examples import last_skipped
 from backend.learning.intake import handle_webhook, reparse_unparsed
 from backend.learning.queue import make_queue
 from backend.learning.registry import ModelRegistry
 from backend.learning.store import TrainingStore
 from backend.learning.worker import Worker
 from backend.prelabel.deferral import is_prelabel_job
-from backend.prelabel.predict import PredictOptions, predict_task
+from backend.prelabel.predict import PredictOptions, answer_tasks, find_regions, task_results
 from backend.reports.acceptance import acceptance_summary
 
 from .batch import BatchPredictor
+from .overhead import RequestTimes
+from .scheduler import BACKGROUND, INTERACTIVE, ModelScheduler
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +48,7 @@ class Models:
     everything: object
     sam_model: str
     untrained: bool
+    budgets: object = None  # the cache tiers' byte budgets (backend.service.budgets.CacheBudgets)
 
     @property
     def version(self) -> str:
@@ -49,16 +56,18 @@ class Models:
         return f"{base}-untrained" if self.untrained else base
 
 
-def load_models(settings: Settings) -> Models:
-    """Load Osprey and SAM as the settings say; raises FileNotFoundError naming missing weights."""
+def load_models(settings: Settings, *, random_weights: bool = False) -> Models:
+    """Load Osprey and SAM as the settings say; raises FileNotFoundError naming missing weights.
+    ``random_weights`` builds the full-size architectures with random weights instead (benchmarks)."""
     from osprey.inference.api import Osprey, image_feature_cache
     from osprey.sam import EverythingOptions, SamEverything, SamImageEmbedder, SamRefiner, build_sam
     from osprey.sam.build import SAM_ARCHITECTURES
 
+    from .budgets import device_budgets
+
     disk = (lambda name: f"{settings.cache_dir}/{name}") if settings.cache_dir else (lambda name: None)
-    osprey = Osprey.from_pretrained(settings.osprey_model, device=settings.device)
-    osprey.cache = image_feature_cache(
-        max_images=settings.cache_images, device=osprey.device, disk_dir=disk("osprey")
+    osprey = Osprey.from_pretrained(
+        settings.osprey_model, device=settings.device, random_weights=random_weights
     )
     arch = SAM_ARCHITECTURES.get(settings.sam_model)
     if arch is None:
@@ -66,12 +75,20 @@ def load_models(settings: Settings) -> Models:
             f"SAM_MODEL={settings.sam_model!r} is unknown; use one of {', '.join(SAM_ARCHITECTURES)}"
         )
     checkpoint = None
-    if arch.checkpoint_file is not None:
+    if arch.checkpoint_file is not None and not random_weights:
         checkpoint = settings.sam_checkpoint or str(settings.model_dir / arch.checkpoint_file)
-    sam = build_sam(settings.sam_model, checkpoint=checkpoint, device=osprey.device)
+    sam = build_sam(settings.sam_model, checkpoint=checkpoint, random_weights=checkpoint is None
+                    and arch.checkpoint_file is not None, device=osprey.device)  # fmt: skip
+    budgets = device_budgets(settings, osprey)  # with both models loaded: what is left for the caches
+    osprey.cache = image_feature_cache(
+        max_images=settings.cache_images, max_bytes=budgets.osprey_device, host_max_bytes=budgets.osprey_host,
+        device=osprey.device, disk_dir=disk("osprey"), max_disk_bytes=budgets.osprey_disk,
+    )  # fmt: skip
     embedder = SamImageEmbedder(
-        sam=sam, model_id=f"sam_{settings.sam_model}", max_images=settings.cache_images, disk_dir=disk("sam")
-    )
+        sam=sam, model_id=f"sam_{settings.sam_model}", max_images=settings.cache_images,
+        max_bytes=budgets.sam_device, host_max_bytes=budgets.sam_host, disk_dir=disk("sam"),
+        max_disk_bytes=budgets.sam_disk,
+    )  # fmt: skip
     options = EverythingOptions(
         points_per_side=settings.points_per_side,
         pred_iou_thresh=settings.pred_iou_thresh,
@@ -84,8 +101,27 @@ def load_models(settings: Settings) -> Models:
         refiner=SamRefiner(embedder=embedder),
         everything=SamEverything(embedder=embedder, options=options),
         sam_model=settings.sam_model,
-        untrained=osprey.untrained or arch.checkpoint_file is None,
+        untrained=osprey.untrained or checkpoint is None,
+        budgets=budgets,
     )
+
+
+def device_memory(osprey) -> dict | None:
+    """The model device's memory as PyTorch's allocator sees it (CUDA only; None on a CPU)."""
+    device = getattr(osprey, "device", None)
+    if device is None or device.type != "cuda":
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "allocated_bytes": torch.cuda.memory_allocated(device),
+        "reserved_bytes": torch.cuda.memory_reserved(device),
+        "max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "free_bytes": free,
+        "total_bytes": total,
+    }
 
 
 def image_loader(settings: Settings, *, cache_size: int) -> ImageLoader:
@@ -99,6 +135,7 @@ def image_loader(settings: Settings, *, cache_size: int) -> ImageLoader:
         timeout_s=settings.image_timeout_s,
         max_pixels=settings.max_image_pixels,
         cache_size=cache_size,
+        url_ttl_s=settings.image_url_ttl_s,
     )
 
 
@@ -114,16 +151,19 @@ class OspreyService:
             attribute_threshold=settings.attribute_threshold,
             max_caption_tokens=settings.max_caption_tokens,
             max_description_tokens=settings.max_description_tokens,
+            limits=settings.payload_limits(),
         )
-        self.model_lock = threading.Lock()
+        self.scheduler = ModelScheduler()  # who runs on the model next: clicks before batches before training
+        self.request_times = RequestTimes(self.scheduler)  # /predict: model vs waiting vs the backend's own
         # Predictions queue on the model lock; keep two server threads free so /health and /setup
         # always answer within Label Studio's 1 s / 3 s even when every annotator is clicking.
         self._predict_slots = threading.BoundedSemaphore(max(1, settings.threads - 2))
+        # recorded predictions are written behind the answers, in order (see record_prediction)
+        self._recorder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
         self._schemas: OrderedDict[str, ProjectSchema] = OrderedDict()
         self._project_configs: dict[str, str] = {}
         self._state_lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self.busy_since: float | None = None  # when the model lock was last taken (None: idle)
         self.started = time.time()
         # Retraining: accepted labels in SQLite under MODEL_DIR, jobs there or in Redis, versions
         # under MODEL_DIR/<project>/, and a worker thread that runs the jobs.
@@ -132,7 +172,12 @@ class OspreyService:
         self.store = TrainingStore(settings.model_dir / "training.sqlite3")
         self.queue = make_queue(sqlite_path=self.store.path, redis_url=settings.redis_url)
         self.registry = ModelRegistry(root=settings.model_dir)
-        self.trainer = ProjectTrainer(service=self, min_examples=settings.min_train_examples)
+        self.trainer = ProjectTrainer(
+            service=self,
+            min_examples=settings.min_train_examples,
+            session=lambda project: self.model_session(project, BACKGROUND),
+            step_session=lambda: self.scheduler.session(BACKGROUND),
+        )
         self.batch = BatchPredictor(service=self)
         self.worker = Worker(queue=self.queue, train=self._run_job)
         self._heads: dict[str, tuple[int, object]] = {}
@@ -148,7 +193,8 @@ class OspreyService:
         return self.settings.lora == "true"
 
     def activate_project(self, project: str | None) -> None:
-        """Make the project's promoted LoRA adapter (or none) the active one. Hold ``model_lock``."""
+        """Make the project's promoted LoRA adapter (or none) the active one. Inside a
+        :meth:`model_session` only."""
         info = self.registry.current(project) if project else None
         lora_dir = self.registry.path(project, info.version) / "lora" if info is not None else None
         if lora_dir is None or not lora_dir.is_dir():
@@ -245,7 +291,7 @@ class OspreyService:
         return None
 
     def health(self) -> dict:
-        busy = self.busy_since
+        busy = self.scheduler.busy_since
         return {
             "model_version": self.models.version,
             "busy_s": round(time.time() - busy, 1) if busy else 0.0,
@@ -288,6 +334,7 @@ class OspreyService:
                 train_every=self.settings.train_every or None,
                 queue=self.queue,
                 field_map=self.field_map,
+                limits=self.options.limits,
             )
             logger.info(
                 "project %s: parsed annotations stored before its label config: %s", project_id, outcome
@@ -298,23 +345,35 @@ class OspreyService:
     def record_prediction(
         self, project_id: str | None, task: dict, version: str, items: list, *, interactive: bool = False
     ) -> None:
-        """Remember what was predicted (acceptance tracking); a busy store never fails a prediction."""
+        """Remember what was predicted (acceptance tracking), written behind the answer on one
+        background thread, in order; whatever reads predictions (webhooks, ``/metrics``) calls
+        :meth:`flush_predictions` first. A busy store never fails a prediction."""
         if not project_id or task.get("id") is None:
             return
+        self._recorder.submit(self._record, project_id, task["id"], version, items, interactive)
+
+    def flush_predictions(self, timeout_s: float = 5.0) -> None:
+        """Wait (at most ``timeout_s``) until every prediction recorded so far is in the store."""
+        try:
+            self._recorder.submit(lambda: None).result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            logger.warning(
+                "predictions are still being written after %.1f s; reading the store anyway", timeout_s
+            )
+
+    def _record(self, project_id: str, task_id, version: str, items: list, interactive: bool) -> None:
         try:
             self.store.record_prediction(
-                project_id=project_id,
-                task_id=task["id"],
-                model_version=version,
-                result=items,
+                project_id=project_id, task_id=task_id, model_version=version, result=items,
                 interactive=interactive,
-            )
-        except sqlite3.Error as error:
+            )  # fmt: skip
+        except (sqlite3.Error, ValueError) as error:
             logger.warning(
-                "project %s: could not record the prediction of task %s: %s", project_id, task["id"], error
+                "project %s: could not record the prediction of task %s: %s", project_id, task_id, error
             )
 
     def metrics(self) -> dict:
+        self.flush_predictions(timeout_s=0.5)
         with self._state_lock:
             counts = dict(self._counts)
         osprey_cache = getattr(self.models.osprey, "cache", None)
@@ -324,11 +383,19 @@ class OspreyService:
             "predictions": counts,
             "osprey_image_cache": osprey_cache.stats() if osprey_cache is not None else None,
             "sam_image_cache": sam_cache.stats() if sam_cache is not None else None,
+            "cache_budgets": self.models.budgets.to_dict() if self.models.budgets is not None else None,
+            "device_memory": device_memory(self.models.osprey),
             "image_loader": self.loader.stats() if hasattr(self.loader, "stats") else None,
             "training": {
                 "queue": self._safe(self.queue.status),
                 "acceptance": {
                     p: self._safe(acceptance_summary, self.store, p) for p in self._known_projects()
+                },
+                # per project and job kind: the regions its latest job skipped, by reason
+                "skipped_examples": {
+                    p: report
+                    for p in self._known_projects()
+                    if (report := self._safe(last_skipped, self.queue, p))
                 },
                 "worker": {
                     "running": self.worker.current is not None,
@@ -337,6 +404,8 @@ class OspreyService:
                 },
             },
             "prelabel": {"jobs": self.batch.metrics(), "budget_s": self.settings.predict_budget_s},
+            "scheduler": self.scheduler.stats(),
+            "request_times": self.request_times.stats(),
         }
 
     def _known_projects(self) -> list[str]:
@@ -359,6 +428,14 @@ class OspreyService:
         with self._state_lock:
             self._counts[key] += n
 
+    @contextmanager
+    def model_session(self, project: str | None, priority: int):
+        """The model for one step of work at ``priority`` (see :mod:`backend.service.scheduler`), with the
+        project's adapter active, and active again whenever the step takes the model back."""
+        with self.scheduler.session(priority, on_resume=lambda: self.activate_project(project)):
+            self.activate_project(project)
+            yield
+
     # ---- background jobs: training, and the pre-label work /predict deferred ----
     def _run_job(self, project_id: str, kind: str, payload: dict) -> dict:
         if is_prelabel_job(kind):
@@ -367,6 +444,7 @@ class OspreyService:
 
     # ---- webhooks: persisted before answering, training queued ----
     def webhook(self, action: str, payload: dict) -> dict:
+        self.flush_predictions()  # an annotation is compared with the prediction it started from
         project = payload.get("project")
         if isinstance(project, dict) and isinstance(project.get("label_config"), str):
             self._remember_config(str(project.get("id")), project["label_config"])
@@ -377,6 +455,7 @@ class OspreyService:
             train_every=self.settings.train_every or None,
             queue=self.queue,
             field_map=self.field_map,
+            limits=self.options.limits,
         )
         self.count(f"webhook {action} {outcome.get('status')}")
         if outcome.get("train"):
@@ -415,14 +494,11 @@ class OspreyService:
                 f"an interactive request (params.context) must carry one task, got {len(tasks)}"
             )
         if context is None:
-            return self.batch.predict(
-                tasks,
-                schema=schema,
-                label_config=label_config,
-                project=project_id,
-                version=version,
-                head=head,
-            )
+            return self._predict_batch(tasks, schema, label_config, project_id, version, head)
+        bad = bad_task_ids(tasks)
+        if bad:
+            raise RequestError(bad[0])
+        self.options.limits.check_context(context)  # 413 before the image is loaded or the model waited for
         try:
             items, score = self._predict_one(tasks[0], schema, context, head, project_id)
         except (ValueError, FileNotFoundError) as error:
@@ -431,6 +507,26 @@ class OspreyService:
         self.record_prediction(project_id, tasks[0], version, items, interactive=True)
         self.count("tasks ok")
         return {"results": [{"result": items, "score": score, "model_version": version}]}
+
+    def _predict_batch(self, tasks: list, schema, label_config: str, project_id, version: str, head) -> dict:
+        """The batch answer: exactly one result per task, in order. A task whose id is not a Label Studio
+        id gets the answer without ``result`` (Label Studio stores nothing for it) and an error naming
+        the field; the others are predicted by :class:`~backend.service.batch.BatchPredictor`."""
+        bad = bad_task_ids(tasks)
+        good = [index for index in range(len(tasks)) if index not in bad]
+        out = self.batch.predict(
+            [tasks[index] for index in good], schema=schema, label_config=label_config, project=project_id,
+            version=version, head=head,
+        )  # fmt: skip
+        if not bad:
+            return out
+        self.count("tasks failed", len(bad))
+        results: list[dict] = [{"score": 0.0, "model_version": version} for _ in tasks]
+        for index, result in zip(good, out["results"], strict=True):
+            results[index] = result
+        errors = [{**error, "index": good[error["index"]]} for error in out.get("errors", [])]
+        errors += [{"index": index, "task": None, "error": reason} for index, reason in bad.items()]
+        return {**out, "results": results, "errors": sorted(errors, key=lambda error: error["index"])}
 
     def _predict_one(
         self, task, schema: ProjectSchema, context: dict | None, head, project_id: str | None
@@ -446,8 +542,9 @@ class OspreyService:
             image = self.loader.load(reference)
         except ImageLoadError as error:
             raise RequestError(f"cannot load the task image: {error}") from None
-        with self.batch.model_session(project_id):
-            return predict_task(
-                task=task, rgb=image.rgb, schema=schema, context=context, models=self.models,
-                options=self.options, head=head,
-            )  # fmt: skip
+        with self.model_session(project_id, INTERACTIVE):
+            regions = find_regions(task=task, rgb=image.rgb, schema=schema, context=context,
+                                   models=self.models, options=self.options)  # fmt: skip
+            answers = answer_tasks([(image.rgb, regions)], schema=schema, models=self.models,
+                                   options=self.options, head=head)  # fmt: skip
+        return task_results([(image.rgb, regions)], answers, schema=schema, options=self.options)[0]

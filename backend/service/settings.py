@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from backend.labelstudio.limits import PayloadLimits
+
 
 def _bool(text: str) -> bool:
     value = text.strip().lower()
@@ -33,8 +35,14 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
     host: str = field(default="0.0.0.0", metadata={"env": "HOST"})
     port: int = field(default=9090, metadata={"env": "PORT"})
-    workers: int = field(default=1, metadata={"env": "WORKERS"})
     threads: int = field(default=8, metadata={"env": "THREADS"})
+    # Serving (waitress, see backend/service/server.py): what a client may send and for how long
+    max_request_bytes: int = field(default=64 * 2**20, metadata={"env": "OSPREY_MAX_REQUEST_BYTES"})
+    max_header_bytes: int = field(default=64 * 2**10, metadata={"env": "OSPREY_MAX_HEADER_BYTES"})
+    client_timeout_s: float = field(default=30.0, metadata={"env": "OSPREY_CLIENT_TIMEOUT_S"})
+    max_connections: int = field(default=500, metadata={"env": "OSPREY_MAX_CONNECTIONS"})
+    webhook_concurrency: int = field(default=2, metadata={"env": "OSPREY_WEBHOOK_CONCURRENCY"})
+    webhook_secret: str | None = field(default=None, metadata={"env": "OSPREY_WEBHOOK_SECRET"})
     # Models
     osprey_model: str = field(default="osprey-7b", metadata={"env": "OSPREY_MODEL"})
     sam_model: str = field(default="vit_h", metadata={"env": "SAM_MODEL"})
@@ -53,6 +61,10 @@ class Settings:
     max_caption_tokens: int = field(default=32, metadata={"env": "OSPREY_MAX_CAPTION_TOKENS"})
     max_description_tokens: int = field(default=256, metadata={"env": "OSPREY_MAX_DESCRIPTION_TOKENS"})
     cache_images: int = field(default=16, metadata={"env": "OSPREY_CACHE_IMAGES"})
+    cache_device_bytes: str = field(default="auto", metadata={"env": "OSPREY_CACHE_DEVICE_BYTES"})
+    cache_host_bytes: str = field(default="auto", metadata={"env": "OSPREY_CACHE_HOST_BYTES"})
+    cache_disk_bytes: str = field(default="4GiB", metadata={"env": "OSPREY_CACHE_DISK_BYTES"})
+    device_spare_bytes: str = field(default="2GiB", metadata={"env": "OSPREY_DEVICE_SPARE_BYTES"})
     cache_dir: str | None = field(default=None, metadata={"env": "OSPREY_CACHE_DIR"})
     # Batch predictions and bulk pre-labelling
     predict_budget_s: float = field(default=60.0, metadata={"env": "OSPREY_PREDICT_BUDGET_S"})
@@ -71,10 +83,35 @@ class Settings:
     max_image_bytes: int = field(default=50 * 2**20, metadata={"env": "OSPREY_MAX_IMAGE_BYTES"})
     max_image_pixels: int = field(default=100_000_000, metadata={"env": "OSPREY_MAX_IMAGE_PIXELS"})
     image_timeout_s: float = field(default=15.0, metadata={"env": "OSPREY_IMAGE_TIMEOUT_S"})
+    image_url_ttl_s: float = field(default=60.0, metadata={"env": "OSPREY_IMAGE_URL_TTL_S"})
+    # Payload limits (regions claim image sizes too: OSPREY_MAX_IMAGE_PIXELS caps them)
+    max_polygon_points: int = field(default=10_000, metadata={"env": "OSPREY_MAX_POLYGON_POINTS"})
+    max_prompt_points: int = field(default=100, metadata={"env": "OSPREY_MAX_PROMPT_POINTS"})
+    max_regions: int = field(default=1_000, metadata={"env": "OSPREY_MAX_REGIONS"})
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.threads < 1:
-            raise ValueError("WORKERS and THREADS must be >= 1")
+        self.payload_limits()  # refuses non-positive limits, naming the variable
+        if self.threads < 1:
+            raise ValueError("THREADS must be >= 1")
+        if self.max_request_bytes < 1024 or self.max_header_bytes < 1024:
+            raise ValueError("OSPREY_MAX_REQUEST_BYTES and OSPREY_MAX_HEADER_BYTES must be >= 1024 bytes")
+        if self.client_timeout_s <= 0 or self.max_connections < 1 or self.webhook_concurrency < 1:
+            raise ValueError(
+                "OSPREY_CLIENT_TIMEOUT_S must be > 0 seconds, OSPREY_MAX_CONNECTIONS and "
+                "OSPREY_WEBHOOK_CONCURRENCY >= 1"
+            )
+        from .budgets import parse_bytes
+
+        for name in ("cache_device_bytes", "cache_host_bytes", "cache_disk_bytes", "device_spare_bytes"):
+            parse_bytes(
+                getattr(self, name),
+                setting=f"OSPREY_{name.upper()}",
+                auto=name in ("cache_device_bytes", "cache_host_bytes"),
+            )
+        if self.image_url_ttl_s < 0:
+            raise ValueError("OSPREY_IMAGE_URL_TTL_S must be >= 0 seconds (0: always fetch)")
+        if self.cache_images < 1:
+            raise ValueError("OSPREY_CACHE_IMAGES must be >= 1")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.lora not in ("auto", "true", "false"):
@@ -89,6 +126,15 @@ class Settings:
             raise ValueError(
                 "OSPREY_PRELABEL_BATCH_TASKS and OSPREY_PRELABEL_CHUNK_TASKS must be >= 1, OSPREY_PRELABEL_RETRIES >= 0"
             )
+
+    def payload_limits(self) -> PayloadLimits:
+        """The caps on what a payload may make the backend allocate (see :mod:`backend.labelstudio.limits`)."""
+        return PayloadLimits(
+            max_image_pixels=self.max_image_pixels,
+            max_polygon_points=self.max_polygon_points,
+            max_prompt_points=self.max_prompt_points,
+            max_regions=self.max_regions,
+        )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

@@ -23,6 +23,35 @@ def scene_png(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+class ImageHost:
+    """A plain image host (a bucket behind presigned URLs): every path answers ``body`` as a PNG, with
+    no token; ``seen`` records the paths asked for. ``port``, ``close()``."""
+
+    def __init__(self, body: bytes) -> None:
+        self.seen: list[str] = []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                host.seen.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class FileStore:
     """Serves ``/data/upload/<project>/<name>`` like Label Studio, only with the API token."""
 

@@ -347,6 +347,24 @@ def test_decoded_images_are_cached_by_content_and_read_only(ls):
     assert loader.stats() == {"loaded": 2, "cache_hits": 1, "cached": 1, "refused_not_found": 1}
 
 
+def test_clicks_on_one_image_within_the_ttl_do_not_fetch_it_again(ls):
+    serve_png(ls, "/data/upload/1/a.png")
+    loader = ImageLoader(label_studio_url=ls.url, api_key=None, url_ttl_s=3600)
+    first = loader.load("/data/upload/1/a.png")
+    again = loader.load("/data/upload/1/a.png")
+    fetched = [r for r in ls.requests if r[1] == "/data/upload/1/a.png"]
+    assert len(fetched) == 1 and again.rgb is first.rgb and again.content_hash == first.content_hash
+    assert loader.stats()["recent_hits"] == 1
+    always = ImageLoader(label_studio_url=ls.url, api_key=None, url_ttl_s=0)  # 0: every load fetches
+    always.load("/data/upload/1/a.png")
+    always.load("/data/upload/1/a.png")
+    assert len([r for r in ls.requests if r[1] == "/data/upload/1/a.png"]) == 3
+    expired = ImageLoader(label_studio_url=ls.url, api_key=None, url_ttl_s=1e-9)  # past its TTL: fetched
+    expired.load("/data/upload/1/a.png")
+    expired.load("/data/upload/1/a.png")
+    assert len([r for r in ls.requests if r[1] == "/data/upload/1/a.png"]) == 5
+
+
 def test_data_uri_and_refused_references(ls):
     rgb = picture(8, 6)
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(rgb)).decode()

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from backend.learning.registry import ModelRegistry, RegistryError, not_worse
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write_weights(payload: str):
@@ -126,3 +134,107 @@ def test_reading_an_unknown_project_creates_nothing(tmp_path):
     assert registry.current("42") is None and registry.versions("42") == [] and registry.history("42") == []
     assert registry.current_stamp("42") == 0
     assert not (tmp_path / "42").exists()
+
+
+# --- what a killed writer leaves behind, removed at start ------------------------------------------
+
+
+def test_starting_removes_unfinished_writes_and_keeps_every_version(tmp_path, caplog):
+    registry = ModelRegistry(root=tmp_path)
+    for payload in "ab":
+        registry.create("7", kind="head", base_model_version="b", write=write_weights(payload))
+    registry.promote("7", "v0001")
+    half = tmp_path / "7" / ".tmp-0123456789abcdef0123456789abcdef"  # killed before its rename
+    (half / "head").mkdir(parents=True)
+    (half / "head" / "weights.json").write_text('{"w": "hal')
+    only = tmp_path / "8" / ".tmp-fedcba9876543210fedcba9876543210"  # a first write, killed
+    only.mkdir(parents=True)
+    pointer = tmp_path / "7" / ".CURRENT.00112233445566778899aabbccddeeff.tmp"  # killed mid-promotion
+    pointer.write_text("v0002")
+    kept = [tmp_path / "7" / "notes.txt", tmp_path / "7" / ".tmp-not-ours", tmp_path / "training.sqlite3"]
+    for path in kept:
+        path.write_text("x")
+    before = {p: p.read_bytes() for p in (tmp_path / "7").rglob("*") if p.is_file() and half not in p.parents}
+    before.pop(pointer)
+
+    with caplog.at_level("WARNING", logger="backend.learning.registry"):
+        started = ModelRegistry(root=tmp_path)
+
+    assert not half.exists() and not only.exists() and not pointer.exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "7").rglob("*") if p.is_file()} == before
+    assert [v.version for v in started.versions("7")] == ["v0001", "v0002"]
+    assert started.current("7").version == "v0001"
+    assert started.history("7")[-1]["version"] == "v0001"
+    assert all(path.exists() for path in kept)
+    for path in (half, only, pointer):
+        assert f"removed {path}, left by a write that did not finish" in caplog.text
+    assert started.remove_unfinished() == []  # nothing left to remove
+
+
+def test_a_write_in_progress_is_not_taken_for_a_leftover(tmp_path):
+    registry = ModelRegistry(root=tmp_path)
+    writing, finish = threading.Event(), threading.Event()
+
+    def slow(folder):
+        (folder / "head").mkdir()
+        (folder / "head" / "weights.json").write_text("{}")
+        writing.set()
+        assert finish.wait(30)
+        return {"train_examples": 3}
+
+    writer = threading.Thread(
+        target=lambda: registry.create("7", kind="head", base_model_version="b", write=slow)
+    )
+    writer.start()
+    assert writing.wait(30)
+    (in_progress,) = (tmp_path / "7").glob(".tmp-*")
+    assert ModelRegistry(root=tmp_path).remove_unfinished() == []  # its writer holds it
+    assert (in_progress / "head" / "weights.json").is_file()
+    finish.set()
+    writer.join(30)
+    assert registry.info("7", "v0001").train_examples == 3
+    assert not list((tmp_path / "7").glob(".tmp-*"))
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from backend.learning.registry import ModelRegistry
+
+def write(folder):
+    (folder / "head").mkdir()
+    (folder / "head" / "head.safetensors").write_bytes(bytes(1 << 20))
+    Path(sys.argv[2]).write_text(str(folder))
+    time.sleep(600)  # killed here, mid-write
+
+ModelRegistry(root=sys.argv[1]).create("7", kind="head", base_model_version="b", write=write)
+"""
+
+
+def test_a_writer_killed_with_sigkill_leaves_a_folder_the_next_start_removes(tmp_path):
+    root = tmp_path / "models"
+    ModelRegistry(root=root).create("7", kind="head", base_model_version="b", write=write_weights("a"))
+    ready = tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(ready)], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), f"the writer did not start writing (exit code {process.poll()})"
+        half = Path(ready.read_text())
+        assert half.parent == root / "7" and half.name.startswith(".tmp-")
+        assert ModelRegistry(root=root).remove_unfinished() == []  # alive: its folder is kept
+        assert half.is_dir()
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(30)
+    assert process.returncode == -signal.SIGKILL and half.is_dir()  # kill -9 left it behind
+
+    started = ModelRegistry(root=root)
+    assert not half.exists()
+    assert [v.version for v in started.versions("7")] == ["v0001"]
+    assert json.loads((started.path("7", "v0001") / "head" / "weights.json").read_text()) == {"w": "a"}
+    assert (
+        started.create("7", kind="head", base_model_version="b", write=write_weights("b")).version == "v0002"
+    )

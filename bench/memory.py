@@ -1,0 +1,150 @@
+"""Bytes per cached image in each tier, and the peak device memory of the default set-up.
+
+For each preset: the weights of Osprey and SAM, one cached image in each tier (device: the whole
+encoding; host and disk: vision features and image tokens, no prefix keys/values; SAM: its embedding),
+the default cache budgets on the target device, the peak one request needs (SAM's segment everything
+and Osprey's largest forward) and the total at the peak: weights + full default caches + that request.
+
+- ``tiny`` and ``small`` (with SAM ``tiny``): built on the CPU and measured from real tensors (the
+  request peak counted by ``LiveBytes`` while a real segment-everything task and its labelling run);
+  the target is this machine.
+- ``osprey-7b`` + ``vit_h``: built on the ``meta`` device, so the figures are exact from the shapes and
+  nothing is allocated; the target is a 24 GB GPU (24e9 bytes, 0.5 GiB of it the CUDA context).
+
+    python bench/memory.py                 # all three presets
+    python bench/memory.py --preset osprey-7b --gpu-gb 48
+    python bench/memory.py --json          # one JSON object per row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.service.budgets import derive_budgets, host_memory, request_peak_bytes  # noqa: E402
+from backend.service.settings import Settings  # noqa: E402
+from osprey.inference.api import Osprey  # noqa: E402
+from osprey.inference.feature_cache import nbytes  # noqa: E402
+from osprey.inference.memory import LiveBytes, encoding_bytes, sam_embedding_bytes, weight_bytes  # noqa: E402
+from osprey.sam.build import SAM_ARCHITECTURES, _assemble  # noqa: E402
+
+GiB, MiB = 2**30, 2**20
+CUDA_CONTEXT = GiB // 2
+PRESETS = {"tiny": "tiny", "small": "tiny", "osprey-7b": "vit_h"}  # Osprey preset -> SAM model
+
+
+def measured_request_peak(osprey: Osprey, settings: Settings) -> int:
+    """A real segment-everything task and its labelling on the CPU, counted by LiveBytes."""
+    from backend.service.service import load_models
+
+    models = load_models(settings)
+    rgb = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
+    from osprey.inference.fields import LabelRequest
+
+    with torch.no_grad(), LiveBytes() as live:
+        regions = models.everything.generate(rgb)
+        models.osprey.label(rgb, [r.mask for r in regions] or [np.ones(rgb.shape[:2], bool)],
+                            LabelRequest(categories=("a", "b"), caption=True, max_caption_tokens=8))  # fmt: skip
+    return live.peak
+
+
+def row_for(preset: str, gpu_bytes: int) -> dict:
+    sam_model = PRESETS[preset]
+    meta = preset == "osprey-7b"
+    settings = Settings.from_env(
+        {}, osprey_model=preset, sam_model=sam_model, device="cpu", points_per_side=8, max_masks=8,
+        pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0, training=False,
+    )  # fmt: skip
+    if meta:
+        osprey = Osprey.from_pretrained(preset, device="meta", dtype=torch.bfloat16, random_weights=True)
+    else:
+        osprey = Osprey.from_pretrained(preset, device="cpu")
+    with torch.device("meta"):
+        sam = _assemble(SAM_ARCHITECTURES[sam_model])
+    sam_weights, osprey_weights = weight_bytes(sam), weight_bytes(osprey.model)
+    encoding = encoding_bytes(osprey)
+    if not meta:  # measured: a real encoding's tensors
+        real = osprey.encode_image(np.zeros((480, 640, 3), np.uint8))
+        assert nbytes(real) == encoding.whole and nbytes(real.state) == encoding.prefix_kv
+    embedding = sam_embedding_bytes(SAM_ARCHITECTURES[sam_model])
+    if meta:
+        peak = request_peak_bytes(settings, osprey)
+        free = gpu_bytes - CUDA_CONTEXT - osprey_weights - sam_weights
+        host_total, host_available = 64 * GiB, 48 * GiB  # a typical GPU server; only the host tier uses it
+        target, kind = f"GPU {gpu_bytes / 1e9:.0f} GB", "computed"
+        budgets = derive_budgets(settings, device_kind="cuda", device_free=free, host_total=host_total,
+                                 host_available=host_available, request_peak=peak)  # fmt: skip
+        capacity = gpu_bytes - CUDA_CONTEXT
+    else:
+        peak = measured_request_peak(osprey, settings)
+        host_total, host_available = host_memory()
+        target, kind = "this CPU (RAM)", "measured"
+        budgets = derive_budgets(settings, device_kind="cpu", device_free=None, host_total=host_total,
+                                 host_available=host_available, request_peak=peak)  # fmt: skip
+        capacity = host_total
+    osprey_items = min(settings.cache_images, budgets.osprey_device // encoding.whole)
+    sam_items = min(settings.cache_images, budgets.sam_device // embedding)
+    device_caches = osprey_items * encoding.whole + sam_items * embedding
+    total = osprey_weights + sam_weights + device_caches + peak
+    return {
+        "preset": preset, "sam": sam_model, "figures": kind, "target": target,
+        "osprey_weights_gib": round(osprey_weights / GiB, 3), "sam_weights_gib": round(sam_weights / GiB, 3),
+        "osprey_device_mib_per_image": round(encoding.whole / MiB, 2),
+        "osprey_prefix_kv_mib_per_image": round(encoding.prefix_kv / MiB, 2),
+        "osprey_host_mib_per_image": round(encoding.slim / MiB, 2),
+        "osprey_disk_mib_per_image": round(encoding.slim / MiB, 2),
+        "disk_holds_prefix_kv": False,
+        "sam_mib_per_image_each_tier": round(embedding / MiB, 2),
+        "device_cache_images": {"osprey": int(osprey_items), "sam": int(sam_items)},
+        "device_caches_gib": round(device_caches / GiB, 3),
+        "host_budget_gib": round((budgets.osprey_host + budgets.sam_host) / GiB, 2),
+        "disk_budget_gib": round((budgets.osprey_disk + budgets.sam_disk) / GiB, 2),
+        "request_peak_gib": round(peak / GiB, 3),
+        "peak_total_gib": round(total / GiB, 3),
+        "capacity_gib": round(capacity / GiB, 2),
+        "spare_gib": round((capacity - total) / GiB, 2),
+    }  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all three")
+    parser.add_argument(
+        "--gpu-gb", type=float, default=24.0, help="the GPU osprey-7b is sized for (1e9 bytes)"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = [row_for(p, int(args.gpu_gb * 1e9)) for p in (args.preset or ["tiny", "small", "osprey-7b"])]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print("per cached image (MiB): Osprey device = whole encoding, host/disk = features + image tokens; SAM "
+          "embedding in each tier. Peak = weights + full default device caches + one request's peak.")  # fmt: skip
+    header = (f"{'preset':<10} {'sam':<6} {'figures':<9} {'weights GiB':>12} {'dev MiB':>8} {'kv MiB':>7} "
+              f"{'host/disk MiB':>13} {'SAM MiB':>7} {'cached (O/S)':>12} {'request GiB':>11} "
+              f"{'peak GiB':>9} {'of GiB':>7} {'spare GiB':>9}  target")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        weights = r["osprey_weights_gib"] + r["sam_weights_gib"]
+        cached = f"{r['device_cache_images']['osprey']}/{r['device_cache_images']['sam']}"
+        print(f"{r['preset']:<10} {r['sam']:<6} {r['figures']:<9} {weights:>12.2f} "
+              f"{r['osprey_device_mib_per_image']:>8.2f} {r['osprey_prefix_kv_mib_per_image']:>7.2f} "
+              f"{r['osprey_host_mib_per_image']:>13.2f} {r['sam_mib_per_image_each_tier']:>7.2f} {cached:>12} "
+              f"{r['request_peak_gib']:>11.3f} {r['peak_total_gib']:>9.2f} {r['capacity_gib']:>7.2f} "
+              f"{r['spare_gib']:>9.2f}  {r['target']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
