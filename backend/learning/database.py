@@ -1,9 +1,10 @@
 """The SQLite file the training store and the SQLite job queue share: its schema, its migrations, and
 per-thread connections with one-transaction writes.
 
-One file (stdlib ``sqlite3``) is shared by every thread and every process (gunicorn workers) of the
-service. WAL mode lets readers run beside one writer; every write is one ``BEGIN IMMEDIATE`` transaction
-(writers queue on the file lock for up to ``busy_timeout_s``), so a call that returns has committed.
+One file (stdlib ``sqlite3``) is shared by every thread and every process of the service (``serve``, a
+training worker, ``osprey-label prelabel``) on one machine. WAL mode lets readers run beside one
+writer; every write is one ``BEGIN IMMEDIATE`` transaction (writers queue on the file lock for up to
+``busy_timeout_s``), so a call that returns has committed.
 Each thread (and each process, after a fork) opens its own connection. The schema version lives in
 ``PRAGMA user_version`` and migrations run on open, inside a write transaction.
 
