@@ -41,15 +41,13 @@ CUDA_CONTEXT = GiB // 2
 PRESETS = {"tiny": "tiny", "small": "tiny", "osprey-7b": "vit_h"}  # Osprey preset -> SAM model
 
 
-def measured_request_peak(settings: Settings) -> tuple[int, dict]:
+def measured_request_peak(models) -> tuple[int, dict]:
     """A real segment-everything task and its labelling on the CPU, counted by LiveBytes; and what it
     costs to recompute each cached part (median ms of 3): the vision tower, the prefix, SAM's encoder."""
-    from backend.service.service import load_models
     from osprey.inference.fast import encode_prefix
     from osprey.inference.fields import LabelRequest
     from osprey.model.preprocess import preprocess_image
 
-    models = load_models(settings)
     rgb = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
     with torch.no_grad(), LiveBytes() as live:
         regions = models.everything.generate(rgb)
@@ -87,8 +85,11 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
     )  # fmt: skip
     if meta:
         osprey = Osprey.from_pretrained(preset, device="meta", dtype=torch.bfloat16, random_weights=True)
-    else:
-        osprey = Osprey.from_pretrained(preset, device="cpu")
+    else:  # the service's own models, caches included: measured from what it really holds
+        from backend.service.service import load_models
+
+        models = load_models(settings)
+        osprey = models.osprey
     with torch.device("meta"):
         sam = _assemble(SAM_ARCHITECTURES[sam_model])
     sam_weights, osprey_weights = weight_bytes(sam), weight_bytes(osprey.model)
@@ -106,7 +107,7 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
                                  host_available=host_available, request_peak=peak)  # fmt: skip
         capacity = gpu_bytes - CUDA_CONTEXT
     else:
-        peak, recompute = measured_request_peak(settings)
+        peak, recompute = measured_request_peak(models)
         host_total, host_available = host_memory()
         target, kind = "this CPU (RAM)", "measured"
         budgets = derive_budgets(settings, device_kind="cpu", device_free=None, host_total=host_total,

@@ -8,8 +8,10 @@ regions of the output tool), and *segment everything* (no regions at all).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -295,24 +297,16 @@ def predict_task(
     models,
     options: PredictOptions,
     head: FastHead | None = None,
+    model_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[list[dict], float]:
-    """All result items for one task and the prediction's overall score (mean region score)."""
-    regions = find_regions(task=task, rgb=rgb, schema=schema, context=context, models=models, options=options)
-    return label_tasks([(rgb, regions)], schema=schema, models=models, options=options, head=head)[0]
-
-
-def label_tasks(
-    items: list[tuple[np.ndarray, list[Region]]],
-    *,
-    schema: ProjectSchema,
-    models,
-    options: PredictOptions,
-    head: FastHead | None = None,
-) -> list[tuple[list[dict], float]]:
-    """Result items and overall score (mean region score) for each ``(image, regions)`` of several tasks:
-    :func:`answer_tasks` (the model) then :func:`task_results` (Label Studio's format)."""
-    answers = answer_tasks(items, schema=schema, models=models, options=options, head=head)
-    return task_results(items, answers, schema=schema, options=options)
+    """All result items for one task and the prediction's overall score (mean region score). The model
+    work (regions, answers) runs inside ``model_session()``; building Label Studio's results does not."""
+    with model_session():
+        regions = find_regions(
+            task=task, rgb=rgb, schema=schema, context=context, models=models, options=options
+        )
+        answers = answer_tasks([(rgb, regions)], schema=schema, models=models, options=options, head=head)
+    return task_results([(rgb, regions)], answers, schema=schema, options=options)[0]
 
 
 @dataclass

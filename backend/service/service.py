@@ -28,7 +28,7 @@ from backend.learning.registry import ModelRegistry
 from backend.learning.store import TrainingStore
 from backend.learning.worker import Worker
 from backend.prelabel.deferral import is_prelabel_job
-from backend.prelabel.predict import PredictOptions, answer_tasks, find_regions, task_results
+from backend.prelabel.predict import PredictOptions, predict_task
 from backend.reports.acceptance import acceptance_summary
 
 from .batch import BatchPredictor
@@ -542,9 +542,7 @@ class OspreyService:
             image = self.loader.load(reference)
         except ImageLoadError as error:
             raise RequestError(f"cannot load the task image: {error}") from None
-        with self.model_session(project_id, INTERACTIVE):
-            regions = find_regions(task=task, rgb=image.rgb, schema=schema, context=context,
-                                   models=self.models, options=self.options)  # fmt: skip
-            answers = answer_tasks([(image.rgb, regions)], schema=schema, models=self.models,
-                                   options=self.options, head=head)  # fmt: skip
-        return task_results([(image.rgb, regions)], answers, schema=schema, options=self.options)[0]
+        return predict_task(
+            task=task, rgb=image.rgb, schema=schema, context=context, models=self.models, options=self.options,
+            head=head, model_session=lambda: self.model_session(project_id, INTERACTIVE),
+        )  # fmt: skip

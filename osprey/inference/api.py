@@ -50,8 +50,6 @@ def image_feature_cache(
     from .fast import ImageFeatures
     from .feature_cache import FeatureCache
 
-    if max_images is None and max_bytes is None:
-        raise ValueError("bound the device tier: give max_images, max_bytes or both")
     return FeatureCache(
         name="osprey",
         max_items=max_images,

@@ -10,6 +10,25 @@ from werkzeug.serving import make_server
 
 
 @contextmanager
+def served_tiny_service(tiny_models, file_store, model_dir, upload: str):
+    """The real app and service on the tiny models, with ``scene_png()`` stored in the fake Label Studio
+    at ``upload``; yields the base URL."""
+    from lsfakes import API_KEY, scene_png
+
+    from backend.service.app import create_app
+    from backend.service.service import OspreyService
+    from backend.service.settings import Settings
+
+    settings = Settings.from_env(
+        {}, model_dir=model_dir, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
+        osprey_model="tiny", sam_model="tiny",
+    )  # fmt: skip
+    file_store.add(upload, scene_png())
+    with served(create_app(settings, OspreyService(settings=settings, models=tiny_models))) as base:
+        yield base
+
+
+@contextmanager
 def served(app):
     """Yield the base URL of ``app`` served on 127.0.0.1; the server stops on exit."""
     server = make_server("127.0.0.1", 0, app, threaded=True)

@@ -23,6 +23,15 @@ def scene_png(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def send_png(handler: BaseHTTPRequestHandler, body: bytes) -> None:
+    """Answer 200 with ``body`` as a PNG."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/png")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class ImageHost:
     """A plain image host (a bucket behind presigned URLs): every path answers ``body`` as a PNG, with
     no token; ``seen`` records the paths asked for. ``port``, ``close()``."""
@@ -34,11 +43,7 @@ class ImageHost:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 host.seen.append(self.path)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_png(self, body)
 
             def log_message(self, *args):
                 pass
@@ -77,11 +82,7 @@ class FileStore:
                     self.send_response(404)
                     self.end_headers()
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_png(self, body)
 
             def log_message(self, *args):
                 pass

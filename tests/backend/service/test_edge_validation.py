@@ -8,14 +8,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from http_app import served
-from lsfakes import API_KEY, scene_png
+from http_app import served_tiny_service
 from webhook_payloads import annotation_event, box_mask, brush_region, deleted_event
 
-from backend.service.app import create_app
 from backend.service.payloads import MAX_JSON_DEPTH, json_depth
-from backend.service.service import OspreyService
-from backend.service.settings import Settings
 
 CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
 BIG = str(2**64)
@@ -23,12 +19,9 @@ BIG = str(2**64)
 
 @pytest.fixture(scope="module")
 def url(tiny_models, file_store, tmp_path_factory):
-    settings = Settings.from_env(
-        {}, model_dir=tmp_path_factory.mktemp("models"), label_studio_url=file_store.url,
-        label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
-    )  # fmt: skip
-    file_store.add("/data/upload/9/scene.png", scene_png())
-    with served(create_app(settings, OspreyService(settings=settings, models=tiny_models))) as base:
+    with served_tiny_service(
+        tiny_models, file_store, tmp_path_factory.mktemp("models"), "/data/upload/9/scene.png"
+    ) as base:
         yield base
 
 

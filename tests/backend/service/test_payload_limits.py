@@ -9,29 +9,22 @@ import tracemalloc
 import numpy as np
 import pytest
 import requests
-from http_app import served
-from lsfakes import API_KEY, scene_png
+from http_app import served_tiny_service
 from webhook_payloads import POLYGON_CONFIG, annotation_event, box_mask, brush_region, polygon_region
 
 from backend.labelstudio import results as results_module
 from backend.labelstudio import rle as rle_codec
 from backend.labelstudio.results import mask_from_result
 from backend.prelabel import predict as predict_module
-from backend.service.app import create_app
-from backend.service.service import OspreyService
-from backend.service.settings import Settings
 
 HUGE = 12288  # 151 M pixels claimed, over the default OSPREY_MAX_IMAGE_PIXELS (100 M)
 
 
 @pytest.fixture(scope="module")
 def url(tiny_models, file_store, tmp_path_factory):
-    settings = Settings.from_env(
-        {}, model_dir=tmp_path_factory.mktemp("models"), label_studio_url=file_store.url,
-        label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
-    )  # fmt: skip
-    file_store.add("/data/upload/8/scene.png", scene_png())
-    with served(create_app(settings, OspreyService(settings=settings, models=tiny_models))) as base:
+    with served_tiny_service(
+        tiny_models, file_store, tmp_path_factory.mktemp("models"), "/data/upload/8/scene.png"
+    ) as base:
         yield base
 
 
