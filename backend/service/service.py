@@ -155,7 +155,7 @@ class OspreyService:
         )
         self.scheduler = ModelScheduler()  # who runs on the model next: clicks before batches before training
         self.request_times = RequestTimes(self.scheduler)  # /predict: model vs waiting vs the backend's own
-        # Predictions queue on the model lock; keep two server threads free so /health and /setup
+        # Predictions queue on the model scheduler; keep two server threads free so /health and /setup
         # always answer within Label Studio's 1 s / 3 s even when every annotator is clicking.
         self._predict_slots = threading.BoundedSemaphore(max(1, settings.threads - 2))
         # recorded predictions are written behind the answers, in order (see record_prediction)

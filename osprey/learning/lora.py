@@ -269,7 +269,7 @@ class AdapterSet:
 
     ``activate(name, directory)`` loads the adapter the first time it is named and makes it the one
     used; ``activate(None, None)`` serves the base model. The caller serialises model work (the
-    backend holds its model lock across activation and prediction). Encoded images depend on the
+    backend's scheduler activates a project's adapter whenever its work takes the model). Encoded images depend on the
     active adapter (the prompt prefix's keys/values do), so ``osprey.adapter_tag`` becomes part of the
     image cache key.
     """
