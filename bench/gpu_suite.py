@@ -323,8 +323,8 @@ def part_sam(suite: Suite, deadline: float) -> dict:
 
 def part_peak_memory(suite: Suite, deadline: float) -> dict:
     from backend.labelstudio.schema import parse_label_config
+    from backend.predict.regions import PredictOptions
     from backend.prelabel.engine import PrelabelEngine
-    from backend.prelabel.predict import PredictOptions
 
     p, prelabel = suite.profile, bench_module("prelabel")
     models = prelabel.models_from(

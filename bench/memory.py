@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.service.budgets import derive_budgets, host_memory, request_peak_bytes  # noqa: E402
-from backend.service.settings import Settings  # noqa: E402
+from backend.runtime.budgets import derive_budgets, host_memory, request_peak_bytes  # noqa: E402
+from backend.runtime.settings import Settings  # noqa: E402
 from osprey.inference.api import Osprey  # noqa: E402
-from osprey.inference.feature_cache import nbytes  # noqa: E402
 from osprey.inference.memory import LiveBytes, encoding_bytes, sam_embedding_bytes, weight_bytes  # noqa: E402
+from osprey.runtime.feature_cache import nbytes  # noqa: E402
 from osprey.sam.build import SAM_ARCHITECTURES, _assemble  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
@@ -86,7 +86,7 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
     if meta:
         osprey = Osprey.from_pretrained(preset, device="meta", dtype=torch.bfloat16, random_weights=True)
     else:  # the service's own models, caches included: measured from what it really holds
-        from backend.service.service import load_models
+        from backend.runtime.runtime import load_models
 
         models = load_models(settings)
         osprey = models.osprey

@@ -29,9 +29,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backend.runtime.runtime import OspreyService, load_models  # noqa: E402
+from backend.runtime.settings import Settings  # noqa: E402
 from backend.service.app import create_app  # noqa: E402
-from backend.service.service import OspreyService, load_models  # noqa: E402
-from backend.service.settings import Settings  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_configs"
 PROJECT = "1.1700000000"

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.labelstudio.results import region_result  # noqa: E402
 from backend.labelstudio.schema import parse_label_config  # noqa: E402
+from backend.predict.regions import PredictOptions  # noqa: E402
 from backend.prelabel.engine import PrelabelEngine  # noqa: E402
-from backend.prelabel.predict import PredictOptions  # noqa: E402
-from backend.service.service import Models  # noqa: E402
+from backend.runtime.runtime import Models  # noqa: E402
 from osprey import Osprey  # noqa: E402
 from osprey.sam import EverythingOptions, SamEverything, SamImageEmbedder, SamRefiner, build_sam  # noqa: E402
 

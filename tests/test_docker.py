@@ -1,7 +1,7 @@
 """The Dockerfile and docker-compose.yml, checked without a Docker engine.
 
 hadolint lints the Dockerfile; everything else is read as data and held against the code: the
-environment variables against what :class:`backend.service.settings.Settings` reads, the health check
+environment variables against what :class:`backend.runtime.settings.Settings` reads, the health check
 against the app's real route (and run against a live app), the console script against
 pyproject.toml, the download service's command against the real argument parser.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend.service.settings import Settings
+from backend.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_ENV = {name for name, _ in Settings.documented()}

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from backend.service.settings import Settings
+from backend.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ Regions are the results of the config's output tool (``schema.output_tool``); ea
 in brush RLE (a brush region's own RLE once it decodes to the stated size; polygons and rectangles are
 rasterised and encoded), with its field values read from the per-region Choices/TextArea results that
 carry its ``id``. Each region is matched to the backend's recorded prediction and every field is judged
-kept, edited, added or removed by :func:`backend.reports.comparison.compare_annotation`, the same function
+kept, edited, added or removed by :func:`backend.acceptance.comparison.compare_annotation`, the same function
 the export report (``osprey-label eval acceptance``) calls.
 """
 
@@ -36,14 +36,14 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 
+from backend.acceptance.comparison import compare_annotation
 from backend.errors import WebhookError
+from backend.jobs import JobQueue
 from backend.labelstudio.ids import MAX_ID, label_studio_id, project_key
 from backend.labelstudio.limits import DEFAULT_LIMITS, PayloadLimits
 from backend.labelstudio.results import annotation_timestamp
 from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_label_config
-from backend.reports.comparison import compare_annotation
 
-from .queue import JobQueue
 from .store import AnnotationRecord, RegionRecord, TrainingStore, compare_versions
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def handle_webhook(
     ``deleted``, ``queued`` or ``ignored``; annotation events add ``annotation_id``, ``regions`` (stored)
     and ``skipped`` (unusable regions, with reasons). ``train`` is True when a training job was queued
     (START_TRAINING, or the project's new region labels crossed a multiple of ``train_every``) and
-    ``job_id`` names it. Jobs go to ``queue`` (either back end of :mod:`backend.learning.queue`).
+    ``job_id`` names it. Jobs go to ``queue`` (either back end of :mod:`backend.jobs`).
     The label config comes from ``payload["project"]["label_config"]``, else ``label_config_for(project_id)``.
     Regions past ``limits`` (claimed image size, polygon vertices, regions per annotation) are not
     decoded: they are listed under ``skipped`` with the reason. Raises WebhookError (a ValueError) for a

@@ -1,6 +1,6 @@
 """The training store: what the backend predicted and what annotators accepted, per project.
 
-Kept in the SQLite file of :mod:`backend.learning.database` (WAL, one transaction per write, so a webhook
+Kept in the SQLite file of :mod:`backend.database` (WAL, one transaction per write, so a webhook
 that returns has committed). Its tables:
 
 - ``predicted_regions``: each region the backend returned, with its result items (the region item first,
@@ -15,7 +15,7 @@ that returns has committed). Its tables:
 - ``tombstones``: deleted annotations and tasks; later events for them are refused.
 - ``project_counters``: per project, how many region labels were stored or changed (``new_since``).
 
-The job queue shares the file but not this class (:mod:`backend.learning.queue.sqlite_queue`).
+The job queue shares the file but not this class (:mod:`backend.jobs.sqlite_queue`).
 Timestamps are POSIX seconds (float). Project ids are strings: Label Studio's ``"12.1699999999"`` from
 ``/setup`` and ``/predict`` is reduced to ``"12"`` everywhere (``project_key``).
 """
@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.acceptance.comparison import FieldOutcome
+from backend.database import SqliteDatabase, dumps
 from backend.labelstudio.ids import project_key
 from backend.labelstudio.results import PredictedRegion, prediction_regions
-from backend.reports.comparison import FieldOutcome
-
-from .database import SqliteDatabase, dumps
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ class TrainingStore(SqliteDatabase):
     """Predictions and accepted regions in the service's SQLite file (see the module docstring).
 
     ``max_predicted_regions`` bounds the predicted regions kept per project (oldest dropped);
-    ``busy_timeout_s`` and ``synchronous`` are those of :class:`~backend.learning.database.SqliteDatabase`.
+    ``busy_timeout_s`` and ``synchronous`` are those of :class:`~backend.database.SqliteDatabase`.
     """
 
     def __init__(
@@ -474,7 +473,7 @@ class TrainingStore(SqliteDatabase):
 
     def outcome_counts(self, project_id: str) -> list[tuple[str, str, str | None, int]]:
         """``(field, outcome, model_version, n)`` over the project's field outcomes (see
-        :func:`backend.reports.acceptance.acceptance_summary`)."""
+        :func:`backend.acceptance.report.acceptance_summary`)."""
         rows = self._conn().execute(
             "SELECT field, outcome, model_version, count(*) FROM field_outcomes WHERE project_id = ?"
             " GROUP BY field, outcome, model_version",

@@ -100,7 +100,7 @@ class Example:
 
 
 class ProjectTrainer:
-    """The job handler (``backend.learning.queue.redis_queue.Worker`` calls it): ``trainer(project, kind, payload) -> dict``."""
+    """The job handler (``backend.jobs.redis_queue.Worker`` calls it): ``trainer(project, kind, payload) -> dict``."""
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ One code path serves ``osprey-label prelabel`` and the work a ``/predict`` batch
 
 - :class:`PrelabelEngine` predicts a batch of tasks: images fetched in parallel threads, each task's
   regions found with SAM, then every task's regions labelled by Osprey in the same forward passes and
-  decoding loop (:func:`backend.prelabel.predict.answer_tasks`); a task that fails says why.
+  decoding loop (:func:`backend.predict.regions.answer_tasks`); a task that fails says why.
 - :func:`prelabel` drives it over a task stream and writes through a sink (``LabelStudioClient``):
   tasks that already hold a non-empty prediction of this model version are skipped (so a rerun resumes);
   finished predictions are written in chunks (a crash loses at most one chunk); a failed task is retried
@@ -23,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backend.labelstudio.schema import ProjectSchema
-
-from .predict import PredictOptions, answer_tasks, find_regions, task_results
+from backend.predict.regions import PredictOptions, answer_tasks, find_regions, task_results
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class Summary:
 class PrelabelEngine:
     """Predicts tasks in batches across tasks (see the module docstring).
 
-    ``models``: the service's :class:`~backend.service.service.Models` (Osprey, SAM refiner and
+    ``models``: the service's :class:`~backend.runtime.runtime.Models` (Osprey, SAM refiner and
     segment-everything); ``loader``: an :class:`~backend.labelstudio.images.ImageLoader`;
     ``batch_tasks``: how many tasks share Osprey's forward passes; ``model_session``: a context
     manager factory entered around every model step (the service's scheduler and the project's

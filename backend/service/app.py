@@ -20,6 +20,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from backend.errors import RequestError, require
 from backend.labelstudio.ids import request_project
+from backend.runtime.settings import Settings
 
 from .admission import (
     WEBHOOK_SECRET_HEADER,
@@ -30,7 +31,6 @@ from .admission import (
     webhook_secret,
 )
 from .payloads import parse_json
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class _FastJSON(DefaultJSONProvider):
 
 
 def create_app(settings: Settings, service) -> Flask:
-    """The WSGI app. ``service`` does the work (see :class:`backend.service.service.OspreyService`)."""
+    """The WSGI app. ``service`` does the work (see :class:`backend.runtime.runtime.OspreyService`)."""
     app = Flask("osprey-label")
     app.json = _FastJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes

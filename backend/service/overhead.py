@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .scheduler import ModelScheduler
+from backend.runtime.scheduler import ModelScheduler
 
 __all__ = ["RequestTimes"]
 

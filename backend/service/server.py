@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .settings import Settings
+from backend.runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def check_weights(settings: Settings) -> None:
 
 def build_app(settings: Settings):
     """The WSGI app with its models loaded and its training worker started."""
+    from backend.runtime.runtime import OspreyService, load_models
+
     from .app import create_app
-    from .service import OspreyService, load_models
 
     models = load_models(settings)
     logger.info("models loaded: %s", models.version)

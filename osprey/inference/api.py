@@ -19,12 +19,12 @@ from osprey.model.loading import default_device, default_dtype, load_model
 from osprey.model.modeling import OspreyModel
 from osprey.model.preprocess import preprocess_image, stack_masks, to_rgb_array
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN, conversation, tokenize_prompt
+from osprey.runtime.steps import yield_before_each
 
 from .baseline import BaselineRunner
 from .fast import EncodedImage, FastRunner, ImageFeatures, batch_images, encode_image, encode_prefix
 from .fields import LabelRequest, RegionLabels
 from .plan import Planner
-from .steps import yield_before_each
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +42,14 @@ def image_feature_cache(
     disk_dir=None,
     max_disk_bytes: int = 8 * 2**30,
 ):
-    """A :class:`~osprey.inference.feature_cache.FeatureCache` for :class:`~osprey.inference.fast.EncodedImage`
+    """A :class:`~osprey.runtime.feature_cache.FeatureCache` for :class:`~osprey.inference.fast.EncodedImage`
     values. The device tier holds whole encodings (vision features, image tokens, prefix KV cache:
     ~0.58 GB per image for the 7B model in bf16), bounded by ``max_images`` and/or ``max_bytes``; the
     host tier (``host_max_bytes``) and the disk (``disk_dir``: across restarts) keep only the
     :class:`~osprey.inference.fast.ImageFeatures` (~20 MB), and a hit there reruns the prefix."""
+    from osprey.runtime.feature_cache import FeatureCache
+
     from .fast import ImageFeatures
-    from .feature_cache import FeatureCache
 
     return FeatureCache(
         name="osprey",
@@ -118,7 +119,7 @@ class Osprey:
             dtype: default bfloat16 on CUDA, float32 on CPU.
             random_weights: build a preset's architecture at full size with random weights
                 (benchmarks; answers are meaningless).
-            cache: a :class:`osprey.inference.feature_cache.FeatureCache` for encoded images, or None.
+            cache: a :class:`osprey.runtime.feature_cache.FeatureCache` for encoded images, or None.
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
@@ -144,7 +145,7 @@ class Osprey:
         rgb = to_rgb_array(image)
         if self.cache is None:
             return self._encode(rgb)
-        from .feature_cache import content_key
+        from osprey.runtime.feature_cache import content_key
 
         key = content_key(
             rgb, "osprey", ENCODING_FORMAT, self.model_id, str(self.model.dtype), self.adapter_tag
@@ -166,7 +167,7 @@ class Osprey:
     def encode_images(self, images: Sequence[Image.Image | np.ndarray]) -> list[EncodedImage]:
         """:meth:`encode_image` for several images; those not cached go through the vision tower as one
         batch (the decoder runs each prefix on its own)."""
-        from .feature_cache import content_key
+        from osprey.runtime.feature_cache import content_key
 
         rgbs = [to_rgb_array(image) for image in images]
         out: list[EncodedImage | None] = [None] * len(rgbs)

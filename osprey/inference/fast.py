@@ -23,9 +23,9 @@ import torch
 from osprey.model.llm import KVState, forward_on_state
 from osprey.model.modeling import OspreyModel
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID
+from osprey.runtime.steps import acquire, step_boundary
 
 from .plan import GenerateTask, Question, ScoreTask, candidate_log_likelihood
-from .steps import acquire, step_boundary
 
 ROOT = 0
 

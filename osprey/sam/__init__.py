@@ -1,5 +1,5 @@
 """SAM-assisted refinement of annotator input, with cached image embeddings, and segment everything.
-May import segment-anything (``build``, the one adapter), ``osprey.inference.feature_cache`` and
+May import segment-anything (``build``, the one adapter), ``osprey.runtime.feature_cache`` and
 ``osprey.download`` (the published checkpoint table); never ``backend``.
 
 Typical use (one model, one embedder shared by every request and thread)::

@@ -8,7 +8,7 @@ matrix, adds the decomposed relative positions to it, and softmaxes it in place,
 grid at a time (8 rows: 512 queries). Per band it is the same matrix products on fewer rows, so on the
 CPU the output is bit-identical to upstream's (a test checks it on every released width); it needs
 an eighth of the memory and runs 2-3x faster on a CPU (better cache use). Between bands is a
-:func:`~osprey.inference.steps.step_boundary`: a global block is SAM's longest single step, and a
+:func:`~osprey.runtime.steps.step_boundary`: a global block is SAM's longest single step, and a
 scheduler can hand the model to an annotator's click there.
 """
 
@@ -19,7 +19,7 @@ import types
 import torch
 from torch import nn
 
-from osprey.inference.steps import step_boundary
+from osprey.runtime.steps import step_boundary
 
 from .build import get_rel_pos
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from osprey.inference.feature_cache import FeatureCache, content_key
-from osprey.inference.steps import acquire, yield_after, yield_before_each
+from osprey.runtime.feature_cache import FeatureCache, content_key
+from osprey.runtime.steps import acquire, yield_after, yield_before_each
 
 from .attention import chunk_global_attention
 from .build import ResizeLongestSide, Sam
@@ -110,7 +110,7 @@ class SamImageEmbedder:
         )
         self._encoder_lock = threading.Lock()
         # a scheduler may hand SAM over between encoder and decoder blocks, and between bands of a
-        # global attention (see osprey.inference.steps)
+        # global attention (see osprey.runtime.steps)
         yield_before_each([*sam.image_encoder.blocks, *sam.mask_decoder.transformer.layers])
         yield_after(sam.mask_decoder)  # before its masks are upscaled
         chunk_global_attention(sam.image_encoder)

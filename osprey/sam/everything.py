@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from osprey.inference.steps import step_boundary
+from osprey.runtime.steps import step_boundary
 
 from .build import MaskData, SamAutomaticMaskGenerator, SamPredictor
 from .embedding import SamImageEmbedder, check_image

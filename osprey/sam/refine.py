@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from osprey.inference.feature_cache import FeatureCache
+from osprey.runtime.feature_cache import FeatureCache
 
 from .embedding import ImageEmbedding, SamImageEmbedder, check_image
 from .prompts import MaskPromptConfig, SamPrompt, build_sam_prompt

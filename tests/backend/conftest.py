@@ -16,8 +16,8 @@ def file_store():
 @pytest.fixture(scope="session")
 def tiny_models():
     """Tiny Osprey + tiny SAM, loaded once for the backend tests."""
-    from backend.service.service import load_models
-    from backend.service.settings import Settings
+    from backend.runtime.runtime import load_models
+    from backend.runtime.settings import Settings
 
     settings = Settings.from_env(
         {}, osprey_model="tiny", sam_model="tiny", device="cpu", points_per_side=4, max_masks=3,

@@ -15,9 +15,9 @@ def served_tiny_service(tiny_models, file_store, model_dir, upload: str):
     at ``upload``; yields the base URL."""
     from lsfakes import API_KEY, scene_png
 
+    from backend.runtime.runtime import OspreyService
+    from backend.runtime.settings import Settings
     from backend.service.app import create_app
-    from backend.service.service import OspreyService
-    from backend.service.settings import Settings
 
     settings = Settings.from_env(
         {}, model_dir=model_dir, label_studio_url=file_store.url, label_studio_api_key=API_KEY,

@@ -184,8 +184,8 @@ def start_training(project_id: int = 3) -> dict:
 
 def write_annotations(db_path: str, first_id: int, count: int) -> int:
     """Store ``count`` annotations through the real intake; returns how many were stored."""
+    from backend.jobs import SqliteJobQueue
     from backend.learning.intake import handle_webhook
-    from backend.learning.queue import SqliteJobQueue
     from backend.learning.store import TrainingStore
 
     store, queue = TrainingStore(db_path), SqliteJobQueue(db_path)
@@ -207,7 +207,7 @@ def write_annotations(db_path: str, first_id: int, count: int) -> int:
 
 def claim_all(db_path: str, worker_id: str, lease_s: float = 30.0) -> list[str]:
     """Claim and complete jobs until none is left; returns the ids this process ran."""
-    from backend.learning.queue import SqliteJobQueue
+    from backend.jobs import SqliteJobQueue
 
     queue = SqliteJobQueue(db_path)
     ran = []

@@ -13,9 +13,9 @@ from lsfakes import API_KEY, scene_png
 
 from backend.cli import main
 from backend.labelstudio.schema import parse_label_config
+from backend.runtime.runtime import OspreyService
+from backend.runtime.settings import Settings
 from backend.service.app import create_app
-from backend.service.service import OspreyService
-from backend.service.settings import Settings
 
 CONFIGS = Path(__file__).resolve().parents[3] / "label_configs"
 

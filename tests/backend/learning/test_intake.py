@@ -21,10 +21,10 @@ from webhook_payloads import (
     start_training,
 )
 
+from backend.acceptance.report import acceptance_summary
+from backend.jobs import SqliteJobQueue
 from backend.learning.intake import WebhookError, handle_webhook, reparse_unparsed
-from backend.learning.queue import SqliteJobQueue
 from backend.learning.store import TrainingStore
-from backend.reports.acceptance import acceptance_summary
 
 NO_CONFIG = {"label_config_for": lambda project_id: None}
 DOG = box_mask(5, 20, 5, 25)

@@ -10,9 +10,9 @@ from lsfakes import API_KEY, scene_png
 from webhook_payloads import annotation_event
 
 from backend.labelstudio.results import choices_result, region_result
+from backend.runtime.runtime import OspreyService
+from backend.runtime.settings import Settings
 from backend.service.app import create_app
-from backend.service.service import OspreyService
-from backend.service.settings import Settings
 
 PROJECT = 51
 CONFIG = """<View>

@@ -14,9 +14,9 @@ from PIL import Image
 from webhook_payloads import annotation_event
 
 from backend.labelstudio.results import choices_result, region_result
+from backend.runtime.runtime import OspreyService
+from backend.runtime.settings import Settings
 from backend.service.app import create_app
-from backend.service.service import OspreyService
-from backend.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[3]
 PROJECT = 5

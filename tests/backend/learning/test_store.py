@@ -10,9 +10,9 @@ import threading
 import pytest
 from webhook_payloads import box_mask, claim_all, predicted, write_annotations
 
+from backend.database import StoreVersionError
+from backend.jobs import SqliteJobQueue
 from backend.labelstudio.ids import project_key
-from backend.learning.database import StoreVersionError
-from backend.learning.queue import SqliteJobQueue
 from backend.learning.store import TrainingStore, compare_versions
 
 

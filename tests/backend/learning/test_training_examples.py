@@ -15,9 +15,9 @@ from webhook_payloads import annotation_event
 from backend.labelstudio.rle import encode_brush_rle
 from backend.learning.examples import SKIP_REASONS, SkipReport, usable_regions
 from backend.learning.store import AnnotationRecord, RegionRecord
+from backend.runtime.runtime import OspreyService
+from backend.runtime.settings import Settings
 from backend.service.app import create_app
-from backend.service.service import OspreyService
-from backend.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[3]
 GONE, RESIZED, GOOD = 1, 2, 0  # scene indices: image deleted (404), image replaced by a 96x128 one

@@ -11,8 +11,8 @@ from lsfakes import API_KEY, scene_png
 
 from backend.labelstudio.images import ImageLoader
 from backend.labelstudio.schema import parse_label_config
+from backend.predict.regions import PredictOptions
 from backend.prelabel.engine import PrelabelEngine, prelabel
-from backend.prelabel.predict import PredictOptions
 
 CONFIGS = Path(__file__).resolve().parents[3] / "label_configs"
 VERSION = "tiny+sam-tiny-untrained"

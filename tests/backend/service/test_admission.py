@@ -16,10 +16,10 @@ import requests
 from waitress import create_server
 
 from backend.labelstudio.webhooks import WebhookHeaderRegistrar, WebhookRegistrationError
+from backend.runtime.settings import Settings
 from backend.service.admission import ConcurrencyLimit, basic_auth_matches, webhook_secret
 from backend.service.app import create_app
 from backend.service.server import server_options
-from backend.service.settings import Settings
 
 
 class BlockingService:

@@ -10,10 +10,10 @@ import pytest
 from lsfakes import API_KEY, scene_png
 
 from backend.labelstudio.rle import decode_brush_rle, encode_brush_rle
+from backend.runtime.runtime import OspreyService
+from backend.runtime.scheduler import BACKGROUND
+from backend.runtime.settings import Settings
 from backend.service.app import create_app
-from backend.service.scheduler import BACKGROUND
-from backend.service.service import OspreyService
-from backend.service.settings import Settings
 
 CONFIGS = Path(__file__).resolve().parents[3] / "label_configs"
 PROJECT = "7.1731000000"
@@ -353,7 +353,7 @@ def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, fi
 def test_a_task_runs_the_vision_tower_once_even_without_a_cache(tiny_models):
     from backend.labelstudio.results import region_result
     from backend.labelstudio.schema import parse_label_config
-    from backend.prelabel.predict import PredictOptions, predict_task
+    from backend.predict.regions import PredictOptions, predict_task
 
     schema = parse_label_config(config("brush_full.xml"))
     mask = np.zeros((60, 80), bool)

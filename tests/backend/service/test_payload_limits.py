@@ -15,7 +15,7 @@ from webhook_payloads import POLYGON_CONFIG, annotation_event, box_mask, brush_r
 from backend.labelstudio import results as results_module
 from backend.labelstudio import rle as rle_codec
 from backend.labelstudio.results import mask_from_result
-from backend.prelabel import predict as predict_module
+from backend.predict import regions as predict_module
 
 HUGE = 12288  # 151 M pixels claimed, over the default OSPREY_MAX_IMAGE_PIXELS (100 M)
 

@@ -221,7 +221,7 @@ def test_host_and_disk_tiers_keep_features_not_the_prefix_cache_and_give_the_sam
 ):
     from osprey.inference.api import image_feature_cache
     from osprey.inference.fast import ImageFeatures
-    from osprey.inference.feature_cache import nbytes
+    from osprey.runtime.feature_cache import nbytes
 
     request = LabelRequest(categories=("cat", "dog"), caption=True, max_caption_tokens=6)
     other = np.ascontiguousarray(scene["image"][::-1])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from osprey.inference.feature_cache import nbytes
 from osprey.inference.memory import LiveBytes, encoding_bytes
+from osprey.runtime.feature_cache import nbytes
 
 
 def test_encoding_bytes_from_shapes_equal_a_real_encoding(tiny_osprey):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention
 
-from osprey.inference.steps import between_steps
+from osprey.runtime.steps import between_steps
 from osprey.sam.attention import chunk_global_attention
 from osprey.sam.build import build_tiny_sam
 

@@ -1,0 +1,169 @@
+"""The ``osprey-label`` command line: the one entry point, which builds the parser and runs a subcommand.
+
+``serve``, ``precompute``, ``models`` and ``check-config`` are here; the others live beside what they
+drive and are registered below: ``label`` (:mod:`osprey.inference.cli`), ``download``
+(:mod:`osprey.download.cli`), ``eval classify|captions`` (:mod:`osprey.evaluation.cli`) and
+``eval acceptance`` (:mod:`backend.acceptance.cli`) and ``prelabel`` (:mod:`backend.cli.prelabel`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from backend.service.logs import configure_logging
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from backend.runtime.settings import Settings
+    from backend.service.server import serve
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("host", args.host),
+            ("port", args.port),
+            ("osprey_model", args.model),
+            ("sam_model", args.sam_model),
+            ("threads", args.threads),
+        )
+        if value is not None
+    }
+    serve(Settings.from_env(**overrides))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from backend.labelstudio.schema import describe_schema, parse_field_map, parse_label_config
+
+    xml = Path(args.file).read_text()
+    field_map = parse_field_map(
+        args.field_map if args.field_map is not None else os.environ.get("OSPREY_FIELD_MAP")
+    )
+    schema = parse_label_config(xml, field_map=field_map)
+    print(describe_schema(schema))
+    return 0
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from backend.prelabel.precompute import precompute, task_image_references
+    from backend.runtime.settings import Settings
+
+    overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+    if args.model:
+        overrides["osprey_model"] = args.model
+    if args.sam_model:
+        overrides["sam_model"] = args.sam_model
+    settings = Settings.from_env(**overrides)
+    references = task_image_references(Path(args.tasks), args.image_key)
+    which = ("sam", "osprey") if args.only is None else (args.only,)
+    report = precompute(settings, references, which=which)
+    print(
+        f"{report.images} images in {report.seconds:.1f} s: encoded {report.encoded or '{}'}, "
+        f"already cached {report.already_cached or '{}'}, failed {len(report.failed)}"
+    )
+    for ref, error in report.failed:
+        print(f"  failed: {ref}: {error}")
+    return 1 if report.failed else 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from backend.learning.registry import ModelRegistry
+    from backend.runtime.settings import Settings
+
+    registry = ModelRegistry(root=args.model_dir or Settings.from_env().model_dir)
+    if args.action == "list":
+        current = registry.current(args.project)
+        versions = registry.versions(args.project)
+        if not versions:
+            print(f"project {args.project}: no trained versions; predictions use the base model")
+        for info in versions:
+            mark = "*" if current and current.version == info.version else " "
+            metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(info.metrics.items())) or "no metrics"
+            print(
+                f"{mark} {info.version}  {info.kind:<9} {info.train_examples:>6} examples  {metrics}  {info.notes}"
+            )
+        print(f"current: {current.model_version() if current else 'base model'}")
+    elif args.action == "promote":
+        if not args.version:
+            raise ValueError("models promote needs a version, e.g. `osprey-label models promote 7 v0003`")
+        info = registry.promote(args.project, args.version, reason="osprey-label models promote")
+        print(f"project {args.project}: now serving {info.model_version()}")
+    else:
+        info = registry.rollback(args.project)
+        print(f"project {args.project}: now serving {info.model_version() if info else 'the base model'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from backend.acceptance.cli import add_acceptance_command
+    from osprey.download.cli import add_download_command
+    from osprey.evaluation.cli import add_eval_commands
+    from osprey.inference.cli import add_label_command
+
+    from .prelabel import add_prelabel_command
+
+    parser = argparse.ArgumentParser(
+        prog="osprey-label", description="Osprey + SAM region pre-labelling for Label Studio"
+    )
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_label_command(subparsers)
+    add_download_command(subparsers)
+    eval_parser = subparsers.add_parser(
+        "eval", help="Osprey's region benchmarks (classify, captions) and pre-label acceptance"
+    )
+    eval_sub = eval_parser.add_subparsers(dest="eval_command", required=True)
+    add_eval_commands(eval_sub)
+    add_acceptance_command(eval_sub)
+    add_prelabel_command(subparsers)
+
+    serve = subparsers.add_parser(
+        "serve", help="run the Label Studio ML backend (settings from the environment)"
+    )
+    serve.add_argument("--host", help="bind address (HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (PORT, default 9090)")
+    serve.add_argument("--model", help="Osprey preset or checkpoint dir (OSPREY_MODEL, default osprey-7b)")
+    serve.add_argument("--sam-model", help="vit_h, vit_l, vit_b or tiny (SAM_MODEL, default vit_h)")
+    serve.add_argument("--threads", type=int, help="request threads (THREADS, default 8)")
+    serve.set_defaults(func=_serve)
+
+    pre = subparsers.add_parser(
+        "precompute", help="encode every image of a task list into the on-disk caches (OSPREY_CACHE_DIR)"
+    )
+    pre.add_argument(
+        "tasks", help="Label Studio task list JSON (export or import file), or a folder of images"
+    )
+    pre.add_argument("--image-key", default="image", help="task data key of the image (default: image)")
+    pre.add_argument("--cache-dir", help="cache folder (OSPREY_CACHE_DIR)")
+    pre.add_argument("--model", help="Osprey model (OSPREY_MODEL)")
+    pre.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
+    pre.add_argument("--only", choices=("sam", "osprey"), help="encode with one model only")
+    pre.set_defaults(func=_precompute)
+
+    models = subparsers.add_parser("models", help="list, promote or roll back a project's trained versions")
+    models.add_argument("action", choices=("list", "promote", "rollback"))
+    models.add_argument("project", help="Label Studio project id")
+    models.add_argument("version", nargs="?", help="version to promote, e.g. v0003")
+    models.add_argument("--model-dir", help="registry root (MODEL_DIR)")
+    models.set_defaults(func=_models)
+
+    check = subparsers.add_parser("check-config", help="show how a label config maps to Osprey's fields")
+    check.add_argument("file", help="Label Studio label config XML")
+    check.add_argument("--field-map", help="tag=field overrides, e.g. 'notes=description' (OSPREY_FIELD_MAP)")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = os.environ.get("LOG_LEVEL", "INFO") if args.command == "serve" else args.log_level
+    try:
+        configure_logging(level)  # query strings and credentials are removed from every record
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"osprey-label {args.command}: error: {error}", file=sys.stderr)
+        return 2

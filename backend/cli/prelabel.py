@@ -1,0 +1,208 @@
+"""``osprey-label prelabel --project ID``: pre-label a whole Label Studio project (or some of its tasks)
+and write the predictions through its API, with the service's models and the engine of
+:mod:`backend.prelabel`. Registered by :mod:`backend.cli`.
+
+Runs under ``torchrun``/``accelerate launch`` as well: each rank (``RANK`` of ``WORLD_SIZE``) takes
+every ``WORLD_SIZE``-th task of the id-sorted list, on ``cuda:LOCAL_RANK`` when there is a GPU, and
+writes its own predictions; the writes are idempotent, so a rank that died is simply started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def _ids(text: str) -> list[int]:
+    """``1,2,10-12`` -> [1, 2, 10, 11, 12]."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                first, last = (int(x) for x in part.split("-", 1))
+                if last < first or last - first > 1_000_000:
+                    raise ValueError
+                out.extend(range(first, last + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected task ids like 1,2,10-12, got {part!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("--tasks is empty")
+    return out
+
+
+def add_prelabel_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prelabel",
+        help="pre-label a Label Studio project's tasks and write the predictions through its API",
+        description="Predict every task of a project (or --tasks / a Data Manager --view) that has no "
+        "prediction of the current model version yet, several tasks per forward pass, and write the "
+        "predictions back in small chunks. Reruns resume. LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY say "
+        "where and as whom; the model settings are the server's (OSPREY_MODEL, SAM_MODEL, ...). Exit "
+        "status 1 when a task failed, 2 on bad input.",
+    )
+    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--tasks", type=_ids, help="only these task ids, e.g. 1,2,10-12")
+    which.add_argument("--view", type=int, help="only the tasks of this Data Manager view (tab) id")
+    parser.add_argument("--limit", type=int, help="at most this many tasks (after sharding)")
+    parser.add_argument(
+        "--batch-tasks", type=int, help="tasks per forward pass (OSPREY_PRELABEL_BATCH_TASKS)"
+    )
+    parser.add_argument("--chunk-tasks", type=int, help="predictions per write (OSPREY_PRELABEL_CHUNK_TASKS)")
+    parser.add_argument("--retries", type=int, help="retries of a failed task (OSPREY_PRELABEL_RETRIES)")
+    parser.add_argument(
+        "--dry-run", type=int, nargs="?", const=4, metavar="N",
+        help="predict N tasks (default 4) without writing, and estimate the time for the rest",
+    )  # fmt: skip
+    parser.add_argument("--model", help="Osprey model (OSPREY_MODEL)")
+    parser.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
+    parser.add_argument(
+        "--device", help="cpu, cuda, cuda:1 ... (OSPREY_DEVICE; under torchrun: cuda:LOCAL_RANK)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_prelabel)
+
+
+def _rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run plainly."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not within WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
+    """The ``prelabel`` command; ``client``/``models`` replace the Label Studio client and the loaded
+    models (tests)."""
+    from backend.labelstudio.api import LabelStudioClient
+    from backend.prelabel.engine import current_predictions, prelabel
+    from backend.runtime.runtime import OspreyService, load_models
+    from backend.runtime.settings import Settings
+
+    rank, world, local_rank = _rank()
+    overrides = {}
+    for key, value in (("osprey_model", args.model), ("sam_model", args.sam_model), ("device", args.device),
+                       ("prelabel_batch_tasks", args.batch_tasks), ("prelabel_chunk_tasks", args.chunk_tasks),
+                       ("prelabel_retries", args.retries)):  # fmt: skip
+        if value is not None:
+            overrides[key] = value
+    if world > 1 and args.device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            overrides["device"] = f"cuda:{local_rank}"
+    settings = Settings.from_env(**overrides, training=False)
+    client = client or LabelStudioClient(
+        url=settings.label_studio_url or "", api_key=settings.label_studio_api_key or ""
+    )
+    label_config = client.label_config(args.project)
+    service = OspreyService(settings=settings, models=models or load_models(settings))
+    schema = service.schema_for(label_config)
+    project = str(args.project)
+    version = service.project_version(project)
+    tasks = sorted(client.tasks(args.project, ids=args.tasks, view=args.view), key=lambda t: t["id"])
+    mine = tasks[rank::world]
+    if args.limit is not None:
+        mine = mine[: args.limit]
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    if args.dry_run is not None:
+        return _dry_run(service, schema, project, version, mine, args.dry_run, prefix)
+    todo = sum(1 for t in mine if not current_predictions(t, version)[0])
+    print(
+        f"{prefix}project {args.project}: {len(mine)} tasks, {len(mine) - todo} already have {version}",
+        file=sys.stderr,
+    )
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), unit="task", desc=f"{prefix}pre-label", file=sys.stderr)
+    summary = prelabel(
+        mine, engine=service.batch.engine(project), schema=schema, project=args.project, model_version=version,
+        sink=client, head=service.current_head(project), chunk_tasks=settings.prelabel_chunk_tasks,
+        retries=settings.prelabel_retries, on_result=(lambda r: bar.update(1)) if bar is not None else None,
+    )  # fmt: skip
+    if bar is not None:
+        bar.close()
+    summaries = _gather(summary.to_dict(), world)
+    if rank == 0:
+        print(format_summary(summaries, version=version))
+    return 1 if summary.failed else 0
+
+
+def _dry_run(service, schema, project: str, version: str, tasks: list[dict], sample: int, prefix: str) -> int:
+    from backend.prelabel.engine import current_predictions
+
+    todo = [t for t in tasks if not current_predictions(t, version)[0]]
+    chosen = todo[: max(1, sample)]
+    if not chosen:
+        print(f"{prefix}nothing to do: every selected task has a prediction of {version}")
+        return 0
+    started = time.perf_counter()
+    outcomes = service.batch.engine(project).predict(chosen, schema, head=service.current_head(project))
+    per_task = (time.perf_counter() - started) / len(chosen)
+    failed = [o for o in outcomes if o.status == "failed"]
+    print(
+        f"{prefix}dry run: {len(chosen)} tasks predicted in {per_task * len(chosen):.1f} s ({per_task:.2f} s a task, "
+        f"nothing written); {len(todo)} tasks to do: about {per_task * len(todo) / 60:.1f} min"
+        + (f"; {len(failed)} of the sample failed: {failed[0].reason}" if failed else "")
+    )
+    return 0
+
+
+def _gather(summary: dict, world: int) -> list[dict]:
+    """Every rank's summary on rank 0 (``torch.distributed`` over gloo); just ours when run alone."""
+    if world == 1:
+        return [summary]
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, summary)
+    dist.destroy_process_group()
+    return gathered
+
+
+def format_summary(summaries: list[dict], *, version: str) -> str:
+    """The summary table: predicted, skipped as already done, failed with reasons (per rank when
+    several), and the rate."""
+    total = {
+        k: sum(s[k] for s in summaries) for k in ("predicted", "skipped", "failed", "written", "regions")
+    }
+    seconds = max(s["seconds"] for s in summaries)
+    lines = [f"pre-label with {version}:"]
+    rows = [
+        ("predicted", total["predicted"]),
+        ("skipped (already done)", total["skipped"]),
+        ("failed", total["failed"]),
+    ]
+    lines += [f"  {name:<24}{count:>8}" for name, count in rows]
+    rate = 60.0 * total["predicted"] / seconds if seconds > 0 else 0.0
+    lines.append(f"  {'regions':<24}{total['regions']:>8}")
+    lines.append(
+        f"  {seconds:.1f} s, {rate:.1f} tasks/min"
+        + (f" over {len(summaries)} ranks" if len(summaries) > 1 else "")
+    )
+    reasons: dict[str, list[str]] = {}
+    for s in summaries:
+        for task, reason in s["failures"].items():
+            reasons.setdefault(reason, []).append(task)
+    for reason, tasks in sorted(reasons.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(tasks[:10]) + (f" (+{len(tasks) - 10})" if len(tasks) > 10 else "")
+        lines.append(f"  failed: {reason}: tasks {shown}")
+    return "\n".join(lines)

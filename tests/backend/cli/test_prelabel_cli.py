@@ -1,0 +1,94 @@
+"""``osprey-label prelabel`` on the tiny models against an in-memory Label Studio API: writes, resumes,
+selects tasks, dry-runs, shards by rank and reports failures (real Label Studio: tests/e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lsapi_fake import FakeLabelStudio
+from lsfakes import API_KEY, scene_png
+
+from backend.cli import build_parser
+from backend.cli import prelabel as prelabel_cli
+
+CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
+VERSION = "tiny+sam-tiny-untrained"
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path, file_store):
+    for key, value in {
+        "LABEL_STUDIO_URL": file_store.url, "LABEL_STUDIO_API_KEY": API_KEY, "MODEL_DIR": str(tmp_path),
+        "OSPREY_MODEL": "tiny", "SAM_MODEL": "tiny", "OSPREY_MAX_CAPTION_TOKENS": "3",
+        "OSPREY_MAX_DESCRIPTION_TOKENS": "3", "OSPREY_POINTS_PER_SIDE": "4", "OSPREY_MAX_MASKS": "2",
+        "OSPREY_PRED_IOU_THRESH": "0", "OSPREY_STABILITY_SCORE_THRESH": "0", "OSPREY_MIN_MASK_AREA": "0",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def project(file_store):
+    ls = FakeLabelStudio(label_config=CONFIG)
+    for i in range(6):
+        ls.add_task(300 + i, file_store.add(f"/data/upload/7/cli-{i}.png", scene_png(seed=40 + i)))
+    return ls
+
+
+def run(argv, ls, tiny_models):
+    args = build_parser().parse_args(["prelabel", "--quiet", *argv])
+    return prelabel_cli.run_prelabel(args, client=ls, models=tiny_models)
+
+
+def test_prelabel_writes_every_task_once_and_a_rerun_resumes(env, project, tiny_models, capsys):
+    assert run(["--project", "7"], project, tiny_models) == 0
+    out = capsys.readouterr().out
+    assert "predicted" in out and "       6" in out and "tasks/min" in out
+    assert all(len(project.of_version(t, VERSION)) == 1 for t in project.tasks_by_id)
+    project.add_task(400, project.tasks_by_id[300]["data"]["image"])
+    assert run(["--project", "7"], project, tiny_models) == 0
+    out = capsys.readouterr().out
+    assert "skipped (already done)         6" in out and "predicted                      1" in out
+    assert all(len(project.of_version(t, VERSION)) == 1 for t in project.tasks_by_id)
+
+
+def test_selected_tasks_and_limit(env, project, tiny_models):
+    assert run(["--project", "7", "--tasks", "301,303-304", "--limit", "2"], project, tiny_models) == 0
+    assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [301, 303]
+
+
+def test_dry_run_writes_nothing_and_estimates(env, project, tiny_models, capsys):
+    assert run(["--project", "7", "--dry-run", "2"], project, tiny_models) == 0
+    out = capsys.readouterr().out
+    assert "dry run: 2 tasks predicted" in out and "6 tasks to do: about" in out
+    assert not any(call[0] == "create" for call in project.calls)
+
+
+def test_failures_are_reported_with_reasons_and_the_exit_status_says_so(env, project, tiny_models, capsys):
+    project.tasks_by_id[302]["data"]["image"] = "/data/upload/7/deleted.png"
+    assert run(["--project", "7", "--retries", "0"], project, tiny_models) == 1
+    out = capsys.readouterr().out
+    assert "failed                         1" in out and "404" in out and "tasks 302" in out
+    assert project.of_version(302, VERSION) == []
+
+
+def test_each_rank_takes_its_own_share(env, project, tiny_models, monkeypatch):
+    monkeypatch.setattr(prelabel_cli, "_gather", lambda summary, world: [summary])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert run(["--project", "7", "--device", "cpu"], project, tiny_models) == 0
+        if rank == "1":
+            assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [301, 303, 305]
+    assert all(len(project.of_version(t, VERSION)) == 1 for t in project.tasks_by_id)
+
+
+def test_bad_rank_environment_and_task_ids_are_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK=3 is not within WORLD_SIZE=2"):
+        prelabel_cli._rank()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prelabel", "--project", "7", "--tasks", "9-3"])

@@ -1,0 +1,118 @@
+"""A batch /predict answered within its time budget: what does not fit is deferred to a pre-label job
+that writes through Label Studio's API, and nothing Label Studio would store empty is returned."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from lsapi_fake import FakeLabelStudio
+from lsfakes import API_KEY, scene_png
+
+from backend.predict import batch as batch_module
+from backend.runtime.runtime import OspreyService
+from backend.runtime.settings import Settings
+
+VERSION = "tiny+sam-tiny-untrained"
+CONFIG_NAME = "captions_only.xml"
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Seconds as the batch module sees them; every predicted task takes 10 s."""
+    now = [1000.0]
+    monkeypatch.setattr(batch_module.time, "monotonic", lambda: now[0])
+    return now
+
+
+@pytest.fixture
+def service(tiny_models, file_store, tmp_path, clock, monkeypatch):
+    def build(budget_s: float) -> OspreyService:
+        settings = Settings.from_env(
+            {}, model_dir=tmp_path / "models", label_studio_url=file_store.url,
+            label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
+            predict_budget_s=budget_s, prelabel_batch_tasks=2, max_caption_tokens=3, max_description_tokens=3,
+            training=False,
+        )  # fmt: skip
+        svc = OspreyService(settings=settings, models=tiny_models)
+        engine_factory = svc.batch.engine
+
+        def slow_engine(project):
+            engine = engine_factory(project)
+            predict = engine.predict
+
+            def timed(tasks, schema, head=None):
+                clock[0] += 10.0 * len(tasks)
+                return predict(tasks, schema, head=head)
+
+            engine.predict = timed
+            return engine
+
+        monkeypatch.setattr(svc.batch, "engine", slow_engine)
+        return svc
+
+    return build
+
+
+@pytest.fixture
+def tasks(file_store):
+    return [
+        {"id": 40 + i, "data": {"image": file_store.add(f"/data/upload/7/budget-{i}.png", scene_png(seed=20 + i))},
+         "annotations": [], "predictions": []}
+        for i in range(5)
+    ]  # fmt: skip
+
+
+def label_config():
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[3] / "label_configs" / CONFIG_NAME).read_text()
+
+
+def predict(svc, tasks):
+    return svc.predict(tasks=tasks, project="7.1731000000", label_config=label_config(), context=None)
+
+
+def test_what_does_not_fit_the_budget_is_deferred_and_written_by_the_job(service, tasks, monkeypatch):
+    svc = service(budget_s=25.0)
+    answer = predict(svc, tasks)["results"]
+    assert len(answer) == 5
+    # the first task alone (nothing measured yet), then one more at 10 s a task; 25 s leave no room
+    assert [("result" in r) for r in answer] == [True, True, False, False, False]
+    assert all(r["model_version"] == VERSION for r in answer)
+    [job] = [j for j in svc.queue.jobs("7") if j.kind.startswith("prelabel-")]
+    assert job.status == "queued" and job.payload["task_ids"] == [42, 43, 44]
+    # selecting them again while the job waits defers nothing twice
+    again = predict(svc, tasks[2:])["results"]
+    assert not any("result" in r for r in again)
+    assert len([j for j in svc.queue.jobs("7") if j.kind.startswith("prelabel-")]) == 1
+
+    ls = FakeLabelStudio()
+    for task in tasks:
+        ls.add_task(task["id"], task["data"]["image"])
+    monkeypatch.setattr(svc.batch, "client", lambda: ls)
+    ran = svc.worker.run_once()
+    finished = svc.queue.job(ran.job_id)
+    assert finished.status == "done", finished.error
+    assert (finished.result["predicted"], finished.result["failed"]) == (3, 0)
+    for task_id in (42, 43, 44):
+        [written] = ls.of_version(task_id, VERSION)
+        assert written["result"]
+    assert ls.of_version(40, VERSION) == []  # answered inline: Label Studio stores that one itself
+    assert svc.metrics()["prelabel"]["jobs"]["7"]["done"] == 3
+
+
+def test_a_batch_within_budget_is_answered_in_full(service, tasks):
+    svc = service(budget_s=500.0)
+    answer = predict(svc, tasks)["results"]
+    assert all(r["result"] for r in answer)
+    assert not [j for j in svc.queue.jobs("7") if j.kind.startswith("prelabel-")]
+
+
+def test_without_the_api_the_batch_is_finished_now_and_says_why(service, tasks, caplog, monkeypatch):
+    svc = service(budget_s=15.0)
+    monkeypatch.setattr(svc.batch, "client", lambda: None)  # as without LABEL_STUDIO_URL/API_KEY
+    with caplog.at_level(logging.WARNING, logger="backend.predict.batch"):
+        answer = predict(svc, tasks[:3])["results"]
+    assert all(r["result"] for r in answer)
+    assert any("cannot be deferred" in m and "LABEL_STUDIO_API_KEY" in m for m in caplog.messages)
