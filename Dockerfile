@@ -5,11 +5,21 @@
 #   docker run -p 9090:9090 -v osprey-models:/models osprey-label                      # CPU
 #   docker run --rm -v osprey-models:/models osprey-label download                     # fetch weights
 #
+# Podman: `podman build --format docker -t osprey-label .`; its default (OCI) image format has no
+# HEALTHCHECK, so without `--format docker` the health check below is silently dropped.
+#
 # Base image: slim Python rather than nvidia/cuda. The PyPI torch wheels for Linux carry their own
 # CUDA and cuDNN libraries (the nvidia-* wheels they depend on), so one image runs on a GPU when the
 # NVIDIA container runtime hands it one (`--gpus`, or the compose file's device reservation; the
 # host needs only the driver) and on a CPU everywhere else. A CUDA base image would add a second,
 # unused copy of those libraries.
+#
+# NVIDIA driver: torch and torchvision come from the package index TORCH_INDEX_URL (a build argument,
+# default PyPI). PyPI's torch is built for CUDA 13.x, which needs host driver >= 580.65.06 (`nvidia-smi`
+# prints the installed one). For an older driver, build with a torch for CUDA 12.6 (driver >= 525.60.13):
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 -t osprey-label .
+# (https://download.pytorch.org/whl/cpu gives a smaller, CPU-only image.) A GPU that the image's torch
+# cannot use stops the server at start-up with the versions and these fixes, never a silent CPU run.
 FROM python:3.11-slim-bookworm
 
 # MODEL_DIR holds the SAM checkpoints, the training store and trained versions; HF_HOME the Hugging
@@ -29,14 +39,22 @@ RUN groupadd --gid 1000 osprey \
 
 WORKDIR /app
 
-# Dependencies first, so that editing the code does not reinstall torch.
+# Dependencies first, so that editing the code does not reinstall torch. torch and torchvision come
+# first, from TORCH_INDEX_URL, with requirements.txt's own lines for them; the full install after it
+# finds them satisfied and keeps that build.
 COPY requirements.txt ./
-RUN pip install --no-cache-dir -r requirements.txt
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+RUN grep -E '^(torch|torchvision)([<>=!~ ;]|$)' requirements.txt > /tmp/torch-requirements.txt \
+    && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" -r /tmp/torch-requirements.txt \
+    && pip install --no-cache-dir -r requirements.txt \
+    && rm /tmp/torch-requirements.txt
 
 COPY pyproject.toml README.md ./
 COPY osprey ./osprey
 COPY backend ./backend
-RUN pip install --no-cache-dir --no-deps .
+# `pip install .` builds in the source tree: its build/ and *.egg-info would stay in /app otherwise.
+RUN pip install --no-cache-dir --no-deps . \
+    && rm -rf build ./*.egg-info
 
 USER 1000:1000
 # Declared after the chown above, so a new named volume starts owned by the osprey user.

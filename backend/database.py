@@ -13,6 +13,13 @@ Tables (see ``_MIGRATIONS``): ``predicted_regions``, ``annotations``, ``regions`
 :class:`backend.learning.store.TrainingStore`; ``jobs`` to
 :class:`backend.jobs.sqlite_queue.SqliteJobQueue`. Both open the same file and run the same
 migrations, so either can be opened first.
+
+``jobs`` holds one row per job with its ``lane`` (``prelabel`` or ``training``, see
+:mod:`backend.jobs.base`); two partial unique indexes keep at most one queued job per (project, kind)
+and at most one running job per (project, lane).
+
+Versions: 1 the tables above; 2 ``project_configs``; 3 the ``lane`` column of ``jobs``, with the
+one-running index per (project, lane) instead of per project.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -83,6 +90,16 @@ _MIGRATIONS: dict[int, list[str]] = {
         """CREATE TABLE project_configs (
             project_id TEXT PRIMARY KEY, label_config TEXT NOT NULL, updated_at REAL NOT NULL)""",
     ],
+    3: [
+        # Job lanes: deferred pre-labels run beside a project's training job instead of behind it, so at
+        # most one job runs per project *and lane*. GLOB, not LIKE: it is case-sensitive, as lane_for is.
+        "ALTER TABLE jobs ADD COLUMN lane TEXT NOT NULL DEFAULT 'training'"
+        " CHECK (lane IN ('prelabel', 'training'))",
+        "UPDATE jobs SET lane = 'prelabel' WHERE kind = 'prelabel' OR kind GLOB 'prelabel-*'",
+        "DROP INDEX jobs_one_running",
+        "CREATE UNIQUE INDEX jobs_one_running ON jobs (project_id, lane) WHERE status = 'running'",
+        "CREATE INDEX jobs_lane ON jobs (lane, status, job_id)",
+    ],
 }
 
 
@@ -95,6 +112,7 @@ class _Connection(sqlite3.Connection):
 
 
 def dumps(value) -> str:
+    """``value`` as compact JSON with sorted keys (equal values, equal text)."""
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
@@ -174,4 +192,5 @@ class SqliteDatabase:
                 logger.info("training store %s migrated to schema version %d", self.path, target)
 
     def schema_version(self) -> int:
+        """The file's schema version (``PRAGMA user_version``); :data:`SCHEMA_VERSION` once opened."""
         return self._conn().execute("PRAGMA user_version").fetchone()[0]

@@ -1,5 +1,5 @@
 """A click while the model is busy: an annotator's interactive request alone, during a 20-task
-Retrieve Predictions, and during a bulk pre-label, on the same service and models.
+Retrieve Predictions, and during a bulk pre-label, on the same runtime and models.
 
 The click is a ``/predict`` with a keypoint ``context`` on ``interactive_sam.xml`` (SAM's decoder on a
 cached embedding, then Osprey's category and caption for the mask); the batch is a ``/predict`` of
@@ -28,7 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.runtime.runtime import OspreyService, load_models  # noqa: E402
+from backend.runtime.models import load_models  # noqa: E402
+from backend.runtime.runtime import build_runtime  # noqa: E402
 from backend.runtime.settings import Settings  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "label_configs"
@@ -84,8 +85,8 @@ def main() -> int:
         max_caption_tokens=8, max_description_tokens=16, predict_budget_s=3600.0, training=False,
     )  # fmt: skip
     images = make_images(args.tasks + 1)
-    service = OspreyService(
-        settings=settings, models=load_models(settings, random_weights=True), loader=Images(images)
+    runtime = build_runtime(
+        settings, models=load_models(settings, device=args.device, random_weights=True), loader=Images(images)
     )
     refs = list(images)
     click_task = {"id": 9999, "data": {"image": refs[-1]}, "annotations": [], "predictions": []}
@@ -104,10 +105,10 @@ def main() -> int:
 
     def click() -> tuple[float, list]:
         started = time.perf_counter()
-        answer = service.predict(
+        answer = runtime.predictor.predict(
             tasks=[click_task], project=PROJECT, label_config=interactive, context=context
         )
-        waits.append(service.scheduler.last_wait_s["interactive"])  # of that time, waiting for the model
+        waits.append(runtime.scheduler.last_wait_s["interactive"])  # of that time, waiting for the model
         return time.perf_counter() - started, answer["results"][0]["result"]
 
     _, reference = click()  # warm-up (and the click's embedding is cached from here on)
@@ -115,11 +116,11 @@ def main() -> int:
     alone = [click()[0] for _ in range(args.clicks)]
 
     def retrieve():
-        service.predict(tasks=batch_tasks, project=PROJECT, label_config=brush, context=None)
+        runtime.predictor.predict(tasks=batch_tasks, project=PROJECT, label_config=brush, context=None)
 
     def bulk():
-        schema = service.schema_for(brush)
-        service.batch.engine(PROJECT.split(".")[0]).predict(batch_tasks, schema)
+        schema = runtime.projects.schema_for(brush)
+        runtime.tasks_for(PROJECT).predict(batch_tasks, schema)
 
     rows = [{"situation": "click alone", "clicks": alone, "waits": list(waits)}]
     for name, background in (
@@ -129,7 +130,7 @@ def main() -> int:
         waits.clear()
         thread = threading.Thread(target=background, daemon=True)
         thread.start()
-        while service.scheduler.stats()["holder"] is None and thread.is_alive():
+        while runtime.scheduler.stats()["holder"] is None and thread.is_alive():
             time.sleep(0.005)
         latencies, same = [], True
         for _ in range(args.clicks):
@@ -141,7 +142,7 @@ def main() -> int:
             time.sleep(0.05)  # let the background work take the model again
         thread.join()
         print(
-            f"{name}: longest batch step {service.scheduler.stats()['max_step_s']['batch']:.3f} s",
+            f"{name}: longest batch step {runtime.scheduler.stats()['max_step_s']['batch']:.3f} s",
             file=sys.stderr,
         )
         if len(latencies) < args.clicks:
@@ -151,13 +152,13 @@ def main() -> int:
             )
         rows.append({"situation": name, "clicks": latencies, "waits": list(waits), "same_answer": same})
     base = statistics.median(alone)
-    cfg = service.models.osprey.config
+    cfg = runtime.models.osprey.config
     for row in rows:
         median = statistics.median(row["clicks"]) if row["clicks"] else float("nan")
         row.update(model=cfg.name, sam=args.sam, device=args.device, median_s=round(median, 3), ratio=round(median / base, 2),
                    clicks=[round(c, 3) for c in row["clicks"]], same_answer=row.get("same_answer", True),
                    model_wait_s=round(statistics.median(row["waits"]), 3) if row["waits"] else float("nan"),
-                   handovers=service.scheduler.stats()["handovers"])  # fmt: skip
+                   handovers=runtime.scheduler.stats()["handovers"])  # fmt: skip
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -195,7 +195,7 @@ class PeakMemory:
                                before_bytes=torch.cuda.memory_allocated(self.device))  # fmt: skip
             return self
         try:
-            from osprey.inference.memory import LiveBytes
+            from osprey.runtime.memory import LiveBytes
         except ImportError:
             self.result["method"] = "none on cpu (osprey.inference.memory.LiveBytes not available)"
             return self
@@ -323,8 +323,8 @@ def part_sam(suite: Suite, deadline: float) -> dict:
 
 def part_peak_memory(suite: Suite, deadline: float) -> dict:
     from backend.labelstudio.schema import parse_label_config
-    from backend.predict.regions import PredictOptions
-    from backend.prelabel.engine import PrelabelEngine
+    from backend.predict.options import PredictOptions
+    from backend.predict.tasks import TaskPredictor
 
     p, prelabel = suite.profile, bench_module("prelabel")
     models = prelabel.models_from(
@@ -336,7 +336,7 @@ def part_peak_memory(suite: Suite, deadline: float) -> dict:
     options = PredictOptions(
         max_caption_tokens=p.task_caption_tokens, max_description_tokens=p.task_description_tokens
     )
-    engine = PrelabelEngine(models=models, loader=prelabel.Images(images), options=options, batch_tasks=1)
+    engine = TaskPredictor(models=models, loader=prelabel.Images(images), options=options, batch_tasks=1)
     with PeakMemory(suite.device) as mem:
         seconds, out = prelabel.timed_predict(engine, tasks, schema, suite.device)
     if out[0].status != "predicted":

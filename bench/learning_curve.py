@@ -119,11 +119,11 @@ def region_set(osprey, scenes: list[Scene]) -> RegionSet:
 
 
 def head_fields():
-    from osprey.learning.head import FieldSpec
+    from osprey.learning.head import HeadField
 
     return [
-        FieldSpec(name="category", labels=SHAPES),
-        FieldSpec(name="attributes", labels=tuple(COLOURS), multi_label=True),
+        HeadField(name="category", labels=SHAPES),
+        HeadField(name="attributes", labels=tuple(COLOURS), multi_label=True),
     ]
 
 

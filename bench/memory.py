@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.runtime.budgets import derive_budgets, host_memory, request_peak_bytes  # noqa: E402
 from backend.runtime.settings import Settings  # noqa: E402
 from osprey.inference.api import Osprey  # noqa: E402
-from osprey.inference.memory import LiveBytes, encoding_bytes, sam_embedding_bytes, weight_bytes  # noqa: E402
+from osprey.inference.memory import encoding_bytes  # noqa: E402
 from osprey.runtime.feature_cache import nbytes  # noqa: E402
+from osprey.runtime.memory import LiveBytes, weight_bytes  # noqa: E402
 from osprey.sam.build import SAM_ARCHITECTURES, _assemble  # noqa: E402
+from osprey.sam.memory import sam_embedding_bytes  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
 CUDA_CONTEXT = GiB // 2
@@ -86,9 +88,9 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
     if meta:
         osprey = Osprey.from_pretrained(preset, device="meta", dtype=torch.bfloat16, random_weights=True)
     else:  # the service's own models, caches included: measured from what it really holds
-        from backend.runtime.runtime import load_models
+        from backend.runtime.models import load_models
 
-        models = load_models(settings)
+        models = load_models(settings, device="cpu")
         osprey = models.osprey
     with torch.device("meta"):
         sam = _assemble(SAM_ARCHITECTURES[sam_model])

@@ -29,7 +29,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.runtime.runtime import OspreyService, load_models  # noqa: E402
+from backend.runtime.models import load_models  # noqa: E402
+from backend.runtime.runtime import build_runtime  # noqa: E402
 from backend.runtime.settings import Settings  # noqa: E402
 from backend.service.app import create_app  # noqa: E402
 
@@ -87,8 +88,9 @@ def main() -> int:
         points_per_side=8, max_masks=6, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0,
         max_caption_tokens=8, max_description_tokens=16, predict_budget_s=3600.0, training=False,
     )  # fmt: skip
-    service = OspreyService(settings=settings, models=load_models(settings))
-    client = create_app(settings, service).test_client()
+    runtime = build_runtime(settings, models=load_models(settings, device="cpu"))
+    app = create_app(runtime)
+    client = app.test_client()
     refs = list(files)
     interactive, brush = (
         (CONFIGS / "interactive_sam.xml").read_text(),
@@ -109,7 +111,7 @@ def main() -> int:
     }]}  # fmt: skip
     click_task = {"id": 999, "data": {"image": refs[-1]}, "annotations": [], "predictions": []}
     post([click_task], interactive, click)  # warm-up: first-call costs are not the backend's overhead
-    service.request_times = type(service.request_times)(service.scheduler)
+    app.extensions["request_times"].reset()  # the warm-up's first-call costs are not counted
     for _ in range(args.clicks):
         post([click_task], interactive, click)
     for b in range(args.batches):
@@ -117,7 +119,8 @@ def main() -> int:
                   "predictions": []} for i in range(args.tasks)]  # fmt: skip
         post(tasks, brush, None)
     server.shutdown()
-    stats = service.metrics()["request_times"]
+    stats = app.extensions["request_times"].stats()
+    runtime.close()
     rows = [{"kind": kind, "model": args.preset, "sam": "tiny", **row} for kind, row in stats.items()]
     if args.json:
         for row in rows:

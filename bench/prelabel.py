@@ -1,7 +1,7 @@
 """Bulk pre-label: tasks per minute one task at a time against the cross-task batched engine.
 
 The same tasks (random images, each with ``--regions`` drawn regions, or SAM's segment everything with
-``--segment-everything``) go through :class:`backend.prelabel.engine.PrelabelEngine` with
+``--segment-everything``) go through :class:`backend.predict.tasks.TaskPredictor` with
 ``batch_tasks=1`` and with each ``--batch`` size, on the same models, with every field of
 ``label_configs/brush_full.xml``; the answers are checked to be the same, and one row per setting
 gives the rate and the ratio to one task at a time. The settings run in turn ``--repeat`` times and
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.labelstudio.results import region_result  # noqa: E402
 from backend.labelstudio.schema import parse_label_config  # noqa: E402
-from backend.predict.regions import PredictOptions  # noqa: E402
-from backend.prelabel.engine import PrelabelEngine  # noqa: E402
-from backend.runtime.runtime import Models  # noqa: E402
+from backend.predict.options import PredictOptions  # noqa: E402
+from backend.predict.tasks import TaskPredictor  # noqa: E402
+from backend.runtime.models import Models  # noqa: E402
 from osprey import Osprey  # noqa: E402
 from osprey.sam import EverythingOptions, SamEverything, SamImageEmbedder, SamRefiner, build_sam  # noqa: E402
 
@@ -149,8 +149,8 @@ def run(args: argparse.Namespace, models: Models) -> list[dict]:
     tasks, images = make_tasks(args.tasks, regions, schema)
     loader = Images(images)
 
-    def engine(batch: int) -> PrelabelEngine:
-        return PrelabelEngine(models=models, loader=loader, options=options, batch_tasks=batch)
+    def engine(batch: int) -> TaskPredictor:
+        return TaskPredictor(models=models, loader=loader, options=options, batch_tasks=batch)
 
     engine(2).predict(tasks[:2], schema)  # warm-up: kernels, allocator
     if args.only is not None:

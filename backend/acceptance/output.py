@@ -1,4 +1,4 @@
-"""What ``osprey-label eval acceptance`` (:mod:`backend.acceptance.cli`) shows of the acceptance report of
+"""What ``osprey-label eval acceptance`` (:mod:`backend.cli.acceptance`) shows of the acceptance report of
 :mod:`backend.acceptance.report`: the schema of an export, the report built from a file
 (``evaluate_export``), its tables (``format_table``) and a PNG chart (``save_chart``, matplotlib).
 
@@ -18,8 +18,8 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from backend.labelstudio.results import REGION_TYPES
-from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_label_config
+from backend.errors import InputError
+from backend.labelstudio.schema import REGION_TYPES, ProjectSchema, SchemaError, parse_label_config
 
 from .report import (
     IOU_THRESHOLDS,
@@ -77,7 +77,7 @@ def infer_label_config(tasks: list) -> str:
             tag["per_region"] |= str(item.get("id")) in region_ids and kind in _TEXT_TYPES
     tools = {name: tag for name, tag in tags.items() if tag["type"] in REGION_TYPES}
     if not tools:
-        raise ValueError(
+        raise InputError(
             "the export has no brush, polygon or rectangle results, so there are no regions to compare; "
             "check that it is the right project, or pass --label-config FILE.xml"
         )
@@ -126,12 +126,12 @@ def resolve_schema(
         try:
             return parse_label_config(label_config, field_map=field_map), None
         except SchemaError as error:
-            raise ValueError(f"the label config cannot be used: {error}") from None
+            raise InputError(f"the label config cannot be used: {error}") from None
     xml = infer_label_config(tasks)
     try:
         return parse_label_config(xml, field_map=field_map), xml
     except SchemaError as error:
-        raise ValueError(
+        raise InputError(
             f"the label config inferred from the export's results cannot be used: {error}. Pass the project's "
             f"config with --label-config FILE.xml (Settings > Labeling Interface > Code) or fix the mapping "
             f"with --field-map TAG=FIELD"
@@ -228,7 +228,7 @@ def save_chart(report: dict, path: str | Path) -> Path:
         from matplotlib.patches import Patch
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise ValueError("--chart needs matplotlib: pip install matplotlib (or leave out --chart)") from None
+        raise InputError("--chart needs matplotlib: pip install matplotlib (or leave out --chart)") from None
     path = Path(path)
     versions = [v for v in report["by_model_version"] if v != NO_VERSION]
     field_names = list(dict.fromkeys(n for v in versions for n in report["by_model_version"][v]))

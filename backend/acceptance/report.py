@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import WebhookError
+from backend.errors import InputError, WebhookError
 from backend.labelstudio.results import PredictedRegion, annotation_timestamp, prediction_regions
 from backend.labelstudio.schema import FIELDS, ProjectSchema
 
@@ -81,7 +81,7 @@ def load_export(path: str | Path) -> list:
         try:
             tasks = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(
+            raise InputError(
                 f"{path} is not JSON ({error}); expected Label Studio's 'JSON' export, a list of tasks"
             ) from None
     return check_export(tasks, str(path))
@@ -91,14 +91,14 @@ def check_export(tasks, name: str = "the export") -> list:
     """``tasks`` if it looks like a Label Studio JSON export; ValueError saying what is wrong if not."""
     if isinstance(tasks, dict):
         hint = " (one task? wrap it in [ ])" if "annotations" in tasks else ""
-        raise ValueError(
+        raise InputError(
             f"{name} holds a JSON object{hint}; expected a list of tasks as Label Studio's 'JSON' export "
             f'writes it: [{{"id", "data", "annotations": [...], "predictions": [...]}}, ...]'
         )
     if not isinstance(tasks, list):
-        raise ValueError(f"{name} holds a JSON {type(tasks).__name__}; expected a list of task objects")
+        raise InputError(f"{name} holds a JSON {type(tasks).__name__}; expected a list of task objects")
     if tasks and not any(isinstance(t, dict) and "annotations" in t for t in tasks):
-        raise ValueError(
+        raise InputError(
             f"none of the {len(tasks)} tasks in {name} has an 'annotations' list; export the project with "
             f"Label Studio's 'JSON' format (JSON_MIN, CSV and COCO exports drop the predictions)"
         )
@@ -183,7 +183,7 @@ def compare_export(
     ``updated_at``. Unusable tasks, annotations, predictions and regions are skipped with a reason.
     """
     if annotation not in ANNOTATION_CHOICES:
-        raise ValueError(f"annotation must be one of {', '.join(ANNOTATION_CHOICES)}, got {annotation!r}")
+        raise InputError(f"annotation must be one of {', '.join(ANNOTATION_CHOICES)}, got {annotation!r}")
     collected = ExportComparison()
     for index, task in enumerate(tasks):
         collected.tasks += 1
@@ -213,7 +213,7 @@ def compare_export(
                 continue
             try:
                 comparison = compare_annotation(schema, result, predicted)
-            except ValueError as error:  # e.g. a region with original_width 0
+            except InputError as error:  # e.g. a region with original_width 0
                 collected.skip("unreadable annotation", task_id, doc.get("id"), str(error))
                 continue
             for message in comparison.skipped:

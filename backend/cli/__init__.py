@@ -3,16 +3,17 @@
 ``serve``, ``precompute``, ``models`` and ``check-config`` are here; the others live beside what they
 drive and are registered below: ``label`` (:mod:`osprey.inference.cli`), ``download``
 (:mod:`osprey.download.cli`), ``eval classify|captions`` (:mod:`osprey.evaluation.cli`) and
-``eval acceptance`` (:mod:`backend.acceptance.cli`) and ``prelabel`` (:mod:`backend.cli.prelabel`).
+``eval acceptance`` (:mod:`backend.cli.acceptance`) and ``prelabel`` (:mod:`backend.cli.prelabel`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
 from pathlib import Path
 
+from backend.errors import InputError, SettingsError, internal_error
 from backend.service.logs import configure_logging
 
 
@@ -37,18 +38,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     from backend.labelstudio.schema import describe_schema, parse_field_map, parse_label_config
+    from backend.runtime.settings import Settings
 
     xml = Path(args.file).read_text()
     field_map = parse_field_map(
-        args.field_map if args.field_map is not None else os.environ.get("OSPREY_FIELD_MAP")
+        args.field_map if args.field_map is not None else Settings.from_env().field_map
     )
-    schema = parse_label_config(xml, field_map=field_map)
-    print(describe_schema(schema))
+    print(describe_schema(parse_label_config(xml, field_map=field_map)))
     return 0
 
 
 def _precompute(args: argparse.Namespace) -> int:
     from backend.prelabel.precompute import precompute, task_image_references
+    from backend.runtime.runtime import build_runtime
     from backend.runtime.settings import Settings
 
     overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
@@ -56,10 +58,15 @@ def _precompute(args: argparse.Namespace) -> int:
         overrides["osprey_model"] = args.model
     if args.sam_model:
         overrides["sam_model"] = args.sam_model
-    settings = Settings.from_env(**overrides)
+    settings = Settings.from_env(**overrides, training=False)
+    if not settings.cache_dir:
+        raise SettingsError(
+            "set OSPREY_CACHE_DIR (or --cache-dir): precomputed encodings are kept on disk there"
+        )
     references = task_image_references(Path(args.tasks), args.image_key)
     which = ("sam", "osprey") if args.only is None else (args.only,)
-    report = precompute(settings, references, which=which)
+    with build_runtime(settings) as runtime:
+        report = precompute(runtime.models, runtime.loader, references, which=which)
     print(
         f"{report.images} images in {report.seconds:.1f} s: encoded {report.encoded or '{}'}, "
         f"already cached {report.already_cached or '{}'}, failed {len(report.failed)}"
@@ -88,7 +95,7 @@ def _models(args: argparse.Namespace) -> int:
         print(f"current: {current.model_version() if current else 'base model'}")
     elif args.action == "promote":
         if not args.version:
-            raise ValueError("models promote needs a version, e.g. `osprey-label models promote 7 v0003`")
+            raise InputError("models promote needs a version, e.g. `osprey-label models promote 7 v0003`")
         info = registry.promote(args.project, args.version, reason="osprey-label models promote")
         print(f"project {args.project}: now serving {info.model_version()}")
     else:
@@ -98,17 +105,20 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from backend.acceptance.cli import add_acceptance_command
     from osprey.download.cli import add_download_command
     from osprey.evaluation.cli import add_eval_commands
     from osprey.inference.cli import add_label_command
 
+    from .acceptance import add_acceptance_command
     from .prelabel import add_prelabel_command
 
     parser = argparse.ArgumentParser(
         prog="osprey-label", description="Osprey + SAM region pre-labelling for Label Studio"
     )
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--log-level",
+        help="DEBUG, INFO, WARNING, ERROR (LOG_LEVEL; default INFO for serve, WARNING otherwise)",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_label_command(subparsers)
     add_download_command(subparsers)
@@ -117,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_sub = eval_parser.add_subparsers(dest="eval_command", required=True)
     add_eval_commands(eval_sub)
+    # The model library's commands pass the user's arguments straight to it, and the library says
+    # "bad argument" with ValueError (it cannot know backend.errors): for them, that is bad input.
+    for command in (subparsers.choices["label"], subparsers.choices["download"], *eval_sub.choices.values()):
+        command.set_defaults(input_errors=(ValueError,))
     add_acceptance_command(eval_sub)
     add_prelabel_command(subparsers)
 
@@ -158,12 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status 0: done; 1: it ran, but something failed (the command says what);
+    2: bad input or settings, or a start-up check refused (one message saying what to fix); an error of
+    our own is logged with its traceback under an error id and gives 1."""
+    from backend.runtime.startup import StartupError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = os.environ.get("LOG_LEVEL", "INFO") if args.command == "serve" else args.log_level
     try:
-        configure_logging(level)  # query strings and credentials are removed from every record
+        configure_logging(_log_level(args))  # query strings and credentials are removed from every record
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (InputError, StartupError, FileNotFoundError, *getattr(args, "input_errors", ())) as error:
         print(f"osprey-label {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception:
+        error_id = internal_error(logging.getLogger("backend.cli"), f"osprey-label {args.command}")
+        print(f"osprey-label {args.command}: internal error {error_id} (traceback above)", file=sys.stderr)
+        return 1
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    """``--log-level``, else ``LOG_LEVEL``, else INFO for ``serve`` and WARNING for the other commands."""
+    if args.log_level:
+        return args.log_level
+    from backend.runtime.settings import Settings
+
+    try:
+        configured = Settings.from_env().log_level
+    except InputError:
+        configured = None  # the command reports the bad setting itself
+    return configured or ("INFO" if args.command == "serve" else "WARNING")

@@ -1,6 +1,6 @@
 """``osprey-label prelabel --project ID``: pre-label a whole Label Studio project (or some of its tasks)
-and write the predictions through its API, with the service's models and the engine of
-:mod:`backend.prelabel`. Registered by :mod:`backend.cli`.
+and write the predictions through its API, on a :class:`~backend.runtime.runtime.Runtime` without HTTP
+(no workers, no webhooks) and the bulk engine of :mod:`backend.prelabel`. Registered by :mod:`backend.cli`.
 
 Runs under ``torchrun``/``accelerate launch`` as well: each rank (``RANK`` of ``WORLD_SIZE``) takes
 every ``WORLD_SIZE``-th task of the id-sorted list, on ``cuda:LOCAL_RANK`` when there is a GPU, and
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
+
+from backend.errors import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -73,78 +74,81 @@ def add_prelabel_command(subparsers) -> None:
     parser.set_defaults(func=run_prelabel)
 
 
-def _rank() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run plainly."""
-    try:
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is not within WORLD_SIZE={world}")
-    return rank, world, local
-
-
 def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
     """The ``prelabel`` command; ``client``/``models`` replace the Label Studio client and the loaded
     models (tests)."""
-    from backend.labelstudio.api import LabelStudioClient
-    from backend.prelabel.engine import current_predictions, prelabel
-    from backend.runtime.runtime import OspreyService, load_models
+    from backend.prelabel.engine import current_predictions, format_summary, prelabel
+    from backend.runtime.runtime import build_runtime, label_studio_client
     from backend.runtime.settings import Settings
 
-    rank, world, local_rank = _rank()
     overrides = {}
     for key, value in (("osprey_model", args.model), ("sam_model", args.sam_model), ("device", args.device),
                        ("prelabel_batch_tasks", args.batch_tasks), ("prelabel_chunk_tasks", args.chunk_tasks),
                        ("prelabel_retries", args.retries)):  # fmt: skip
         if value is not None:
             overrides[key] = value
-    if world > 1 and args.device is None:
-        import torch
-
-        if torch.cuda.is_available():
-            overrides["device"] = f"cuda:{local_rank}"
     settings = Settings.from_env(**overrides, training=False)
-    client = client or LabelStudioClient(
-        url=settings.label_studio_url or "", api_key=settings.label_studio_api_key or ""
-    )
+    rank, world = settings.rank, settings.world_size
+    if world > 1 and settings.device is None and _cuda_available():
+        settings = Settings.from_env(**overrides, training=False, device=f"cuda:{settings.gpu_rank}")
+    client = client or label_studio_client(settings)
+    if client is None:
+        raise SettingsError(
+            "prelabel writes through Label Studio's API: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a "
+            "personal access token from Label Studio's Account & Settings page)"
+        )
     label_config = client.label_config(args.project)
-    service = OspreyService(settings=settings, models=models or load_models(settings))
-    schema = service.schema_for(label_config)
-    project = str(args.project)
-    version = service.project_version(project)
-    tasks = sorted(client.tasks(args.project, ids=args.tasks, view=args.view), key=lambda t: t["id"])
-    mine = tasks[rank::world]
-    if args.limit is not None:
-        mine = mine[: args.limit]
-    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    if args.dry_run is not None:
-        return _dry_run(service, schema, project, version, mine, args.dry_run, prefix)
-    todo = sum(1 for t in mine if not current_predictions(t, version)[0])
-    print(
-        f"{prefix}project {args.project}: {len(mine)} tasks, {len(mine) - todo} already have {version}",
-        file=sys.stderr,
-    )
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
+    with build_runtime(settings, models=models, client=client) as runtime:  # no workers: nothing is queued
+        schema = runtime.projects.schema_for(label_config)
+        project = str(args.project)
+        runtime.projects.remember(project, label_config)
+        version = runtime.projects.version(project)
+        head = runtime.projects.head(project)
+        tasks = sorted(client.tasks(args.project, ids=args.tasks, view=args.view), key=lambda t: t["id"])
+        mine = tasks[rank::world]
+        if args.limit is not None:
+            mine = mine[: args.limit]
+        prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+        predictor = runtime.tasks_for(project)
+        if args.dry_run is not None:
+            return _dry_run(predictor, schema, head, version, mine, args.dry_run, prefix)
+        todo = sum(1 for t in mine if not current_predictions(t, version)[0])
+        print(
+            f"{prefix}project {args.project}: {len(mine)} tasks, {len(mine) - todo} already have {version}",
+            file=sys.stderr,
+        )
+        bar = None
+        if not args.quiet:
+            from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), unit="task", desc=f"{prefix}pre-label", file=sys.stderr)
-    summary = prelabel(
-        mine, engine=service.batch.engine(project), schema=schema, project=args.project, model_version=version,
-        sink=client, head=service.current_head(project), chunk_tasks=settings.prelabel_chunk_tasks,
-        retries=settings.prelabel_retries, on_result=(lambda r: bar.update(1)) if bar is not None else None,
-    )  # fmt: skip
-    if bar is not None:
-        bar.close()
+            bar = tqdm(total=len(mine), unit="task", desc=f"{prefix}pre-label", file=sys.stderr)
+
+        def seen(result) -> None:
+            if bar is not None:
+                bar.update(1)
+            if result.status == "predicted":  # recorded, so the annotations can be compared with it
+                runtime.recorder.record(project, result.task_id, version, result.result)
+
+        summary = prelabel(
+            mine, predictor=predictor, schema=schema, project=args.project, model_version=version, sink=client,
+            head=head, chunk_tasks=settings.prelabel_chunk_tasks, retries=settings.prelabel_retries,
+            on_result=seen,
+        )  # fmt: skip
+        if bar is not None:
+            bar.close()
     summaries = _gather(summary.to_dict(), world)
     if rank == 0:
         print(format_summary(summaries, version=version))
     return 1 if summary.failed else 0
 
 
-def _dry_run(service, schema, project: str, version: str, tasks: list[dict], sample: int, prefix: str) -> int:
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _dry_run(predictor, schema, head, version: str, tasks: list[dict], sample: int, prefix: str) -> int:
     from backend.prelabel.engine import current_predictions
 
     todo = [t for t in tasks if not current_predictions(t, version)[0]]
@@ -153,7 +157,7 @@ def _dry_run(service, schema, project: str, version: str, tasks: list[dict], sam
         print(f"{prefix}nothing to do: every selected task has a prediction of {version}")
         return 0
     started = time.perf_counter()
-    outcomes = service.batch.engine(project).predict(chosen, schema, head=service.current_head(project))
+    outcomes = predictor.predict(chosen, schema, head=head)
     per_task = (time.perf_counter() - started) / len(chosen)
     failed = [o for o in outcomes if o.status == "failed"]
     print(
@@ -176,33 +180,3 @@ def _gather(summary: dict, world: int) -> list[dict]:
     dist.all_gather_object(gathered, summary)
     dist.destroy_process_group()
     return gathered
-
-
-def format_summary(summaries: list[dict], *, version: str) -> str:
-    """The summary table: predicted, skipped as already done, failed with reasons (per rank when
-    several), and the rate."""
-    total = {
-        k: sum(s[k] for s in summaries) for k in ("predicted", "skipped", "failed", "written", "regions")
-    }
-    seconds = max(s["seconds"] for s in summaries)
-    lines = [f"pre-label with {version}:"]
-    rows = [
-        ("predicted", total["predicted"]),
-        ("skipped (already done)", total["skipped"]),
-        ("failed", total["failed"]),
-    ]
-    lines += [f"  {name:<24}{count:>8}" for name, count in rows]
-    rate = 60.0 * total["predicted"] / seconds if seconds > 0 else 0.0
-    lines.append(f"  {'regions':<24}{total['regions']:>8}")
-    lines.append(
-        f"  {seconds:.1f} s, {rate:.1f} tasks/min"
-        + (f" over {len(summaries)} ranks" if len(summaries) > 1 else "")
-    )
-    reasons: dict[str, list[str]] = {}
-    for s in summaries:
-        for task, reason in s["failures"].items():
-            reasons.setdefault(reason, []).append(task)
-    for reason, tasks in sorted(reasons.items(), key=lambda item: -len(item[1])):
-        shown = ", ".join(tasks[:10]) + (f" (+{len(tasks) - 10})" if len(tasks) > 10 else "")
-        lines.append(f"  failed: {reason}: tasks {shown}")
-    return "\n".join(lines)

@@ -1,304 +1,373 @@
-"""The job queue on Redis + RQ (when ``REDIS_URL`` is set): jobs are RQ jobs (``rq.Job`` hashes in the RQ
-queue ``osprey-train``, finished and failed ones in RQ's registries, so ``rq info`` shows them) on a Redis
-that persists them across restarts.
+"""The job queue on Redis (when ``REDIS_URL`` is set), on plain redis-py. Semantics, lanes included, as in
+:mod:`backend.jobs.base` and the SQLite queue; the jobs are run by :class:`backend.jobs.worker.Worker`
+threads inside the service processes.
 
-Claims are atomic (``WATCH``/``MULTI``) and a per-project Redis lock (``osprey:osprey-train:lock:<project>``,
-held from claim to complete/fail/requeue) keeps one running job per project. The jobs are run by
-:class:`backend.jobs.worker.Worker` threads inside the service processes, not by ``rq worker``.
-Semantics as in :mod:`backend.jobs.base`.
+Keys, under ``<prefix>:jobs`` (``prefix`` keeps two deployments on one Redis apart):
+
+- ``job:<id>``: a hash per job (project_id, kind, lane, payload JSON, status, attempts, lease, result
+  JSON, error, times). Ids come from the counter ``seq``, so they order like SQLite's row ids. A finished
+  job's hash expires ``keep_s`` seconds after it finished.
+- ``queue:<lane>``: the lane's queued job ids, oldest first (a requeued job goes to the front).
+- ``queued:<project>``: a hash kind -> queued job id (at most one queued job per project and kind).
+- ``lock:<lane>:<project>``: ``<job id>:<token>`` of the running job of that project and lane.
+- ``running``: a sorted set of running job ids by lease expiry (POSIX seconds), for ``requeue_stale``.
+- ``project:<project>``: a sorted set of the project's job ids (score = id), for ``jobs(project)``.
+- ``counts``: a hash ``<lane>:<state>`` -> number for running, done and failed jobs (queued ones are the
+  length of ``queue:<lane>``); ``last_finished`` and ``last_error``: job ids for ``status()``.
+
+Every state change is one Lua script (``redis.register_script``), not a ``WATCH``/``MULTI`` transaction:
+a claim must scan its lane's queue for the first job whose (project, lane) lock is free, and with
+``WATCH`` that means watching the list and every lock it reads and retrying whenever any of them
+changes, so busy workers retry each other in turn, each try several round trips. A script does the scan
+and the change as one atomic step on the server: one round trip, no retries, and no half-written state
+when a client dies in the middle. The scripts build key names from the prefix (a job's lock from its
+project), which needs one Redis server (replicas are fine), not Redis Cluster. Times come from the
+caller, as in SQLite, so ``requeue_stale(now=...)`` means the same on both back ends. Give Redis
+persistence (AOF) so that jobs survive its restarts. Jobs written by the earlier RQ-based queue
+(``rq:job:*`` keys) are not read: the next webhook or Retrieve Predictions enqueues them again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 
+from backend.database import dumps
 from backend.labelstudio.ids import project_key
 
-from .base import Job, LeaseLostError, UnknownJobError, job_brief
+from .base import (
+    LANES,
+    Job,
+    LeaseLostError,
+    UnknownJobError,
+    check_kind,
+    check_lane,
+    job_brief,
+    lane_conflict_message,
+    lane_for,
+    lost_lease_message,
+    status_counts,
+)
 
 logger = logging.getLogger(__name__)
 
+# Every script gets the key base as ARGV[1]; these name the keys exactly as the Python methods below do.
+_PRELUDE = """
+local P = ARGV[1]
+local RUNNING, COUNTS = P .. ':running', P .. ':counts'
+local function job_key(id) return P .. ':job:' .. id end
+local function queue_key(lane) return P .. ':queue:' .. lane end
+local function queued_key(project) return P .. ':queued:' .. project end
+local function lock_key(lane, project) return P .. ':lock:' .. lane .. ':' .. project end
+local function project_jobs(project) return P .. ':project:' .. project end
 
-def run_rq_job(project_id: str, kind: str, payload: dict) -> None:
-    """The function RQ records for our jobs. They are run by ``Worker`` threads in the service, which
-    claim them with a per-project lock; an ``rq worker`` must not consume the ``osprey-train`` queue."""
-    raise RuntimeError(
-        "osprey-label training jobs run in the service's own worker threads; stop the `rq worker` that "
-        "consumes the 'osprey-train' queue"
-    )
+-- A running job's outcome: 'done' keeps `outcome` as its result JSON, 'failed' as its error. Releases
+-- the (project, lane) lock and sets the hash to expire `keep_s` seconds from now.
+local function close(id, status, outcome, now, keep_s)
+  local jk = job_key(id)
+  local f = redis.call('HMGET', jk, 'project_id', 'lane', 'token')
+  local project, lane, token = f[1], f[2], f[3]
+  if token and redis.call('GET', lock_key(lane, project)) == id .. ':' .. token then
+    redis.call('DEL', lock_key(lane, project))
+  end
+  redis.call('HSET', jk, 'status', status, 'finished_at', now)
+  if status == 'done' then
+    redis.call('HSET', jk, 'result', outcome)
+    redis.call('HDEL', jk, 'lease_until', 'error')
+  else
+    redis.call('HSET', jk, 'error', outcome)
+    redis.call('HDEL', jk, 'lease_until', 'result')
+  end
+  redis.call('ZREM', RUNNING, id)
+  redis.call('HINCRBY', COUNTS, lane .. ':running', -1)
+  redis.call('HINCRBY', COUNTS, lane .. ':' .. status, 1)
+  redis.call('SET', P .. ':last_finished', id)
+  if status == 'failed' then redis.call('SET', P .. ':last_error', id) end
+  redis.call('EXPIRE', jk, keep_s)
+  redis.call('EXPIRE', project_jobs(project), keep_s)
+end
+"""
+
+# ARGV: base, project, kind, lane, '1' when the caller named the lane else '', payload JSON,
+#   max_attempts, now, keep_s -> {'ok', id} | {'lane', id, the queued job's lane}
+_ENQUEUE = """
+local project, kind, lane = ARGV[2], ARGV[3], ARGV[4]
+local id = redis.call('HGET', queued_key(project), kind)
+if id and redis.call('EXISTS', job_key(id)) == 1 then
+  local queued_lane = redis.call('HGET', job_key(id), 'lane')
+  if ARGV[5] ~= '' and queued_lane ~= lane then return {'lane', id, queued_lane} end
+  redis.call('HSET', job_key(id), 'payload', ARGV[6])
+  return {'ok', id}
+end
+id = tostring(redis.call('INCR', P .. ':seq'))
+redis.call('HSET', job_key(id), 'project_id', project, 'kind', kind, 'lane', lane, 'payload', ARGV[6],
+           'status', 'queued', 'attempts', 0, 'max_attempts', ARGV[7], 'created_at', ARGV[8])
+redis.call('HSET', queued_key(project), kind, id)
+redis.call('RPUSH', queue_key(lane), id)
+redis.call('ZADD', project_jobs(project), id, id)
+redis.call('EXPIRE', project_jobs(project), ARGV[9])
+return {'ok', id}
+"""
+
+# ARGV: base, lane, worker_id, token, now, lease_s, lease_until -> {id, hash as a flat list} | false
+_CLAIM = """
+local lane, token, now, lease_until = ARGV[2], ARGV[4], ARGV[5], ARGV[7]
+local queue = queue_key(lane)
+for _, id in ipairs(redis.call('LRANGE', queue, 0, -1)) do
+  local jk = job_key(id)
+  local f = redis.call('HMGET', jk, 'project_id', 'kind')
+  local project, kind = f[1], f[2]
+  if not project then
+    redis.call('LREM', queue, 0, id)  -- its hash was deleted by hand: drop the dangling id
+  elseif redis.call('EXISTS', lock_key(lane, project)) == 0 then
+    redis.call('LREM', queue, 1, id)
+    if redis.call('HGET', queued_key(project), kind) == id then redis.call('HDEL', queued_key(project), kind) end
+    redis.call('SET', lock_key(lane, project), id .. ':' .. token)
+    redis.call('HINCRBY', jk, 'attempts', 1)
+    redis.call('HSET', jk, 'status', 'running', 'worker_id', ARGV[3], 'token', token, 'lease_s', ARGV[6],
+               'lease_until', lease_until, 'started_at', now, 'heartbeat_at', now)
+    redis.call('ZADD', RUNNING, lease_until, id)
+    redis.call('HINCRBY', COUNTS, lane .. ':running', 1)
+    return {id, redis.call('HGETALL', jk)}
+  end
+end
+return false
+"""
+
+# ARGV: base, id, token ('' = any claim), now -> 1 when the lease was extended, else 0
+_HEARTBEAT = """
+local jk = job_key(ARGV[2])
+local f = redis.call('HMGET', jk, 'status', 'token', 'lease_s')
+if f[1] ~= 'running' or (ARGV[3] ~= '' and f[2] ~= ARGV[3]) then return 0 end
+local lease_until = string.format('%.6f', tonumber(ARGV[4]) + tonumber(f[3]))
+redis.call('HSET', jk, 'lease_until', lease_until, 'heartbeat_at', ARGV[4])
+redis.call('ZADD', RUNNING, 'XX', lease_until, ARGV[2])
+return 1
+"""
+
+# ARGV: base, id, token ('' = any claim), 'done'|'failed', outcome, now, keep_s
+#   -> {'ok'} | {'unknown'} | {'lost', status, attempts}
+_FINISH = """
+local id, token = ARGV[2], ARGV[3]
+local f = redis.call('HMGET', job_key(id), 'status', 'token', 'attempts')
+if not f[1] then return {'unknown'} end
+if f[1] ~= 'running' or (token ~= '' and f[2] ~= token) then return {'lost', f[1], f[3]} end
+close(id, ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+return {'ok'}
+"""
+
+# ARGV: base, now, keep_s -> {requeued ids, failed ids}
+_REQUEUE_STALE = """
+local now, requeued, failed = ARGV[2], {}, {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', RUNNING, '-inf', '(' .. now)) do
+  local jk = job_key(id)
+  local f = redis.call('HMGET', jk, 'project_id', 'kind', 'lane', 'attempts', 'max_attempts', 'token')
+  local project, kind, lane, token = f[1], f[2], f[3], f[6]
+  if not project then
+    redis.call('ZREM', RUNNING, id)
+  else
+    local attempts, limit = tonumber(f[4]), tonumber(f[5])
+    local other = redis.call('HGET', queued_key(project), kind)
+    if other or attempts >= limit then
+      local why = 'worker lost (lease expired) on attempt ' .. attempts .. ' of ' .. limit
+      if other then why = 'worker lost (lease expired); superseded by queued job ' .. other end
+      close(id, 'failed', why, now, ARGV[3])
+      redis.call('HDEL', jk, 'token')
+      table.insert(failed, id)
+    else
+      if token and redis.call('GET', lock_key(lane, project)) == id .. ':' .. token then
+        redis.call('DEL', lock_key(lane, project))
+      end
+      redis.call('HSET', jk, 'status', 'queued')
+      redis.call('HDEL', jk, 'worker_id', 'token', 'lease_until')
+      redis.call('ZREM', RUNNING, id)
+      redis.call('HINCRBY', COUNTS, lane .. ':running', -1)
+      redis.call('HSET', queued_key(project), kind, id)
+      redis.call('LPUSH', queue_key(lane), id)  -- the front: it waited longest
+      table.insert(requeued, id)
+    end
+  end
+end
+return {requeued, failed}
+"""
+
+
+def _text(value) -> str | None:
+    """A Redis reply as text, whether or not the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class RedisJobQueue:
-    """The job queue on Redis + RQ (see the module docstring). ``connection`` is a ``redis.Redis``."""
+    """The job queue on Redis (see the module docstring). ``connection`` is a ``redis.Redis``;
+    ``max_attempts`` is how often a job whose worker died is claimed before it fails; ``keep_s`` how long
+    a finished job stays readable; ``prefix`` starts every key."""
 
     def __init__(
-        self, *, connection, queue_name: str = "osprey-train", max_attempts: int = 3, keep_s: int = 30 * 86400
+        self, *, connection, prefix: str = "osprey", max_attempts: int = 3, keep_s: int = 30 * 86400
     ) -> None:
-        from rq import Queue
-        from rq.serializers import JSONSerializer
-
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if keep_s < 1:
+            raise ValueError(f"keep_s must be >= 1 second (finished jobs expire after it), got {keep_s}")
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+            raise ValueError(
+                f"prefix must be a non-empty key prefix without spaces such as 'osprey', got {prefix!r}"
+            )
         self.redis = connection
-        self.max_attempts = max_attempts
-        self.keep_s = keep_s
-        self.queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
-        self._serializer = JSONSerializer
-        self._prefix = f"osprey:{queue_name}"
-        self._running = f"{self._prefix}:running"  # zset job id -> lease expiry
+        self.max_attempts = int(max_attempts)
+        self.keep_s = int(keep_s)
+        self.prefix = prefix
+        self._base = f"{prefix}:jobs"
+        # registering sends nothing: each call runs EVALSHA and loads the script when the server lacks it
+        self._enqueue, self._claim, self._heartbeat, self._finish_script, self._requeue = (
+            connection.register_script(_PRELUDE + body)
+            for body in (_ENQUEUE, _CLAIM, _HEARTBEAT, _FINISH, _REQUEUE_STALE)
+        )
 
     @classmethod
     def from_url(cls, url: str, **kwargs) -> RedisJobQueue:
+        """The queue on the Redis at ``url`` (``redis://host:6379/0``); ``kwargs`` as for the class."""
         import redis
 
         return cls(connection=redis.Redis.from_url(url), **kwargs)
 
-    def _queued_key(self, project: str, kind: str) -> str:
-        return f"{self._prefix}:queued:{project}:{kind}"
+    def enqueue(
+        self, project_id: str, kind: str, payload: dict | None = None, *, lane: str | None = None
+    ) -> str:
+        """Queue a job in ``lane`` (default ``lane_for(kind)``); returns its id. While a job of this project
+        and kind is queued, that job is returned instead, with its payload replaced by this one (the
+        newest request wins); ValueError when ``lane`` is named and that job waits in another lane."""
+        project, payload_json = project_key(project_id), dumps(payload or {})
+        check_kind(kind)
+        named = lane is not None
+        lane = check_lane(lane) if named else lane_for(kind)
+        args = [self._base, project, kind, lane, "1" if named else "", payload_json, self.max_attempts,
+                time.time(), self.keep_s]  # fmt: skip
+        reply = [_text(v) for v in self._enqueue(args=args)]
+        if reply[0] == "lane":
+            raise ValueError(lane_conflict_message(reply[1], kind, reply[2], lane))
+        return reply[1]
 
-    def _lock_key(self, project: str) -> str:
-        return f"{self._prefix}:lock:{project}"
-
-    def _fetch(self, job_id: str):
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job as RqJob
-
-        try:
-            return RqJob.fetch(str(job_id), connection=self.redis, serializer=self._serializer)
-        except NoSuchJobError:
-            return None
-
-    def enqueue(self, project_id: str, kind: str, payload: dict | None = None) -> str:
-        from redis.exceptions import WatchError
-        from rq.job import Job as RqJob
-
-        project, payload = project_key(project_id), dict(payload or {})
-        if not isinstance(kind, str) or not kind:
-            raise ValueError(f"kind must be a non-empty string such as 'train', got {kind!r}")
-        key = self._queued_key(project, kind)
-        while True:
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    existing = pipe.get(key)
-                    job = self._fetch(existing.decode()) if existing else None
-                    pipe.multi()
-                    if job is not None:
-                        job.meta["payload"] = payload
-                        job.save(pipeline=pipe)
-                    else:
-                        meta = {"project_id": project, "kind": kind, "payload": payload, "attempts": 0, "status": "queued",
-                                "max_attempts": self.max_attempts}  # fmt: skip
-                        job = RqJob.create(
-                            run_rq_job, args=(project, kind, payload), connection=self.redis, meta=meta,
-                            id=f"osprey-{uuid.uuid4().hex}", origin=self.queue.name, serializer=self._serializer,
-                            result_ttl=self.keep_s, failure_ttl=self.keep_s, description=f"{kind} project {project}",
-                        )  # fmt: skip
-                        pipe.set(key, job.id)
-                        pipe.zadd(f"{self._prefix}:jobs:{project}", {job.id: time.time()})
-                        self.queue.enqueue_job(job, pipeline=pipe)
-                    pipe.execute()
-                    return job.id
-                except WatchError:
-                    continue
-
-    def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        from redis.exceptions import WatchError
-        from rq.job import JobStatus
-
+    def claim(self, worker_id: str, lease_s: float, *, lane: str) -> Job | None:
+        """Atomically take the oldest queued job of ``lane`` whose project has no running job in that lane,
+        or None. The job becomes ``running`` for ``worker_id`` until ``now + lease_s``."""
+        check_lane(lane)
         if lease_s <= 0:
             raise ValueError(f"lease_s must be > 0 seconds, got {lease_s}")
-        for job_id in [i.decode() for i in self.redis.lrange(self.queue.key, 0, 99)]:
-            job = self._fetch(job_id)
-            if job is None:
-                self.redis.lrem(self.queue.key, 1, job_id)
-                continue
-            project, kind = job.meta["project_id"], job.meta["kind"]
-            lock, queued = self._lock_key(project), self._queued_key(project, kind)
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(self.queue.key, lock, queued, job.key)
-                    if pipe.exists(lock) or job_id not in [
-                        i.decode() for i in pipe.lrange(self.queue.key, 0, -1)
-                    ]:
-                        continue
-                    job = self._fetch(job_id)
-                    if job is None:
-                        continue
-                    now, token = time.time(), uuid.uuid4().hex
-                    job.meta.update(status="running", attempts=job.meta.get("attempts", 0) + 1, worker_id=worker_id, token=token,
-                                    lease_s=float(lease_s), lease_until=now + lease_s, started_at=now)  # fmt: skip
-                    same_queued = pipe.get(queued)
-                    pipe.multi()
-                    pipe.lrem(self.queue.key, 1, job_id)
-                    if same_queued is not None and same_queued.decode() == job_id:
-                        pipe.delete(queued)
-                    pipe.set(lock, f"{job_id}:{token}")  # released by complete/fail/requeue_stale
-                    pipe.zadd(self._running, {job_id: now + lease_s})
-                    job.set_status(JobStatus.STARTED, pipeline=pipe)
-                    job.save(pipeline=pipe)
-                    pipe.execute()
-                except WatchError:
-                    continue
-            return self._to_job(job)
-        return None
+        now, token = time.time(), uuid.uuid4().hex
+        args = [self._base, lane, worker_id, token, now, float(lease_s), now + lease_s]
+        reply = self._claim(args=args)
+        if not reply:
+            return None
+        flat = [_text(v) for v in reply[1]]
+        return self._to_job(_text(reply[0]), dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def heartbeat(self, job_id: str, *, token: str | None = None) -> bool:
-        job = self._fetch(job_id)
-        if job is None or job.meta.get("lease_until") is None:
-            return False
-        if token is not None and job.meta.get("token") != token:
-            return False
-        lock = self._lock_key(job.meta["project_id"])
-        if self.redis.get(lock) != f"{job_id}:{job.meta['token']}".encode():
-            return False
-        return (
-            self.redis.zadd(self._running, {job_id: time.time() + job.meta["lease_s"]}, xx=True, ch=True) == 1
-        )
+        """Extend a running job's lease by its ``lease_s``; False when the job is no longer held."""
+        return self._heartbeat(args=[self._base, str(job_id), token or "", time.time()]) == 1
 
     def complete(self, job_id: str, result: dict | None = None, *, token: str | None = None) -> None:
-        self._finish(job_id, "done", result=result or {}, error=None, token=token)
+        """Mark a running job done with its ``result`` (a JSON object). Raises LeaseLostError when the
+        job is not running (or, with ``token``, no longer held by that claim): nothing is marked."""
+        self._finish(job_id, "done", dumps(result or {}), token=token)
 
     def fail(self, job_id: str, error: str, *, token: str | None = None) -> None:
-        self._finish(job_id, "failed", result=None, error=str(error)[:4000], token=token)
+        """Mark a running job failed, keeping ``error``; LeaseLostError as for ``complete``."""
+        self._finish(job_id, "failed", str(error)[:4000], token=token)
 
-    def _finish(self, job_id, status: str, *, result, error, token) -> None:
-        from redis.exceptions import WatchError
-
-        job = self._fetch(job_id)
-        if job is None:
-            raise UnknownJobError(f"no job has id {job_id}")
-        while True:
-            with self.redis.pipeline() as pipe:
-                try:
-                    pipe.watch(job.key, self._running, self._lock_key(job.meta["project_id"]))
-                    job = self._fetch(job_id)
-                    held = pipe.zscore(self._running, job_id) is not None
-                    if not held or (token is not None and job.meta.get("token") != token):
-                        raise LeaseLostError(
-                            f"job {job_id} is not held by this claim (attempt {job.meta.get('attempts')}); its "
-                            f"lease expired and it was requeued or finished elsewhere, so this outcome was not recorded"
-                        )
-                    pipe.multi()
-                    self._close(pipe, job, status, result=result, error=error)
-                    pipe.execute()
-                    return
-                except WatchError:
-                    continue
-
-    def _close(self, pipe, job, status: str, *, result, error) -> None:
-        """Write a job's final state (in ``pipe``, inside MULTI) and release its project lock."""
-        from rq.job import JobStatus
-        from rq.registry import FailedJobRegistry, FinishedJobRegistry
-
-        now = time.time()
-        token = job.meta.get("token")
-        job.meta.update(
-            status=status, finished_at=now, lease_until=None, result=result, error=error, token=None
-        )
-        job.set_status(JobStatus.FINISHED if status == "done" else JobStatus.FAILED, pipeline=pipe)
-        job.save(pipeline=pipe)
-        pipe.zrem(self._running, job.id)
-        lock = self._lock_key(job.meta["project_id"])
-        if token is not None and self.redis.get(lock) == f"{job.id}:{token}".encode():  # caller WATCHes it
-            pipe.delete(lock)
-        registry = FinishedJobRegistry if status == "done" else FailedJobRegistry
-        registry(queue=self.queue, serializer=self._serializer).add(
-            job, self.keep_s, pipeline=pipe, **({} if status == "done" else {"exc_string": error or ""})
-        )
-        pipe.hincrby(f"{self._prefix}:stats", status, 1)
-        pipe.set(f"{self._prefix}:last_finished", job.id)
-        if status == "failed":
-            pipe.set(f"{self._prefix}:last_error", job.id)
+    def _finish(self, job_id, status: str, outcome: str, *, token: str | None) -> None:
+        args = [self._base, str(job_id), token or "", status, outcome, time.time(), self.keep_s]
+        reply = [_text(v) for v in self._finish_script(args=args)]
+        if reply[0] == "unknown":
+            raise UnknownJobError(f"no job has id {job_id}; list them with jobs(project_id)")
+        if reply[0] == "lost":
+            raise LeaseLostError(lost_lease_message(str(job_id), reply[1], int(reply[2] or 0)))
 
     def requeue_stale(self, *, now: float | None = None) -> dict:
-        from redis.exceptions import WatchError
-        from rq.job import JobStatus
-
+        """Running jobs whose lease expired (their worker died): back to the front of their lane's queue,
+        or ``failed`` once ``max_attempts`` claims were spent. A stale job whose project and kind already
+        has a queued job is failed as superseded by it. Returns ``{"requeued": [ids], "failed": [ids]}``."""
         now = time.time() if now is None else now
-        out: dict[str, list[str]] = {"requeued": [], "failed": []}
-        for job_id in [i.decode() for i in self.redis.zrangebyscore(self._running, "-inf", now)]:
-            while True:
-                with self.redis.pipeline() as pipe:
-                    try:
-                        job = self._fetch(job_id)
-                        if job is None:
-                            self.redis.zrem(self._running, job_id)
-                            break
-                        queued = self._queued_key(job.meta["project_id"], job.meta["kind"])
-                        lock = self._lock_key(job.meta["project_id"])
-                        pipe.watch(job.key, self._running, queued, lock)
-                        score = pipe.zscore(self._running, job_id)
-                        if score is None or score >= now:
-                            break
-                        other = pipe.get(queued)
-                        attempts, limit = (
-                            job.meta.get("attempts", 0),
-                            job.meta.get("max_attempts", self.max_attempts),
-                        )
-                        pipe.multi()
-                        if attempts >= limit or other is not None:
-                            why = (
-                                f"worker lost (lease expired) on attempt {attempts} of {limit}"
-                                if other is None
-                                else f"worker lost (lease expired); superseded by queued job {other.decode()}"
-                            )
-                            self._close(pipe, job, "failed", result=None, error=why)
-                            out["failed"].append(job_id)
-                        else:
-                            if self.redis.get(lock) == f"{job_id}:{job.meta.get('token')}".encode():
-                                pipe.delete(lock)
-                            job.meta.update(status="queued", lease_until=None, token=None, worker_id=None)
-                            job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                            job.save(pipeline=pipe)
-                            pipe.zrem(self._running, job_id)
-                            pipe.set(queued, job_id)
-                            pipe.lpush(self.queue.key, job_id)  # the front: it waited longest
-                            out["requeued"].append(job_id)
-                        pipe.execute()
-                        break
-                    except WatchError:
-                        continue
+        requeued, failed = self._requeue(args=[self._base, now, self.keep_s])
+        out = {"requeued": [_text(i) for i in requeued], "failed": [_text(i) for i in failed]}
         if out["requeued"] or out["failed"]:
             logger.warning("stale jobs: requeued %s, failed %s", out["requeued"], out["failed"])
         return out
 
     def job(self, job_id: str) -> Job:
-        job = self._fetch(job_id)
-        if job is None:
+        """One job by id; UnknownJobError when there is none (finished jobs expire after ``keep_s``)."""
+        fields = self._fields(self.redis.hgetall(f"{self._base}:job:{job_id}"))
+        if not fields:
             raise UnknownJobError(f"no job has id {job_id}; list them with jobs(project_id)")
-        return self._to_job(job)
+        return self._to_job(str(job_id), fields)
 
     def jobs(self, project_id: str, *, limit: int = 50) -> list[Job]:
-        ids = self.redis.zrevrange(f"{self._prefix}:jobs:{project_key(project_id)}", 0, limit - 1)
-        found = [self._fetch(i.decode()) for i in ids]
-        return [self._to_job(job) for job in found if job is not None]
+        """The project's jobs, newest first."""
+        key = f"{self._base}:project:{project_key(project_id)}"
+        out: list[Job] = []
+        below = "+inf"
+        while len(out) < limit:
+            # page by score (the id), so jobs enqueued meanwhile do not shift the pages
+            ids = [_text(i) for i in self.redis.zrevrangebyscore(key, below, "-inf", start=0, num=limit)]
+            if not ids:
+                break
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(f"{self._base}:job:{job_id}")
+                hashes = pipe.execute()
+            expired = [job_id for job_id, fields in zip(ids, hashes, strict=True) if not fields]
+            if expired:  # finished jobs past keep_s: forget their ids too
+                self.redis.zrem(key, *expired)
+            out += [self._to_job(i, self._fields(h)) for i, h in zip(ids, hashes, strict=True) if h]
+            below = f"({ids[-1]}"
+        return out[:limit]
 
     def status(self) -> dict:
-        stats = {k.decode(): int(v) for k, v in self.redis.hgetall(f"{self._prefix}:stats").items()}
+        """Job counts per state in all and per lane (``"lanes": {lane: {state: n}}``), the last error and
+        the last finished job (for /health and /metrics). ``done`` and ``failed`` count every job finished
+        on this Redis, including those expired since."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(f"{self._base}:counts")
+            for lane in LANES:
+                pipe.llen(f"{self._base}:queue:{lane}")
+            pipe.get(f"{self._base}:last_error")
+            pipe.get(f"{self._base}:last_finished")
+            counts, *queued, last_error, last_finished = pipe.execute()
+        rows = [(*_text(k).split(":", 1), int(v)) for k, v in counts.items()]
+        rows += [(lane, "queued", n) for lane, n in zip(LANES, queued, strict=True)]
         briefs = {}
-        for name in ("last_error", "last_finished"):
-            job_id = self.redis.get(f"{self._prefix}:{name}")
-            job = self._fetch(job_id.decode()) if job_id else None
-            briefs[name] = job_brief(self._to_job(job)) if job is not None else None
-        return {
-            "backend": "redis",
-            "queued": self.queue.count,
-            "running": self.redis.zcard(self._running),
-            "done": stats.get("done", 0),
-            "failed": stats.get("failed", 0),
-            **briefs,
-        }
+        for name, job_id in (("last_error", last_error), ("last_finished", last_finished)):
+            try:
+                briefs[name] = job_brief(self.job(_text(job_id))) if job_id else None
+            except UnknownJobError:  # expired after keep_s
+                briefs[name] = None
+        return {"backend": "redis", **status_counts(rows), **briefs}
 
-    def _to_job(self, job) -> Job:
-        meta = job.meta
-        status = meta.get("status") or {"started": "running"}.get(str(job.get_status()), "queued")
+    @staticmethod
+    def _fields(raw: dict) -> dict[str, str]:
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def _to_job(self, job_id: str, h: dict[str, str]) -> Job:
+        def seconds(name: str) -> float | None:
+            return float(h[name]) if h.get(name) is not None else None
+
         return Job(
-            job_id=job.id, project_id=meta["project_id"], kind=meta["kind"], payload=meta.get("payload", {}),
-            status=status, attempts=meta.get("attempts", 0), max_attempts=meta.get("max_attempts", self.max_attempts),
-            created_at=job.created_at.timestamp() if job.created_at else 0.0, worker_id=meta.get("worker_id"),
-            token=meta.get("token"), lease_until=meta.get("lease_until"), started_at=meta.get("started_at"),
-            finished_at=meta.get("finished_at"), result=meta.get("result"), error=meta.get("error"),
-        )  # fmt: skip
+            job_id=job_id,
+            project_id=h["project_id"],
+            kind=h["kind"],
+            lane=h["lane"],
+            payload=json.loads(h.get("payload") or "{}"),
+            status=h["status"],
+            attempts=int(h.get("attempts", 0)),
+            max_attempts=int(h.get("max_attempts", self.max_attempts)),
+            created_at=float(h["created_at"]),
+            worker_id=h.get("worker_id"),
+            token=h.get("token"),
+            lease_until=seconds("lease_until"),
+            started_at=seconds("started_at"),
+            finished_at=seconds("finished_at"),
+            result=json.loads(h["result"]) if h.get("result") else None,
+            error=h.get("error"),
+        )

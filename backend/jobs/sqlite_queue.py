@@ -1,8 +1,9 @@
 """The job queue in the training store's SQLite file (the default back end).
 
-Jobs are rows of the ``jobs`` table (see :mod:`backend.database`): at most one queued job per
-project and kind, at most one running job per project (both enforced by unique indexes), leases kept as
-POSIX times, finished jobs pruned to ``keep_finished_jobs`` per project.
+Jobs are rows of the ``jobs`` table (see :mod:`backend.database`), each in a lane: at most one queued
+job per project and kind, at most one running job per project and lane (both enforced by unique
+indexes, so two processes on one file cannot break them), leases kept as POSIX times, finished jobs
+pruned to ``keep_finished_jobs`` per project.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ from pathlib import Path
 from backend.database import SqliteDatabase, dumps
 from backend.labelstudio.ids import project_key
 
-from .base import JOB_STATES, Job, LeaseLostError, UnknownJobError, job_brief
+from .base import (
+    Job,
+    LeaseLostError,
+    UnknownJobError,
+    check_kind,
+    check_lane,
+    job_brief,
+    lane_conflict_message,
+    lane_for,
+    lost_lease_message,
+    status_counts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,39 +55,49 @@ class SqliteJobQueue(SqliteDatabase):
         self.keep_finished_jobs = int(keep_finished_jobs)
         super().__init__(path, busy_timeout_s=busy_timeout_s, synchronous=synchronous)
 
-    def enqueue(self, project_id: str, kind: str, payload: dict | None = None) -> str:
-        """Queue a job; returns its id. While a job of this project and kind is queued, that job is
-        returned instead, with its payload replaced by this one (the newest request wins)."""
+    def enqueue(
+        self, project_id: str, kind: str, payload: dict | None = None, *, lane: str | None = None
+    ) -> str:
+        """Queue a job in ``lane`` (default ``lane_for(kind)``); returns its id. While a job of this project
+        and kind is queued, that job is returned instead, with its payload replaced by this one (the
+        newest request wins); ValueError when ``lane`` is named and that job waits in another lane."""
         project, payload_json = project_key(project_id), dumps(payload or {})
-        if not isinstance(kind, str) or not kind:
-            raise ValueError(f"kind must be a non-empty string such as 'train', got {kind!r}")
+        check_kind(kind)
+        named = lane is not None
+        lane = check_lane(lane) if named else lane_for(kind)
         with self._write() as conn:
             row = conn.execute(
-                "SELECT job_id FROM jobs WHERE project_id = ? AND kind = ? AND status = 'queued'",
+                "SELECT job_id, lane FROM jobs WHERE project_id = ? AND kind = ? AND status = 'queued'",
                 (project, kind),
             ).fetchone()
             if row is not None:
+                if named and row["lane"] != lane:
+                    raise ValueError(lane_conflict_message(str(row["job_id"]), kind, row["lane"], lane))
                 conn.execute("UPDATE jobs SET payload_json = ? WHERE job_id = ?", (payload_json, row[0]))
                 return str(row[0])
             cursor = conn.execute(
-                "INSERT INTO jobs (project_id, kind, payload_json, status, max_attempts, created_at)"
-                " VALUES (?, ?, ?, 'queued', ?, ?)",
-                (project, kind, payload_json, self.max_attempts, time.time()),
+                "INSERT INTO jobs (project_id, kind, lane, payload_json, status, max_attempts, created_at)"
+                " VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                (project, kind, lane, payload_json, self.max_attempts, time.time()),
             )
             return str(cursor.lastrowid)
 
-    def claim(self, worker_id: str, lease_s: float) -> Job | None:
-        """Atomically take the oldest queued job of a project that has no running job, or None.
+    def claim(self, worker_id: str, lease_s: float, *, lane: str) -> Job | None:
+        """Atomically take the oldest queued job of ``lane`` whose project has no running job in that lane,
+        or None.
 
         The job becomes ``running`` for ``worker_id`` until ``now + lease_s`` (``heartbeat`` extends it).
         """
+        check_lane(lane)
         if lease_s <= 0:
             raise ValueError(f"lease_s must be > 0 seconds, got {lease_s}")
         now, token = time.time(), uuid.uuid4().hex
         with self._write() as conn:
             row = conn.execute(
-                "SELECT job_id FROM jobs q WHERE status = 'queued' AND NOT EXISTS (SELECT 1 FROM jobs r"
-                " WHERE r.project_id = q.project_id AND r.status = 'running') ORDER BY job_id LIMIT 1"
+                "SELECT job_id FROM jobs q WHERE lane = ? AND status = 'queued' AND NOT EXISTS (SELECT 1"
+                " FROM jobs r WHERE r.project_id = q.project_id AND r.lane = q.lane AND r.status = 'running')"
+                " ORDER BY job_id LIMIT 1",
+                (lane,),
             ).fetchone()
             if row is None:
                 return None
@@ -88,12 +110,16 @@ class SqliteJobQueue(SqliteDatabase):
 
     def heartbeat(self, job_id: str, *, token: str | None = None) -> bool:
         """Extend a running job's lease by its ``lease_s``; False when the job is no longer held."""
+        try:
+            row_id = _row_id(job_id)
+        except UnknownJobError:
+            return False
         now = time.time()
         with self._write() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET lease_until = ? + lease_s, heartbeat_at = ? WHERE job_id = ?"
                 " AND status = 'running' AND (? IS NULL OR token = ?)",
-                (now, now, int(job_id), token, token),
+                (now, now, row_id, token, token),
             )
             return cursor.rowcount == 1
 
@@ -111,17 +137,14 @@ class SqliteJobQueue(SqliteDatabase):
             cursor = conn.execute(
                 "UPDATE jobs SET status = ?, result_json = ?, error = ?, finished_at = ?, lease_until = NULL"
                 " WHERE job_id = ? AND status = 'running' AND (? IS NULL OR token = ?)",
-                (status, result_json, error, time.time(), int(job_id), token, token),
+                (status, result_json, error, time.time(), _row_id(job_id), token, token),
             )
             if cursor.rowcount != 1:
-                job = self._job(conn, int(job_id))
-                raise LeaseLostError(
-                    f"job {job_id} is {job.status} (attempt {job.attempts}), not held by this claim; its lease "
-                    f"expired and it was requeued or finished elsewhere, so this outcome was not recorded"
-                )
-            project = conn.execute("SELECT project_id FROM jobs WHERE job_id = ?", (int(job_id),)).fetchone()[
-                0
-            ]
+                job = self._job(conn, _row_id(job_id))
+                raise LeaseLostError(lost_lease_message(job.job_id, job.status, job.attempts))
+            project = conn.execute(
+                "SELECT project_id FROM jobs WHERE job_id = ?", (_row_id(job_id),)
+            ).fetchone()[0]
             conn.execute(
                 "DELETE FROM jobs WHERE project_id = ? AND status IN ('done', 'failed') AND job_id NOT IN"
                 " (SELECT job_id FROM jobs WHERE project_id = ? AND status IN ('done', 'failed')"
@@ -171,7 +194,7 @@ class SqliteJobQueue(SqliteDatabase):
 
     def job(self, job_id: str) -> Job:
         """One job by id; UnknownJobError when there is none."""
-        return self._job(self._conn(), int(job_id))
+        return self._job(self._conn(), _row_id(job_id))
 
     def jobs(self, project_id: str, *, limit: int = 50) -> list[Job]:
         """The project's jobs, newest first."""
@@ -182,10 +205,10 @@ class SqliteJobQueue(SqliteDatabase):
         return [self._job_from_row(r) for r in rows]
 
     def status(self) -> dict:
-        """Job counts per state, the last error and the last finished job (for /health and /metrics)."""
+        """Job counts per state (``queued``, ``running``, ``done``, ``failed``) in all and per lane
+        (``"lanes": {lane: {state: n}}``), the last error and the last finished job (/health, /metrics)."""
         conn = self._conn()
-        counts = dict.fromkeys(JOB_STATES, 0)
-        counts.update(dict(conn.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()))
+        counts = status_counts(conn.execute("SELECT lane, status, count(*) FROM jobs GROUP BY lane, status"))
         last_failed = conn.execute(
             "SELECT * FROM jobs WHERE status = 'failed' ORDER BY finished_at DESC LIMIT 1"
         ).fetchone()
@@ -211,6 +234,7 @@ class SqliteJobQueue(SqliteDatabase):
             job_id=str(r["job_id"]),
             project_id=r["project_id"],
             kind=r["kind"],
+            lane=r["lane"],
             payload=json.loads(r["payload_json"]),
             status=r["status"],
             attempts=r["attempts"],
@@ -224,3 +248,14 @@ class SqliteJobQueue(SqliteDatabase):
             result=json.loads(r["result_json"]) if r["result_json"] else None,
             error=r["error"],
         )
+
+
+def _row_id(job_id) -> int:
+    """A job id as the table's integer key; UnknownJobError for ids this back end never hands out."""
+    try:
+        return int(job_id)
+    except (TypeError, ValueError):
+        raise UnknownJobError(
+            f"no job has id {job_id!r}; SQLite job ids are integers such as '12' (list them with "
+            f"jobs(project_id))"
+        ) from None

@@ -1,4 +1,6 @@
-"""The worker thread that runs queued jobs inside a service process, whichever queue holds them."""
+"""The worker thread that runs one lane's queued jobs inside a service process, whichever queue holds
+them. The process runs one Worker per lane (:data:`backend.jobs.base.LANES`), so deferred pre-labels
+run beside a training job instead of behind it."""
 
 from __future__ import annotations
 
@@ -11,17 +13,17 @@ import traceback
 import uuid
 from collections.abc import Callable
 
-from .base import Job, JobQueue, LeaseLostError
+from .base import Job, JobQueue, LeaseLostError, check_lane
 
 logger = logging.getLogger(__name__)
 
-TrainHandler = Callable[[str, str, dict], dict]
+JobHandler = Callable[[str, str, dict], dict]
 
 
 class Worker:
-    """Runs queued jobs in a background thread of the service process.
+    """Runs the queued jobs of one ``lane`` in a background thread of the service process.
 
-    ``train(project_id, kind, payload) -> dict`` does the work; its dict is the job's result. While it
+    ``handler(project_id, kind, payload) -> dict`` does the work; its dict is the job's result. While it
     runs, a second thread heartbeats every ``lease_s / 3`` seconds. A handler exception fails the job with
     the error (the worker goes on); a job whose lease was lost meanwhile is left to whoever holds it now.
     Stale jobs (dead workers) are requeued at ``start()`` and every ``lease_s`` seconds after.
@@ -31,7 +33,8 @@ class Worker:
         self,
         *,
         queue: JobQueue,
-        train: TrainHandler,
+        handler: JobHandler,
+        lane: str,
         worker_id: str | None = None,
         lease_s: float = 60.0,
         poll_s: float = 2.0,
@@ -39,8 +42,9 @@ class Worker:
         if lease_s <= 0 or poll_s <= 0:
             raise ValueError(f"lease_s and poll_s must be > 0 seconds, got {lease_s} and {poll_s}")
         self.queue = queue
-        self.train = train
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.handler = handler
+        self.lane = check_lane(lane)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{lane}:{uuid.uuid4().hex[:6]}"
         self.lease_s = float(lease_s)
         self.poll_s = float(poll_s)
         self._stop = threading.Event()
@@ -52,7 +56,7 @@ class Worker:
 
     def start(self) -> None:
         """Requeue stale jobs, then poll for jobs in a daemon thread. RuntimeError if already started."""
-        if self._thread is not None and self._thread.is_alive():
+        if self.is_alive():
             raise RuntimeError(f"worker {self.worker_id} is already running; call stop() first")
         self._stop.clear()
         self._requeue()
@@ -69,6 +73,10 @@ class Worker:
             return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def is_alive(self) -> bool:
+        """True while the worker's thread runs (between ``start()`` and the end of ``stop()``)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def wake(self) -> None:
         """Look for a job now instead of at the next poll (call after enqueue)."""
@@ -95,14 +103,20 @@ class Worker:
                 self._wake.clear()
 
     def run_once(self) -> Job | None:
-        """Claim one job and run it to the end in this thread; None when no job was ready."""
-        job = self.queue.claim(self.worker_id, self.lease_s)
+        """Claim one job of this worker's lane and run it to the end in this thread; None when no job was
+        ready."""
+        job = self.queue.claim(self.worker_id, self.lease_s, lane=self.lane)
         if job is None:
             return None
         self.current = job
         beating = threading.Event()
         lost = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job, beating, lost), daemon=True)
+        beat = threading.Thread(
+            target=self._heartbeat,
+            args=(job, beating, lost),
+            name=f"osprey-heartbeat-{job.job_id}",
+            daemon=True,
+        )
         beat.start()
         started = time.perf_counter()
         try:
@@ -127,14 +141,14 @@ class Worker:
 
     def _call(self, job: Job) -> tuple[dict | None, str | None]:
         try:
-            outcome = self.train(job.project_id, job.kind, job.payload)
+            outcome = self.handler(job.project_id, job.kind, job.payload)
         except Exception as error:
             logger.error("job %s failed:\n%s", job.job_id, traceback.format_exc())
             return None, f"{type(error).__name__}: {error}"
         if outcome is not None and not isinstance(outcome, dict):
             return (
                 None,
-                f"the train handler returned {type(outcome).__name__}; expected a dict (the job's result)",
+                f"the {job.kind} handler returned {type(outcome).__name__}; expected a dict (the job's result)",
             )
         return outcome or {}, None
 

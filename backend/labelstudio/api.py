@@ -1,4 +1,5 @@
-"""Label Studio's REST API for reading a project's tasks and writing predictions (label-studio-sdk).
+"""Label Studio's REST API, the one client every part of the backend uses (label-studio-sdk): a
+project's label config and tasks, predictions written and deleted, the project's webhooks.
 
 ``LabelStudioClient`` wraps the SDK client, which exchanges a personal access token (a JWT refresh
 token) for short-lived access tokens and sends a legacy key as it is. Tasks come back as plain JSON
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
+
+from backend.errors import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class LabelStudioClient:
 
     def __init__(self, *, url: str, api_key: str, timeout_s: float = 60.0, sdk_client=None) -> None:
         if not url or not api_key:
-            raise ValueError(
+            raise SettingsError(
                 "writing predictions needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token "
                 "from Label Studio's Account & Settings page)"
             )
@@ -145,3 +148,16 @@ class LabelStudioClient:
 
     def delete_prediction(self, prediction_id: int) -> None:
         self._call(f"DELETE prediction {prediction_id}", self._sdk.predictions.delete, id=int(prediction_id))
+
+    def webhooks(self, project: str) -> list[dict]:
+        """The project's webhooks (``id``, ``project``, ``url``, ``headers``, ``actions``, ...)."""
+        found = self._call(
+            f"list the webhooks of project {project}", self._sdk.webhooks.list, project=str(project)
+        )
+        return [_plain(hook) for hook in found]
+
+    def set_webhook_headers(self, webhook_id: int, headers: dict[str, str]) -> None:
+        """Replace the extra headers Label Studio sends with webhook ``webhook_id``."""
+        self._call(
+            f"update webhook {webhook_id}", self._sdk.webhooks.update, id=int(webhook_id), headers=headers
+        )

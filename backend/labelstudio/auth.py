@@ -23,13 +23,15 @@ from collections.abc import Callable
 
 import requests
 
+from backend.errors import SettingsError
+
 logger = logging.getLogger(__name__)
 
 REFRESH_PATH = "/api/token/refresh/"
 _DEFAULT_ACCESS_LIFETIME_S = 300.0  # used when an access token carries no exp claim
 
 
-class LabelStudioAuthError(ValueError):
+class LabelStudioAuthError(SettingsError):
     """LABEL_STUDIO_API_KEY cannot be used; the message says why (it never contains the token)."""
 
 

@@ -39,8 +39,9 @@ def label_studio_id(value, where: str, *, error: type[ValueError] = RequestError
 
 
 def request_project(value, where: str = "'project'") -> str | None:
-    """A request's project reference (``7``, ``"7"``, ``"7.1731000000"`` as Label Studio sends it) as a
-    string, or None when absent; RequestError naming ``where`` for lists, floats, bools or odd characters."""
+    """A request's project reference (``7``, ``"7"``, ``"7.1731000000"`` as Label Studio sends it) as the
+    project's key ``"7"``, or None when absent; RequestError naming ``where`` for lists, floats, bools or
+    odd characters. The HTTP layer normalises here, once: everything below sees ``"7"``."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -49,12 +50,12 @@ def request_project(value, where: str = "'project'") -> str | None:
         )
     if isinstance(value, int):
         label_studio_id(value, where)
-    key = str(value).strip().split(".", 1)[0]
+    key = str(value).strip().split(".", 1)[0]  # the same rule as project_key, which refuses less politely
     if not _PROJECT_KEY.fullmatch(key):
         raise RequestError(
             f'{where} must be a Label Studio project id such as 7 or "7.1731000000", got {_shown(value)}'
         )
-    return str(value).strip()
+    return key
 
 
 def bad_task_ids(tasks: list) -> dict[int, str]:

@@ -51,6 +51,8 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps
 
+from backend.errors import InputError, SettingsError
+
 from .auth import LabelStudioAuth, LabelStudioAuthError
 
 logger = logging.getLogger(__name__)
@@ -65,9 +67,11 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 
 
-class ImageLoadError(ValueError):
-    """A task image that cannot be loaded. ``kind``: refused, not_found, auth, too_large, bad_image,
+class ImageLoadError(InputError):
+    """A task image that cannot be loaded (answered 422). ``kind``: refused, not_found, auth, too_large, bad_image,
     unreachable or upstream. Messages never contain tokens or query strings."""
+
+    status = 422
 
     def __init__(self, message: str, *, kind: str = "refused") -> None:
         super().__init__(message)
@@ -216,7 +220,9 @@ class ImageLoader:
             return None
         parts = urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"LABEL_STUDIO_URL must look like http://host:port, got {sanitize_url(url)!r}")
+            raise SettingsError(
+                f"LABEL_STUDIO_URL must look like http://host:port, got {sanitize_url(url)!r}"
+            )
         return url.strip().rstrip("/")
 
     @staticmethod
@@ -227,7 +233,7 @@ class ImageLoader:
             return host, port
         host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
         if port and not port.isdigit():
-            raise ValueError(f"allowed host {entry!r}: port {port!r} is not a number")
+            raise SettingsError(f"OSPREY_ALLOWED_IMAGE_HOSTS entry {entry!r}: port {port!r} is not a number")
         return host, int(port) if port else None
 
     # --- public API -------------------------------------------------------------------------------

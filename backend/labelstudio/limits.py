@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backend.errors import SettingsError
+
 from .rle import BadRegionError
 
 RECTANGLE_PERCENT_RANGE = (-100.0, 200.0)  # a rectangle may overhang its image by at most one image size
@@ -41,9 +43,9 @@ class PayloadLimits:
         for name in ("max_image_pixels", "max_polygon_points", "max_prompt_points", "max_regions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"OSPREY_{name.upper()} must be a positive integer, got {value!r}")
+                raise SettingsError(f"OSPREY_{name.upper()} must be a positive integer, got {value!r}")
         if self.max_polygon_points < 3:
-            raise ValueError("OSPREY_MAX_POLYGON_POINTS must be at least 3 (a polygon has three vertices)")
+            raise SettingsError("OSPREY_MAX_POLYGON_POINTS must be at least 3 (a polygon has three vertices)")
 
     def check_image_size(self, width: int, height: int) -> None:
         """Refuse a claimed ``width x height`` (positive ints) over ``max_image_pixels``."""

@@ -27,14 +27,15 @@ import cv2
 import numpy as np
 
 from backend.errors import WebhookError
+from osprey.sam.masks import rasterize_polygon  # the project's one polygon fill (pixel centres inside)
 
 from .limits import DEFAULT_LIMITS, RECTANGLE_PERCENT_RANGE, PayloadLimits
 from .rle import BadRegionError, decode_brush_rle, encode_brush_rle, image_size
+from .schema import CLICK_TYPES, REGION_TYPES
 
 logger = logging.getLogger(__name__)
 
 LABELED_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "keypointlabels")
-REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "brush", "polygon", "rectangle")
 _RASTER_ROWS = 64  # rectangles are rasterised this many rows at a time (bounded temporaries)
 
 
@@ -220,24 +221,14 @@ def polygon_to_pixels(
     return vertices
 
 
-def rasterize_polygon(vertices_xy, *, width: int, height: int) -> np.ndarray:
-    """``(H, W)`` bool mask of a polygon given as pixel vertices; boundary pixels are included."""
-    points = np.asarray(vertices_xy, dtype=np.float64).reshape(-1, 2)
-    if len(points) < 3:
-        raise BadRegionError(f"a polygon needs at least 3 vertices, got {len(points)}")
-    shift = 4  # cv2 fixed-point fraction bits: keeps sub-pixel vertex positions
-    fixed = np.round((points - 0.5) * (1 << shift)).astype(np.int32)  # pixel i's centre is i + 0.5
-    mask = np.zeros((height, width), dtype=np.uint8)
-    cv2.fillPoly(mask, [fixed], 1, lineType=cv2.LINE_8, shift=shift)
-    return mask.astype(bool)
-
-
 def mask_to_polygon_value(mask: np.ndarray, *, max_points: int = 128, tolerance_px: float = 1.0) -> dict:
     """Percent ``{points, closed: True}`` outlining the mask's largest connected component.
 
-    The outer contour (``cv2.findContours``, holes and smaller components dropped: a Label Studio
-    polygon has one ring) is simplified with ``cv2.approxPolyDP``, starting at ``tolerance_px`` and
-    loosening until at most ``max_points`` vertices remain. Vertices sit on boundary pixel centres.
+    The outer contour (holes and smaller components dropped: a Label Studio polygon has one ring) is
+    traced on the component upscaled 2x, so its vertices sit a quarter pixel inside the boundary pixels'
+    edges: read back by the pixel-centre rule (:func:`rasterize_polygon`) the unsimplified outline gives
+    exactly the component's pixels. It is then simplified with ``cv2.approxPolyDP``, starting at
+    ``tolerance_px`` and loosening until at most ``max_points`` vertices remain.
     """
     mask = np.asarray(mask) > 0
     if mask.ndim != 2 or not mask.any():
@@ -247,20 +238,21 @@ def mask_to_polygon_value(mask: np.ndarray, *, max_points: int = 128, tolerance_
     height, width = mask.shape
     _, components, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    contours, _ = cv2.findContours(
-        (components == biggest).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
-    )
+    x, y, w, h = (int(v) for v in stats[biggest, :4])
+    crop = (components[y : y + h, x : x + w] == biggest).astype(np.uint8)
+    doubled = np.pad(np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1), 1)  # a border for findContours
+    contours, _ = cv2.findContours(doubled, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     contour = max(contours, key=len)
-    epsilon, approx = tolerance_px, contour
+    epsilon, approx = 2.0 * tolerance_px, contour  # in doubled pixels
     while True:
         approx = cv2.approxPolyDP(contour, epsilon, True) if epsilon > 0 else contour
         if len(approx) <= max_points:
             break
-        epsilon = max(epsilon, 0.5) * 1.5
-    points = approx.reshape(-1, 2).astype(np.float64) + 0.5
-    if len(points) < 3:  # a one-pixel-wide component: outline its box on pixel edges instead
-        x, y, w, h = (float(v) for v in stats[biggest, :4])
-        points = np.array([(x, y), (x + w, y), (x + w, y + h), (x, y + h)])
+        epsilon = max(epsilon, 1.0) * 1.5
+    if len(approx) < 3:  # a tiny component simplified to a line: its outline as traced (>= 4 points)
+        approx = contour
+    # doubled pixel p (after the 1-pixel border) has its centre at (p - 1 + 0.5) / 2 in crop pixels
+    points = (approx.reshape(-1, 2).astype(np.float64) - 0.5) / 2.0 + (x, y)
     return {
         "points": [[float(px / width * 100), float(py / height * 100)] for px, py in points],
         "closed": True,
@@ -301,7 +293,7 @@ class AnnotatorInput:
         return np.logical_or.reduce(masks) if masks else None
 
 
-CONTEXT_TYPES = ("keypointlabels", "keypoint", *REGION_TYPES)
+CONTEXT_TYPES = (*CLICK_TYPES, *REGION_TYPES)
 
 
 def parse_context(

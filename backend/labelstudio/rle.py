@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from backend.errors import InputError
+
 _HEADER_BYTES = 7  # 32-bit value count, 5-bit word size - 1, four 4-bit run-length sizes - 1 (53 bits)
 _MAX_VALUES = 2**32 - 1  # the header counts values in 32 bits
 _WINDOW_BITS = 1 << 16  # run headers are searched this many bit positions at a time
@@ -24,15 +26,15 @@ _COARSE_LEVELS = 3  # pointer doubling levels before the chain is walked (every 
 _PIXEL_CHUNK = 1 << 20  # literal words read this many at a time
 
 
-class BadRegionError(ValueError):
+class BadRegionError(InputError):
     """Region data from Label Studio that cannot be used; the message says what was wrong."""
 
 
 def image_size(width: int, height: int) -> tuple[int, int]:
-    """``(width, height)`` as ints; ValueError unless both are positive integers."""
+    """``(width, height)`` as ints; BadRegionError unless both are positive integers."""
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
+            raise BadRegionError(f"{name} must be a positive integer number of pixels, got {value!r}")
     return int(width), int(height)
 
 

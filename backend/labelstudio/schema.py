@@ -35,6 +35,8 @@ import re
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 
+from backend.errors import InputError, RequestError
+
 from .roles import TagRole, tag_roles
 
 logger = logging.getLogger(__name__)
@@ -62,9 +64,10 @@ _FIELD_TAG_TYPES = {
 }
 _SINGLE_LABEL_FIELDS = {"category", "part"}
 
-# Output region tools in order of preference: masks first, then polygons, then boxes.
-_OUTPUT_TOOLS = ("brushlabels", "polygonlabels", "rectanglelabels", "brush", "polygon", "rectangle")
-_CLICK_TOOLS = ("keypointlabels", "keypoint")
+# The result types that carry a region (an area), in order of preference as the output tool: masks
+# first, then polygons, then boxes. Every module that asks "is this item a region?" uses this list.
+REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "brush", "polygon", "rectangle")
+CLICK_TYPES = ("keypointlabels", "keypoint")
 _CANONICAL_TAG = {
     "brushlabels": "BrushLabels",
     "polygonlabels": "PolygonLabels",
@@ -79,8 +82,10 @@ _CANONICAL_TAG = {
 }
 
 
-class SchemaError(ValueError):
-    """The label config cannot be served; the message says why and how to fix the XML."""
+class SchemaError(InputError):
+    """The label config cannot be served (answered 422); the message says why and how to fix the XML."""
+
+    status = 422
 
 
 @dataclass
@@ -157,6 +162,19 @@ class ProjectSchema:
     def interactive(self) -> bool:
         """True when some tool on the image has ``smart="true"`` (Label Studio then sends context)."""
         return any(tool.smart for tool in [self.output_tool, *self.click_tools, *self.extra_tools])
+
+    def image_reference(self, task) -> str:
+        """The task's image reference (URL, upload path or data URI) under the Image tag's value;
+        RequestError naming the key when the task has none."""
+        data = task.get("data") if isinstance(task, dict) else None
+        if not isinstance(data, dict):
+            raise RequestError("each task must be an object with a 'data' object")
+        reference = data.get(self.image_data_key)
+        if not isinstance(reference, str) or not reference:
+            raise RequestError(
+                f"task data has no image under '{self.image_data_key}' (the Image tag's value)"
+            )
+        return reference
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,7 +311,7 @@ def _find_image(interface, controls) -> tuple[str, str]:
             "the label config has no <Image> tag; the backend labels image regions, add "
             '<Image name="image" value="$image"/>'
         )
-    region_types = set(_OUTPUT_TOOLS) | set(_CLICK_TOOLS)
+    region_types = set(REGION_TYPES) | set(CLICK_TYPES)
     used = [
         image
         for image in images
@@ -320,7 +338,7 @@ def _find_image(interface, controls) -> tuple[str, str]:
 
 def _region_tool(control, image_name: str) -> RegionTool | None:
     tag = (control.tag or "").lower()
-    if tag not in _OUTPUT_TOOLS and tag not in _CLICK_TOOLS:
+    if tag not in REGION_TYPES and tag not in CLICK_TYPES:
         return None
     return RegionTool(
         from_name=control.name,
@@ -339,10 +357,10 @@ def _is_smart(control) -> bool:
 
 
 def _split_tools(tools: list[RegionTool], image_name: str, warnings: list[str]):
-    clicks = [tool for tool in tools if tool.result_type in _CLICK_TOOLS]
+    clicks = [tool for tool in tools if tool.result_type in CLICK_TYPES]
     outputs = sorted(
-        (tool for tool in tools if tool.result_type in _OUTPUT_TOOLS),
-        key=lambda tool: _OUTPUT_TOOLS.index(tool.result_type),
+        (tool for tool in tools if tool.result_type in REGION_TYPES),
+        key=lambda tool: REGION_TYPES.index(tool.result_type),
     )
     if not outputs:
         raise SchemaError(

@@ -34,15 +34,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from functools import lru_cache
 
 from backend.acceptance.comparison import compare_annotation
-from backend.errors import WebhookError
+from backend.errors import InputError, WebhookError, internal_error
 from backend.jobs import JobQueue
 from backend.labelstudio.ids import MAX_ID, label_studio_id, project_key
 from backend.labelstudio.limits import DEFAULT_LIMITS, PayloadLimits
 from backend.labelstudio.results import annotation_timestamp
-from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_label_config
+from backend.labelstudio.schema import ProjectSchema, parse_label_config
 
 from .store import AnnotationRecord, RegionRecord, TrainingStore, compare_versions
 
@@ -62,7 +61,7 @@ def handle_webhook(
     label_config_for: Callable[[str], str | None],
     queue: JobQueue,
     train_every: int | None = None,
-    field_map: dict[str, str] | None = None,
+    schema_for: Callable[[str], ProjectSchema] = parse_label_config,
     limits: PayloadLimits = DEFAULT_LIMITS,
 ) -> dict:
     """Persist one Label Studio webhook event; returns ``{"status", "action", ...}``.
@@ -72,7 +71,8 @@ def handle_webhook(
     and ``skipped`` (unusable regions, with reasons). ``train`` is True when a training job was queued
     (START_TRAINING, or the project's new region labels crossed a multiple of ``train_every``) and
     ``job_id`` names it. Jobs go to ``queue`` (either back end of :mod:`backend.jobs`).
-    The label config comes from ``payload["project"]["label_config"]``, else ``label_config_for(project_id)``.
+    The label config comes from ``payload["project"]["label_config"]``, else ``label_config_for(project_id)``,
+    and is read by ``schema_for`` (the process's schema cache; parsed afresh by default).
     Regions past ``limits`` (claimed image size, polygon vertices, regions per annotation) are not
     decoded: they are listed under ``skipped`` with the reason. Raises WebhookError (a ValueError) for a
     malformed payload, naming the field.
@@ -84,7 +84,7 @@ def handle_webhook(
     if not isinstance(action, str) or not action:
         raise WebhookError("the webhook body has no 'action' string (e.g. 'ANNOTATION_CREATED')")
     if action in ANNOTATION_EVENTS:
-        out = _annotation_event(store, payload, label_config_for, field_map, train_every, queue, limits)
+        out = _annotation_event(store, payload, label_config_for, schema_for, train_every, queue, limits)
     elif action in DELETE_EVENTS:
         out = _delete_event(store, payload)
     elif action == "TASKS_DELETED":
@@ -112,7 +112,7 @@ def reparse_unparsed(
     *,
     queue: JobQueue,
     train_every: int | None = None,
-    field_map: dict[str, str] | None = None,
+    schema_for: Callable[[str], ProjectSchema] = parse_label_config,
     limits: PayloadLimits = DEFAULT_LIMITS,
 ) -> int:
     """Parse the annotations kept raw while the project's config was unknown; returns how many."""
@@ -121,7 +121,7 @@ def reparse_unparsed(
         raw = {**raw, "project": {"id": project_key(project_id), "label_config": label_config}}
         out = handle_webhook(
             store, raw, label_config_for=lambda _: label_config, train_every=train_every, queue=queue,
-            field_map=field_map, limits=limits,
+            schema_for=schema_for, limits=limits,
         )  # fmt: skip
         done += out["status"] in ("stored", "cancelled")
     return done
@@ -156,11 +156,6 @@ def _hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
-@lru_cache(maxsize=32)
-def _schema(label_config: str, field_map: tuple[tuple[str, str], ...]) -> ProjectSchema:
-    return parse_label_config(label_config, field_map=dict(field_map))
-
-
 def _delete_event(store: TrainingStore, payload: dict) -> dict:
     if isinstance(payload.get("annotations"), list):
         ids = _ids(payload, "annotations")
@@ -177,7 +172,7 @@ def _delete_event(store: TrainingStore, payload: dict) -> dict:
     }
 
 
-def _annotation_event(store, payload, label_config_for, field_map, train_every, queue, limits) -> dict:
+def _annotation_event(store, payload, label_config_for, schema_for, train_every, queue, limits) -> dict:
     annotation = payload.get("annotation")
     if not isinstance(annotation, dict):
         raise WebhookError(
@@ -224,8 +219,8 @@ def _annotation_event(store, payload, label_config_for, field_map, train_every, 
         )
     else:
         try:
-            schema = _schema(config, tuple(sorted((field_map or {}).items())))
-        except SchemaError as error:
+            schema = schema_for(config)
+        except InputError as error:  # SchemaError, or the schema cache's UnprocessableError
             raise WebhookError(f"project {project}'s label config cannot be read: {error}") from None
         _fill(record, store, schema, result, data, skipped, limits)
     written = store.write_annotation(record)
@@ -284,3 +279,70 @@ def _fill(
             )
         )  # fmt: skip
     record.outcomes += comparison.outcomes
+
+
+class Intake:
+    """What ``/webhook`` and ``/setup`` hand to the retraining loop.
+
+    Collaborators: ``store`` and ``queue``; ``projects`` (``label_config``, ``remember``, ``schema_for``);
+    ``flush()`` waits until recorded predictions are in the store (an annotation is compared with the
+    prediction it started from); ``count(key, n)`` counts outcomes for ``/metrics``; ``lora_enabled``
+    queues a LoRA job with every training job; ``wake()`` makes the training worker look for a job now;
+    ``submit(fn, *args)`` runs housekeeping in the runtime's background thread."""
+
+    def __init__(
+        self,
+        *,
+        store: TrainingStore,
+        queue: JobQueue,
+        projects,
+        flush: Callable[[], None],
+        count: Callable[[str, int], None],
+        submit: Callable,
+        wake: Callable[[], None] = lambda: None,
+        train_every: int | None = None,
+        lora_enabled: bool = False,
+        limits: PayloadLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.store, self.queue, self.projects = store, queue, projects
+        self.flush, self.count, self.submit, self.wake = flush, count, submit, wake
+        self.train_every = train_every or None
+        self.lora_enabled = lora_enabled
+        self.limits = limits
+
+    def receive(self, action: str, payload: dict) -> dict:
+        """Persist one webhook event (see :func:`handle_webhook`) and queue training when it says so."""
+        self.flush()
+        project = payload.get("project")
+        if (
+            isinstance(project, dict)
+            and isinstance(project.get("label_config"), str)
+            and project.get("id") is not None
+        ):
+            self.projects.remember(project_key(project["id"]), project["label_config"])
+        outcome = handle_webhook(
+            self.store, payload, label_config_for=self.projects.label_config, train_every=self.train_every,
+            queue=self.queue, schema_for=self.projects.schema_for, limits=self.limits,
+        )  # fmt: skip
+        self.count(f"webhook {action} {outcome.get('status')}", 1)
+        if outcome.get("train"):
+            if self.lora_enabled:
+                outcome["lora_job_id"] = self.queue.enqueue(_project_id(payload), "lora", {"reason": action})
+            self.wake()
+        return outcome
+
+    def configured(self, project: str, label_config: str) -> None:
+        """``/setup`` brought ``project``'s label config: annotations stored before it was known are
+        parsed in the background (``/setup`` has 3 s)."""
+        if self.store.count_unparsed(project):
+            self.submit(self._reparse, project, label_config)
+
+    def _reparse(self, project: str, label_config: str) -> None:
+        try:
+            done = reparse_unparsed(
+                self.store, project, label_config, queue=self.queue, train_every=self.train_every,
+                schema_for=self.projects.schema_for, limits=self.limits,
+            )  # fmt: skip
+            logger.info("project %s: parsed %d annotations stored before its label config", project, done)
+        except Exception:
+            internal_error(logger, f"parsing project {project}'s stored annotations")

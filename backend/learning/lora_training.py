@@ -44,26 +44,42 @@ def region_example(region, rgb, mask) -> RegionExample:
 
 
 class LoraJob:
-    """The ``lora`` job handler: ``job(project_id) -> dict``."""
+    """The ``lora`` job handler: ``job(project_id) -> dict``.
+
+    Collaborators: ``osprey_model`` (the ``OSPREY_MODEL`` the job loads its own copy of) and ``served``
+    (the served Osprey, whose device and dtype the copy takes), ``store``, ``registry``, ``loader``,
+    ``projects`` (a project's ``schema``), ``base_version`` and ``step_session()``: the GPU for one
+    training step at background priority."""
 
     def __init__(
         self,
         *,
-        service,
+        osprey_model: str,
+        served,
+        store,
+        registry,
+        loader,
+        projects,
+        base_version: str,
         settings: LoraSettings | None = None,
         min_examples: int = 5,
         step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
-        self.service = service
+        self.osprey_model = osprey_model
+        self.served = served
+        self.store = store
+        self.registry = registry
+        self.loader = loader
+        self.projects = projects
+        self.base_version = base_version
         self.settings = settings or LoraSettings()
         self.min_examples = min_examples
         self.step_session = step_session  # each training step shares the GPU at the lowest priority
 
     def __call__(self, project_id: str) -> dict:
-        service = self.service
-        schema = service.project_schema(project_id)
+        schema = self.projects.schema(project_id)
         label_sets = {spec.field: tuple(spec.labels) for spec in schema.fields if spec.labels}
-        regions = service.store.accepted_regions(project_id)
+        regions = self.store.accepted_regions(project_id)
         if len(regions) < self.min_examples:
             return {
                 "status": "skipped",
@@ -74,7 +90,7 @@ class LoraJob:
         held_out = {id(r): flag for r, flag in zip(regions, flags, strict=True)}
         skipped = SkipReport()
         train, test = [], []
-        for image in usable_regions(regions, service.loader, skipped):
+        for image in usable_regions(regions, self.loader, skipped):
             for region, mask in zip(image.regions, image.masks, strict=True):
                 (test if held_out[id(region)] else train).append(region_example(region, image.rgb, mask))
         skipped.log(project_id, "lora", len(regions))
@@ -98,12 +114,10 @@ class LoraJob:
                 "skipped_examples": skipped.as_dict(),
             }
 
-        current = service.registry.current(project_id)
-        current_dir = service.registry.path(project_id, current.version) if current else None
+        current = self.registry.current(project_id)
+        current_dir = self.registry.path(project_id, current.version) if current else None
         copy = Osprey.from_pretrained(
-            service.settings.osprey_model,
-            device=service.models.osprey.device,
-            dtype=service.models.osprey.model.dtype,
+            self.osprey_model, device=self.served.device, dtype=self.served.model.dtype
         )
         try:
             if current_dir is not None and (current_dir / "lora").is_dir():
@@ -128,8 +142,8 @@ class LoraJob:
                 }
 
             kind = "head+lora" if current_dir is not None and (current_dir / "head").is_dir() else "lora"
-            info = service.registry.create(
-                project_id, kind=kind, base_model_version=service.models.version, write=write,
+            info = self.registry.create(
+                project_id, kind=kind, base_model_version=self.base_version, write=write,
                 parent=current.version if current else None,
             )  # fmt: skip
         finally:
@@ -140,7 +154,7 @@ class LoraJob:
         promote = new_loss <= served_loss
         reason = f"held-out answer loss {served_loss:.4f} -> {new_loss:.4f}"
         if promote:
-            service.registry.promote(project_id, info.version, reason=reason)
+            self.registry.promote(project_id, info.version, reason=reason)
         return {
             "status": "promoted" if promote else "not promoted",
             "version": info.version,

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from backend.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -56,7 +58,7 @@ class VersionInfo:
         return f"{self.base_model_version}+p{self.project}-{self.version}"
 
 
-class RegistryError(ValueError):
+class RegistryError(InputError):
     """A registry operation was asked for something that does not exist or is not allowed."""
 
 

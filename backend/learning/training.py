@@ -21,7 +21,7 @@ import numpy as np
 
 from backend.labelstudio.schema import ProjectSchema
 from osprey.inference.fields import LabelRequest
-from osprey.learning.head import FastHead, FieldSpec, HeadTrainer, blend
+from osprey.learning.head import FastHead, HeadField, HeadTrainer, blend_labels, closed_set_probs
 from osprey.learning.region_features import feature_layout, region_features
 
 from .examples import SkipReport, usable_regions
@@ -33,37 +33,25 @@ logger = logging.getLogger(__name__)
 CLOSED_FIELDS = ("category", "part", "attributes")
 
 
-def head_fields(schema: ProjectSchema) -> list[FieldSpec]:
+def head_fields(schema: ProjectSchema) -> list[HeadField]:
     """The project's closed-set fields, with their label sets, as the head sees them."""
     out = []
     for spec in schema.fields:
         if spec.field in CLOSED_FIELDS and spec.is_closed_set and spec.labels:
             out.append(
-                FieldSpec(name=spec.field, labels=tuple(spec.labels), multi_label=spec.field == "attributes")
+                HeadField(name=spec.field, labels=tuple(spec.labels), multi_label=spec.field == "attributes")
             )
     return out
 
 
-def blended_answers(osprey_out, head_probs: dict, head: FastHead | None) -> dict:
-    """Field -> {label: probability} served for one region: Osprey's, blended with the head's."""
-    served = {}
-    for name in ("category", "part"):
-        answer = getattr(osprey_out, name, None)
-        if answer is not None and hasattr(answer, "scores"):
-            served[name] = dict(answer.scores)
-    if osprey_out.attributes:
-        served["attributes"] = dict(osprey_out.attributes)
-    if head is None:
-        return served
-    for name, probs in served.items():
-        if name in head_probs and set(head_probs[name]) == set(probs):
-            served[name] = blend(
-                probs, head_probs[name], head.n_train.get(name, 0), multi_label=name == "attributes"
-            )
-    return served
+def served_probs(model_answer, head_probs: dict, head: FastHead | None) -> dict:
+    """Field -> {label: probability} served for one region: the model's answer blended with the head's
+    probabilities by the rule serving uses (:func:`osprey.learning.head.blend_labels`)."""
+    labels = blend_labels(model_answer, head_probs, head.n_train) if head is not None else model_answer
+    return closed_set_probs(labels)
 
 
-def served_metrics(answers: list[dict], truths: list[dict], fields: list[FieldSpec]) -> dict[str, float]:
+def served_metrics(answers: list[dict], truths: list[dict], fields: list[HeadField]) -> dict[str, float]:
     """``<field>_accuracy`` for category/part (argmax), ``attributes_accuracy`` (each attribute at 0.5)."""
     metrics = {}
     for spec in fields:
@@ -82,7 +70,7 @@ def served_metrics(answers: list[dict], truths: list[dict], fields: list[FieldSp
     return metrics
 
 
-def label_request(fields: list[FieldSpec]) -> LabelRequest:
+def label_request(fields: list[HeadField]) -> LabelRequest:
     """What Osprey is asked for the project's closed-set fields."""
     by_name = {f.name: f for f in fields}
     return LabelRequest(
@@ -100,41 +88,57 @@ class Example:
 
 
 class ProjectTrainer:
-    """The job handler (``backend.jobs.redis_queue.Worker`` calls it): ``trainer(project, kind, payload) -> dict``."""
+    """The training lane's job handler: ``trainer(project, kind, payload) -> dict`` for ``train`` (a fast
+    head) and ``lora`` (delegated to ``lora``, a :class:`~backend.learning.lora_training.LoraJob`).
+
+    Collaborators: ``osprey`` (the served model: region features and what is served now), ``store``
+    (accepted regions), ``registry`` (versions), ``loader`` (task images), ``projects`` (``schema`` and
+    ``head`` of a project), ``base_version`` (the loaded models' ``model_version``) and ``session(project)``,
+    the served model for one step at background priority with the project's adapter."""
 
     def __init__(
         self,
         *,
-        service,
+        osprey,
+        store,
+        registry,
+        loader,
+        projects,
+        base_version: str,
+        session: Callable[[str], contextlib.AbstractContextManager] = lambda project: (
+            contextlib.nullcontext()
+        ),
+        lora: LoraJob | None = None,
         min_examples: int = 5,
         tolerance: float = 0.0,
-        session: Callable[[str], contextlib.AbstractContextManager] | None = None,
-        step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
-        self.service = service  # OspreyService: models, store, registry, loader, label configs
+        self.osprey = osprey
+        self.store = store
+        self.registry = registry
+        self.loader = loader
+        self.projects = projects
+        self.base_version = base_version
+        self.session = session
+        self.lora = lora
         self.min_examples = min_examples
         self.tolerance = tolerance
-        # the served model, one step at a time with the project's adapter (the service's scheduler)
-        self.session = session or (lambda project: contextlib.nullcontext())
-        self.step_session = step_session  # the LoRA job's own model copy: GPU time, no adapter
 
     def __call__(self, project_id: str, kind: str, payload: dict) -> dict:
         if kind == "train":
             return self.train_head(project_id)
         if kind == "lora":
-            return LoraJob(
-                service=self.service, min_examples=self.min_examples, step_session=self.step_session
-            )(project_id)
+            if self.lora is None:
+                raise RuntimeError("a lora job reached a process with LoRA training off (OSPREY_LORA=false)")
+            return self.lora(project_id)
         raise ValueError(f"unknown job kind {kind!r}; expected 'train' or 'lora'")
 
     def train_head(self, project_id: str) -> dict:
-        service = self.service
-        schema = service.project_schema(project_id)
+        schema = self.projects.schema(project_id)
         fields = head_fields(schema)
         if not fields:
             return {"status": "skipped", "reason": "the label config has no closed-set field to learn"}
         regions = [
-            r for r in service.store.accepted_regions(project_id) if any(r.fields.get(f.name) for f in fields)
+            r for r in self.store.accepted_regions(project_id) if any(r.fields.get(f.name) for f in fields)
         ]
         if len(regions) < self.min_examples:
             return {
@@ -153,17 +157,15 @@ class ProjectTrainer:
                 "skipped_examples": skipped.as_dict(),
             }
         labels = {f.name: [examples[i].truth.get(f.name) for i in train] for f in fields}
-        head = HeadTrainer(fields=fields, layout=feature_layout(service.models.osprey)).fit(
-            features[train], labels
-        )
-        current = service.current_head(project_id)
+        head = HeadTrainer(fields=fields, layout=feature_layout(self.osprey)).fit(features[train], labels)
+        current = self.projects.head(project_id)
         candidate_metrics, current_metrics = self._compare(
             examples, features, served_now, test, fields, head, current
         )
         promote, reason = not_worse(candidate_metrics, current_metrics, tolerance=self.tolerance)
 
-        parent = service.registry.current(project_id)
-        parent_dir = service.registry.path(project_id, parent.version) if parent else None
+        parent = self.registry.current(project_id)
+        parent_dir = self.registry.path(project_id, parent.version) if parent else None
         keep_lora = parent_dir is not None and (parent_dir / "lora").is_dir()
 
         def write(folder):
@@ -177,13 +179,13 @@ class ProjectTrainer:
                 "notes": f"served now: {current_metrics}; {reason}; skipped regions: {skipped.total}",
             }
 
-        info = service.registry.create(
-            project_id, kind="head+lora" if keep_lora else "head", base_model_version=service.models.version,
+        info = self.registry.create(
+            project_id, kind="head+lora" if keep_lora else "head", base_model_version=self.base_version,
             write=write,
             parent=parent.version if parent else None,
         )  # fmt: skip
         if promote:
-            service.registry.promote(project_id, info.version, reason=reason)
+            self.registry.promote(project_id, info.version, reason=reason)
         logger.info(
             "project %s: %s %s (%s)",
             project_id,
@@ -207,12 +209,12 @@ class ProjectTrainer:
         """``(N, F)`` features of the N usable regions, their examples, and for each held-out one (by
         example index) what is served now: Osprey with the project's adapter. Each image is loaded
         once; the held-out split is drawn over all ``regions``, so a skipped region moves no other."""
-        osprey = self.service.models.osprey
+        osprey = self.osprey
         request = label_request(fields)
         flags = heldout_flags([(r.task_id, r.annotation_id) for r in regions])
         held_out = {id(r): flag for r, flag in zip(regions, flags, strict=True)}
         rows, examples, served_now = [], [], {}
-        for image in usable_regions(regions, self.service.loader, skipped):
+        for image in usable_regions(regions, self.loader, skipped):
             with self.session(project_id):
                 rows.append(region_features(osprey, image.rgb, image.masks))
             tests = [i for i, region in enumerate(image.regions) if held_out[id(region)]]
@@ -231,12 +233,10 @@ class ProjectTrainer:
     def _compare(self, examples, features, served_now, test, fields, head, current):
         truths = [examples[i].truth for i in test]
         new_probs = head.label_probs(features[test])
-        candidate = [blended_answers(served_now[i], p, head) for i, p in zip(test, new_probs, strict=True)]
+        candidate = [served_probs(served_now[i], p, head) for i, p in zip(test, new_probs, strict=True)]
         if current is not None and current.compatible_with(head.layout):
             old_probs = current.label_probs(features[test])
-            served = [
-                blended_answers(served_now[i], p, current) for i, p in zip(test, old_probs, strict=True)
-            ]
+            served = [served_probs(served_now[i], p, current) for i, p in zip(test, old_probs, strict=True)]
         else:
-            served = [blended_answers(served_now[i], {}, None) for i in test]
+            served = [served_probs(served_now[i], {}, None) for i in test]
         return served_metrics(candidate, truths, fields), served_metrics(served, truths, fields)

@@ -1,10 +1,11 @@
-"""Batch ``/predict`` within Label Studio's deadline, and the pre-label jobs that finish the rest.
+"""A batch ``/predict`` answered within Label Studio's deadline.
 
-A *Retrieve Predictions* of any size is answered within ``OSPREY_PREDICT_BUDGET_S``: tasks are predicted
-by the pre-label engine in cross-task batches sized to the time left (from the measured seconds per
-task), and the tasks that do not fit are deferred to a ``prelabel-*`` job (see
-:mod:`backend.prelabel.deferral`) whose predictions go through Label Studio's API. Tasks that fail
-(image gone, bad data) get no ``result`` either, so Label Studio stores nothing that would block them.
+Label Studio's *Retrieve Predictions* sends every selected task in one call and stores nothing when
+the call outlives ``ML_TIMEOUT_PREDICT``. So tasks are predicted in cross-task batches sized to the
+time left of ``OSPREY_PREDICT_BUDGET_S`` (from the measured seconds per task), and the tasks that do not
+fit are handed to a ``deferral`` (a background pre-label job that writes them through Label Studio's
+API). Tasks that fail (image gone, bad data) or are deferred get no ``result``, so Label Studio stores
+nothing that would block them, while the answer keeps one entry per task.
 """
 
 from __future__ import annotations
@@ -12,52 +13,55 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Protocol
 
-from backend.labelstudio.api import LabelStudioClient
+from backend.errors import InputError
 from backend.labelstudio.schema import ProjectSchema
-from backend.prelabel.deferral import Progress, defer, deferred_task_ids
-from backend.prelabel.engine import PrelabelEngine, prelabel
-from backend.runtime.scheduler import BATCH
+
+from .tasks import TaskPredictor, TaskResult
 
 logger = logging.getLogger(__name__)
 
 
-class BatchPredictor:
-    """The batch half of the service: ``predict`` for ``/predict`` without a context, ``run_job`` for
-    the worker's pre-label jobs. ``service`` is the :class:`~backend.runtime.runtime.OspreyService`."""
+class Deferral(Protocol):
+    """Where the tasks that do not fit go: ``waiting(project)`` are the ids already in a job;
+    ``defer(...)`` queues tasks and returns the job id, or None when nothing can write them later
+    (no Label Studio API access)."""
 
-    def __init__(self, *, service) -> None:
-        self.service = service
-        self.settings = service.settings
+    def waiting(self, project: str) -> set[int]: ...
+    def defer(
+        self, project: str, tasks: list[dict], *, label_config: str, model_version: str
+    ) -> str | None: ...
+
+
+class BatchPredictor:
+    """``predict`` answers one batch ``/predict``.
+
+    ``tasks_for(project)`` gives a :class:`TaskPredictor` working at batch priority for the project;
+    ``record(project, task_id, version, items)`` keeps what was predicted; ``count(key, n)`` counts
+    outcomes for ``/metrics``; ``budget_s`` is ``OSPREY_PREDICT_BUDGET_S`` and ``max_batch_tasks``
+    ``OSPREY_PRELABEL_BATCH_TASKS``."""
+
+    def __init__(
+        self,
+        *,
+        tasks_for: Callable[[str | None], TaskPredictor],
+        deferral: Deferral,
+        record: Callable[..., None],
+        count: Callable[[str, int], None],
+        budget_s: float,
+        max_batch_tasks: int,
+    ) -> None:
+        self.tasks_for = tasks_for
+        self.deferral = deferral
+        self.record = record
+        self.count = count
+        self.budget_s = budget_s
+        self.max_batch_tasks = max_batch_tasks
         self._task_seconds: float | None = None  # moving average of one task's prediction time
         self._lock = threading.Lock()
-        self._client: LabelStudioClient | None = None
-        self.progress: dict[str, Progress] = {}
 
-    # ---- the engine, one step at a time at batch priority ----
-    def engine(self, project: str | None) -> PrelabelEngine:
-        service = self.service
-        return PrelabelEngine(
-            models=service.models,
-            loader=service.loader,
-            options=service.options,
-            batch_tasks=self.settings.prelabel_batch_tasks,
-            model_session=lambda: service.model_session(project, BATCH),
-            courtesy=lambda: service.scheduler.courtesy(BATCH),
-        )
-
-    def client(self) -> LabelStudioClient | None:
-        """The Label Studio API client, or None without ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``."""
-        if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
-            return None
-        with self._lock:
-            if self._client is None:
-                self._client = LabelStudioClient(
-                    url=self.settings.label_studio_url, api_key=self.settings.label_studio_api_key
-                )
-            return self._client
-
-    # ---- /predict without a context ----
     def predict(
         self,
         tasks: list,
@@ -68,41 +72,38 @@ class BatchPredictor:
         version: str,
         head,
     ) -> dict:
+        """``{"results": [one per task, in order], "errors": [...]}`` within the budget."""
         started = time.monotonic()
         results: list[dict | None] = [None] * len(tasks)
         errors: list[dict] = []
-        waiting = deferred_task_ids(self.service.queue, project) if project else set()
+        waiting = self.deferral.waiting(project) if project else set()
         todo = []
         for index, task in enumerate(tasks):
-            problem = _task_problem(task, schema)
-            if problem is not None:
-                results[index] = _no_result(version)
-                errors.append(
-                    {
-                        "index": index,
-                        "task": task.get("id") if isinstance(task, dict) else None,
-                        "error": problem,
-                    }
-                )
-            elif task.get("id") in waiting:
-                results[index] = _no_result(version)  # its pre-label job will write it
+            try:
+                schema.image_reference(task)
+            except InputError as problem:
+                results[index] = no_result(version)
+                errors.append({"index": index, "task": task.get("id") if isinstance(task, dict) else None,
+                               "error": str(problem)})  # fmt: skip
+                continue
+            if task.get("id") in waiting:
+                results[index] = no_result(version)  # its pre-label job will write it
             else:
                 todo.append((index, task))
-        engine, position = self.engine(project), 0
+        predictor, position = self.tasks_for(project), 0
         while position < len(todo):
-            size = self._batch_size(self.settings.predict_budget_s - (time.monotonic() - started))
+            size = self._batch_size(self.budget_s - (time.monotonic() - started))
             if size == 0:
                 break
             batch = todo[position : position + size]
             began = time.monotonic()
-            outcomes = engine.predict([task for _, task in batch], schema, head=head)
+            outcomes = predictor.predict([task for _, task in batch], schema, head=head)
             self._observe((time.monotonic() - began) / len(batch))
             self._answer(batch, outcomes, results, errors, project, version)
             position += size
-        rest = [task for _, task in todo[position:]]
-        if rest:
+        if position < len(todo):
             self._defer_or_run(
-                rest, todo[position:], results, errors, schema, label_config, project, version, head
+                todo[position:], predictor, results, errors, schema, label_config, project, version, head
             )
         out: dict = {"results": results}
         if errors:
@@ -110,51 +111,53 @@ class BatchPredictor:
         return out
 
     def _defer_or_run(
-        self, rest, entries, results, errors, schema, label_config, project, version, head
+        self, entries, predictor, results, errors, schema, label_config, project, version, head
     ) -> None:
-        if project is None or self.client() is None or any(not isinstance(t.get("id"), int) for t in rest):
-            # nowhere to write them later: finish them now, past the budget (Label Studio may time out)
+        rest = [task for _, task in entries]
+        job_id = None
+        if project is not None and all(isinstance(t.get("id"), int) for t in rest):
+            job_id = self.deferral.defer(project, rest, label_config=label_config, model_version=version)
+        if job_id is None:  # nowhere to write them later: finish them now, past the budget
             logger.warning(
                 "%d tasks do not fit OSPREY_PREDICT_BUDGET_S=%s and cannot be deferred (%s); predicting them now",
-                len(rest), self.settings.predict_budget_s,
+                len(rest), self.budget_s,
                 "no project id" if project is None else "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY",
             )  # fmt: skip
-            outcomes = self.engine(project).predict(rest, schema, head=head)
-            self._answer(entries, outcomes, results, errors, project, version)
+            self._answer(
+                entries, predictor.predict(rest, schema, head=head), results, errors, project, version
+            )
             return
-        job_id = defer(self.service.queue, project, rest, label_config=label_config, model_version=version)
         for index, _ in entries:
-            results[index] = _no_result(version)
-        self.service.count("tasks deferred", len(rest))
+            results[index] = no_result(version)
+        self.count("tasks deferred", len(rest))
         logger.info(
             "project %s: %d of the batch's tasks deferred to pre-label job %s (budget %.0f s)",
-            project, len(rest), job_id, self.settings.predict_budget_s,
+            project, len(rest), job_id, self.budget_s,
         )  # fmt: skip
-        self.service.worker.wake()
 
-    def _answer(self, entries, outcomes, results, errors, project, version) -> None:
-        """Fill the batch's answers (and errors) for ``entries`` = ``[(index, task)]`` from the engine."""
-        for (index, task), outcome in zip(entries, outcomes, strict=True):
+    def _answer(self, entries, outcomes: list[TaskResult], results, errors, project, version) -> None:
+        """Fill the batch's answers (and errors) for ``entries`` = ``[(index, task)]``."""
+        for (index, _), outcome in zip(entries, outcomes, strict=True):
             if outcome.status == "predicted":
                 results[index] = {"result": outcome.result, "score": outcome.score, "model_version": version}
-                self.service.record_prediction(project, task, version, outcome.result)
-                self.service.count("tasks ok")
+                self.record(project, outcome.task_id, version, outcome.result)
+                self.count("tasks ok", 1)
             else:
-                results[index] = _no_result(version)
+                results[index] = no_result(version)
                 errors.append({"index": index, "task": outcome.task_id, "error": outcome.reason})
                 logger.warning("task %s got no prediction: %s", outcome.task_id, outcome.reason)
-                self.service.count("tasks failed")
+                self.count("tasks failed", 1)
 
     def _batch_size(self, remaining_s: float) -> int:
         """How many tasks to start with ``remaining_s`` of the budget left: one while nothing is measured,
-        then as many as the measured time per task allows (at most ``OSPREY_PRELABEL_BATCH_TASKS``)."""
+        then as many as the measured time per task allows (at most ``max_batch_tasks``)."""
         if remaining_s <= 0:
             return 0
         with self._lock:
             per_task = self._task_seconds
         if per_task is None:
             return 1
-        return max(0, min(self.settings.prelabel_batch_tasks, int(remaining_s // max(per_task, 1e-3))))
+        return max(0, min(self.max_batch_tasks, int(remaining_s // max(per_task, 1e-3))))
 
     def _observe(self, seconds_per_task: float) -> None:
         with self._lock:
@@ -163,48 +166,7 @@ class BatchPredictor:
                 seconds_per_task if previous is None else 0.7 * previous + 0.3 * seconds_per_task
             )
 
-    # ---- the worker's pre-label jobs ----
-    def run_job(self, project: str, kind: str, payload: dict) -> dict:
-        """Predict a deferred batch's tasks and write them through Label Studio's API."""
-        client = self.client()
-        if client is None:
-            raise RuntimeError(
-                "a pre-label job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to write predictions"
-            )
-        service = self.service
-        schema = service.schema_for(payload["label_config"])
-        tasks = list(client.tasks(int(project), ids=payload.get("task_ids", []), skip_missing=True))
-        version = service.project_version(project)
-        progress = Progress(project=project, job=kind, total=len(tasks))
-        self.progress[project] = progress
 
-        def seen(result) -> None:
-            progress(result)
-            if result.status == "predicted":
-                service.record_prediction(project, {"id": result.task_id}, version, result.result)
-
-        summary = prelabel(
-            tasks, engine=self.engine(project), schema=schema, project=int(project), model_version=version,
-            sink=client, head=service.current_head(project), chunk_tasks=self.settings.prelabel_chunk_tasks,
-            retries=self.settings.prelabel_retries, on_result=seen,
-        )  # fmt: skip
-        missing = len(payload.get("task_ids", [])) - len(tasks)
-        logger.info("project %s: pre-label job %s finished: %s", project, kind, summary.to_dict())
-        return {"status": "done", "model_version": version, "tasks_gone": missing, **summary.to_dict()}
-
-    def metrics(self) -> dict:
-        return {project: progress.to_dict() for project, progress in self.progress.items()}
-
-
-def _no_result(version: str) -> dict:
+def no_result(version: str) -> dict:
     """A batch answer Label Studio skips (it stores no prediction without ``result``)."""
     return {"score": 0.0, "model_version": version}
-
-
-def _task_problem(task, schema: ProjectSchema) -> str | None:
-    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-        return "each task must be an object with a 'data' object"
-    reference = task["data"].get(schema.image_data_key)
-    if not isinstance(reference, str) or not reference:
-        return f"task data has no image under '{schema.image_data_key}' (the Image tag's value)"
-    return None

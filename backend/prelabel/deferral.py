@@ -4,18 +4,24 @@ Label Studio's *Retrieve Predictions* sends every selected task in one ``/predic
 nothing at all when the call outlives ``ML_TIMEOUT_PREDICT`` (default 100 s). So a batch is answered
 within ``OSPREY_PREDICT_BUDGET_S``: the tasks predicted by then get their results, and every other task
 gets an answer **without** a ``result`` key, which Label Studio skips (it stores no prediction, logging
-"incorrect prediction") while the result count stays right. Those tasks go into a ``prelabel-*`` job
-(the job queue persists them with the request's label config) that the service's worker runs with the
-pre-label engine, writing each prediction through Label Studio's API under the project's current model
-version. A task in a queued or running pre-label job is not deferred twice.
+"incorrect prediction") while the result count stays right. Those tasks go into a ``prelabel-*`` job on
+the job queue's pre-label lane (persisted with the request's label config), which the pre-label worker
+runs with the bulk engine, writing each prediction through Label Studio's API under the project's
+current model version. A task in a queued or running pre-label job is not deferred twice. Pre-label
+jobs never wait behind training: they have their own lane and worker.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
+
+from backend.jobs import PRELABEL_LANE, lane_for
+
+from .engine import prelabel
 
 logger = logging.getLogger(__name__)
 
@@ -24,64 +30,146 @@ PROGRESS_EVERY = 10  # log a progress line every this many tasks
 
 
 def is_prelabel_job(kind: str) -> bool:
-    return kind == PRELABEL_KIND or kind.startswith(f"{PRELABEL_KIND}-")
+    return lane_for(kind) == PRELABEL_LANE
 
 
-def defer(queue, project: str, tasks: list[dict], *, label_config: str, model_version: str) -> str:
-    """Queue ``tasks`` (Label Studio task objects) for the background engine; returns the job id. Each
-    deferral is its own job (queued jobs of one kind are merged, which would drop tasks)."""
-    payload = {
-        "task_ids": [int(t["id"]) for t in tasks],
-        "tasks": tasks,
-        "label_config": label_config,
-        "model_version": model_version,  # what the batch answered with (the job writes the current one)
-        "deferred_at": time.time(),
-    }
-    return queue.enqueue(project, f"{PRELABEL_KIND}-{uuid.uuid4().hex[:12]}", payload)
+class Deferrals:
+    """Defers a batch's rest (``waiting``, ``defer``: what :class:`backend.predict.batch.BatchPredictor`
+    needs) and runs the jobs it queued (``run``: the pre-label lane's job handler).
 
+    Collaborators: ``queue`` (the job queue), ``client`` (the Label Studio API client, or None without
+    ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``: then nothing can be deferred), ``projects``
+    (``schema_for``, ``version``, ``head``), ``tasks_for(project)`` (a task predictor at batch priority),
+    ``record(project, task_id, version, items)``, ``wake()`` (the pre-label worker looks for a job now),
+    ``chunk_tasks`` and ``retries`` as for :func:`backend.prelabel.engine.prelabel`."""
 
-def deferred_task_ids(queue, project: str) -> set[int]:
-    """Tasks of ``project`` waiting in a queued or running pre-label job."""
-    out: set[int] = set()
-    for job in queue.jobs(project, limit=200):
-        if job.status in ("queued", "running") and is_prelabel_job(job.kind):
-            out.update(int(t) for t in job.payload.get("task_ids", []))
-    return out
+    def __init__(
+        self,
+        *,
+        queue,
+        client,
+        projects,
+        tasks_for: Callable,
+        record: Callable[..., None],
+        wake: Callable[[], None] = lambda: None,
+        chunk_tasks: int = 8,
+        retries: int = 2,
+    ) -> None:
+        self.queue = queue
+        self.client = client
+        self.projects = projects
+        self.tasks_for = tasks_for
+        self.record = record
+        self.wake = wake
+        self.chunk_tasks = chunk_tasks
+        self.retries = retries
+        self._lock = threading.Lock()
+        self._progress: dict[str, Progress] = {}
+
+    def waiting(self, project: str) -> set[int]:
+        """Tasks of ``project`` waiting in a queued or running pre-label job."""
+        out: set[int] = set()
+        for job in self.queue.jobs(project, limit=200):
+            if job.status in ("queued", "running") and is_prelabel_job(job.kind):
+                out.update(int(t) for t in job.payload.get("task_ids", []))
+        return out
+
+    def defer(self, project: str, tasks: list[dict], *, label_config: str, model_version: str) -> str | None:
+        """Queue ``tasks`` (Label Studio task objects with integer ids) as one pre-label job and return its
+        id; None when there is no Label Studio API access to write them later. Each deferral is its own
+        job (queued jobs of one kind are merged, which would drop tasks)."""
+        if self.client is None:
+            return None
+        payload = {
+            "task_ids": [int(t["id"]) for t in tasks],
+            "label_config": label_config,
+            "model_version": model_version,  # what the batch answered with (the job writes the current one)
+            "deferred_at": time.time(),
+        }
+        job_id = self.queue.enqueue(project, f"{PRELABEL_KIND}-{uuid.uuid4().hex[:12]}", payload)
+        self.wake()
+        return job_id
+
+    def run(self, project: str, kind: str, payload: dict) -> dict:
+        """Predict a deferred batch's tasks and write them through Label Studio's API (the job handler)."""
+        if self.client is None:
+            raise RuntimeError(
+                "a pre-label job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to write predictions"
+            )
+        schema = self.projects.schema_for(payload["label_config"])
+        tasks = list(self.client.tasks(int(project), ids=payload.get("task_ids", []), skip_missing=True))
+        version = self.projects.version(project)
+        progress = Progress(project=project, job=kind, total=len(tasks))
+        with self._lock:
+            self._progress[project] = progress
+
+        def seen(result) -> None:
+            progress(result)
+            if result.status == "predicted":
+                self.record(project, result.task_id, version, result.result)
+
+        try:
+            summary = prelabel(
+                tasks, predictor=self.tasks_for(project), schema=schema, project=int(project), model_version=version,
+                sink=self.client, head=self.projects.head(project), chunk_tasks=self.chunk_tasks,
+                retries=self.retries, on_result=seen,
+            )  # fmt: skip
+        finally:
+            progress.finish()
+        missing = len(payload.get("task_ids", [])) - len(tasks)
+        logger.info("project %s: pre-label job %s finished: %s", project, kind, summary.to_dict())
+        return {"status": "done", "model_version": version, "tasks_gone": missing, **summary.to_dict()}
+
+    def metrics(self) -> dict:
+        """Per project, its latest pre-label job's progress (``/metrics``)."""
+        with self._lock:
+            progress = dict(self._progress)
+        return {project: p.to_dict() for project, p in progress.items()}
 
 
 class Progress:
-    """Done / total / failed and an ETA for one running pre-label job (``/metrics``), logged every
-    :data:`PROGRESS_EVERY` tasks."""
+    """Done / total / failed and an ETA for one pre-label job (``/metrics``), logged every
+    :data:`PROGRESS_EVERY` tasks. Updated by the job's thread, read by ``/metrics``: under a lock."""
 
     def __init__(
         self, *, project: str, job: str, total: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.project, self.job, self.total = project, job, total
         self.done = self.failed = 0
+        self.running = True
         self._clock = clock
+        self._lock = threading.Lock()
         self.started = clock()
 
     def __call__(self, result) -> None:
-        self.done += 1
-        self.failed += result.status == "failed"
-        if self.done % PROGRESS_EVERY == 0 or self.done == self.total:
+        with self._lock:
+            self.done += 1
+            self.failed += result.status == "failed"
+            done, failed = self.done, self.failed
+        if done % PROGRESS_EVERY == 0 or done == self.total:
             logger.info(
                 "project %s: pre-label job %s: %d/%d tasks (%d failed), ETA %s",
-                self.project, self.job, self.done, self.total, self.failed, _eta(self.eta_s()),
+                self.project, self.job, done, self.total, failed, _eta(self.eta_s()),
             )  # fmt: skip
 
+    def finish(self) -> None:
+        with self._lock:
+            self.running = False
+
     def eta_s(self) -> float | None:
-        if not self.done:
+        with self._lock:
+            done, total = self.done, self.total
+        if not done:
             return None
-        elapsed = self._clock() - self.started
-        return elapsed / self.done * max(self.total - self.done, 0)
+        return (self._clock() - self.started) / done * max(total - done, 0)
 
     def to_dict(self) -> dict:
         eta = self.eta_s()
-        return {
-            "job_id": self.job, "done": self.done, "total": self.total, "failed": self.failed,
-            "eta_s": round(eta, 1) if eta is not None else None,
-        }  # fmt: skip
+        with self._lock:
+            return {
+                "job_id": self.job, "done": self.done, "total": self.total, "failed": self.failed,
+                "running": self.running, "eta_s": round(eta, 1) if eta is not None and self.running else None,
+            }  # fmt: skip
 
 
 def _eta(seconds: float | None) -> str:

@@ -1,11 +1,8 @@
-"""The pre-label engine: a stream of Label Studio tasks in, one prediction per task written back.
+"""Bulk pre-labelling: a stream of Label Studio tasks in, one prediction per task written back.
 
-One code path serves ``osprey-label prelabel`` and the work a ``/predict`` batch defers:
-
-- :class:`PrelabelEngine` predicts a batch of tasks: images fetched in parallel threads, each task's
-  regions found with SAM, then every task's regions labelled by Osprey in the same forward passes and
-  decoding loop (:func:`backend.predict.regions.answer_tasks`); a task that fails says why.
-- :func:`prelabel` drives it over a task stream and writes through a sink (``LabelStudioClient``):
+One code path serves ``osprey-label prelabel`` and the work a ``/predict`` batch defers.
+:func:`prelabel` drives a :class:`~backend.predict.tasks.TaskPredictor` (cross-task batches; a task
+that fails says why) over a task stream and writes through a sink (``LabelStudioClient``):
   tasks that already hold a non-empty prediction of this model version are skipped (so a rerun resumes);
   finished predictions are written in chunks (a crash loses at most one chunk); a failed task is retried
   with backoff, then reported with its reason. Nothing empty is ever written, and an empty prediction
@@ -14,33 +11,16 @@ One code path serves ``osprey-label prelabel`` and the work a ``/predict`` batch
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from backend.labelstudio.schema import ProjectSchema
-from backend.predict.regions import PredictOptions, answer_tasks, find_regions, task_results
+from backend.predict.tasks import TaskPredictor, TaskResult, task_id
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskResult:
-    """What became of one task: ``status`` is ``predicted`` (``result``/``score`` set), ``skipped``
-    (``reason`` says why: it already had a prediction of this version) or ``failed`` (``reason``)."""
-
-    task_id: int | None
-    status: str
-    reason: str | None = None
-    result: list[dict] | None = None
-    score: float | None = None
-    regions: int = 0
-    attempts: int = 1
-    retryable: bool = True  # a failure that may pass next time (a fetch, memory); False when it is final
 
 
 @dataclass
@@ -76,119 +56,6 @@ class Summary:
         }
 
 
-class PrelabelEngine:
-    """Predicts tasks in batches across tasks (see the module docstring).
-
-    ``models``: the service's :class:`~backend.runtime.runtime.Models` (Osprey, SAM refiner and
-    segment-everything); ``loader``: an :class:`~backend.labelstudio.images.ImageLoader`;
-    ``batch_tasks``: how many tasks share Osprey's forward passes; ``model_session``: a context
-    manager factory entered around every model step (the service's scheduler and the project's
-    adapter), so interactive requests can run between steps; ``courtesy``: one entered around the
-    work that needs no model (Label Studio's formats), which gives way to interactive requests at
-    each region.
-    """
-
-    def __init__(
-        self,
-        *,
-        models,
-        loader,
-        options: PredictOptions,
-        batch_tasks: int = 4,
-        model_session: Callable[[], contextlib.AbstractContextManager] | None = None,
-        courtesy: Callable[[], contextlib.AbstractContextManager] | None = None,
-        image_threads: int = 4,
-    ) -> None:
-        if batch_tasks < 1:
-            raise ValueError(f"batch_tasks must be >= 1, got {batch_tasks}")
-        self.models = models
-        self.loader = loader
-        self.options = options
-        self.batch_tasks = int(batch_tasks)
-        self.model_session = model_session or contextlib.nullcontext
-        self.courtesy = courtesy or contextlib.nullcontext
-        self.image_threads = max(1, int(image_threads))
-
-    def predict(self, tasks: list[dict], schema: ProjectSchema, *, head=None) -> list[TaskResult]:
-        """One :class:`TaskResult` per task, in order."""
-        results: list[TaskResult | None] = [None] * len(tasks)
-        images = self._load_images(tasks, schema, results)
-        found: list[tuple[int, object, list]] = []
-        for index, rgb in images:
-            try:
-                with self.model_session():
-                    regions = find_regions(
-                        task=tasks[index],
-                        rgb=rgb,
-                        schema=schema,
-                        context=None,
-                        models=self.models,
-                        options=self.options,
-                    )
-            except (ValueError, FileNotFoundError) as error:  # bad stored regions, SAM refusing the image
-                results[index] = TaskResult(_task_id(tasks[index]), "failed", f"regions: {error}")
-                continue
-            if not regions and not any(not s.per_region for s in schema.fields):
-                results[index] = TaskResult(
-                    _task_id(tasks[index]), "failed", "no regions found (nothing written)", retryable=False
-                )
-                continue
-            found.append((index, rgb, regions))
-        for start in range(0, len(found), self.batch_tasks):
-            batch = found[start : start + self.batch_tasks]
-            items = [(rgb, regions) for _, rgb, regions in batch]
-            try:
-                with self.model_session():
-                    answers = answer_tasks(
-                        items, schema=schema, models=self.models, options=self.options, head=head
-                    )
-                with self.courtesy():  # no model needed; clicks go first
-                    labelled = task_results(items, answers, schema=schema, options=self.options)
-            except (ValueError, RuntimeError) as error:  # e.g. out of memory: every task of the batch says so
-                for index, _, _ in batch:
-                    results[index] = TaskResult(_task_id(tasks[index]), "failed", f"labelling: {error}")
-                continue
-            for (index, _, regions), (items, score) in zip(batch, labelled, strict=True):
-                if items:
-                    results[index] = TaskResult(
-                        _task_id(tasks[index]), "predicted", result=items, score=score, regions=len(regions)
-                    )
-                else:
-                    results[index] = TaskResult(
-                        _task_id(tasks[index]),
-                        "failed",
-                        "nothing to predict (nothing written)",
-                        retryable=False,
-                    )
-        return [r for r in results if r is not None]
-
-    def _load_images(
-        self, tasks: list[dict], schema: ProjectSchema, results: list
-    ) -> list[tuple[int, object]]:
-        def load(index: int):
-            task = tasks[index]
-            data = task.get("data") if isinstance(task, dict) else None
-            reference = data.get(schema.image_data_key) if isinstance(data, dict) else None
-            if not isinstance(reference, str) or not reference:
-                raise ValueError(f"task data has no image under '{schema.image_data_key}'")
-            return self.loader.load(reference).rgb
-
-        loaded = []
-        with ThreadPoolExecutor(max_workers=min(self.image_threads, max(1, len(tasks)))) as pool:
-            futures = {index: pool.submit(load, index) for index in range(len(tasks))}
-            for index, future in futures.items():
-                try:
-                    loaded.append((index, future.result()))
-                except (ValueError, OSError) as error:  # ImageLoadError is a ValueError
-                    results[index] = TaskResult(_task_id(tasks[index]), "failed", f"image: {error}")
-        return loaded
-
-
-def _task_id(task) -> int | None:
-    value = task.get("id") if isinstance(task, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def current_predictions(task: dict, model_version: str) -> tuple[bool, list[int]]:
     """Whether ``task`` already has a non-empty prediction of ``model_version``, and the ids of its empty
     ones of that version (which block Label Studio's later retrieves and must go)."""
@@ -206,7 +73,7 @@ def current_predictions(task: dict, model_version: str) -> tuple[bool, list[int]
 def prelabel(
     tasks: Iterable[dict],
     *,
-    engine: PrelabelEngine,
+    predictor: TaskPredictor,
     schema: ProjectSchema,
     project: int,
     model_version: str,
@@ -257,7 +124,7 @@ def prelabel(
 
     def run(batch: list[dict], attempt: int) -> list[dict]:
         again = []
-        for task, result in zip(batch, engine.predict(batch, schema, head=head), strict=True):
+        for task, result in zip(batch, predictor.predict(batch, schema, head=head), strict=True):
             result.attempts = attempt
             if result.status == "predicted":
                 buffer.append((result, empties.pop(result.task_id, [])))
@@ -274,7 +141,7 @@ def prelabel(
 
     retry: list[dict] = []
     for batch in _batches(
-        _unfinished(tasks, model_version, sink, summary, empties, finish), engine.batch_tasks
+        _unfinished(tasks, model_version, sink, summary, empties, finish), predictor.batch_tasks
     ):
         retry += run(batch, 1)
     flush()
@@ -283,7 +150,7 @@ def prelabel(
             break
         sleep(backoff_s * 2 ** (attempt - 2))
         pending, retry = retry, []
-        for batch in _batches(iter(pending), engine.batch_tasks):
+        for batch in _batches(iter(pending), predictor.batch_tasks):
             retry += run(batch, attempt)
         flush()
     summary.seconds = time.perf_counter() - started
@@ -294,16 +161,16 @@ def _unfinished(tasks, model_version, sink, summary, empties, finish) -> Iterato
     """The tasks still to predict; tasks already done are finished as skipped (their stray empty
     predictions of this version deleted)."""
     for task in tasks:
-        task_id = _task_id(task)
+        identity = task_id(task)
         done, empty_ids = current_predictions(task, model_version)
         if done:
             for prediction_id in empty_ids:
                 sink.delete_prediction(prediction_id)
                 summary.deleted_empty += 1
-            finish(TaskResult(task_id, "skipped", f"already has a prediction of {model_version}"))
+            finish(TaskResult(identity, "skipped", f"already has a prediction of {model_version}"))
             continue
-        if task_id is not None and empty_ids:
-            empties[task_id] = empty_ids
+        if identity is not None and empty_ids:
+            empties[identity] = empty_ids
         yield task
 
 
@@ -316,3 +183,33 @@ def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
             batch = []
     if batch:
         yield batch
+
+
+def format_summary(summaries: list[dict], *, version: str) -> str:
+    """The summary table: predicted, skipped as already done, failed with reasons (per rank when
+    several), and the rate."""
+    total = {
+        k: sum(s[k] for s in summaries) for k in ("predicted", "skipped", "failed", "written", "regions")
+    }
+    seconds = max(s["seconds"] for s in summaries)
+    lines = [f"pre-label with {version}:"]
+    rows = [
+        ("predicted", total["predicted"]),
+        ("skipped (already done)", total["skipped"]),
+        ("failed", total["failed"]),
+    ]
+    lines += [f"  {name:<24}{count:>8}" for name, count in rows]
+    rate = 60.0 * total["predicted"] / seconds if seconds > 0 else 0.0
+    lines.append(f"  {'regions':<24}{total['regions']:>8}")
+    lines.append(
+        f"  {seconds:.1f} s, {rate:.1f} tasks/min"
+        + (f" over {len(summaries)} ranks" if len(summaries) > 1 else "")
+    )
+    reasons: dict[str, list[str]] = {}
+    for s in summaries:
+        for task, reason in s["failures"].items():
+            reasons.setdefault(reason, []).append(task)
+    for reason, tasks in sorted(reasons.items(), key=lambda item: -len(item[1])):
+        shown = ", ".join(tasks[:10]) + (f" (+{len(tasks) - 10})" if len(tasks) > 10 else "")
+        lines.append(f"  failed: {reason}: tasks {shown}")
+    return "\n".join(lines)

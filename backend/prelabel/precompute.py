@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from backend.errors import InputError
 from backend.labelstudio.images import ImageLoadError
-from backend.runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -42,29 +42,21 @@ def task_image_references(path: Path, image_key: str) -> list[str]:
     if isinstance(tasks, dict):
         tasks = [tasks]
     if not isinstance(tasks, list):
-        raise ValueError(f"{path} must hold a JSON list of tasks")
+        raise InputError(f"{path} must hold a JSON list of tasks")
     refs = []
     for index, task in enumerate(tasks):
         data = task.get("data", task) if isinstance(task, dict) else None
         ref = data.get(image_key) if isinstance(data, dict) else None
         if not isinstance(ref, str) or not ref:
-            raise ValueError(f"task {index} in {path} has no '{image_key}' in its data (use --image-key)")
+            raise InputError(f"task {index} in {path} has no '{image_key}' in its data (use --image-key)")
         refs.append(ref)
     return list(dict.fromkeys(refs))  # each image once, in order
 
 
-def precompute(
-    settings: Settings, references: list[str], *, models=None, which=("sam", "osprey")
-) -> PrecomputeReport:
-    """Encode each referenced image with the chosen models into their caches."""
-    from backend.runtime.runtime import image_loader, load_models
-
-    if not settings.cache_dir:
-        raise ValueError(
-            "set OSPREY_CACHE_DIR (or --cache-dir): precomputed encodings are kept on disk there"
-        )
-    models = models or load_models(settings)
-    loader = image_loader(settings, cache_size=1)
+def precompute(models, loader, references: list[str], *, which=("sam", "osprey")) -> PrecomputeReport:
+    """Encode each referenced image (a local file, or a task reference read by ``loader``) with the
+    chosen ``models`` (``"sam"``, ``"osprey"``) into their caches; ``models`` must have been loaded with
+    a disk tier (``OSPREY_CACHE_DIR``), or the work is lost when the process ends."""
     encoders = {"sam": models.refiner.embedder.embed, "osprey": models.osprey.encode_image}
     caches = {"sam": models.refiner.cache, "osprey": models.osprey.cache}
     report = PrecomputeReport(images=len(references))
@@ -73,7 +65,12 @@ def precompute(
         local = Path(ref).is_file()
         try:
             rgb = _read_file(Path(ref)) if local else loader.load(ref).rgb
-        except (ImageLoadError, OSError, ValueError) as error:
+        except (
+            ImageLoadError,
+            OSError,
+            ValueError,
+            Image.DecompressionBombError,
+        ) as error:  # unreadable input
             shown = ref if local else "a task image"  # task URLs may carry presigned credentials
             report.failed.append((shown, str(error)))
             logger.warning("cannot load %s: %s", shown, error)

@@ -26,6 +26,8 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from backend.errors import SettingsError
+
 logger = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -43,7 +45,7 @@ def parse_bytes(text: str, *, setting: str, auto: bool = False) -> int | None:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         allowed = "'auto' or " if auto else ""
-        raise ValueError(f"{setting}={text!r}: expected {allowed}a size such as 4GiB, 512MB or 1073741824")
+        raise SettingsError(f"{setting}={text!r}: expected {allowed}a size such as 4GiB, 512MB or 1073741824")
     return int(float(match.group(1)) * _UNITS[unit])
 
 

@@ -1,131 +1,307 @@
-"""Runtime settings, read from the environment once and passed to the app factory."""
+"""Every setting of the backend: its environment variable, default, meaning and checks, read once.
+
+:class:`Settings` is the one place that reads the environment (``Settings.from_env``); everything else
+receives a ``Settings`` or the few values it needs. Each field carries its variable (``env``), a
+description (``help``) and a group; the configuration reference of the docs is generated from them
+(:func:`settings_reference`), so a setting without a description fails a test.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from backend.errors import SettingsError
 from backend.labelstudio.limits import PayloadLimits
 
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+from .budgets import parse_bytes
 
 
-def _list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def setting(default, env: str, group: str, help: str, *, shown: str | None = None):  # noqa: A002
+    """A settings field read from ``env``; ``shown`` replaces the default in the docs (e.g. "auto")."""
+    return field(default=default, metadata={"env": env, "group": group, "help": help, "shown": shown})
+
+
+LS, SERVING, MODELS, PREDICT, CACHES, BULK, TRAINING, IMAGES = (
+    "Label Studio", "Serving", "Models and device", "Predictions", "Caches and memory",
+    "Batch predictions and bulk pre-labelling", "Retraining", "Images and payload limits",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting, its environment variable and default. See the README's configuration table."""
+    """Every setting, its environment variable and default (see the docs' configuration reference)."""
 
-    # Label Studio connection (ecosystem conventions)
-    label_studio_url: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_URL"})
-    label_studio_api_key: str | None = field(default=None, metadata={"env": "LABEL_STUDIO_API_KEY"})
-    basic_auth_user: str | None = field(default=None, metadata={"env": "BASIC_AUTH_USER"})
-    basic_auth_pass: str | None = field(default=None, metadata={"env": "BASIC_AUTH_PASS"})
-    model_dir: Path = field(default=Path("./models"), metadata={"env": "MODEL_DIR"})
-    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL"})
-    host: str = field(default="0.0.0.0", metadata={"env": "HOST"})
-    port: int = field(default=9090, metadata={"env": "PORT"})
-    threads: int = field(default=8, metadata={"env": "THREADS"})
-    # Serving (waitress, see backend/service/server.py): what a client may send and for how long
-    max_request_bytes: int = field(default=64 * 2**20, metadata={"env": "OSPREY_MAX_REQUEST_BYTES"})
-    max_header_bytes: int = field(default=64 * 2**10, metadata={"env": "OSPREY_MAX_HEADER_BYTES"})
-    client_timeout_s: float = field(default=30.0, metadata={"env": "OSPREY_CLIENT_TIMEOUT_S"})
-    max_connections: int = field(default=500, metadata={"env": "OSPREY_MAX_CONNECTIONS"})
-    webhook_concurrency: int = field(default=2, metadata={"env": "OSPREY_WEBHOOK_CONCURRENCY"})
-    webhook_secret: str | None = field(default=None, metadata={"env": "OSPREY_WEBHOOK_SECRET"})
-    # Models
-    osprey_model: str = field(default="osprey-7b", metadata={"env": "OSPREY_MODEL"})
-    sam_model: str = field(default="vit_h", metadata={"env": "SAM_MODEL"})
-    sam_checkpoint: str | None = field(default=None, metadata={"env": "SAM_CHECKPOINT"})
-    device: str | None = field(default=None, metadata={"env": "OSPREY_DEVICE"})
-    # Behaviour
-    field_map: str = field(default="", metadata={"env": "OSPREY_FIELD_MAP"})
-    refine_existing: bool = field(default=False, metadata={"env": "OSPREY_REFINE_EXISTING"})
-    segment_everything: bool = field(default=True, metadata={"env": "OSPREY_SEGMENT_EVERYTHING"})
-    max_masks: int = field(default=32, metadata={"env": "OSPREY_MAX_MASKS"})
-    points_per_side: int = field(default=32, metadata={"env": "OSPREY_POINTS_PER_SIDE"})
-    pred_iou_thresh: float = field(default=0.88, metadata={"env": "OSPREY_PRED_IOU_THRESH"})
-    stability_score_thresh: float = field(default=0.95, metadata={"env": "OSPREY_STABILITY_SCORE_THRESH"})
-    min_mask_region_area: int = field(default=100, metadata={"env": "OSPREY_MIN_MASK_AREA"})
-    attribute_threshold: float = field(default=0.5, metadata={"env": "OSPREY_ATTRIBUTE_THRESHOLD"})
-    max_caption_tokens: int = field(default=32, metadata={"env": "OSPREY_MAX_CAPTION_TOKENS"})
-    max_description_tokens: int = field(default=256, metadata={"env": "OSPREY_MAX_DESCRIPTION_TOKENS"})
-    cache_images: int = field(default=16, metadata={"env": "OSPREY_CACHE_IMAGES"})
-    cache_device_bytes: str = field(default="auto", metadata={"env": "OSPREY_CACHE_DEVICE_BYTES"})
-    cache_host_bytes: str = field(default="auto", metadata={"env": "OSPREY_CACHE_HOST_BYTES"})
-    cache_disk_bytes: str = field(default="4GiB", metadata={"env": "OSPREY_CACHE_DISK_BYTES"})
-    device_spare_bytes: str = field(default="2GiB", metadata={"env": "OSPREY_DEVICE_SPARE_BYTES"})
-    cache_dir: str | None = field(default=None, metadata={"env": "OSPREY_CACHE_DIR"})
-    # Batch predictions and bulk pre-labelling
-    predict_budget_s: float = field(default=60.0, metadata={"env": "OSPREY_PREDICT_BUDGET_S"})
-    prelabel_batch_tasks: int = field(default=4, metadata={"env": "OSPREY_PRELABEL_BATCH_TASKS"})
-    prelabel_chunk_tasks: int = field(default=8, metadata={"env": "OSPREY_PRELABEL_CHUNK_TASKS"})
-    prelabel_retries: int = field(default=2, metadata={"env": "OSPREY_PRELABEL_RETRIES"})
-    # Retraining
-    redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL"})
-    train_every: int = field(default=20, metadata={"env": "OSPREY_TRAIN_EVERY"})
-    training: bool = field(default=True, metadata={"env": "OSPREY_TRAINING"})
-    min_train_examples: int = field(default=5, metadata={"env": "OSPREY_MIN_TRAIN_EXAMPLES"})
-    lora: str = field(default="auto", metadata={"env": "OSPREY_LORA"})
-    # Image loading safety
-    allowed_image_hosts: tuple[str, ...] = field(default=(), metadata={"env": "OSPREY_ALLOWED_IMAGE_HOSTS"})
-    local_files_root: str | None = field(default=None, metadata={"env": "LOCAL_FILES_DOCUMENT_ROOT"})
-    max_image_bytes: int = field(default=50 * 2**20, metadata={"env": "OSPREY_MAX_IMAGE_BYTES"})
-    max_image_pixels: int = field(default=100_000_000, metadata={"env": "OSPREY_MAX_IMAGE_PIXELS"})
-    image_timeout_s: float = field(default=15.0, metadata={"env": "OSPREY_IMAGE_TIMEOUT_S"})
-    image_url_ttl_s: float = field(default=60.0, metadata={"env": "OSPREY_IMAGE_URL_TTL_S"})
-    # Payload limits (regions claim image sizes too: OSPREY_MAX_IMAGE_PIXELS caps them)
-    max_polygon_points: int = field(default=10_000, metadata={"env": "OSPREY_MAX_POLYGON_POINTS"})
-    max_prompt_points: int = field(default=100, metadata={"env": "OSPREY_MAX_PROMPT_POINTS"})
-    max_regions: int = field(default=1_000, metadata={"env": "OSPREY_MAX_REGIONS"})
+    label_studio_url: str | None = setting(
+        None, "LABEL_STUDIO_URL", LS,
+        "Label Studio's base URL; relative image paths (`/data/upload/...`) are fetched from it, and "
+        "predictions of deferred and bulk jobs are written to it.",
+    )  # fmt: skip
+    label_studio_api_key: str | None = setting(
+        None, "LABEL_STUDIO_API_KEY", LS,
+        "A personal access token (a JWT refresh token, exchanged at `/api/token/refresh/`) or a legacy "
+        "key; sent only to `LABEL_STUDIO_URL`'s origin.",
+    )  # fmt: skip
+    basic_auth_user: str | None = setting(
+        None, "BASIC_AUTH_USER", LS,
+        "Require HTTP basic auth on every route with this user (set `BASIC_AUTH_PASS` too; enter both "
+        "in Label Studio's model connection).",
+    )  # fmt: skip
+    basic_auth_pass: str | None = setting(
+        None, "BASIC_AUTH_PASS", LS, "The basic-auth password (UTF-8 or Latin-1)."
+    )
+    webhook_secret: str | None = setting(
+        None, "OSPREY_WEBHOOK_SECRET", LS,
+        "With basic auth on, `/webhook` also accepts the header `X-Osprey-Webhook-Secret` with this "
+        "value; the backend adds it to Label Studio's webhook itself.",
+        shown="derived from BASIC_AUTH_PASS",
+    )  # fmt: skip
+    model_dir: Path = setting(
+        Path("./models"), "MODEL_DIR", MODELS,
+        "Where SAM checkpoints, the training store (`training.sqlite3`) and each project's trained "
+        "versions live; must be writable (checked before any model loads).",
+    )  # fmt: skip
+    log_level: str | None = setting(
+        None, "LOG_LEVEL", SERVING,
+        "Logging level (`DEBUG`, `INFO`, `WARNING`, `ERROR`); credentials and query strings are removed "
+        "from every record.",
+        shown="INFO for serve, WARNING for the other commands",
+    )  # fmt: skip
+    host: str = setting("0.0.0.0", "HOST", SERVING, "The address `serve` binds.")
+    port: int = setting(9090, "PORT", SERVING, "The port `serve` listens on.")
+    threads: int = setting(
+        8, "THREADS", SERVING,
+        "Request threads; predictions use at most `THREADS` - 2, so `/health` and `/setup` always have "
+        "one. Webhooks get `2 x OSPREY_WEBHOOK_CONCURRENCY` more.",
+    )  # fmt: skip
+    max_request_bytes: int = setting(
+        64 * 2**20, "OSPREY_MAX_REQUEST_BYTES", SERVING,
+        "Largest request body; larger ones get 413 before any of it is read.",
+    )  # fmt: skip
+    max_header_bytes: int = setting(
+        64 * 2**10, "OSPREY_MAX_HEADER_BYTES", SERVING, "Largest request headers; larger ones get 431."
+    )
+    client_timeout_s: float = setting(
+        30.0, "OSPREY_CLIENT_TIMEOUT_S", SERVING,
+        "A connection that sends nothing for this many seconds is closed (slow senders never hold a thread).",
+    )  # fmt: skip
+    max_connections: int = setting(
+        500, "OSPREY_MAX_CONNECTIONS", SERVING, "Open connections at most; more wait in the kernel's backlog."
+    )
+    webhook_concurrency: int = setting(
+        2, "OSPREY_WEBHOOK_CONCURRENCY", SERVING,
+        "Webhooks handled at once; as many more wait up to 0.5 s, others get 503 with `Retry-After`.",
+    )  # fmt: skip
+    osprey_model: str = setting(
+        "osprey-7b", "OSPREY_MODEL", MODELS,
+        "Osprey preset (`osprey-7b`, `osprey-chat-7b`, `tiny` for plumbing tests), checkpoint folder or "
+        "cached Hugging Face repo id.",
+    )  # fmt: skip
+    sam_model: str = setting(
+        "vit_h", "SAM_MODEL", MODELS, "`vit_h`, `vit_l`, `vit_b`, or `tiny` (random weights, tests only)."
+    )
+    sam_checkpoint: str | None = setting(
+        None, "SAM_CHECKPOINT", MODELS, "Path of the SAM `.pth` checkpoint.",
+        shown="MODEL_DIR/<released file name>",
+    )  # fmt: skip
+    device: str | None = setting(
+        None, "OSPREY_DEVICE", MODELS,
+        "`cpu`, `cuda` or `cuda:N`. Unset: CUDA when torch can use a GPU; a GPU that torch cannot use "
+        "stops the server with the driver fix. `cpu` runs on the CPU on purpose.",
+        shown="CUDA when usable, else CPU",
+    )  # fmt: skip
+    field_map: str = setting(
+        "", "OSPREY_FIELD_MAP", PREDICT,
+        "`tag=field` overrides of how label-config tags are filled, e.g. "
+        "`my_choices=category,notes=description,junk=none`.",
+    )  # fmt: skip
+    refine_existing: bool = setting(
+        False,
+        "OSPREY_REFINE_EXISTING",
+        PREDICT,
+        "Refine a task's existing regions with SAM before labelling them.",
+    )
+    segment_everything: bool = setting(
+        True, "OSPREY_SEGMENT_EVERYTHING", PREDICT, "Segment everything (SAM) in tasks that have no regions."
+    )
+    max_masks: int = setting(
+        32, "OSPREY_MAX_MASKS", PREDICT, "Most regions segment everything keeps per task."
+    )
+    points_per_side: int = setting(
+        32, "OSPREY_POINTS_PER_SIDE", PREDICT, "Segment everything's point grid: this many points per side."
+    )
+    pred_iou_thresh: float = setting(
+        0.88, "OSPREY_PRED_IOU_THRESH", PREDICT, "Segment everything drops masks SAM rates below this IoU."
+    )
+    stability_score_thresh: float = setting(
+        0.95,
+        "OSPREY_STABILITY_SCORE_THRESH",
+        PREDICT,
+        "Segment everything drops masks less stable than this.",
+    )
+    min_mask_region_area: int = setting(
+        100, "OSPREY_MIN_MASK_AREA", PREDICT,
+        "Segment everything removes regions (and fills holes) smaller than this many pixels.",
+    )  # fmt: skip
+    attribute_threshold: float = setting(
+        0.5,
+        "OSPREY_ATTRIBUTE_THRESHOLD",
+        PREDICT,
+        "An attribute is pre-selected when its probability reaches this.",
+    )
+    max_caption_tokens: int = setting(
+        32, "OSPREY_MAX_CAPTION_TOKENS", PREDICT, "Longest short caption, in tokens."
+    )
+    max_description_tokens: int = setting(
+        256, "OSPREY_MAX_DESCRIPTION_TOKENS", PREDICT, "Longest detailed description, in tokens."
+    )
+    cache_images: int = setting(
+        16, "OSPREY_CACHE_IMAGES", CACHES,
+        "At most this many images per model in the device cache tier (and decoded images in the loader).",
+    )  # fmt: skip
+    cache_device_bytes: str = setting(
+        "auto", "OSPREY_CACHE_DEVICE_BYTES", CACHES,
+        "Device tier (whole encodings, prefix keys/values included). `auto`: the GPU's free memory after "
+        "loading, less one request's peak and `OSPREY_DEVICE_SPARE_BYTES` (on a CPU, 1/4 of available "
+        "RAM); 4/5 for Osprey, 1/5 for SAM. Sizes like `8GiB`, `512MB` or bytes.",
+    )  # fmt: skip
+    cache_host_bytes: str = setting(
+        "auto", "OSPREY_CACHE_HOST_BYTES", CACHES,
+        "Host-RAM tier (slim encodings the device tier evicted, SAM embeddings). `auto`: 1/10 of RAM, at "
+        "most 4 GiB; `0` turns it off.",
+    )  # fmt: skip
+    cache_disk_bytes: str = setting(
+        "4GiB", "OSPREY_CACHE_DISK_BYTES", CACHES,
+        "Disk tier under `OSPREY_CACHE_DIR` (slim encodings and SAM embeddings; never prefix keys/values).",
+    )  # fmt: skip
+    device_spare_bytes: str = setting(
+        "2GiB", "OSPREY_DEVICE_SPARE_BYTES", CACHES,
+        "Device memory the `auto` budget leaves free on top of one request's peak.",
+    )  # fmt: skip
+    cache_dir: str | None = setting(
+        None, "OSPREY_CACHE_DIR", CACHES,
+        "Keep encodings on disk here (`osprey/`, `sam/` subfolders) so a restart does not re-encode; must be "
+        "writable (checked at start).",
+    )  # fmt: skip
+    predict_budget_s: float = setting(
+        60.0, "OSPREY_PREDICT_BUDGET_S", BULK,
+        "A batch `/predict` (Retrieve Predictions) is answered within this many seconds; tasks that do "
+        "not fit are finished by a background pre-label job through the API. Keep it well under Label "
+        "Studio's `ML_TIMEOUT_PREDICT` (default 100 s).",
+    )  # fmt: skip
+    prelabel_batch_tasks: int = setting(
+        4, "OSPREY_PRELABEL_BATCH_TASKS", BULK,
+        "Tasks whose regions share the model's forward passes (batch `/predict`, pre-label jobs, "
+        "`osprey-label prelabel`).",
+    )  # fmt: skip
+    prelabel_chunk_tasks: int = setting(
+        8, "OSPREY_PRELABEL_CHUNK_TASKS", BULK,
+        "Predictions written to Label Studio per API call (a crash loses at most one chunk).",
+    )  # fmt: skip
+    prelabel_retries: int = setting(
+        2,
+        "OSPREY_PRELABEL_RETRIES",
+        BULK,
+        "Retries (2 s, then 4 s ... apart) of a failed task before it is reported.",
+    )
+    rank: int = setting(
+        0, "RANK", BULK, "This process's rank under `torchrun` (`osprey-label prelabel` shards by it)."
+    )
+    world_size: int = setting(1, "WORLD_SIZE", BULK, "How many `torchrun` ranks share a `prelabel` run.")
+    local_rank: int | None = setting(
+        None, "LOCAL_RANK", BULK, "This rank's GPU index under `torchrun`.", shown="RANK"
+    )
+    redis_url: str | None = setting(
+        None, "REDIS_URL", TRAINING,
+        "Keep the job queue in Redis (`redis://host:6379/0`) instead of the SQLite file under `MODEL_DIR`; "
+        "several backend processes then share it.",
+    )  # fmt: skip
+    train_every: int = setting(
+        20, "OSPREY_TRAIN_EVERY", TRAINING,
+        "Queue a training job every N new or changed accepted region labels (0: only on Start Training).",
+    )  # fmt: skip
+    training: bool = setting(
+        True, "OSPREY_TRAINING", TRAINING, "Run queued jobs (training, deferred pre-labels) in this process."
+    )
+    min_train_examples: int = setting(
+        5, "OSPREY_MIN_TRAIN_EXAMPLES", TRAINING, "Accepted regions a project needs before a head is trained."
+    )
+    lora: str = setting(
+        "auto", "OSPREY_LORA", TRAINING,
+        "Also queue a LoRA fine-tune with each training: `auto` (when a CUDA GPU is used), `true`, `false`.",
+    )  # fmt: skip
+    allowed_image_hosts: tuple[str, ...] = setting(
+        (), "OSPREY_ALLOWED_IMAGE_HOSTS", IMAGES,
+        "Other image hosts (`host`, `host:port`, `*.example.com`, comma-separated); they never get the token.",
+    )  # fmt: skip
+    local_files_root: str | None = setting(
+        None, "LOCAL_FILES_DOCUMENT_ROOT", IMAGES,
+        "Read `/data/local-files/?d=...` from this folder (no `..` or symlink escapes) instead of through "
+        "Label Studio.",
+    )  # fmt: skip
+    max_image_bytes: int = setting(
+        50 * 2**20, "OSPREY_MAX_IMAGE_BYTES", IMAGES, "Byte cap per image download."
+    )
+    max_image_pixels: int = setting(
+        100_000_000, "OSPREY_MAX_IMAGE_PIXELS", IMAGES,
+        "Pixel cap, checked from the header before decoding; also caps the image size a region claims "
+        "(`original_width` x `original_height`), checked before its mask is made.",
+    )  # fmt: skip
+    image_timeout_s: float = setting(
+        15.0, "OSPREY_IMAGE_TIMEOUT_S", IMAGES, "Total seconds per image download, redirects included."
+    )
+    image_url_ttl_s: float = setting(
+        60.0, "OSPREY_IMAGE_URL_TTL_S", IMAGES,
+        "An image read from the same URL within this many seconds is not fetched again (an annotator's "
+        "clicks on one task); `0`: always fetch.",
+    )  # fmt: skip
+    max_polygon_points: int = setting(
+        10_000, "OSPREY_MAX_POLYGON_POINTS", IMAGES, "Vertices per polygon region."
+    )
+    max_prompt_points: int = setting(
+        100, "OSPREY_MAX_PROMPT_POINTS", IMAGES, "Keypoints (clicks) per interactive request."
+    )
+    max_regions: int = setting(
+        1_000, "OSPREY_MAX_REGIONS", IMAGES,
+        "Regions per annotation, per task's annotation or prediction, and items per interactive request.",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.payload_limits()  # refuses non-positive limits, naming the variable
-        if self.threads < 1:
-            raise ValueError("THREADS must be >= 1")
-        if self.max_request_bytes < 1024 or self.max_header_bytes < 1024:
-            raise ValueError("OSPREY_MAX_REQUEST_BYTES and OSPREY_MAX_HEADER_BYTES must be >= 1024 bytes")
-        if self.client_timeout_s <= 0 or self.max_connections < 1 or self.webhook_concurrency < 1:
-            raise ValueError(
-                "OSPREY_CLIENT_TIMEOUT_S must be > 0 seconds, OSPREY_MAX_CONNECTIONS and "
-                "OSPREY_WEBHOOK_CONCURRENCY >= 1"
-            )
-        from .budgets import parse_bytes
-
+        problems = [message for bad, message in self._checks() if bad]
+        if problems:
+            raise SettingsError("; ".join(problems))
         for name in ("cache_device_bytes", "cache_host_bytes", "cache_disk_bytes", "device_spare_bytes"):
             parse_bytes(
                 getattr(self, name),
-                setting=f"OSPREY_{name.upper()}",
+                setting=_env(name),
                 auto=name in ("cache_device_bytes", "cache_host_bytes"),
             )
-        if self.image_url_ttl_s < 0:
-            raise ValueError("OSPREY_IMAGE_URL_TTL_S must be >= 0 seconds (0: always fetch)")
-        if self.cache_images < 1:
-            raise ValueError("OSPREY_CACHE_IMAGES must be >= 1")
-        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
-            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        if self.lora not in ("auto", "true", "false"):
-            raise ValueError(f"OSPREY_LORA must be auto, true or false, got {self.lora!r}")
-        if not 0.0 < self.attribute_threshold < 1.0:
-            raise ValueError("OSPREY_ATTRIBUTE_THRESHOLD must be between 0 and 1")
-        if self.predict_budget_s <= 0:
-            raise ValueError(
-                "OSPREY_PREDICT_BUDGET_S must be > 0 seconds (keep it under Label Studio's ML_TIMEOUT_PREDICT)"
-            )
-        if self.prelabel_batch_tasks < 1 or self.prelabel_chunk_tasks < 1 or self.prelabel_retries < 0:
-            raise ValueError(
-                "OSPREY_PRELABEL_BATCH_TASKS and OSPREY_PRELABEL_CHUNK_TASKS must be >= 1, OSPREY_PRELABEL_RETRIES >= 0"
-            )
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.threads < 1, "THREADS must be >= 1"),
+            (min(self.max_request_bytes, self.max_header_bytes) < 1024,
+             "OSPREY_MAX_REQUEST_BYTES and OSPREY_MAX_HEADER_BYTES must be >= 1024 bytes"),
+            (self.client_timeout_s <= 0, "OSPREY_CLIENT_TIMEOUT_S must be > 0 seconds"),
+            (self.max_connections < 1, "OSPREY_MAX_CONNECTIONS must be >= 1"),
+            (self.webhook_concurrency < 1, "OSPREY_WEBHOOK_CONCURRENCY must be >= 1"),
+            (self.image_url_ttl_s < 0, "OSPREY_IMAGE_URL_TTL_S must be >= 0 seconds (0: always fetch)"),
+            (self.cache_images < 1, "OSPREY_CACHE_IMAGES must be >= 1"),
+            (bool(self.basic_auth_user) != bool(self.basic_auth_pass),
+             "set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither"),
+            (self.lora not in ("auto", "true", "false"), f"OSPREY_LORA must be auto, true or false, got {self.lora!r}"),
+            (not 0.0 < self.attribute_threshold < 1.0, "OSPREY_ATTRIBUTE_THRESHOLD must be between 0 and 1"),
+            (self.predict_budget_s <= 0,
+             "OSPREY_PREDICT_BUDGET_S must be > 0 seconds (keep it under Label Studio's ML_TIMEOUT_PREDICT)"),
+            (self.prelabel_batch_tasks < 1, "OSPREY_PRELABEL_BATCH_TASKS must be >= 1"),
+            (self.prelabel_chunk_tasks < 1, "OSPREY_PRELABEL_CHUNK_TASKS must be >= 1"),
+            (self.prelabel_retries < 0, "OSPREY_PRELABEL_RETRIES must be >= 0"),
+            (self.world_size < 1 or not 0 <= self.rank < self.world_size,
+             f"RANK={self.rank} must be within WORLD_SIZE={self.world_size} (as torchrun sets them)"),
+            (self.port < 0 or self.port > 65535, f"PORT must be 0..65535, got {self.port}"),
+        ]  # fmt: skip
 
     def payload_limits(self) -> PayloadLimits:
         """The caps on what a payload may make the backend allocate (see :mod:`backend.labelstudio.limits`)."""
@@ -136,9 +312,15 @@ class Settings:
             max_regions=self.max_regions,
         )
 
+    @property
+    def gpu_rank(self) -> int:
+        """This process's GPU under ``torchrun`` (``LOCAL_RANK``, else ``RANK``)."""
+        return self.local_rank if self.local_rank is not None else self.rank
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
-        """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win."""
+        """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win. SettingsError
+        names the variable of a value that cannot be used."""
         environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
@@ -148,13 +330,48 @@ class Settings:
             try:
                 values[f.name] = _convert(f.type, raw)
             except ValueError as error:
-                raise ValueError(f"{f.metadata['env']}={raw!r}: {error}") from None
+                raise SettingsError(f"{f.metadata['env']}={raw!r}: {error}") from None
         return cls(**{**values, **overrides})
 
     @staticmethod
     def documented() -> list[tuple[str, str]]:
-        """``(ENV_VAR, default)`` for every setting (the README's table is checked against this)."""
-        return [(f.metadata["env"], repr(f.default)) for f in fields(Settings)]
+        """``(ENV_VAR, default as shown)`` for every setting."""
+        return [(f.metadata["env"], _shown_default(f)) for f in fields(Settings)]
+
+
+def settings_reference() -> str:
+    """The configuration reference as Markdown: one table per group, a row per variable."""
+    groups: dict[str, list] = {}
+    for f in fields(Settings):
+        groups.setdefault(f.metadata["group"], []).append(f)
+    out = []
+    for group, members in groups.items():
+        out += [f"## {group}", "", "| variable | default | meaning |", "|---|---|---|"]
+        out += [f"| `{f.metadata['env']}` | {_shown_default(f)} | {f.metadata['help']} |" for f in members]
+        out.append("")
+    return "\n".join(out)
+
+
+def _shown_default(f) -> str:
+    if f.metadata.get("shown"):
+        return f.metadata["shown"]
+    default = f.default if f.default is not MISSING else None
+    if default is None or default in ((), ""):
+        return "unset"
+    return f"`{default}`"
+
+
+def _env(name: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == name)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
 
 
 def _convert(kind: str, raw: str):
@@ -167,5 +384,5 @@ def _convert(kind: str, raw: str):
     if "Path" in kind:
         return Path(raw)
     if "tuple" in kind:
-        return _list(raw)
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw or None if "None" in kind else raw

@@ -158,20 +158,12 @@ class ConcurrencyLimit:
             }
 
 
-def webhook_registrar(settings, secret: str | None):
+def webhook_registrar(settings, secret: str | None, *, client, submit):
     """The :class:`backend.labelstudio.webhooks.WebhookHeaderRegistrar` that puts the webhook secret on
-    Label Studio's webhooks, or None when basic auth is off or Label Studio's URL or key is not set."""
-    if not (
-        settings.basic_auth_user and secret and settings.label_studio_url and settings.label_studio_api_key
-    ):
+    Label Studio's webhooks through ``client`` (work run by ``submit``), or None when basic auth is off
+    or there is no Label Studio client (``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` unset)."""
+    if not (settings.basic_auth_user and secret and client is not None):
         return None
-    from backend.labelstudio.auth import LabelStudioAuth
     from backend.labelstudio.webhooks import WebhookHeaderRegistrar
 
-    base_url = settings.label_studio_url.rstrip("/")
-    return WebhookHeaderRegistrar(
-        base_url=base_url,
-        auth=LabelStudioAuth(base_url=base_url, api_key=settings.label_studio_api_key),
-        header=WEBHOOK_SECRET_HEADER,
-        value=secret,
-    )
+    return WebhookHeaderRegistrar(client=client, header=WEBHOOK_SECRET_HEADER, value=secret, submit=submit)

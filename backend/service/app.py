@@ -1,9 +1,14 @@
 """Flask app factory speaking the Label Studio ML backend protocol.
 
 Routes (as ``label-studio-ml`` 2.x serves them): ``GET /`` and ``/health``, ``POST /setup``,
-``POST /predict``, ``POST /webhook``, ``GET /metrics``. All state lives in the ``service`` object
-passed in; nothing is kept in module globals. ``/health`` and ``/setup`` never wait for model work:
-Label Studio gives them 1 s and 3 s and silently drops a backend that is late.
+``POST /predict``, ``POST /webhook``, ``GET /metrics``. A thin facade over a
+:class:`~backend.runtime.runtime.Runtime`: it reads and checks the JSON, calls the runtime's parts
+(``projects``, ``predictor``, ``intake``) and writes the answer; nothing is kept in module globals.
+``/health`` and ``/setup`` never wait for model work: Label Studio gives them 1 s and 3 s and silently
+drops a backend that is late.
+
+Errors: an :class:`~backend.errors.InputError` (bad input) is answered with its 4xx status and message;
+anything else is our bug, answered 500 with an error id that the log shows beside the traceback.
 """
 
 from __future__ import annotations
@@ -18,9 +23,8 @@ import orjson
 from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 
-from backend.errors import RequestError, require
+from backend.errors import InputError, NotReadyError, RequestError, internal_error, require
 from backend.labelstudio.ids import request_project
-from backend.runtime.settings import Settings
 
 from .admission import (
     WEBHOOK_SECRET_HEADER,
@@ -30,6 +34,7 @@ from .admission import (
     webhook_registrar,
     webhook_secret,
 )
+from .overhead import RequestTimes
 from .payloads import parse_json
 
 logger = logging.getLogger(__name__)
@@ -67,8 +72,9 @@ class _FastJSON(DefaultJSONProvider):
             return super().dumps(obj, **kwargs)
 
 
-def create_app(settings: Settings, service) -> Flask:
-    """The WSGI app. ``service`` does the work (see :class:`backend.runtime.runtime.OspreyService`)."""
+def create_app(runtime) -> Flask:
+    """The WSGI app over ``runtime`` (a :class:`backend.runtime.runtime.Runtime`)."""
+    settings = runtime.settings
     app = Flask("osprey-label")
     app.json = _FastJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -81,7 +87,10 @@ def create_app(settings: Settings, service) -> Flask:
         wait_s=0.5,
     )
     secret = webhook_secret(configured=settings.webhook_secret, basic_auth_pass=settings.basic_auth_pass)
-    registrar = webhook_registrar(settings, secret)
+    registrar = webhook_registrar(settings, secret, client=runtime.client, submit=runtime.submit)
+    request_times = RequestTimes(runtime.scheduler)  # /predict: model vs waiting vs the backend's own
+    app.extensions["request_times"] = request_times
+    warning = runtime.models.warning()
 
     def json_body() -> dict:
         if not request.is_json:
@@ -92,7 +101,6 @@ def create_app(settings: Settings, service) -> Flask:
         return body
 
     def with_warning(doc: dict) -> dict:
-        warning = service.warning()
         return {**doc, "warning": warning} if warning else doc
 
     @app.before_request
@@ -132,8 +140,8 @@ def create_app(settings: Settings, service) -> Flask:
         route = request.url_rule.rule if request.url_rule else "unmatched"
         stats.record(route, response.status_code, seconds)
         response.headers["X-Request-Id"] = g.get("request_id", "")
-        if service.warning():
-            response.headers["X-Osprey-Warning"] = service.warning()
+        if warning:
+            response.headers["X-Osprey-Warning"] = warning
         logger.info(
             "%s %s %d %.3fs [%s]",
             request.method,
@@ -148,47 +156,43 @@ def create_app(settings: Settings, service) -> Flask:
     def handle(error: Exception):
         from werkzeug.exceptions import HTTPException
 
+        request_id = g.get("request_id")
         if isinstance(error, HTTPException):
-            return jsonify({"error": error.description, "request_id": g.get("request_id")}), error.code
-        status = getattr(error, "status", None)
-        if status is None and isinstance(error, ValueError):
-            status = 400
-        if status is not None and status < 600:
+            return jsonify({"error": error.description, "request_id": request_id}), error.code
+        if isinstance(error, InputError | NotReadyError):
             logger.warning(
-                "refused %s %s (%d): %s [%s]",
-                request.method,
-                request.path,
-                status,
-                error,
-                g.get("request_id"),
+                "refused %s %s (%d): %s [%s]", request.method, request.path, error.status, error, request_id
             )
             headers = {"Retry-After": str(error.retry_after_s)} if hasattr(error, "retry_after_s") else {}
-            return jsonify({"error": str(error), "request_id": g.get("request_id")}), status, headers
-        logger.exception("internal error in %s %s [%s]", request.method, request.path, g.get("request_id"))
+            return jsonify({"error": str(error), "request_id": request_id}), error.status, headers
+        error_id = internal_error(logger, f"{request.method} {request.path} [{request_id}]")
         return jsonify(
-            {"error": "internal error; see the backend log", "request_id": g.get("request_id")}
-        ), 500
+            {"error": f"internal error {error_id}; the backend log has its details", "error_id": error_id,
+             "request_id": request_id}
+        ), 500  # fmt: skip
 
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify(with_warning({"status": "UP", "model_class": "OspreyBackend", **service.health()}))
+        return jsonify(with_warning({"status": "UP", "model_class": "OspreyBackend", **runtime.health()}))
 
     @app.post("/setup")
     def setup():
         body = json_body()
         schema = require(body, "schema", str)
         project = request_project(body.get("project"))
-        extra = body.get("extra_params")
-        version = service.setup(project=project, label_config=schema, extra_params=extra)
-        if registrar is not None and project is not None:  # Label Studio's webhook needs the secret
-            registrar.ensure_in_background(str(project).split(".", 1)[0], request.host)
-        tags = service.schema_for(schema).tag_roles()  # what each tag of the config will receive
-        return jsonify(with_warning({"model_version": version, "tags": tags}))
+        parsed = runtime.projects.schema_for(schema)  # 422 for a config that cannot be served
+        runtime.projects.remember(project, schema)
+        if project is not None:
+            runtime.intake.configured(project, schema)
+            if registrar is not None:  # Label Studio's webhook needs the secret
+                registrar.ensure_in_background(project, request.host)
+        version = runtime.projects.version(project)
+        return jsonify(with_warning({"model_version": version, "tags": parsed.tag_roles()}))
 
     @app.post("/predict")
     def predict():
-        with service.request_times.measure() as timing:  # the JSON in and out included
+        with request_times.measure() as timing:  # the JSON in and out included
             return predict_request(timing)
 
     def predict_request(timing: dict):
@@ -204,7 +208,7 @@ def create_app(settings: Settings, service) -> Flask:
         label_config = body.get("label_config")
         if label_config is not None and not isinstance(label_config, str):
             raise RequestError("'label_config' must be the project's XML as a string")
-        response = service.predict(
+        response = runtime.predictor.predict(
             tasks=tasks,
             project=request_project(body.get("project")),
             label_config=label_config,
@@ -217,13 +221,16 @@ def create_app(settings: Settings, service) -> Flask:
         body = json_body()
         action = require(body, "action", str)
         with webhooks.slot(f"webhook {action} [{g.request_id}]"):
-            outcome = service.webhook(action, body)
+            outcome = runtime.intake.receive(action, body)
         if outcome.get("status") == "ignored":  # as label-studio-ml answers events it does not train on
             return jsonify({**outcome, "status": "Unknown event"}), 200
         return jsonify(outcome), 201
 
     @app.get("/metrics")
     def metrics():
-        return jsonify({"routes": stats.snapshot(), "webhooks": webhooks.snapshot(), **service.metrics()})
+        return jsonify(
+            {"routes": stats.snapshot(), "webhooks": webhooks.snapshot(), **runtime.metrics(),
+             "request_times": request_times.stats()}
+        )  # fmt: skip
 
     return app

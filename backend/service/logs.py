@@ -23,6 +23,8 @@ import logging
 import re
 import traceback
 
+from backend.errors import SettingsError
+
 REDACTED = "[redacted]"
 
 _QUERY = re.compile(r"\?(?=[^\s\"'<>]*=)[^\s\"'<>]+")
@@ -91,6 +93,8 @@ def configure_logging(level: str) -> None:
     from every record (see the module docstring). ValueError for an unknown level name."""
     name = level.strip().upper()
     if not isinstance(logging.getLevelName(name), int):
-        raise ValueError(f"LOG_LEVEL={level!r} is not a level; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        raise SettingsError(
+            f"LOG_LEVEL={level!r} is not a level; use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+        )
     install_redaction()
     logging.basicConfig(level=name, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -27,6 +27,11 @@ class RequestTimes:
         self._lock = threading.Lock()
         self._kinds: dict[str, dict[str, float]] = {}
 
+    def reset(self) -> None:
+        """Forget what was measured so far (benchmarks leave out their warm-up)."""
+        with self._lock:
+            self._kinds.clear()
+
     @contextmanager
     def measure(self, kind: str = "batch") -> Iterator[dict]:
         """Time the request handled inside, in this thread; set ``["kind"]`` of the yielded dict once

@@ -18,59 +18,27 @@ Threads: ``THREADS`` for ``/predict`` (at most ``THREADS`` - 2 at once), ``/heal
 ``/metrics``, plus two per ``OSPREY_WEBHOOK_CONCURRENCY`` for webhooks (one running and one waiting,
 see :class:`backend.service.admission.ConcurrencyLimit`), so neither can take the threads ``/health``
 needs. One process serves; weights are checked before the models load, so a missing file stops the
-command with a message naming it. SIGTERM stops accepting and lets running requests finish (5 s).
+command with a message naming it. SIGTERM stops accepting, lets running requests finish (5 s), then
+closes the runtime: job workers stop after their current step, recorded predictions are written.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from backend.runtime.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def check_weights(settings: Settings) -> None:
-    """Raise FileNotFoundError naming every missing weight file and the command that fetches it."""
-    from osprey.model.checkpoint import resolve_checkpoint, weight_files
-    from osprey.model.config import load_preset, preset_names
-    from osprey.sam.build import SAM_ARCHITECTURES
-
-    missing = []
-    model = settings.osprey_model
-    if not (model in preset_names() and load_preset(model).untrained):
-        try:
-            weight_files(resolve_checkpoint(model))
-        except FileNotFoundError as error:
-            missing.append(str(error))
-    arch = SAM_ARCHITECTURES.get(settings.sam_model)
-    if arch is None:
-        raise ValueError(
-            f"SAM_MODEL={settings.sam_model!r} is unknown; use one of {', '.join(SAM_ARCHITECTURES)}"
-        )
-    if arch.checkpoint_file is not None:
-        path = Path(settings.sam_checkpoint or settings.model_dir / arch.checkpoint_file)
-        if not path.is_file():
-            missing.append(
-                f"SAM checkpoint {path} is missing; run `osprey-label download --sam {settings.sam_model}` "
-                f"(saves {arch.checkpoint_file} under MODEL_DIR) or set SAM_CHECKPOINT"
-            )
-    if missing:
-        raise FileNotFoundError("cannot start, weights are missing:\n  " + "\n  ".join(missing))
-
-
 def build_app(settings: Settings):
-    """The WSGI app with its models loaded and its training worker started."""
-    from backend.runtime.runtime import OspreyService, load_models
+    """The runtime (models loaded, workers started) and the WSGI app over it."""
+    from backend.runtime.runtime import build_runtime
 
     from .app import create_app
 
-    models = load_models(settings)
-    logger.info("models loaded: %s", models.version)
-    service = OspreyService(settings=settings, models=models)
-    service.start_training_worker()
-    return create_app(settings, service)
+    runtime = build_runtime(settings).start()
+    return create_app(runtime), runtime
 
 
 def server_options(settings: Settings) -> dict:
@@ -96,21 +64,23 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Check the weights, load the models, then serve until SIGTERM or Ctrl-C."""
+    """Check the folders, the device and the weights, load the models, then serve until SIGTERM or
+    Ctrl-C; then let running requests finish (5 s), stop the job workers after their current step and
+    every other thread of the runtime, and return."""
     import signal
 
     from waitress import create_server
 
-    check_weights(settings)
-    app = build_app(settings)
-    server = create_server(app, **server_options(settings))
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    logger.info(
-        "serving on http://%s:%d (%d threads, %d more for webhooks; at most %d connections)",
-        settings.host,
-        settings.port,
-        settings.threads,
-        2 * settings.webhook_concurrency,
-        settings.max_connections,
-    )
-    server.run()
+    app, runtime = build_app(settings)
+    try:
+        server = create_server(app, **server_options(settings))
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        logger.info(
+            "serving on http://%s:%d (%d threads, %d more for webhooks; at most %d connections)",
+            settings.host, settings.port, settings.threads, 2 * settings.webhook_concurrency,
+            settings.max_connections,
+        )  # fmt: skip
+        server.run()
+        logger.info("stopped serving; stopping the runtime")
+    finally:
+        runtime.close()

@@ -5,18 +5,21 @@ This is the library behind ``osprey-label download``. Every file goes where the 
 - **Osprey** and its ConvNeXt CLIP tower come from the Hugging Face Hub into the Hugging Face cache or
   a plain folder (:mod:`osprey.download.hub`).
 - **SAM** checkpoints come from Meta's public download site into the models folder (``MODEL_DIR``),
-  resumed when cut off and verified against the published checksums (:mod:`osprey.download.sam`,
-  which also holds the one table of published SAM files, :data:`SAM_CHECKPOINTS`).
+  resumed when cut off and verified against the published checksums (:mod:`osprey.download.sam`; the
+  one table of published SAM files, :data:`SAM_CHECKPOINTS`, is :mod:`osprey.sam.checkpoints`).
 - What the command prints: errors, the ``--check`` table (:mod:`osprey.download.report`).
 
 Importing this package is cheap: torch, ``osprey.model.checkpoint`` and ``huggingface_hub`` are imported
-only by the functions that need them. May import ``osprey.model`` (checkpoint names and resolution)
-and ``huggingface_hub``; never ``backend``. The ``osprey-label download`` command is :mod:`osprey.download.cli`.
+only by the functions that need them. May import ``osprey.model`` (checkpoint names and resolution),
+``osprey.sam.checkpoints`` (pure data) and ``huggingface_hub``; never ``backend``. The
+``osprey-label download`` command is :mod:`osprey.download.cli`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from osprey.sam.checkpoints import DEFAULT_SAM_BASE_URL, SAM_CHECKPOINTS, SamCheckpoint
 
 from .hub import (
     CONFIG_AND_TOKENIZER_PATTERNS,
@@ -36,10 +39,7 @@ from .report import (
     human_size,
 )
 from .sam import (
-    DEFAULT_SAM_BASE_URL,
     SAM_BASE_URL_ENV,
-    SAM_CHECKPOINTS,
-    SamCheckpoint,
     check_sam,
     fetch_sam,
     sam_checkpoint,

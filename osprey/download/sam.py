@@ -1,8 +1,8 @@
-"""SAM checkpoints: the published table, fetching from Meta's download site, and verifying.
+"""SAM checkpoints: fetching from Meta's download site, and verifying what is on disk.
 
-:data:`SAM_CHECKPOINTS` is the one table of the published SAM files; :mod:`osprey.sam.build` takes
-its file names and :data:`DEFAULT_SAM_BASE_URL` from here. This module imports no torch, so the table
-costs nothing to read.
+The table of published files (:data:`~osprey.sam.checkpoints.SAM_CHECKPOINTS`) lives in
+:mod:`osprey.sam.checkpoints`, pure data that imports no torch, so this module costs nothing heavy
+either.
 
 A file is streamed to ``<name>.part`` (resumed with an HTTP range when a previous run was cut off)
 and renamed only once complete and verified: it must match its published sha256 and the hex suffix
@@ -19,8 +19,9 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+
+from osprey.sam.checkpoints import DEFAULT_SAM_BASE_URL, SAM_CHECKPOINTS, SamCheckpoint
 
 from .report import (
     ChecksumError,
@@ -31,52 +32,21 @@ from .report import (
     file_size,
 )
 
+__all__ = [
+    "DEFAULT_SAM_BASE_URL",
+    "SAM_BASE_URL_ENV",
+    "SAM_CHECKPOINTS",
+    "SamCheckpoint",
+    "check_sam",
+    "fetch_sam",
+    "sam_checkpoint",
+    "sam_offline_help",
+    "verify_sam_file",
+]
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM_BASE_URL_ENV = "SAM_BASE_URL"
-_SAM_NAME = re.compile(r"sam_\w+_([0-9a-f]{6})\.pth")
-
-
-@dataclass(frozen=True)
-class SamCheckpoint:
-    """A published SAM checkpoint: its file name (``sam_<type>_<md5 prefix>.pth``), full sha256 and size."""
-
-    name: str
-    sha256: str | None = None
-    size_text: str = ""
-
-    def __post_init__(self) -> None:
-        if _SAM_NAME.fullmatch(self.name) is None:
-            raise ValueError(f"SAM checkpoint names end in _<6 hex digits>.pth, got {self.name!r}")
-        if self.sha256 is not None and re.fullmatch(r"[0-9a-f]{64}", self.sha256) is None:
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
-
-    @property
-    def md5_prefix(self) -> str:
-        """The hex suffix of the published name: the first six hex digits of the file's MD5."""
-        return _SAM_NAME.fullmatch(self.name).group(1)
-
-
-# The files Meta publishes, by model type, with their sha256 (the same digests are quoted by many
-# projects that pin them).
-SAM_CHECKPOINTS: dict[str, SamCheckpoint] = {
-    "vit_h": SamCheckpoint(
-        "sam_vit_h_4b8939.pth",
-        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        size_text="2.4 GB",
-    ),
-    "vit_l": SamCheckpoint(
-        "sam_vit_l_0b3195.pth",
-        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        size_text="1.2 GB",
-    ),
-    "vit_b": SamCheckpoint(
-        "sam_vit_b_01ec64.pth",
-        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        size_text="358 MB",
-    ),
-}
 
 
 def sam_checkpoint(
@@ -239,11 +209,6 @@ def _stream(url: str, part: Path, *, timeout_s: float, progress: bool, label: st
             f"the transfer of {url} stopped after {received} of {expected} bytes; "
             f"{part} is kept: run the command again to resume"
         )
-
-
-def _range_total(content_range: str | None) -> int | None:
-    match = re.fullmatch(r"bytes \*/(\d+)", (content_range or "").strip())
-    return int(match.group(1)) if match else None
 
 
 def _range_total(content_range: str | None) -> int | None:

@@ -23,11 +23,14 @@ the classifier's softmax over the seen labels is scaled by ``1 - u``. With no da
 uniform; the share fades as examples arrive. An attribute that never varied in training (always
 or never ticked) gets the constant ``(positives + a) / (N + 2a)``.
 
-:func:`blend` pools the head's probabilities with Osprey's own (see its docstring).
+:func:`blend` pools the head's probabilities with Osprey's own (see its docstring), and
+:func:`blend_labels` applies it to a region's answers: the one rule that serving and the promotion gate
+share, so the gate measures what is served.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from osprey.inference.fields import ClosedSetAnswer, RegionLabels
+
 from .region_features import FeatureLayout
 
 logger = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ _EPS = 1e-9
 
 
 @dataclass(frozen=True)
-class FieldSpec:
+class HeadField:
     """A closed-set field and its full label set (from the project's label config)."""
 
     name: str
@@ -103,7 +108,7 @@ class _FieldModel:
     """One field's trained state: classifier outputs (``outputs``: label names), parameters and,
     for attributes that never varied, constant probabilities."""
 
-    spec: FieldSpec
+    spec: HeadField
     n_train: int
     outputs: tuple[str, ...] = ()
     params: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -158,7 +163,7 @@ def _train(
     return {name: p.detach().contiguous() for name, p in params.items()}
 
 
-def _clean_field_labels(spec: FieldSpec, raw: Sequence, n: int) -> list:
+def _clean_field_labels(spec: HeadField, raw: Sequence, n: int) -> list:
     """Per example: a label (single) / a set of labels (multi), or None when not annotated.
     Labels outside the label set are dropped with a warning (the config may have changed)."""
     if len(raw) != n:
@@ -202,7 +207,7 @@ class FastHead:
         self.models = models
 
     @property
-    def fields(self) -> dict[str, FieldSpec]:
+    def fields(self) -> dict[str, HeadField]:
         return {name: m.spec for name, m in self.models.items()}
 
     @property
@@ -340,7 +345,7 @@ class FastHead:
         tensors = load_file(str(path / "head.safetensors"))
         models = {}
         for entry in meta["fields"]:
-            spec = FieldSpec(
+            spec = HeadField(
                 name=entry["name"], labels=tuple(entry["labels"]), multi_label=entry["multi_label"]
             )
             prefix = f"{spec.name}."
@@ -384,7 +389,7 @@ class HeadTrainer:
     def __init__(
         self,
         *,
-        fields: Sequence[FieldSpec],
+        fields: Sequence[HeadField],
         layout: FeatureLayout | None = None,
         config: HeadConfig | None = None,
     ) -> None:
@@ -442,7 +447,7 @@ class HeadTrainer:
             models=models,
         )
 
-    def _fit_single(self, spec: FieldSpec, xs: torch.Tensor, clean: list) -> _FieldModel:
+    def _fit_single(self, spec: HeadField, xs: torch.Tensor, clean: list) -> _FieldModel:
         rows = [i for i, v in enumerate(clean) if v is not None]
         counts = {label: 0 for label in spec.labels}
         for i in rows:
@@ -461,7 +466,7 @@ class HeadTrainer:
         params = _train(xs[rows], targets, weights, multi=False, config=self.config)
         return _FieldModel(spec=spec, n_train=len(rows), outputs=seen, params=params)
 
-    def _fit_multi(self, spec: FieldSpec, xs: torch.Tensor, clean: list) -> _FieldModel:
+    def _fit_multi(self, spec: HeadField, xs: torch.Tensor, clean: list) -> _FieldModel:
         rows = [i for i, v in enumerate(clean) if v is not None]
         truth = torch.tensor(
             [[label in clean[i] for label in spec.labels] for i in rows], dtype=torch.float32
@@ -539,3 +544,36 @@ def blend(
         pooled = np.exp(log_p - log_p.max())
         pooled /= pooled.sum()
     return {label: float(p) for label, p in zip(labels, pooled, strict=True)}
+
+
+def blend_labels(
+    labels: RegionLabels, head_probs: Mapping[str, Mapping[str, float]], n_train: Mapping[str, int]
+) -> RegionLabels:
+    """One region's answers as they are served: each closed-set field (category, part, attributes)
+    blended with the head's probabilities for it (:func:`blend`, weighted by the head's accepted
+    examples ``n_train[field]``) when the head answers the same label set; every other field as the
+    model gave it. ``labels`` is not changed."""
+    out = dataclasses.replace(labels, text_scores=dict(labels.text_scores))
+    for name in ("category", "part"):
+        answer = getattr(labels, name)
+        probs = head_probs.get(name)
+        if isinstance(answer, ClosedSetAnswer) and probs is not None and set(probs) == set(answer.scores):
+            scores = blend(answer.scores, probs, n_train.get(name, 0))
+            best = max(scores, key=scores.get)
+            setattr(out, name, ClosedSetAnswer(label=best, score=scores[best], scores=scores))
+    probs = head_probs.get("attributes")
+    if labels.attributes and probs is not None and set(probs) == set(labels.attributes):
+        out.attributes = blend(labels.attributes, probs, n_train.get("attributes", 0), multi_label=True)
+    return out
+
+
+def closed_set_probs(labels: RegionLabels) -> dict[str, dict[str, float]]:
+    """Field -> {label: probability} of a region's closed-set answers (what held-out metrics score)."""
+    out = {}
+    for name in ("category", "part"):
+        answer = getattr(labels, name)
+        if isinstance(answer, ClosedSetAnswer):
+            out[name] = dict(answer.scores)
+    if labels.attributes:
+        out["attributes"] = dict(labels.attributes)
+    return out

@@ -1,6 +1,5 @@
 """SAM-assisted refinement of annotator input, with cached image embeddings, and segment everything.
-May import segment-anything (``build``, the one adapter), ``osprey.runtime.feature_cache`` and
-``osprey.download`` (the published checkpoint table); never ``backend``.
+May import segment_anything (in build.py) and osprey.runtime; never osprey.inference, osprey.download or backend.
 
 Typical use (one model, one embedder shared by every request and thread)::
 
@@ -16,49 +15,53 @@ Typical use (one model, one embedder shared by every request and thread)::
     regions = everything.generate(image)                                    # decoder only
 
 All coordinates are original-image pixels; see :mod:`osprey.sam.prompts` for the conventions.
+
+Importing this package is cheap: each public name is imported from its module on first use, so
+``osprey.sam.checkpoints`` (the published files, read by the download command), ``osprey.sam.masks``
+and ``osprey.sam.prompts`` load without torch or segment-anything.
 """
 
-from .build import (
-    SAM_ARCHITECTURES,
-    SamArchitecture,
-    build_sam,
-    build_tiny_sam,
-    checkpoint_url,
-    known_model_types,
-)
-from .embedding import ImageEmbedding, SamImageEmbedder
-from .everything import EverythingOptions, SamEverything, SegmentedRegion
-from .masks import (
-    mask_bbox_xyxy,
-    mask_exterior_points,
-    mask_interior_points,
-    mask_to_low_res_logits,
-    rasterize_polygon,
-)
-from .prompts import MaskPromptConfig, SamPrompt, build_sam_prompt
-from .refine import RefinedMask, SamRefiner, stability_score
+from __future__ import annotations
 
-__all__ = [
-    "SAM_ARCHITECTURES",
-    "EverythingOptions",
-    "ImageEmbedding",
-    "MaskPromptConfig",
-    "RefinedMask",
-    "SamArchitecture",
-    "SamEverything",
-    "SamImageEmbedder",
-    "SamPrompt",
-    "SamRefiner",
-    "SegmentedRegion",
-    "build_sam",
-    "build_sam_prompt",
-    "build_tiny_sam",
-    "checkpoint_url",
-    "known_model_types",
-    "mask_bbox_xyxy",
-    "mask_exterior_points",
-    "mask_interior_points",
-    "mask_to_low_res_logits",
-    "rasterize_polygon",
-    "stability_score",
-]
+import importlib
+
+# Public name -> the module of this package that defines it.
+_HOMES = {
+    "SAM_ARCHITECTURES": "build",
+    "SamArchitecture": "build",
+    "build_sam": "build",
+    "build_tiny_sam": "build",
+    "checkpoint_url": "build",
+    "known_model_types": "build",
+    "ImageEmbedding": "embedding",
+    "SamImageEmbedder": "embedding",
+    "EverythingOptions": "everything",
+    "SamEverything": "everything",
+    "SegmentedRegion": "everything",
+    "mask_bbox_xyxy": "masks",
+    "mask_exterior_points": "masks",
+    "mask_interior_points": "masks",
+    "mask_to_low_res_logits": "masks",
+    "rasterize_polygon": "masks",
+    "MaskPromptConfig": "prompts",
+    "SamPrompt": "prompts",
+    "build_sam_prompt": "prompts",
+    "RefinedMask": "refine",
+    "SamRefiner": "refine",
+    "stability_score": "refine",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'osprey.sam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # resolved once; later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -28,7 +28,7 @@ from segment_anything.predictor import SamPredictor
 from segment_anything.utils.amg import MaskData
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from osprey.download.sam import DEFAULT_SAM_BASE_URL, SAM_CHECKPOINTS
+from .checkpoints import DEFAULT_SAM_BASE_URL, SAM_CHECKPOINTS
 
 __all__ = [
     "SAM_ARCHITECTURES",

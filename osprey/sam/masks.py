@@ -1,6 +1,7 @@
 """Rough-mask geometry for SAM prompts: polygon fill, mask box, interior/exterior points, mask input.
 
-Pure numpy/OpenCV functions; coordinate conventions are those of :mod:`osprey.sam.prompts`:
+Pure numpy/OpenCV functions (no torch or segment-anything at import: :func:`mask_to_low_res_logits`
+takes SAM's resize rule from :mod:`osprey.sam.build` when called); coordinate conventions are those of :mod:`osprey.sam.prompts`:
 pixel (row r, col c) covers ``[c, c+1) x [r, r+1)``, boxes are XYXY with an exclusive end, points
 made from a mask are whole ``(X, Y)`` pixel indices, and a polygon covers the pixels whose centre
 ``(c + 0.5, r + 0.5)`` is inside it.
@@ -9,13 +10,13 @@ made from a mask are whole ``(X, Y)`` pixel indices, and a polygon covers the pi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from .build import ResizeLongestSide
-
 __all__ = [
+    "check_polygon",
     "mask_bbox_xyxy",
     "mask_exterior_points",
     "mask_interior_points",
@@ -26,6 +27,14 @@ __all__ = [
 _MAX_SAMPLING_CANDIDATES = 4096
 # Percent coordinates converted to pixels may land a hair outside the image.
 EDGE_TOLERANCE_PX = 1e-3
+# Polygon vertices farther out than this are refused: edge arithmetic on them could overflow.
+MAX_COORDINATE_PX = 1e15
+# The polygon fill works a band of rows at a time: at most this many rows, pixels (their toggle
+# counts are int64) and edge crossings (about 40 bytes of temporaries each), so a band needs about
+# 2 + 2.5 MiB whatever the polygon and the image.
+_BAND_ROWS = 64
+_BAND_CELLS = 1 << 18
+_BAND_CROSSINGS = 1 << 16
 
 
 def check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
@@ -35,50 +44,108 @@ def check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
     return int(image_size[0]), int(image_size[1])
 
 
-def rasterize_polygon(
-    vertices: np.ndarray | Sequence[Sequence[float]], image_size: Sequence[int]
-) -> np.ndarray:
-    """Fill a polygon of (x, y) pixel vertices into an HxW bool mask, pixel-centre rule.
+def check_polygon(vertices_xy: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Validate a polygon given as (x, y) pixel vertices and return it as an (N, 2) float64 array.
 
-    Pixel (r, c) is inside when (c + 0.5, r + 0.5) is inside the polygon (even-odd rule, centres
-    on left/top edges in, on right/bottom edges out). Raises ValueError for fewer than 3 vertices,
-    a vertex outside ``[0, W] x [0, H]``, or a polygon that covers no pixel centre.
+    Raises ValueError unless it is (N, 2) with N >= 3 and every coordinate finite and within
+    ``MAX_COORDINATE_PX`` of the origin (farther vertices would overflow the edge arithmetic).
     """
-    height, width = check_image_size(image_size)
-    pts = np.asarray(vertices, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
-        raise ValueError(f"polygon must be a list of finite (x, y) vertices, got shape {pts.shape}")
+    try:
+        pts = np.asarray(vertices_xy, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "polygon must be a list of (x, y) number pairs, e.g. [(0, 0), (4, 0), (0, 3)]"
+        ) from None
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"polygon must be an (N, 2) list of (x, y) vertices, got shape {pts.shape}")
     if len(pts) < 3:
         raise ValueError(f"polygon needs at least 3 vertices, got {len(pts)}")
-    tol = EDGE_TOLERANCE_PX
-    if (
-        (pts[:, 0] < -tol).any()
-        or (pts[:, 0] > width + tol).any()
-        or (pts[:, 1] < -tol).any()
-        or (pts[:, 1] > height + tol).any()
-    ):
+    if not np.isfinite(pts).all() or np.abs(pts).max() > MAX_COORDINATE_PX:
         raise ValueError(
-            f"polygon has vertices outside the {width}x{height} image (pixels in [0, W] x [0, H])"
+            f"polygon vertices must be finite pixel coordinates within +-{MAX_COORDINATE_PX:.0e}, "
+            f"got values from {pts.min()} to {pts.max()}"
         )
+    return pts
 
-    start, end = pts, np.roll(pts, -1, axis=0)
+
+def rasterize_polygon(
+    vertices_xy: np.ndarray | Sequence[Sequence[float]], *, width: int, height: int
+) -> np.ndarray:
+    """Fill a polygon of (x, y) pixel vertices into an (H, W) bool mask, pixel-centre rule.
+
+    Pixel (row r, col c) is inside when its centre (c + 0.5, r + 0.5) is inside the polygon
+    (even-odd rule, so self-intersections cut holes; a centre on a left or top edge is inside, on a
+    right or bottom edge outside), so a polygon's pixel count matches its area and polygons that
+    share an edge share no pixel. Vertices may lie outside the image: what falls outside is simply
+    not drawn. A polygon that covers no pixel centre gives an all-False mask.
+
+    Memory is the mask plus a few MiB, whatever the number of vertices: rows are filled a band at a
+    time, from the crossings of the edges that reach the band only.
+
+    Raises:
+        ValueError: ``width`` or ``height`` below 1, or vertices refused by :func:`check_polygon`.
+    """
+    if min(width, height) < 1:
+        raise ValueError(f"the mask needs width and height >= 1 pixel, got width={width}, height={height}")
+    width, height = int(width), int(height)
+    start = check_polygon(vertices_xy)
+    end = np.roll(start, -1, axis=0)
+    # Half-open rule: an edge crosses the rows whose centre is in [y_lo, y_hi); horizontal edges none.
     y_lo, y_hi = np.minimum(start[:, 1], end[:, 1]), np.maximum(start[:, 1], end[:, 1])
-    centres_y = np.arange(height, dtype=np.float64)[:, None] + 0.5  # (H, 1)
-    # Half-open rule: an edge spans the rows whose centre is in [y_lo, y_hi); horizontal edges none.
-    crosses = (centres_y >= y_lo[None, :]) & (centres_y < y_hi[None, :])  # (H, E)
-    dy = end[:, 1] - start[:, 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (centres_y - start[None, :, 1]) / dy[None, :]
-    x_cross = start[None, :, 0] + t * (end[:, 0] - start[:, 0])[None, :]  # (H, E)
-    rows, edges = np.nonzero(crosses)
-    # The crossing toggles inside/outside for every pixel whose centre is at or right of it.
-    first_col = np.clip(np.ceil(x_cross[rows, edges] - 0.5), 0, width).astype(np.int64)
-    toggles = np.zeros((height, width + 1), dtype=np.int32)
-    np.add.at(toggles, (rows, first_col), 1)
-    mask = (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
-    if not mask.any():
-        raise ValueError("polygon covers no pixel centre (it is degenerate or thinner than a pixel)")
+    first_row = np.clip(np.ceil(y_lo - 0.5), 0, height).astype(np.int64)
+    stop_row = np.clip(np.ceil(y_hi - 0.5), 0, height).astype(np.int64)
+    keep = first_row < stop_row
+    start, extent = start[keep], end[keep] - start[keep]
+    edges = _Edges(start[:, 0], start[:, 1], extent[:, 0], extent[:, 1], first_row[keep], stop_row[keep])
+    mask = np.zeros((height, width), dtype=bool)
+    if not len(edges.first_row):
+        return mask
+    # crossings_before[r]: edge crossings in rows [0, r), to size each band.
+    per_row = np.cumsum(
+        np.bincount(edges.first_row, minlength=height + 1) - np.bincount(edges.stop_row, minlength=height + 1)
+    )[:height]
+    crossings_before = np.concatenate([[0], np.cumsum(per_row)])
+    max_rows = max(1, min(_BAND_ROWS, _BAND_CELLS // (width + 1)))
+    top, last = int(edges.first_row.min()), int(edges.stop_row.max())
+    while top < last:
+        budget = crossings_before[top] + _BAND_CROSSINGS
+        fits = int(np.searchsorted(crossings_before, budget, side="right")) - 1  # last row end within budget
+        bottom = min(last, top + max_rows, max(top + 1, fits))
+        mask[top:bottom] = _band_parity(edges, top, bottom, width)
+        top = bottom
     return mask
+
+
+@dataclass(frozen=True)
+class _Edges:
+    """The polygon's E non-horizontal edges: start (x0, y0), extent (dx, dy) and the rows
+    [first_row, stop_row) whose centres they cross; (E,) arrays each."""
+
+    x0: np.ndarray
+    y0: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    first_row: np.ndarray
+    stop_row: np.ndarray
+
+
+def _band_parity(edges: _Edges, top: int, bottom: int, width: int) -> np.ndarray:
+    """Rows [top, bottom) of the mask, as (rows, W) uint8 0/1: crossings to the left of each centre, mod 2."""
+    active = np.flatnonzero((edges.first_row < bottom) & (edges.stop_row > top))
+    lo = np.maximum(edges.first_row[active], top)
+    counts = np.minimum(edges.stop_row[active], bottom) - lo
+    edge = np.repeat(active, counts)  # one entry per (edge, row) crossing
+    row = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+    t = (row + 0.5 - edges.y0[edge]) / edges.dy[edge]
+    x_cross = edges.x0[edge] + t * edges.dx[edge]
+    # The crossing toggles inside/outside for every pixel whose centre is at or right of it; column
+    # W collects the crossings right of the image.
+    first_col = np.clip(np.ceil(x_cross - 0.5), 0, width).astype(np.int64)
+    rows = bottom - top
+    toggles = np.bincount((row - top) * (width + 1) + first_col, minlength=rows * (width + 1))
+    # uint8 wraps around at 256, which keeps the parity, the only thing the even-odd rule needs.
+    toggles = toggles.astype(np.uint8).reshape(rows, width + 1)[:, :width]
+    return np.cumsum(toggles, axis=1, dtype=np.uint8) & 1
 
 
 def mask_bbox_xyxy(mask: np.ndarray) -> np.ndarray:
@@ -173,6 +240,8 @@ def mask_to_low_res_logits(
     the square input frame (padding is background), area-averaged down to ``low_res_size`` and
     mapped from coverage ``p`` to ``(2p - 1) * logit_scale``.
     """
+    from .build import ResizeLongestSide  # SAM's own resize rule; imported here to keep this module light
+
     height, width = mask.shape
     in_h, in_w = ResizeLongestSide.get_preprocess_shape(height, width, encoder_size)
     resized = cv2.resize(mask.astype(np.float32), (in_w, in_h), interpolation=cv2.INTER_LINEAR)

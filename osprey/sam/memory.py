@@ -1,10 +1,11 @@
-"""What SAM's segment everything holds at its peak, from shapes on the ``meta`` device.
+"""What SAM holds, from shapes: one cached image embedding, and segment everything at its peak.
 
 Two moments dominate: the image encoder (its global-attention blocks, banded by
 :mod:`osprey.sam.attention`) and one decoder batch of ``points_per_batch`` points, whose three masks
 per point are upscaled to the 1024 frame and then to the original image in float32 before they are
 thresholded. :func:`everything_peak_bytes` runs both on ``meta`` tensors under
-:class:`~osprey.inference.memory.LiveBytes` (about a second for ViT-H, no memory).
+:class:`~osprey.runtime.memory.LiveBytes` (about a second for ViT-H, no memory).
+:func:`sam_embedding_bytes` is what one image costs in :class:`~osprey.sam.embedding.SamImageEmbedder`'s cache.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from osprey.inference.memory import LiveBytes
+from osprey.runtime.memory import LiveBytes
 
 from .attention import chunk_global_attention
-from .build import SAM_ARCHITECTURES, _assemble
+from .build import SAM_ARCHITECTURES, SamArchitecture, _assemble
 
-__all__ = ["EverythingPeak", "everything_peak_bytes"]
+__all__ = ["EverythingPeak", "everything_peak_bytes", "sam_embedding_bytes"]
+
+
+def sam_embedding_bytes(arch: SamArchitecture) -> int:
+    """One cached SAM embedding (float32 ``(prompt_embed_dim, grid, grid)``) of ``arch``."""
+    grid = arch.image_size // arch.patch_size
+    return arch.prompt_embed_dim * grid * grid * 4
 
 
 @dataclass(frozen=True)

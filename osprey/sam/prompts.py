@@ -27,6 +27,7 @@ import numpy as np
 from .masks import (
     EDGE_TOLERANCE_PX,
     check_image_size,
+    check_polygon,
     mask_bbox_xyxy,
     mask_exterior_points,
     mask_interior_points,
@@ -45,7 +46,7 @@ __all__ = [
     "mask_exterior_points",
     "mask_interior_points",
     "mask_to_low_res_logits",
-    "rasterize_polygon",
+    "polygon_prompt_mask",
 ]
 
 
@@ -197,6 +198,32 @@ def check_mask(mask: np.ndarray, image_size: Sequence[int], *, what: str = "mask
     return out
 
 
+def polygon_prompt_mask(
+    polygon: np.ndarray | Sequence[Sequence[float]], image_size: Sequence[int]
+) -> np.ndarray:
+    """The HxW bool rough mask of an annotator's polygon of (x, y) pixel vertices.
+
+    Stricter than :func:`~osprey.sam.masks.rasterize_polygon`, which it calls: as a prompt, a polygon
+    must lie inside the image and cover at least one pixel centre, else ValueError.
+    """
+    height, width = check_image_size(image_size)
+    pts = check_polygon(polygon)
+    tol = EDGE_TOLERANCE_PX
+    if (
+        (pts[:, 0] < -tol).any()
+        or (pts[:, 0] > width + tol).any()
+        or (pts[:, 1] < -tol).any()
+        or (pts[:, 1] > height + tol).any()
+    ):
+        raise ValueError(
+            f"polygon has vertices outside the {width}x{height} image (pixels in [0, W] x [0, H])"
+        )
+    mask = rasterize_polygon(pts, width=width, height=height)
+    if not mask.any():
+        raise ValueError("polygon covers no pixel centre (it is degenerate or thinner than a pixel)")
+    return mask
+
+
 def build_sam_prompt(
     image_size: Sequence[int],
     *,
@@ -216,7 +243,7 @@ def build_sam_prompt(
         points, point_labels: Nx2 (X, Y) pixel clicks and their 1/0 labels (None: all positive).
         box_xyxy: a dragged box, XYXY pixels.
         mask: a rough brush mask, HxW at the image size.
-        polygon: (x, y) pixel vertices, rasterised with :func:`rasterize_polygon`.
+        polygon: (x, y) pixel vertices, rasterised with :func:`polygon_prompt_mask`.
         config: how a rough mask becomes prompts (:class:`MaskPromptConfig`).
         encoder_size, mask_input_size: SAM's square input frame and low-resolution mask size.
 
@@ -238,7 +265,7 @@ def build_sam_prompt(
 
     rough = check_mask(mask, size, what="brush mask") if mask is not None else None
     if polygon is not None:
-        poly_mask = rasterize_polygon(polygon, size)
+        poly_mask = polygon_prompt_mask(polygon, size)
         rough = poly_mask if rough is None else rough | poly_mask
     mask_input = None
     if rough is not None:

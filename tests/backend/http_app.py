@@ -11,11 +11,11 @@ from werkzeug.serving import make_server
 
 @contextmanager
 def served_tiny_service(tiny_models, file_store, model_dir, upload: str):
-    """The real app and service on the tiny models, with ``scene_png()`` stored in the fake Label Studio
+    """The real app and runtime on the tiny models, with ``scene_png()`` stored in the fake Label Studio
     at ``upload``; yields the base URL."""
     from lsfakes import API_KEY, scene_png
 
-    from backend.runtime.runtime import OspreyService
+    from backend.runtime.runtime import build_runtime
     from backend.runtime.settings import Settings
     from backend.service.app import create_app
 
@@ -24,7 +24,7 @@ def served_tiny_service(tiny_models, file_store, model_dir, upload: str):
         osprey_model="tiny", sam_model="tiny",
     )  # fmt: skip
     file_store.add(upload, scene_png())
-    with served(create_app(settings, OspreyService(settings=settings, models=tiny_models))) as base:
+    with served(create_app(build_runtime(settings, models=tiny_models))) as base:
         yield base
 
 

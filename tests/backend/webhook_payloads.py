@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.jobs import TRAINING_LANE
 from backend.labelstudio.results import choices_result, region_result, textarea_result
 from backend.labelstudio.rle import encode_brush_rle
 
@@ -213,7 +214,7 @@ def claim_all(db_path: str, worker_id: str, lease_s: float = 30.0) -> list[str]:
     ran = []
     idle = 0
     while idle < 20:
-        job = queue.claim(worker_id, lease_s)
+        job = queue.claim(worker_id, lease_s, lane=TRAINING_LANE)
         if job is None:
             idle += 1
             continue

@@ -11,6 +11,8 @@ from lsfakes import API_KEY, scene_png
 
 from backend.cli import build_parser
 from backend.cli import prelabel as prelabel_cli
+from backend.errors import SettingsError
+from backend.runtime.settings import Settings
 
 CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
 VERSION = "tiny+sam-tiny-untrained"
@@ -88,7 +90,7 @@ def test_each_rank_takes_its_own_share(env, project, tiny_models, monkeypatch):
 def test_bad_rank_environment_and_task_ids_are_refused(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="RANK=3 is not within WORLD_SIZE=2"):
-        prelabel_cli._rank()
+    with pytest.raises(SettingsError, match="RANK=3 must be within WORLD_SIZE=2"):
+        Settings.from_env()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["prelabel", "--project", "7", "--tasks", "9-3"])

@@ -18,7 +18,6 @@ from backend.labelstudio.results import (
     mask_to_rectangle_value,
     parse_context,
     polygon_to_pixels,
-    rasterize_polygon,
     rectangle_corners,
     rectangle_to_xyxy,
     region_geometry,
@@ -26,6 +25,7 @@ from backend.labelstudio.results import (
     textarea_result,
 )
 from backend.labelstudio.rle import BadRegionError, encode_brush_rle
+from osprey.sam.masks import rasterize_polygon
 
 CONFIGS = Path(__file__).resolve().parents[3] / "label_configs"
 W, H = 160, 120
@@ -108,13 +108,30 @@ def test_rotated_rectangle_mask():
     assert mask.sum() == 30 * 40
 
 
-def test_polygon_round_trips():
+def test_a_box_mask_polygon_reads_back_as_the_same_pixels():
     box = np.zeros((H, W), bool)
     box[20:60, 30:90] = True
     value = mask_to_polygon_value(box)
     assert len(value["points"]) == 4 and value["closed"] is True
     np.testing.assert_array_equal(mask_from_result({"type": "polygonlabels", "value": value}, W, H), box)
 
+
+@pytest.mark.parametrize("shape", ["ellipse", "diagonal", "one_pixel_wide"])
+def test_an_unsimplified_outline_reads_back_as_exactly_its_pixels(shape):
+    if shape == "ellipse":
+        mask = ellipse((71, 43), (37, 21))
+    elif shape == "diagonal":  # a staircase: pixels touch only at corners along the slope
+        mask = np.zeros((H, W), bool)
+        for i in range(40):
+            mask[10 + i, 20 + i : 26 + i] = True
+    else:
+        mask = np.zeros((H, W), bool)
+        mask[12, 30:70] = True
+    value = mask_to_polygon_value(mask, max_points=100_000, tolerance_px=0.0)
+    np.testing.assert_array_equal(mask_from_result({"type": "polygonlabels", "value": value}, W, H), mask)
+
+
+def test_polygon_round_trips():
     blob = ellipse((80, 60), (55, 35))
     value = mask_to_polygon_value(blob, max_points=40)
     assert 3 <= len(value["points"]) <= 40
@@ -122,6 +139,19 @@ def test_polygon_round_trips():
     vertices = polygon_to_pixels(value, width=W, height=H)
     assert iou(rasterize_polygon(vertices, width=W, height=H), blob) > 0.97
     assert len(mask_to_polygon_value(blob, max_points=8)["points"]) <= 8
+
+
+@pytest.mark.parametrize("rotation", [0, 30, 55])
+def test_polygons_and_rectangles_share_the_pixel_centre_rule(rotation):
+    value = {"x": 40.3, "y": 11.7, "width": 31.9, "height": 33.1, "rotation": rotation}
+    corners = rectangle_corners(value, width=W, height=H)
+    assert ((corners >= 0) & (corners <= (W, H))).all()  # polygon_to_pixels clamps vertices outside
+    polygon = {"points": (corners / (W, H) * 100).tolist()}
+    as_rectangle = mask_from_result({"type": "rectangle", "value": value}, W, H)
+    as_polygon = mask_from_result({"type": "polygon", "value": polygon}, W, H)
+    np.testing.assert_array_equal(as_polygon, as_rectangle)
+    area = value["width"] / 100 * W * value["height"] / 100 * H
+    assert abs(int(as_polygon.sum()) - area) < 0.03 * area  # boundary pixels are not added
 
 
 def test_polygon_keeps_the_biggest_component():

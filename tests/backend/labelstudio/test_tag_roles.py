@@ -13,7 +13,7 @@ from lsfakes import API_KEY, scene_png
 
 from backend.cli import main
 from backend.labelstudio.schema import parse_label_config
-from backend.runtime.runtime import OspreyService
+from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
 
@@ -94,7 +94,7 @@ def url(tiny_models, file_store, tmp_path_factory):
         pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0,
     )  # fmt: skip
     file_store.add("/data/upload/5/scene.png", scene_png(seed=2))
-    with served(create_app(settings, OspreyService(settings=settings, models=tiny_models))) as base:
+    with served(create_app(build_runtime(settings, models=tiny_models))) as base:
         yield base
 
 

@@ -1,4 +1,4 @@
-"""Label configs live in the training store: a training job retried after a restart (a new service on
+"""Label configs live in the training store: a training job retried after a restart (a new runtime on
 the same MODEL_DIR, no ``/setup`` since) still finds its project's label config."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import numpy as np
 from lsfakes import API_KEY, scene_png
 from webhook_payloads import annotation_event
 
+from backend.jobs import TRAINING_LANE
 from backend.labelstudio.results import choices_result, region_result
-from backend.runtime.runtime import OspreyService
+from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
 
@@ -45,8 +46,8 @@ def test_a_job_retried_after_a_restart_finds_its_label_config(tiny_models, file_
         {}, model_dir=tmp_path, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
         osprey_model="tiny", sam_model="tiny", train_every=0, lora="false",
     )  # fmt: skip
-    before = OspreyService(settings=settings, models=tiny_models)
-    client = create_app(settings, before).test_client()
+    before = build_runtime(settings, models=tiny_models)
+    client = create_app(before).test_client()
     # Label Studio sends the label config at /setup only; the webhooks below carry none.
     assert (
         client.post("/setup", json={"project": f"{PROJECT}.1700000000", "schema": CONFIG}).status_code == 200
@@ -57,26 +58,30 @@ def test_a_job_retried_after_a_restart_finds_its_label_config(tiny_models, file_
                                  label_config=None, image=path)  # fmt: skip
         assert client.post("/webhook", json=event).json["status"] == "stored"
     job_id = before.queue.enqueue(str(PROJECT), "train", {"reason": "test"})
-    claimed = before.queue.claim("worker-killed-mid-job", lease_s=0.05)  # its process dies with the job
+    claimed = before.queue.claim(
+        "worker-killed-mid-job", lease_s=0.05, lane=TRAINING_LANE
+    )  # its process dies with the job
     assert claimed is not None and claimed.job_id == job_id
     time.sleep(0.1)  # the lease runs out
 
-    after = OspreyService(settings=settings, models=tiny_models)  # the restart: nothing in memory
-    after.start_training_worker()  # requeues the stale job, then runs it
+    after = build_runtime(
+        settings, models=tiny_models
+    ).start()  # the restart: requeues the stale job, runs it
     try:
         deadline = time.monotonic() + 120
         while after.queue.job(job_id).status in ("queued", "running") and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        assert after.stop_training_worker()
+        for worker in after.workers.values():
+            assert worker.stop()
     job = after.queue.job(job_id)
     assert job.status == "done", job.error
     assert job.attempts == 2 and job.result["status"] in ("promoted", "not promoted"), job.result
     assert after.registry.info(str(PROJECT), job.result["version"]).train_examples > 0
-    assert after.label_config_for(f"{PROJECT}.1700000000") == CONFIG
+    assert after.projects.label_config(str(PROJECT)) == CONFIG
 
     # /predict without a label_config also finds it after the restart (Label Studio may leave it out).
-    restarted = create_app(settings, after).test_client()
+    restarted = create_app(after).test_client()
     task = {"id": 5100, "data": {"image": f"/data/upload/{PROJECT}/half0.png"}}
     body = {"tasks": [task], "project": f"{PROJECT}.1700000000", "params": {}}
     response = restarted.post("/predict", json=body)

@@ -14,7 +14,7 @@ from PIL import Image
 from webhook_payloads import annotation_event
 
 from backend.labelstudio.results import choices_result, region_result
-from backend.runtime.runtime import OspreyService
+from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
 
@@ -71,8 +71,8 @@ def loop(tiny_models, file_store, tmp_path_factory):
         {}, model_dir=tmp_path_factory.mktemp("models"), label_studio_url=file_store.url,
         label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny", train_every=0,
     )  # fmt: skip
-    service = OspreyService(settings=settings, models=tiny_models)
-    return service, create_app(settings, service).test_client(), scenes, tasks
+    runtime = build_runtime(settings, models=tiny_models)
+    return runtime, create_app(runtime).test_client(), scenes, tasks
 
 
 def predict(client, task) -> dict:
@@ -88,7 +88,7 @@ def predict(client, task) -> dict:
 
 
 def test_accepted_labels_train_a_version_that_is_promoted_and_served(loop):
-    service, client, scenes, tasks = loop
+    runtime, client, scenes, tasks = loop
     base = client.post("/setup", json={"project": f"{PROJECT}.1700000000", "schema": CONFIG}).json[
         "model_version"
     ]
@@ -107,7 +107,7 @@ def test_accepted_labels_train_a_version_that_is_promoted_and_served(loop):
                                  project_id=PROJECT, label_config=CONFIG, image=task["data"]["image"])  # fmt: skip
         response = client.post("/webhook", json=event)
         assert response.status_code == 201 and response.json["status"] == "stored", response.json
-    assert service.store.count_accepted(str(PROJECT)) == sum(len(s.masks) for s in scenes)
+    assert runtime.store.count_accepted(str(PROJECT)) == sum(len(s.masks) for s in scenes)
 
     acceptance = client.get("/metrics").json["training"]["acceptance"][str(PROJECT)]
     category = acceptance["fields"]["category"]
@@ -115,12 +115,12 @@ def test_accepted_labels_train_a_version_that_is_promoted_and_served(loop):
 
     queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
     assert queued.status_code == 201 and queued.json["train"] is True
-    job = service.worker.run_once()
+    job = runtime.workers["training"].run_once()
     assert job is not None
-    result = service.queue.job(job.job_id)
+    result = runtime.queue.job(job.job_id)
     assert result.status == "done", result
-    version = service.registry.current(str(PROJECT))
-    assert version is not None and version.version == "v0001", service.registry.versions(str(PROJECT))
+    version = runtime.registry.current(str(PROJECT))
+    assert version is not None and version.version == "v0001", runtime.registry.versions(str(PROJECT))
     outcome = result.result
     print("training job:", outcome)
     assert outcome["status"] == "promoted" and version.heldout_examples > 0
@@ -137,18 +137,18 @@ def test_accepted_labels_train_a_version_that_is_promoted_and_served(loop):
     assert labels == scenes[0].shapes  # the project's own labels now decide
 
     # Rolling back serves the base model again, everywhere at once.
-    service.registry.rollback(str(PROJECT))
+    runtime.registry.rollback(str(PROJECT))
     assert predict(client, first)["model_version"] == base
 
 
 def test_a_worse_head_is_written_but_not_promoted(loop):
     from backend.learning.heldout import heldout
 
-    service, client, scenes, tasks = loop
+    runtime, client, scenes, tasks = loop
     project = str(PROJECT)
-    if service.registry.current(project) is None:  # the first test ends with a rollback: promote again
-        service.registry.promote(project, "v0001")
-    before = service.registry.current(project)
+    if runtime.registry.current(project) is None:  # the first test ends with a rollback: promote again
+        runtime.registry.promote(project, "v0001")
+    before = runtime.registry.current(project)
     # The annotator "relabels" every training task with the wrong shapes; held-out tasks keep the truth.
     wrong = {"circle": "square", "square": "triangle", "triangle": "circle"}
     for i, (scene, task) in enumerate(zip(scenes, tasks, strict=True)):
@@ -161,12 +161,12 @@ def test_a_worse_head_is_written_but_not_promoted(loop):
                                  label_config=CONFIG, image=task["data"]["image"], updated_at="2025-06-01T11:00:00.000000Z")  # fmt: skip
         assert client.post("/webhook", json=event).json["status"] == "stored"
     client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
-    job = service.worker.run_once()
-    outcome = service.queue.job(job.job_id).result
+    job = runtime.workers["training"].run_once()
+    outcome = runtime.queue.job(job.job_id).result
     assert outcome["status"] == "not promoted", outcome
     assert "category_accuracy" in outcome["reason"]
-    assert service.registry.current(project).version == before.version  # still served
-    assert [v.version for v in service.registry.versions(project)][-1] == outcome["version"]  # but kept
+    assert runtime.registry.current(project).version == before.version  # still served
+    assert [v.version for v in runtime.registry.versions(project)][-1] == outcome["version"]  # but kept
 
 
 def test_lora_jobs_write_head_and_adapter_versions_that_are_served(tiny_models, file_store, tmp_path):
@@ -175,8 +175,8 @@ def test_lora_jobs_write_head_and_adapter_versions_that_are_served(tiny_models, 
         {}, model_dir=tmp_path, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
         osprey_model="tiny", sam_model="tiny", train_every=0, lora="true",
     )  # fmt: skip
-    service = OspreyService(settings=settings, models=tiny_models)
-    client = create_app(settings, service).test_client()
+    runtime = build_runtime(settings, models=tiny_models)
+    client = create_app(runtime).test_client()
     project = 6
     for i, scene in enumerate(scenes):
         path = file_store.add(f"/data/upload/{project}/l{i}.png", png(scene.image))
@@ -185,40 +185,40 @@ def test_lora_jobs_write_head_and_adapter_versions_that_are_served(tiny_models, 
         assert client.post("/webhook", json=event).json["status"] == "stored"
     queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": project}}).json
     assert queued["job_id"] and queued["lora_job_id"]
-    head_job, lora_job = service.worker.run_once(), service.worker.run_once()
+    head_job, lora_job = runtime.workers["training"].run_once(), runtime.workers["training"].run_once()
     assert (head_job.kind, lora_job.kind) == ("train", "lora")
-    outcome = service.queue.job(lora_job.job_id).result
-    assert service.queue.job(lora_job.job_id).status == "done", outcome
+    outcome = runtime.queue.job(lora_job.job_id).result
+    assert runtime.queue.job(lora_job.job_id).status == "done", outcome
     assert outcome["heldout_answer_loss"] < outcome["served_answer_loss"], outcome
     assert outcome["status"] == "promoted" and outcome["version"] == "v0002"
-    folder = service.registry.path(str(project), "v0002")
+    folder = runtime.registry.path(str(project), "v0002")
     assert (folder / "lora" / "adapter.safetensors").is_file() and (folder / "head" / "head.json").is_file()
-    assert service.registry.info(str(project), "v0002").kind == "head+lora"
+    assert runtime.registry.info(str(project), "v0002").kind == "head+lora"
 
     first = {"id": 700, "data": {"image": f"/data/upload/{project}/l0.png"},
              "predictions": [{"result": accepted_result(scenes[0], 700)}]}  # fmt: skip
     body = {"tasks": [first], "project": f"{project}.1", "label_config": CONFIG, "params": {}}
     served = client.post("/predict", json=body).json["results"][0]
     assert served["model_version"] == "tiny+sam-tiny-untrained+p6-v0002"
-    assert service._adapters.active == "p6-v0002"
+    assert runtime.sessions._adapters.active == "p6-v0002"
     # Another project is served by the base model: its adapter is switched off for it.
     other = {"tasks": [first], "project": "99.1", "label_config": CONFIG, "params": {}}
     assert (
         client.post("/predict", json=other).json["results"][0]["model_version"] == "tiny+sam-tiny-untrained"
     )
-    assert service._adapters.active is None
+    assert runtime.sessions._adapters.active is None
 
 
 def test_a_damaged_promoted_head_falls_back_to_osprey_alone(tiny_models, file_store, tmp_path, caplog):
     settings = Settings.from_env({}, model_dir=tmp_path, osprey_model="tiny", sam_model="tiny", lora="false")
-    service = OspreyService(settings=settings, models=tiny_models)
+    runtime = build_runtime(settings, models=tiny_models)
 
     def damaged(folder):
         (folder / "head").mkdir()
         (folder / "head" / "head.json").write_text("{not json")
         return {}
 
-    info = service.registry.create("8", kind="head", base_model_version=tiny_models.version, write=damaged)
-    service.registry.promote("8", info.version)
-    assert service.current_head("8") is None
+    info = runtime.registry.create("8", kind="head", base_model_version=tiny_models.version, write=damaged)
+    runtime.registry.promote("8", info.version)
+    assert runtime.projects.head("8") is None
     assert "cannot load head v0001" in caplog.text

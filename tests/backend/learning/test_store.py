@@ -11,7 +11,7 @@ import pytest
 from webhook_payloads import box_mask, claim_all, predicted, write_annotations
 
 from backend.database import StoreVersionError
-from backend.jobs import SqliteJobQueue
+from backend.jobs import TRAINING_LANE, SqliteJobQueue
 from backend.labelstudio.ids import project_key
 from backend.learning.store import TrainingStore, compare_versions
 
@@ -123,7 +123,7 @@ def test_threads_share_the_store_without_losing_writes(store, queue):
     lock = threading.Lock()
 
     def drain(worker: str) -> None:
-        while (job := queue.claim(worker, 30)) is not None:
+        while (job := queue.claim(worker, 30, lane=TRAINING_LANE)) is not None:
             with lock:
                 claimed.append(job.job_id)
             queue.complete(job.job_id, {}, token=job.token)

@@ -15,7 +15,7 @@ from webhook_payloads import annotation_event
 from backend.labelstudio.rle import encode_brush_rle
 from backend.learning.examples import SKIP_REASONS, SkipReport, usable_regions
 from backend.learning.store import AnnotationRecord, RegionRecord
-from backend.runtime.runtime import OspreyService
+from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
 
@@ -36,14 +36,14 @@ def stored_region(region_id: str, rle: list[int], width: int = 128, height: int 
 def broken_project(tiny_models, file_store, model_dir: Path, project: int, *, lora: str, images: int = 14):
     """A project of ``images`` annotated images whose stored regions then go bad in every way training meets.
 
-    Returns the service, its test client, the task ids per scene, and the expected skips by reason.
+    Returns the runtime, its test client, the task ids per scene, and the expected skips by reason.
     """
     settings = Settings.from_env(
         {}, model_dir=model_dir, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
         osprey_model="tiny", sam_model="tiny", train_every=0, lora=lora,
     )  # fmt: skip
-    service = OspreyService(settings=settings, models=tiny_models)
-    client = create_app(settings, service).test_client()
+    runtime = build_runtime(settings, models=tiny_models)
+    client = create_app(runtime).test_client()
     assert (
         client.post("/setup", json={"project": f"{project}.1700000000", "schema": CONFIG}).status_code == 200
     )
@@ -69,7 +69,7 @@ def broken_project(tiny_models, file_store, model_dir: Path, project: int, *, lo
         record = AnnotationRecord(project_id=str(project), annotation_id=project * 1000 + 90 + n,
                                   task_id=project * 100 + 90 + n, state="accepted", updated_ts=time.time(),
                                   content_hash=f"c{n}", image_ref=image_ref, regions=[region])  # fmt: skip
-        assert service.store.write_annotation(record).status == "stored"
+        assert runtime.store.write_annotation(record).status == "stored"
     del file_store.files[paths[GONE]]  # deleted in Label Studio: HTTP 404 from now on
     file_store.add(paths[RESIZED], png(np.full((96, 128, 3), 90, np.uint8)))  # replaced by another size
     expected = {
@@ -80,13 +80,13 @@ def broken_project(tiny_models, file_store, model_dir: Path, project: int, *, lo
         "no_image": 1,
     }
     usable = sum(len(s.masks) for s in scenes) - expected["image_gone"] - expected["size_mismatch"]
-    return service, client, tasks, paths, scenes, expected, usable
+    return runtime, client, tasks, paths, scenes, expected, usable
 
 
-def run(service, job_id: str):
-    job = service.worker.run_once()
+def run(runtime, job_id: str):
+    job = runtime.workers["training"].run_once()
     assert job is not None and job.job_id == job_id
-    done = service.queue.job(job_id)
+    done = runtime.queue.job(job_id)
     assert done.status == "done", done.error
     return done.result
 
@@ -94,16 +94,16 @@ def run(service, job_id: str):
 def test_the_head_job_skips_bad_regions_reports_them_and_trains_on_the_rest(
     tiny_models, file_store, tmp_path
 ):
-    service, client, tasks, paths, scenes, expected, usable = broken_project(
+    runtime, client, tasks, paths, scenes, expected, usable = broken_project(
         tiny_models, file_store, tmp_path, 41, lora="false"
     )
     queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 41}}).json
-    outcome = run(service, queued["job_id"])
+    outcome = run(runtime, queued["job_id"])
 
     assert outcome["status"] in ("promoted", "not promoted"), outcome
     skipped = outcome["skipped_examples"]
     assert skipped["by_reason"] == expected and skipped["total"] == sum(expected.values())
-    info = service.registry.info("41", outcome["version"])
+    info = runtime.registry.info("41", outcome["version"])
     assert info.train_examples + info.heldout_examples == usable and info.heldout_examples > 0
     named = {(e["reason"], e["task_id"]): e["detail"] for e in skipped["examples"]}
     assert "HTTP 404" in named[("image_gone", tasks[GONE])]
@@ -121,9 +121,9 @@ def test_the_head_job_skips_bad_regions_reports_them_and_trains_on_the_rest(
     # Nothing was removed from the store: once the image is back, the next job uses its regions again.
     file_store.add(paths[GONE], png(scenes[GONE].image))
     again = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 41}}).json
-    outcome = run(service, again["job_id"])
+    outcome = run(runtime, again["job_id"])
     assert "image_gone" not in outcome["skipped_examples"]["by_reason"]
-    info = service.registry.info("41", outcome["version"])
+    info = runtime.registry.info("41", outcome["version"])
     assert info.train_examples + info.heldout_examples == usable + expected["image_gone"]
     assert (
         "image_gone"
@@ -132,43 +132,43 @@ def test_the_head_job_skips_bad_regions_reports_them_and_trains_on_the_rest(
 
 
 def test_the_lora_job_skips_bad_regions_and_trains_on_the_rest(tiny_models, file_store, tmp_path):
-    service, client, _, _, _, expected, _ = broken_project(
+    runtime, client, _, _, _, expected, _ = broken_project(
         tiny_models, file_store, tmp_path, 42, lora="true", images=7
     )
-    job_id = service.queue.enqueue("42", "lora", {"reason": "test"})
-    outcome = run(service, job_id)
+    job_id = runtime.queue.enqueue("42", "lora", {"reason": "test"})
+    outcome = run(runtime, job_id)
 
     assert outcome["status"] in ("promoted", "not promoted"), outcome
     assert outcome["skipped_examples"]["by_reason"] == expected
-    assert (service.registry.path("42", outcome["version"]) / "lora" / "adapter.safetensors").is_file()
-    info = service.registry.info("42", outcome["version"])
+    assert (runtime.registry.path("42", outcome["version"]) / "lora" / "adapter.safetensors").is_file()
+    info = runtime.registry.info("42", outcome["version"])
     assert info.train_examples > 0 and info.heldout_examples > 0
     metrics = client.get("/metrics").json["training"]["skipped_examples"]["42"]
     assert metrics["lora"]["by_reason"] == expected and metrics["lora"]["job_id"] == job_id
 
 
 def test_a_project_whose_regions_all_went_bad_is_skipped_with_the_reasons(tiny_models, file_store, tmp_path):
-    service, client, tasks, paths, scenes, expected, usable = broken_project(
+    runtime, client, tasks, paths, scenes, expected, usable = broken_project(
         tiny_models, file_store, tmp_path, 43, lora="false"
     )
     for path in paths:
         file_store.files.pop(path, None)
     queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 43}}).json
-    outcome = run(service, queued["job_id"])
+    outcome = run(runtime, queued["job_id"])
     assert outcome["status"] == "skipped" and "0 usable accepted regions" in outcome["reason"]
     by_reason = outcome["skipped_examples"]["by_reason"]
     assert by_reason == {"image_gone": sum(len(s.masks) for s in scenes) + 2, "no_image": 1}
-    assert service.registry.versions("43") == []
+    assert runtime.registry.versions("43") == []
 
 
 def test_skip_reports_name_a_few_regions_per_reason_and_refuse_unknown_reasons(
     tiny_models, file_store, tmp_path
 ):
-    service, *_ = broken_project(tiny_models, file_store, tmp_path, 44, lora="false")
+    runtime, *_ = broken_project(tiny_models, file_store, tmp_path, 44, lora="false")
     report = SkipReport(max_named=1)
-    groups = list(usable_regions(service.store.accepted_regions("44"), service.loader, report))
-    assert sum(len(g.regions) for g in groups) + report.total == service.store.count_accepted("44")
+    groups = list(usable_regions(runtime.store.accepted_regions("44"), runtime.loader, report))
+    assert sum(len(g.regions) for g in groups) + report.total == runtime.store.count_accepted("44")
     assert all(m.shape == g.rgb.shape[:2] and m.any() for g in groups for m in g.masks)
     assert len(report.as_dict()["examples"]) == len(report.counts)  # one named per reason
     with pytest.raises(ValueError, match="unknown skip reason 'gone'"):
-        report.skip(service.store.accepted_regions("44")[0], "gone", "")
+        report.skip(runtime.store.accepted_regions("44")[0], "gone", "")

@@ -10,7 +10,7 @@ from lsapi_fake import FakeLabelStudio
 from lsfakes import API_KEY, scene_png
 
 from backend.predict import batch as batch_module
-from backend.runtime.runtime import OspreyService
+from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 
 VERSION = "tiny+sam-tiny-untrained"
@@ -26,30 +26,36 @@ def clock(monkeypatch):
 
 
 @pytest.fixture
-def service(tiny_models, file_store, tmp_path, clock, monkeypatch):
-    def build(budget_s: float) -> OspreyService:
+def ls():
+    return FakeLabelStudio()
+
+
+@pytest.fixture
+def runtime(tiny_models, file_store, tmp_path, clock, monkeypatch, ls):
+    def build(budget_s: float):
         settings = Settings.from_env(
             {}, model_dir=tmp_path / "models", label_studio_url=file_store.url,
             label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
             predict_budget_s=budget_s, prelabel_batch_tasks=2, max_caption_tokens=3, max_description_tokens=3,
             training=False,
         )  # fmt: skip
-        svc = OspreyService(settings=settings, models=tiny_models)
-        engine_factory = svc.batch.engine
+        built = build_runtime(settings, models=tiny_models, client=ls)
+        batch = built.predictor.batch
+        tasks_for = batch.tasks_for
 
-        def slow_engine(project):
-            engine = engine_factory(project)
-            predict = engine.predict
+        def slow_tasks_for(project):
+            predictor = tasks_for(project)
+            predict = predictor.predict
 
             def timed(tasks, schema, head=None):
                 clock[0] += 10.0 * len(tasks)
                 return predict(tasks, schema, head=head)
 
-            engine.predict = timed
-            return engine
+            predictor.predict = timed
+            return predictor
 
-        monkeypatch.setattr(svc.batch, "engine", slow_engine)
-        return svc
+        monkeypatch.setattr(batch, "tasks_for", slow_tasks_for)
+        return built
 
     return build
 
@@ -70,11 +76,13 @@ def label_config():
 
 
 def predict(svc, tasks):
-    return svc.predict(tasks=tasks, project="7.1731000000", label_config=label_config(), context=None)
+    return svc.predictor.predict(
+        tasks=tasks, project="7.1731000000", label_config=label_config(), context=None
+    )
 
 
-def test_what_does_not_fit_the_budget_is_deferred_and_written_by_the_job(service, tasks, monkeypatch):
-    svc = service(budget_s=25.0)
+def test_what_does_not_fit_the_budget_is_deferred_and_written_by_the_job(runtime, tasks, ls):
+    svc = runtime(budget_s=25.0)
     answer = predict(svc, tasks)["results"]
     assert len(answer) == 5
     # the first task alone (nothing measured yet), then one more at 10 s a task; 25 s leave no room
@@ -87,11 +95,10 @@ def test_what_does_not_fit_the_budget_is_deferred_and_written_by_the_job(service
     assert not any("result" in r for r in again)
     assert len([j for j in svc.queue.jobs("7") if j.kind.startswith("prelabel-")]) == 1
 
-    ls = FakeLabelStudio()
     for task in tasks:
         ls.add_task(task["id"], task["data"]["image"])
-    monkeypatch.setattr(svc.batch, "client", lambda: ls)
-    ran = svc.worker.run_once()
+    assert svc.workers["training"].run_once() is None  # pre-label jobs have their own lane
+    ran = svc.workers["prelabel"].run_once()
     finished = svc.queue.job(ran.job_id)
     assert finished.status == "done", finished.error
     assert (finished.result["predicted"], finished.result["failed"]) == (3, 0)
@@ -102,16 +109,16 @@ def test_what_does_not_fit_the_budget_is_deferred_and_written_by_the_job(service
     assert svc.metrics()["prelabel"]["jobs"]["7"]["done"] == 3
 
 
-def test_a_batch_within_budget_is_answered_in_full(service, tasks):
-    svc = service(budget_s=500.0)
+def test_a_batch_within_budget_is_answered_in_full(runtime, tasks):
+    svc = runtime(budget_s=500.0)
     answer = predict(svc, tasks)["results"]
     assert all(r["result"] for r in answer)
     assert not [j for j in svc.queue.jobs("7") if j.kind.startswith("prelabel-")]
 
 
-def test_without_the_api_the_batch_is_finished_now_and_says_why(service, tasks, caplog, monkeypatch):
-    svc = service(budget_s=15.0)
-    monkeypatch.setattr(svc.batch, "client", lambda: None)  # as without LABEL_STUDIO_URL/API_KEY
+def test_without_the_api_the_batch_is_finished_now_and_says_why(runtime, tasks, caplog, monkeypatch):
+    svc = runtime(budget_s=15.0)
+    monkeypatch.setattr(svc.deferrals, "client", None)  # as without LABEL_STUDIO_URL/API_KEY
     with caplog.at_level(logging.WARNING, logger="backend.predict.batch"):
         answer = predict(svc, tasks[:3])["results"]
     assert all(r["result"] for r in answer)

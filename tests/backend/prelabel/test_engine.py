@@ -11,8 +11,9 @@ from lsfakes import API_KEY, scene_png
 
 from backend.labelstudio.images import ImageLoader
 from backend.labelstudio.schema import parse_label_config
-from backend.predict.regions import PredictOptions
-from backend.prelabel.engine import PrelabelEngine, prelabel
+from backend.predict.options import PredictOptions
+from backend.predict.tasks import TaskPredictor
+from backend.prelabel.engine import prelabel
 
 CONFIGS = Path(__file__).resolve().parents[3] / "label_configs"
 VERSION = "tiny+sam-tiny-untrained"
@@ -31,9 +32,9 @@ def images(file_store):
 
 @pytest.fixture
 def engine(tiny_models, file_store):
-    def build(batch_tasks: int = 3) -> PrelabelEngine:
+    def build(batch_tasks: int = 3) -> TaskPredictor:
         loader = ImageLoader(label_studio_url=file_store.url, api_key=API_KEY, cache_size=0)
-        return PrelabelEngine(models=tiny_models, loader=loader, options=OPTIONS, batch_tasks=batch_tasks)
+        return TaskPredictor(models=tiny_models, loader=loader, options=OPTIONS, batch_tasks=batch_tasks)
 
     return build
 
@@ -48,7 +49,7 @@ def project_with(images, *, missing: int | None = None) -> FakeLabelStudio:
 def run(ls, engine, schema, **kwargs):
     sleeps: list[float] = []
     summary = prelabel(
-        ls.tasks(7), engine=engine, schema=schema, project=7, model_version=VERSION, sink=ls,
+        ls.tasks(7), predictor=engine, schema=schema, project=7, model_version=VERSION, sink=ls,
         sleep=sleeps.append, **kwargs,
     )  # fmt: skip
     return summary, sleeps
@@ -109,7 +110,7 @@ def test_a_crash_loses_at_most_one_chunk_and_the_rerun_has_no_duplicate(engine, 
     ls = project_with(images)
     sink = _CrashAfter(ls, creates=1)
     with pytest.raises(RuntimeError, match="crashed"):
-        prelabel(ls.tasks(7), engine=engine(batch_tasks=2), schema=schema, project=7, model_version=VERSION,
+        prelabel(ls.tasks(7), predictor=engine(batch_tasks=2), schema=schema, project=7, model_version=VERSION,
                  sink=sink, chunk_tasks=2, sleep=lambda s: None)  # fmt: skip
     written = [t for t in ls.tasks_by_id if ls.of_version(t, VERSION)]
     assert len(written) == 2  # the first chunk landed, the crash lost the second

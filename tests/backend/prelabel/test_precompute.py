@@ -10,6 +10,8 @@ import sys
 from lsfakes import API_KEY, scene_png
 
 from backend.prelabel.precompute import precompute, task_image_references
+from backend.runtime.models import load_models
+from backend.runtime.runtime import image_loader
 from backend.runtime.settings import Settings
 
 
@@ -18,6 +20,11 @@ def settings_for(file_store, cache_dir) -> Settings:
         {}, label_studio_url=file_store.url, label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
         device="cpu", cache_dir=str(cache_dir),
     )  # fmt: skip
+
+
+def encode(settings: Settings, refs: list[str]):
+    """What the command does: fresh models with their disk tier, the service's image loader."""
+    return precompute(load_models(settings, device="cpu"), image_loader(settings, cache_size=1), refs)
 
 
 def test_precompute_encodes_each_task_image_once_and_survives_a_restart(file_store, tmp_path):
@@ -30,13 +37,13 @@ def test_precompute_encodes_each_task_image_once_and_survives_a_restart(file_sto
     refs = task_image_references(task_file, "image")
     assert refs == ["/data/upload/3/img0.png", "/data/upload/3/img1.png", "/data/upload/3/missing.png"]
 
-    report = precompute(settings_for(file_store, tmp_path / "cache"), refs)
+    report = encode(settings_for(file_store, tmp_path / "cache"), refs)
     assert report.encoded == {"sam": 2, "osprey": 2}
     assert [error for _, error in report.failed] and "404" in report.failed[0][1]
     assert len(list((tmp_path / "cache" / "osprey").glob("*.pt"))) == 2
     assert len(list((tmp_path / "cache" / "sam").glob("*.pt"))) == 2
 
-    again = precompute(settings_for(file_store, tmp_path / "cache"), refs)  # a new process: new models
+    again = encode(settings_for(file_store, tmp_path / "cache"), refs)  # a new process: new models
     assert again.encoded == {} and again.already_cached == {"sam": 2, "osprey": 2}
 
 

@@ -1,5 +1,5 @@
 """Admission over real HTTP: the bound on concurrent webhooks (the app under waitress in this process,
-with a service whose webhooks block until released), basic-auth decoding, and putting the webhook
+with a runtime whose webhooks block until released), basic-auth decoding, and putting the webhook
 secret on Label Studio's webhooks (against a local stand-in of Label Studio's webhook API)."""
 
 from __future__ import annotations
@@ -10,27 +10,35 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 import requests
 from waitress import create_server
 
+from backend.labelstudio.api import LabelStudioClient
 from backend.labelstudio.webhooks import WebhookHeaderRegistrar, WebhookRegistrationError
+from backend.runtime.scheduler import ModelScheduler
 from backend.runtime.settings import Settings
 from backend.service.admission import ConcurrencyLimit, basic_auth_matches, webhook_secret
 from backend.service.app import create_app
 from backend.service.server import server_options
 
 
-class BlockingService:
-    """The service interface the app calls, with webhooks that hold their slot until ``release``."""
+class BlockingRuntime:
+    """The parts of a runtime the app calls, with webhooks that hold their slot until ``release``."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = None  # no Label Studio API: no webhook header registration
+        self.scheduler = ModelScheduler()
+        self.models = SimpleNamespace(warning=lambda: None)
+        self.intake = SimpleNamespace(receive=self.webhook)
         self.release = threading.Event()
         self.entered = threading.Semaphore(0)
 
-    def warning(self):
-        return None
+    def submit(self, function, *args) -> None:
+        function(*args)
 
     def health(self) -> dict:
         return {"model_version": "test"}
@@ -49,29 +57,29 @@ def served_app(tmp_path):
     settings = Settings.from_env(
         {}, model_dir=tmp_path, host="127.0.0.1", port=0, threads=8, webhook_concurrency=1
     )
-    service = BlockingService()
-    server = create_server(create_app(settings, service), **server_options(settings))
+    runtime = BlockingRuntime(settings)
+    server = create_server(create_app(runtime), **server_options(settings))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.effective_port}", service
+        yield f"http://127.0.0.1:{server.effective_port}", runtime
     finally:
-        service.release.set()
+        runtime.release.set()
         server.close()
 
 
 def test_webhooks_over_the_bound_get_503_with_retry_after_and_health_still_answers(served_app, caplog):
-    url, service = served_app
+    url, runtime = served_app
     caplog.set_level(logging.WARNING, logger="backend.service.admission")
     event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}
     with ThreadPoolExecutor(6) as pool:
         first = pool.submit(requests.post, f"{url}/webhook", json=event, timeout=30)
-        assert service.entered.acquire(timeout=30)  # the one slot is taken and held
+        assert runtime.entered.acquire(timeout=30)  # the one slot is taken and held
         others = [pool.submit(requests.post, f"{url}/webhook", json=event, timeout=30) for _ in range(4)]
         refused = [future.result() for future in others]  # 1 waits for a slot and gives up, 3 find no room
         health = requests.get(f"{url}/health", timeout=30)
         metrics = requests.get(f"{url}/metrics", timeout=30).json()
-        service.release.set()
+        runtime.release.set()
         assert first.result().status_code == 201
     assert [r.status_code for r in refused] == [503] * 4
     assert all(r.headers["Retry-After"] == "1" and "too many webhooks" in r.json()["error"] for r in refused)
@@ -151,8 +159,12 @@ class WebhookAPI:
 
 
 def registrar_for(api: WebhookAPI) -> WebhookHeaderRegistrar:
+    client = LabelStudioClient(url=api.url, api_key="legacy-key")  # a legacy key goes as "Token <key>"
     return WebhookHeaderRegistrar(
-        base_url=api.url, auth=lambda: "Token legacy-key", header="X-Osprey-Webhook-Secret", value="s3"
+        client=client,
+        header="X-Osprey-Webhook-Secret",
+        value="s3",
+        submit=lambda function, *args: function(*args),
     )
 
 

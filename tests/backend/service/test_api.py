@@ -10,7 +10,7 @@ import pytest
 from lsfakes import API_KEY, scene_png
 
 from backend.labelstudio.rle import decode_brush_rle, encode_brush_rle
-from backend.runtime.runtime import OspreyService
+from backend.runtime.runtime import build_runtime
 from backend.runtime.scheduler import BACKGROUND
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
@@ -29,9 +29,9 @@ def client(tiny_models, file_store, tmp_path_factory):
         {}, model_dir=tmp_path_factory.mktemp("models"), label_studio_url=file_store.url, label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
         points_per_side=4, max_masks=3, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0,
     )  # fmt: skip
-    service = OspreyService(settings=settings, models=tiny_models)
+    runtime = build_runtime(settings, models=tiny_models)
     file_store.add("/data/upload/7/scene.png", scene_png())
-    return create_app(settings, service).test_client()
+    return create_app(runtime).test_client()
 
 
 def task(task_id: int = 1, image: str = "/data/upload/7/scene.png", **extra) -> dict:
@@ -177,7 +177,7 @@ def _output_tool(xml: str) -> str:
     return _schema(xml).output_tool.from_name
 
 
-# ---- batches, bad input, the service keeps serving ----
+# ---- batches, bad input, the runtime keeps serving ----
 
 
 def test_a_failing_task_gets_no_result_and_a_reason(client):
@@ -264,7 +264,7 @@ def test_webhook_answers_like_label_studio_ml(client):
     assert client.post("/webhook", json={"nothing": 1}).status_code == 400
     malformed = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"id": "x"}})
     assert malformed.status_code == 400 and malformed.json["error"]
-    assert client.get("/health").status_code == 200  # and the service goes on
+    assert client.get("/health").status_code == 200  # and the runtime goes on
 
 
 def test_metrics_count_requests_and_cache_use(client):
@@ -291,7 +291,7 @@ def test_basic_auth_is_enforced_when_configured(tiny_models, tmp_path):
     settings = Settings.from_env(
         {}, model_dir=tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret", osprey_model="tiny"
     )
-    client = create_app(settings, OspreyService(settings=settings, models=tiny_models)).test_client()
+    client = create_app(build_runtime(settings, models=tiny_models)).test_client()
     assert client.get("/health").status_code == 401
     good = "Basic " + base64.b64encode(b"ls:s3cret").decode()
     bad = "Basic " + base64.b64encode(b"ls:wrong").decode()
@@ -311,30 +311,32 @@ def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, fi
         osprey_model="tiny",
         threads=3,
     )
-    service = OspreyService(settings=settings, models=tiny_models)
-    client = create_app(settings, service).test_client()
+    runtime = build_runtime(settings, models=tiny_models)
+    client = create_app(runtime).test_client()
     file_store.add("/data/upload/7/scene.png", scene_png())
     xml = config("captions_only.xml")
     outcome = {}
 
     def long_prediction():
-        outcome["response"] = service.predict(tasks=[task()], project=PROJECT, label_config=xml, context=None)
+        outcome["response"] = runtime.predictor.predict(
+            tasks=[task()], project=PROJECT, label_config=xml, context=None
+        )
 
     release = threading.Event()
 
     def training_step():  # the model is busy: a training job holds it
-        with service.scheduler.session(BACKGROUND):
+        with runtime.scheduler.session(BACKGROUND):
             release.wait(60)
 
     holder = threading.Thread(target=training_step, daemon=True)
     holder.start()
-    while service.scheduler.stats()["holder"] is None:
+    while runtime.scheduler.stats()["holder"] is None:
         time.sleep(0.01)
     try:
         waiting = threading.Thread(target=long_prediction, daemon=True)
         waiting.start()
         deadline = time.time() + 20
-        while service._predict_slots._value > 0:  # threads=3 leaves one slot; wait until it is taken
+        while runtime.predictor._slots._value > 0:  # threads=3 leaves one slot; wait until it is taken
             assert time.time() < deadline and waiting.is_alive(), (
                 f"the queued prediction did not start: {outcome}"
             )
@@ -353,7 +355,8 @@ def test_health_and_setup_answer_at_once_while_the_model_is_busy(tiny_models, fi
 def test_a_task_runs_the_vision_tower_once_even_without_a_cache(tiny_models):
     from backend.labelstudio.results import region_result
     from backend.labelstudio.schema import parse_label_config
-    from backend.predict.regions import PredictOptions, predict_task
+    from backend.predict.options import PredictOptions
+    from backend.predict.tasks import predict_task
 
     schema = parse_label_config(config("brush_full.xml"))
     mask = np.zeros((60, 80), bool)

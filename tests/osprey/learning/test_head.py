@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from osprey.learning.head import FastHead, FieldSpec, HeadConfig, HeadTrainer, blend
+from osprey.learning.head import FastHead, HeadConfig, HeadField, HeadTrainer, blend
 from osprey.learning.region_features import FeatureLayout, feature_layout
 
 CATEGORIES = ("cat", "dog", "bird", "fish")
@@ -31,10 +31,10 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def fields() -> list[FieldSpec]:
+def fields() -> list[HeadField]:
     return [
-        FieldSpec(name="category", labels=CATEGORIES),
-        FieldSpec(name="attributes", labels=ATTRIBUTES, multi_label=True),
+        HeadField(name="category", labels=CATEGORIES),
+        HeadField(name="attributes", labels=ATTRIBUTES, multi_label=True),
     ]
 
 
@@ -103,7 +103,7 @@ def test_missing_and_unknown_labels(caplog):
     with pytest.raises(ValueError, match=r"\(R, 8\)"):
         head.predict_proba(features[:, :5])
     with pytest.raises(ValueError, match="distinct labels"):
-        FieldSpec(name="category", labels=("a", "a"))
+        HeadField(name="category", labels=("a", "a"))
     with pytest.raises(ValueError, match="weight_decay"):
         HeadConfig(weight_decay=0)
 

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from osprey.sam.masks import rasterize_polygon
 from osprey.sam.prompts import (
     MaskPromptConfig,
     build_sam_prompt,
@@ -14,7 +15,7 @@ from osprey.sam.prompts import (
     mask_bbox_xyxy,
     mask_interior_points,
     mask_to_low_res_logits,
-    rasterize_polygon,
+    polygon_prompt_mask,
 )
 
 
@@ -26,63 +27,30 @@ def _l_shape(height: int = 64, width: int = 80) -> np.ndarray:
     return mask
 
 
-# Polygons ---------------------------------------------------------------------------------------
-
-
-def test_rectangle_rasterises_to_exactly_its_area() -> None:
-    mask = rasterize_polygon([(2, 3), (6, 3), (6, 8), (2, 8)], (10, 12))
-    expected = np.zeros((10, 12), dtype=bool)
-    expected[3:8, 2:6] = True  # rows 3..7, cols 2..5: 4 x 5 = 20 pixels, the rectangle's area
-    np.testing.assert_array_equal(mask, expected)
-
-
-def test_triangle_pixels_follow_the_pixel_centre_rule() -> None:
-    mask = rasterize_polygon([(0, 0), (4, 0), (0, 4)], (5, 5))
-    # Centre (c + .5, r + .5) is inside x + y < 4  <=>  c + r <= 2; centres ON the hypotenuse
-    # (c + r == 3) lie on a right edge and are outside.
-    rows, cols = np.indices((5, 5))
-    np.testing.assert_array_equal(mask, rows + cols <= 2)
-    assert mask.sum() == 6
-
-
-def test_polygon_orientation_does_not_matter_and_shared_edges_do_not_overlap() -> None:
-    size = (20, 30)
-    left = [(3.0, 2.0), (15.0, 2.0), (15.0, 17.0), (3.0, 17.0)]
-    right = [(15.0, 2.0), (27.0, 2.0), (27.0, 17.0), (15.0, 17.0)]
-    a, b = rasterize_polygon(left, size), rasterize_polygon(right, size)
-    np.testing.assert_array_equal(a, rasterize_polygon(left[::-1], size))
-    assert not (a & b).any()
-    np.testing.assert_array_equal(a | b, rasterize_polygon([(3, 2), (27, 2), (27, 17), (3, 17)], size))
-
-
-def test_polygon_pixel_count_matches_its_area() -> None:
-    vertices = np.array([(10.3, 4.2), (52.7, 12.9), (47.1, 40.6), (20.2, 35.5), (6.6, 22.0)])
-    x, y = vertices[:, 0], vertices[:, 1]
-    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-    mask = rasterize_polygon(vertices, (48, 64))
-    assert abs(int(mask.sum()) - area) < 0.03 * area
-    # cv2.fillPoly would also fill the outline: strictly more pixels than the area.
-    filled = np.zeros((48, 64), np.uint8)
-    cv2.fillPoly(filled, [np.round(vertices).astype(np.int32)], 1)
-    assert filled.sum() > mask.sum()
-
-
-def test_whole_image_polygon_and_edge_vertices() -> None:
-    assert rasterize_polygon([(0, 0), (7, 0), (7, 5), (0, 5)], (5, 7)).all()
+# Polygons as prompts (the fill itself: test_polygon_fill.py) --------------------------------------
 
 
 @pytest.mark.parametrize(
     ("vertices", "message"),
     [
         ([(1, 1), (5, 5)], "at least 3 vertices"),
-        ([(1, 1), (5, 1), (30, 4)], "outside"),
-        ([(1, 1), (3, 3), (6, 6)], "covers no pixel"),
+        ([(1, 1), (5, 1), (30, 4)], "outside the 10x10 image"),
+        ([(1, 1), (3, 3), (6, 6)], "covers no pixel centre"),
         ([(1, 1), (5, 1), (np.nan, 4)], "finite"),
     ],
 )
-def test_bad_polygons(vertices, message) -> None:
+def test_a_polygon_prompt_must_lie_inside_the_image_and_cover_a_pixel(vertices, message) -> None:
     with pytest.raises(ValueError, match=message):
-        rasterize_polygon(vertices, (10, 10))
+        polygon_prompt_mask(vertices, (10, 10))
+    with pytest.raises(ValueError, match=message):
+        build_sam_prompt((10, 10), polygon=vertices)
+
+
+def test_a_polygon_prompt_on_the_image_edges_is_the_plain_fill() -> None:
+    vertices = [(0, 0), (7, 0), (7.0004, 5), (-0.0002, 5)]  # a hair outside: percent rounding
+    mask = polygon_prompt_mask(vertices, (5, 7))
+    assert mask.all()
+    np.testing.assert_array_equal(mask, rasterize_polygon(vertices, width=7, height=5))
 
 
 # Rough masks ------------------------------------------------------------------------------------
@@ -137,7 +105,7 @@ def test_mask_filling_the_image_has_no_negatives() -> None:
 def test_polygon_becomes_a_rough_mask_prompt() -> None:
     vertices = [(10, 8), (40, 8), (40, 30), (10, 30)]
     prompt = build_sam_prompt((48, 64), polygon=vertices)
-    np.testing.assert_array_equal(prompt.rough_mask, rasterize_polygon(vertices, (48, 64)))
+    np.testing.assert_array_equal(prompt.rough_mask, rasterize_polygon(vertices, width=64, height=48))
     np.testing.assert_array_equal(prompt.box_xyxy, [10, 8, 40, 30])
     assert prompt.mask_input is not None and prompt.mask_input.shape == (1, 256, 256)
 

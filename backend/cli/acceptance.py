@@ -1,18 +1,17 @@
 """``osprey-label eval acceptance EXPORT.json``: the pre-label acceptance of a Label Studio export, printed
-as tables and written as JSON and a chart. Registered by :mod:`backend.cli`."""
+as tables and written as JSON and a chart. Registered by :mod:`backend.cli`; the report itself is :mod:`backend.acceptance`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from backend.acceptance.output import evaluate_export, format_table, save_chart
+from backend.acceptance.report import ANNOTATION_CHOICES
 from backend.labelstudio.schema import parse_field_map
-
-from .output import evaluate_export, format_table, save_chart
-from .report import ANNOTATION_CHOICES
+from backend.runtime.settings import Settings
 
 
 def _when(text: str, *, end: bool = False) -> float:
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     Returns 0, or 1 when no annotation could be compared. Raises ValueError for unusable input.
     """
     field_map = parse_field_map(
-        args.field_map if args.field_map is not None else os.environ.get("OSPREY_FIELD_MAP")
+        args.field_map if args.field_map is not None else Settings.from_env().field_map
     )
     report = evaluate_export(
         args.export, label_config=args.label_config, field_map=field_map, annotation=args.annotation,

@@ -1,0 +1,167 @@
+"""The models a process serves: the weight check before loading, loading on the chosen device, and the
+loaded set (Osprey, a SAM refiner and segment everything sharing one SAM embedder, the cache budgets).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.errors import SettingsError
+
+from .budgets import CacheBudgets, device_budgets
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """The loaded models: Osprey, a SAM refiner and segment-everything sharing one SAM embedder, and the
+    cache tiers' byte budgets they were given."""
+
+    osprey: object
+    refiner: object
+    everything: object
+    sam_model: str
+    untrained: bool
+    budgets: CacheBudgets | None = None
+
+    @property
+    def version(self) -> str:
+        """The base ``model_version``: Osprey's and SAM's names (``-untrained`` for random weights)."""
+        base = f"{self.osprey.model_id}+sam-{self.sam_model}"
+        return f"{base}-untrained" if self.untrained else base
+
+    def warning(self) -> str | None:
+        """What every answer says when the weights are random (tests and plumbing checks)."""
+        if self.untrained:
+            return "untrained model: random weights, its pre-labels are meaningless (tests and plumbing only)"
+        return None
+
+
+def sam_architecture(settings: Settings):
+    """SAM_MODEL's architecture; SettingsError naming the known ones for anything else."""
+    from osprey.sam.build import SAM_ARCHITECTURES
+
+    arch = SAM_ARCHITECTURES.get(settings.sam_model)
+    if arch is None:
+        raise SettingsError(
+            f"SAM_MODEL={settings.sam_model!r} is unknown; use one of {', '.join(SAM_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def sam_checkpoint_path(settings: Settings) -> Path | None:
+    """Where SAM's checkpoint is read from (None for the random-weight ``tiny``)."""
+    arch = sam_architecture(settings)
+    if arch.checkpoint_file is None:
+        return None
+    return Path(settings.sam_checkpoint or settings.model_dir / arch.checkpoint_file)
+
+
+def weight_paths(settings: Settings) -> dict[str, str]:
+    """Each model's weights as the start-up report names them."""
+    from osprey.model.checkpoint import resolve_checkpoint
+    from osprey.model.config import load_preset, preset_names
+
+    model = settings.osprey_model
+    if model in preset_names() and load_preset(model).untrained:
+        osprey = f"{model} (random weights)"
+    else:
+        try:
+            osprey = str(resolve_checkpoint(model))
+        except FileNotFoundError:
+            osprey = f"{model} (not found)"
+    sam = sam_checkpoint_path(settings)
+    return {
+        "osprey": osprey,
+        "sam": str(sam) if sam is not None else f"{settings.sam_model} (random weights)",
+    }
+
+
+def check_weights(settings: Settings) -> None:
+    """Raise FileNotFoundError naming every missing weight file and the command that fetches it."""
+    from osprey.model.checkpoint import resolve_checkpoint, weight_files
+    from osprey.model.config import load_preset, preset_names
+
+    missing = []
+    model = settings.osprey_model
+    if not (model in preset_names() and load_preset(model).untrained):
+        try:
+            weight_files(resolve_checkpoint(model))
+        except FileNotFoundError as error:
+            missing.append(str(error))
+    path = sam_checkpoint_path(settings)
+    if path is not None and not path.is_file():
+        missing.append(
+            f"SAM checkpoint {path} is missing; run `osprey-label download --sam {settings.sam_model}` "
+            f"(saves {path.name} under MODEL_DIR) or set SAM_CHECKPOINT"
+        )
+    if missing:
+        raise FileNotFoundError("cannot start, weights are missing:\n  " + "\n  ".join(missing))
+
+
+def load_models(settings: Settings, *, device: str, random_weights: bool = False) -> Models:
+    """Load Osprey and SAM on ``device`` as the settings say (FileNotFoundError naming missing weights),
+    then give their caches the byte budgets left on the device. ``random_weights`` builds the full-size
+    architectures with random weights instead (benchmarks)."""
+    from osprey.inference.api import Osprey, image_feature_cache
+    from osprey.sam import EverythingOptions, SamEverything, SamImageEmbedder, SamRefiner, build_sam
+
+    def disk(name: str) -> str | None:
+        return f"{settings.cache_dir}/{name}" if settings.cache_dir else None
+
+    osprey = Osprey.from_pretrained(settings.osprey_model, device=device, random_weights=random_weights)
+    arch = sam_architecture(settings)
+    checkpoint = None if random_weights else sam_checkpoint_path(settings)
+    sam = build_sam(
+        settings.sam_model, checkpoint=str(checkpoint) if checkpoint else None,
+        random_weights=checkpoint is None and arch.checkpoint_file is not None, device=osprey.device,
+    )  # fmt: skip
+    budgets = device_budgets(settings, osprey)  # with both models loaded: what is left for the caches
+    osprey.cache = image_feature_cache(
+        max_images=settings.cache_images, max_bytes=budgets.osprey_device, host_max_bytes=budgets.osprey_host,
+        device=osprey.device, disk_dir=disk("osprey"), max_disk_bytes=budgets.osprey_disk,
+    )  # fmt: skip
+    embedder = SamImageEmbedder(
+        sam=sam, model_id=f"sam_{settings.sam_model}", max_images=settings.cache_images,
+        max_bytes=budgets.sam_device, host_max_bytes=budgets.sam_host, disk_dir=disk("sam"),
+        max_disk_bytes=budgets.sam_disk,
+    )  # fmt: skip
+    options = EverythingOptions(
+        points_per_side=settings.points_per_side,
+        pred_iou_thresh=settings.pred_iou_thresh,
+        stability_score_thresh=settings.stability_score_thresh,
+        min_mask_region_area=settings.min_mask_region_area,
+        max_masks=settings.max_masks,
+    )
+    models = Models(
+        osprey=osprey,
+        refiner=SamRefiner(embedder=embedder),
+        everything=SamEverything(embedder=embedder, options=options),
+        sam_model=settings.sam_model,
+        untrained=osprey.untrained or checkpoint is None,
+        budgets=budgets,
+    )
+    logger.info("models loaded: %s on %s", models.version, osprey.device)
+    return models
+
+
+def device_memory(models: Models) -> dict | None:
+    """The model device's memory as PyTorch's allocator sees it (CUDA only; None on a CPU)."""
+    device = getattr(models.osprey, "device", None)
+    if device is None or device.type != "cuda":
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "allocated_bytes": torch.cuda.memory_allocated(device),
+        "reserved_bytes": torch.cuda.memory_reserved(device),
+        "max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "free_bytes": free,
+        "total_bytes": total,
+    }
