@@ -1,5 +1,5 @@
-"""Pre-label acceptance: comparing accepted annotations with the predictions they came from, the
-report over a Label Studio export, and its table, JSON and chart.
+"""Pre-label acceptance: comparing accepted annotations with the predictions they came from (the live
+intake and the export report count the same way), the report over an export, and its outputs.
 
-May import ``backend.labelstudio`` and ``backend.errors``; never ``backend.learning`` or the service.
+May import ``backend.labelstudio`` and ``backend.errors``; never ``backend.learning`` or above.
 """

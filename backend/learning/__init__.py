@@ -1,5 +1,6 @@
-"""The retraining loop: the training store of predictions and accepted labels, the job queues and the
-worker, webhook intake, head and LoRA training jobs, and the per-project model registry.
+"""The retraining loop: webhook intake, the training store of predictions and accepted labels, head and
+LoRA training jobs, the held-out split, and the per-project model registry.
 
-May import ``backend.labelstudio``, ``backend.acceptance``, ``backend.errors`` and ``osprey``.
+May import ``backend.labelstudio``, ``backend.acceptance``, ``backend.jobs``, ``backend.database``,
+``backend.errors`` and ``osprey``; never ``backend.runtime`` or ``backend.service``.
 """

@@ -1,6 +1,6 @@
-"""Tasks -> predictions: finding and labelling a task's regions (several tasks per forward pass), the bulk
-pre-label engine that writes predictions through Label Studio's API, and the work /predict defers.
+"""Bulk pre-labelling: the engine that writes one prediction per task through Label Studio's API, the
+jobs that finish what a batch ``/predict`` deferred, and encoding images ahead of time.
 
-May import ``backend.labelstudio``, ``backend.learning``, ``backend.errors`` and ``osprey``; never
-``backend.service`` (which runs the engine: batch ``/predict``, the deferred jobs, ``osprey-label prelabel``).
+May import ``backend.predict``, ``backend.jobs``, ``backend.labelstudio``, ``backend.errors`` and
+``osprey``; never ``backend.runtime`` or ``backend.service`` (which build and run it).
 """

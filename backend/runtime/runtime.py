@@ -223,7 +223,10 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
         queue=queue,
         registry=registry,
         projects=Projects(
-            store=store, registry=registry, field_map=parse_field_map(settings.field_map), base_version=models.version
+            store=store,
+            registry=registry,
+            field_map=parse_field_map(settings.field_map),
+            base_version=models.version,
         ),
         recorder=PredictionRecorder(store=store, thread_name=f"{THREAD_PREFIX}record-{tag}"),
         client=client or label_studio_client(settings),

@@ -103,7 +103,7 @@ class Settings:
     )
     sam_checkpoint: str | None = setting(
         None, "SAM_CHECKPOINT", MODELS, "Path of the SAM `.pth` checkpoint.",
-        shown="MODEL_DIR/<released file name>",
+        shown="`MODEL_DIR/<released file name>`",
     )  # fmt: skip
     device: str | None = setting(
         None, "OSPREY_DEVICE", MODELS,
@@ -358,6 +358,8 @@ def _shown_default(f) -> str:
     default = f.default if f.default is not MISSING else None
     if default is None or default in ((), ""):
         return "unset"
+    if isinstance(default, Path) and not default.is_absolute():
+        return f"`./{default}`"  # Path drops the leading ./ that says "relative to where it runs"
     return f"`{default}`"
 
 

@@ -1,6 +1,5 @@
-"""The HTTP service: the Flask app and its routes, settings, the per-process service state, request
-handling for the three prediction modes, admission (basic auth, webhook bound), log redaction, the
-waitress server and the precompute command.
+"""The HTTP layer only: the Flask app over a :class:`~backend.runtime.runtime.Runtime`, admission (basic
+auth, the webhook bound), payload parsing, request timing, log redaction and the waitress server.
 
 May import every other ``backend`` package and ``osprey``; nothing imports it except ``backend.cli``.
 """

@@ -118,7 +118,7 @@ def create_app(runtime) -> Flask:
             )
             if not ok:
                 hint = (
-                    f" or {WEBHOOK_SECRET_HEADER} (README: webhooks and basic auth)"
+                    f" or {WEBHOOK_SECRET_HEADER} (docs: guide/predictions.md, basic auth and the webhook)"
                     if request.path == "/webhook"
                     else ""
                 )

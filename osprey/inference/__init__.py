@@ -1,5 +1,5 @@
 """Labelling many regions of one image: fields, question plans, the fast shared-prefix path, the
-upstream-style baseline, the feature cache and the public ``Osprey`` API.
+upstream-style baseline and the public ``Osprey`` API.
 
-May import ``osprey.model``; never ``osprey.learning``, ``osprey.sam`` or ``backend``.
+May import ``osprey.model`` and ``osprey.runtime``; never ``osprey.learning``, ``osprey.sam`` or ``backend``.
 """

@@ -1,5 +1,5 @@
-"""Per-project learning on accepted labels: region features, the fast head and its blending rule, and
-LoRA fine-tuning of Osprey's LLM.
+"""Per-project learning on accepted labels: region features, the fast head and its blending rule
+(``blend_labels``, the one rule serving and the promotion gate share), and LoRA fine-tuning of Osprey's LLM.
 
-May import ``osprey.model`` and ``osprey.inference``; never ``backend``.
+May import ``osprey.model``, ``osprey.inference`` and ``osprey.runtime``; never ``backend``.
 """
