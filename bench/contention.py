@@ -120,7 +120,7 @@ def main() -> int:
 
     def bulk():
         schema = runtime.projects.schema_for(brush)
-        runtime.tasks_for(PROJECT).predict(batch_tasks, schema)
+        runtime.tasks_for(PROJECT.split(".")[0]).predict(batch_tasks, schema)
 
     rows = [{"situation": "click alone", "clicks": alone, "waits": list(waits)}]
     for name, background in (
