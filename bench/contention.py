@@ -152,7 +152,7 @@ def main() -> int:
             )
         rows.append({"situation": name, "clicks": latencies, "waits": list(waits), "same_answer": same})
     base = statistics.median(alone)
-    cfg = runtime.models.osprey.config
+    cfg = runtime.models.region_model.config
     for row in rows:
         median = statistics.median(row["clicks"]) if row["clicks"] else float("nan")
         row.update(model=cfg.name, sam=args.sam, device=args.device, median_s=round(median, 3), ratio=round(median / base, 2),

@@ -53,9 +53,9 @@ def measured_request_peak(models) -> tuple[int, dict]:
     rgb = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
     with torch.no_grad(), LiveBytes() as live:
         regions = models.everything.generate(rgb)
-        models.osprey.label(rgb, [r.mask for r in regions] or [np.ones(rgb.shape[:2], bool)],
+        models.region_model.label(rgb, [r.mask for r in regions] or [np.ones(rgb.shape[:2], bool)],
                             LabelRequest(categories=("a", "b"), caption=True, max_caption_tokens=8))  # fmt: skip
-    osprey = models.osprey
+    osprey = models.region_model
     pixels = preprocess_image(rgb, image_size=osprey.config.vision.image_size)
     with torch.inference_mode():
         features, tokens = osprey.model.encode_pixels(pixels)
@@ -91,7 +91,7 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
         from backend.runtime.models import load_models
 
         models = load_models(settings, device="cpu")
-        osprey = models.osprey
+        osprey = models.region_model
     with torch.device("meta"):
         sam = _assemble(SAM_ARCHITECTURES[sam_model])
     sam_weights, osprey_weights = weight_bytes(sam), weight_bytes(osprey.model)

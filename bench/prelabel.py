@@ -83,7 +83,7 @@ def models_from(osprey: Osprey, sam_model, sam: str, *, max_masks: int, points_p
     options = EverythingOptions(points_per_side=points_per_side, points_per_batch=points_per_batch,
                                 pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0,
                                 max_masks=max_masks)  # fmt: skip
-    return Models(osprey=osprey, refiner=SamRefiner(embedder=embedder),
+    return Models(region_model=osprey, refiner=SamRefiner(embedder=embedder),
                   everything=SamEverything(embedder=embedder, options=options), sam_model=sam, untrained=True)  # fmt: skip
 
 
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, models: Models) -> list[dict]:
     ``--only N`` one row of ``batch_tasks=N`` alone."""
     schema = parse_label_config(CONFIG.read_text())
     regions = 0 if args.segment_everything else args.regions
-    device = models.osprey.device
+    device = models.region_model.device
     options = PredictOptions(
         max_caption_tokens=args.caption_tokens, max_description_tokens=args.description_tokens
     )
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, models: Models) -> list[dict]:
          "same": same(outputs[size], outputs[1])}
         for size in sizes
     ]  # fmt: skip
-    cfg = models.osprey.config
+    cfg = models.region_model.config
     for row in rows:
         row.update(
             model=cfg.name, sam=args.sam, device=str(device), tasks=args.tasks,
@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.only is not None:
         print(json.dumps(rows[0]))
         return 0
-    cfg, device = models.osprey.config, models.osprey.device
+    cfg, device = models.region_model.config, models.region_model.device
     if args.json:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(f"model {cfg.name} + SAM {args.sam} on {device}, dtype {models.osprey.model.dtype}; {args.tasks} tasks, "
+        print(f"model {cfg.name} + SAM {args.sam} on {device}, dtype {models.region_model.model.dtype}; {args.tasks} tasks, "
               f"regions per task: {rows[0]['regions_per_task']}, all five fields of brush_full.xml")  # fmt: skip
         print(f"{'setting':<22} | {'seconds':>8} | {'tasks/min':>9} | {'ratio':>6} | same answers")
         print(f"{'-' * 22}-+-{'-' * 8}-+-{'-' * 9}-+-{'-' * 6}-+-------------")

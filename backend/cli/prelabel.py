@@ -48,7 +48,7 @@ def add_prelabel_command(subparsers) -> None:
         description="Predict every task of a project (or --tasks / a Data Manager --view) that has no "
         "prediction of the current model version yet, several tasks per forward pass, and write the "
         "predictions back in small chunks. Reruns resume. LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY say "
-        "where and as whom; the model settings are the server's (OSPREY_MODEL, SAM_MODEL, ...). Exit "
+        "where and as whom; the model settings are the server's (REGION_MODEL, SAM_MODEL, ...). Exit "
         "status 1 when a task failed, 2 on bad input.",
     )
     parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
@@ -65,7 +65,7 @@ def add_prelabel_command(subparsers) -> None:
         "--dry-run", type=int, nargs="?", const=4, metavar="N",
         help="predict N tasks (default 4) without writing, and estimate the time for the rest",
     )  # fmt: skip
-    parser.add_argument("--model", help="Osprey model (OSPREY_MODEL)")
+    parser.add_argument("--model", help="region model (REGION_MODEL)")
     parser.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
     parser.add_argument(
         "--device", help="cpu, cuda, cuda:1 ... (OSPREY_DEVICE; under torchrun: cuda:LOCAL_RANK)"
@@ -82,7 +82,7 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
     from backend.runtime.settings import Settings
 
     overrides = {}
-    for key, value in (("osprey_model", args.model), ("sam_model", args.sam_model), ("device", args.device),
+    for key, value in (("region_model", args.model), ("sam_model", args.sam_model), ("device", args.device),
                        ("prelabel_batch_tasks", args.batch_tasks), ("prelabel_chunk_tasks", args.chunk_tasks),
                        ("prelabel_retries", args.retries)):  # fmt: skip
         if value is not None:

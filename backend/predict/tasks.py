@@ -69,7 +69,7 @@ def predict_task(
             task=task, rgb=rgb, schema=schema, context=context, models=models, options=options
         )
         answers = answer_tasks(
-            [(rgb, regions)], schema=schema, osprey=models.osprey, options=options, head=head
+            [(rgb, regions)], schema=schema, osprey=models.region_model, options=options, head=head
         )
     return task_results([(rgb, regions)], answers, schema=schema, options=options)[0]
 
@@ -144,7 +144,7 @@ class TaskPredictor:
         try:
             with self.session():
                 answers = answer_tasks(
-                    items, schema=schema, osprey=self.models.osprey, options=self.options, head=head
+                    items, schema=schema, osprey=self.models.region_model, options=self.options, head=head
                 )
             with self.courtesy():  # no model needed; clicks go first
                 labelled = task_results(items, answers, schema=schema, options=self.options)

@@ -57,8 +57,9 @@ def precompute(models, loader, references: list[str], *, which=("sam", "osprey")
     """Encode each referenced image (a local file, or a task reference read by ``loader``) with the
     chosen ``models`` (``"sam"``, ``"osprey"``) into their caches; ``models`` must have been loaded with
     a disk tier (``OSPREY_CACHE_DIR``), or the work is lost when the process ends."""
-    encoders = {"sam": models.refiner.embedder.embed, "osprey": models.osprey.encode_image}
-    caches = {"sam": models.refiner.cache, "osprey": models.osprey.cache}
+    # "osprey" names the region model here (Osprey or PixelRefer-Lite), as `precompute --only` always has
+    encoders = {"sam": models.refiner.embedder.embed, "osprey": models.region_model.encode_image}
+    caches = {"sam": models.refiner.cache, "osprey": models.region_model.cache}
     report = PrecomputeReport(images=len(references))
     start = time.perf_counter()
     for ref in tqdm(references, desc="encoding images", unit="image"):

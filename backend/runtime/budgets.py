@@ -110,19 +110,12 @@ def host_memory() -> tuple[int, int]:
 
 def request_peak_bytes(settings, osprey, *, points_per_batch: int = 64) -> int:
     """Bytes one request needs at its peak beyond weights and caches: the larger of SAM's segment
-    everything (on a 1.4-megapixel photo) and Osprey's largest forward."""
-    from osprey.inference.memory import encoding_bytes, label_activation_bytes
+    everything (on a 1.4-megapixel photo) and the region model's largest forward (``osprey``: any
+    :class:`~osprey.inference.region_model.RegionModel`, its ``label_peak_bytes``)."""
     from osprey.sam.memory import everything_peak_bytes
 
     sam = everything_peak_bytes(settings.sam_model, points_per_batch=points_per_batch).peak
-    context = encoding_bytes(osprey).prefix_tokens
-    label = label_activation_bytes(
-        osprey.model.llm.config,
-        osprey.model.dtype,
-        chunk_tokens=osprey.fast.max_batch_tokens,
-        context_tokens=context,
-    )
-    return max(sam, label)
+    return max(sam, osprey.label_peak_bytes())
 
 
 def device_budgets(settings, osprey) -> CacheBudgets:

@@ -1,5 +1,6 @@
 """The models a process serves: the weight check before loading, loading on the chosen device, and the
-loaded set (Osprey, a SAM refiner and segment everything sharing one SAM embedder, the cache budgets).
+loaded set (the region model, Osprey or PixelRefer-Lite, a SAM refiner and segment everything sharing one
+SAM embedder, the cache budgets).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Models:
-    """The loaded models: Osprey, a SAM refiner and segment-everything sharing one SAM embedder, and the
-    cache tiers' byte budgets they were given."""
+    """The loaded models: the region model (a :class:`~osprey.inference.region_model.RegionModel`), a SAM
+    refiner and segment-everything sharing one SAM embedder, and the cache tiers' byte budgets they were
+    given."""
 
-    osprey: object
+    region_model: object
     refiner: object
     everything: object
     sam_model: str
@@ -29,9 +31,15 @@ class Models:
     budgets: CacheBudgets | None = None
 
     @property
+    def osprey(self):
+        """The region model under its old name (scripts written before PixelRefer-Lite)."""
+        return self.region_model
+
+    @property
     def version(self) -> str:
-        """The base ``model_version``: Osprey's and SAM's names (``-untrained`` for random weights)."""
-        base = f"{self.osprey.model_id}+sam-{self.sam_model}"
+        """The base ``model_version``: the region model's and SAM's names (``-untrained`` for random
+        weights), e.g. ``pixelrefer-lite-2b+sam-vit_h``."""
+        base = f"{self.region_model.model_id}+sam-{self.sam_model}"
         return f"{base}-untrained" if self.untrained else base
 
     def warning(self) -> str | None:
@@ -61,36 +69,47 @@ def sam_checkpoint_path(settings: Settings) -> Path | None:
     return Path(settings.sam_checkpoint or settings.model_dir / arch.checkpoint_file)
 
 
+def _region_model_source(name: str):
+    """``(untrained preset?, resolve(name) -> checkpoint dir)`` for the region model ``name``."""
+    from osprey.inference.region_model import model_family
+
+    if model_family(name) == "pixelrefer-lite":
+        from osprey.pixelrefer.configuration import load_preset, preset_names
+        from osprey.pixelrefer.loading import resolve_checkpoint
+    else:
+        from osprey.model.checkpoint import resolve_checkpoint
+        from osprey.model.config import load_preset, preset_names
+    return name in preset_names() and load_preset(name).untrained, resolve_checkpoint
+
+
 def weight_paths(settings: Settings) -> dict[str, str]:
     """Each model's weights as the start-up report names them."""
-    from osprey.model.checkpoint import resolve_checkpoint
-    from osprey.model.config import load_preset, preset_names
-
-    model = settings.osprey_model
-    if model in preset_names() and load_preset(model).untrained:
-        osprey = f"{model} (random weights)"
+    model = settings.model_name
+    untrained, resolve = _region_model_source(model)
+    if untrained:
+        region = f"{model} (random weights)"
     else:
         try:
-            osprey = str(resolve_checkpoint(model))
+            region = str(resolve(model))
         except FileNotFoundError:
-            osprey = f"{model} (not found)"
+            region = f"{model} (not found)"
     sam = sam_checkpoint_path(settings)
     return {
-        "osprey": osprey,
+        "region model": region,
         "sam": str(sam) if sam is not None else f"{settings.sam_model} (random weights)",
     }
 
 
 def check_weights(settings: Settings) -> None:
     """Raise FileNotFoundError naming every missing weight file and the command that fetches it."""
-    from osprey.model.checkpoint import resolve_checkpoint, weight_files
-    from osprey.model.config import load_preset, preset_names
+    from osprey.model.checkpoint import weight_files
 
     missing = []
-    model = settings.osprey_model
-    if not (model in preset_names() and load_preset(model).untrained):
+    model = settings.model_name
+    untrained, resolve = _region_model_source(model)
+    if not untrained:
         try:
-            weight_files(resolve_checkpoint(model))
+            weight_files(resolve(model))
         except FileNotFoundError as error:
             missing.append(str(error))
     path = sam_checkpoint_path(settings)
@@ -104,16 +123,17 @@ def check_weights(settings: Settings) -> None:
 
 
 def load_models(settings: Settings, *, device: str, random_weights: bool = False) -> Models:
-    """Load Osprey and SAM on ``device`` as the settings say (FileNotFoundError naming missing weights),
+    """Load the region model and SAM on ``device`` as the settings say (FileNotFoundError naming missing weights),
     then give their caches the byte budgets left on the device. ``random_weights`` builds the full-size
     architectures with random weights instead (benchmarks)."""
-    from osprey.inference.api import Osprey, image_feature_cache
+    from osprey.inference.api import image_feature_cache
+    from osprey.inference.region_model import load_region_model
     from osprey.sam import EverythingOptions, SamEverything, SamImageEmbedder, SamRefiner, build_sam
 
     def disk(name: str) -> str | None:
         return f"{settings.cache_dir}/{name}" if settings.cache_dir else None
 
-    osprey = Osprey.from_pretrained(settings.osprey_model, device=device, random_weights=random_weights)
+    osprey = load_region_model(settings.model_name, device=device, random_weights=random_weights)
     arch = sam_architecture(settings)
     checkpoint = None if random_weights else sam_checkpoint_path(settings)
     sam = build_sam(
@@ -138,7 +158,7 @@ def load_models(settings: Settings, *, device: str, random_weights: bool = False
         max_masks=settings.max_masks,
     )
     models = Models(
-        osprey=osprey,
+        region_model=osprey,
         refiner=SamRefiner(embedder=embedder),
         everything=SamEverything(embedder=embedder, options=options),
         sam_model=settings.sam_model,
@@ -151,7 +171,7 @@ def load_models(settings: Settings, *, device: str, random_weights: bool = False
 
 def device_memory(models: Models) -> dict | None:
     """The model device's memory as PyTorch's allocator sees it (CUDA only; None on a CPU)."""
-    device = getattr(models.osprey, "device", None)
+    device = getattr(models.region_model, "device", None)
     if device is None or device.type != "cuda":
         return None
     import torch

@@ -93,9 +93,18 @@ class Settings:
         2, "OSPREY_WEBHOOK_CONCURRENCY", SERVING,
         "Webhooks handled at once; as many more wait up to 0.5 s, others get 503 with `Retry-After`.",
     )  # fmt: skip
+    region_model: str | None = setting(
+        None, "REGION_MODEL", MODELS,
+        "The region model that answers: `osprey-7b`, `osprey-chat-7b`, `pixelrefer-lite-2b`, "
+        "`pixelrefer-lite-7b` (released weights from the Hugging Face cache), a checkpoint folder (its "
+        "`config.json` says which), or `tiny` / `pixelrefer-lite-tiny` (random weights, plumbing tests). "
+        "Unset: `OSPREY_MODEL`'s value.",
+        shown="`OSPREY_MODEL`",
+    )  # fmt: skip
     osprey_model: str = setting(
         "osprey-7b", "OSPREY_MODEL", MODELS,
-        "Osprey preset (`osprey-7b`, `osprey-chat-7b`, `tiny` for plumbing tests), checkpoint folder or "
+        "The older name of `REGION_MODEL`, still read when `REGION_MODEL` is unset: an Osprey preset "
+        "(`osprey-7b`, `osprey-chat-7b`, `tiny`), any value `REGION_MODEL` takes, checkpoint folder or "
         "cached Hugging Face repo id.",
     )  # fmt: skip
     sam_model: str = setting(
@@ -316,6 +325,11 @@ class Settings:
     def gpu_rank(self) -> int:
         """This process's GPU under ``torchrun`` (``LOCAL_RANK``, else ``RANK``)."""
         return self.local_rank if self.local_rank is not None else self.rank
+
+    @property
+    def model_name(self) -> str:
+        """The region model to serve: ``REGION_MODEL``, else ``OSPREY_MODEL``."""
+        return self.region_model or self.osprey_model
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

@@ -21,6 +21,7 @@ from osprey.model.preprocess import preprocess_image, stack_masks, to_rgb_array
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN, conversation, tokenize_prompt
 from osprey.runtime.steps import yield_before_each
 
+from .answering import answer_baseline, answer_fast
 from .baseline import BaselineRunner
 from .fast import EncodedImage, FastRunner, ImageFeatures, batch_images, encode_image, encode_prefix
 from .fields import LabelRequest, RegionLabels
@@ -66,7 +67,10 @@ def image_feature_cache(
 
 class Osprey:
     """A loaded Osprey model with its tokenizer. Safe to share between threads; GPU work from
-    several threads is serialised by the caller (the backend runs one model per process)."""
+    several threads is serialised by the caller (the backend runs one model per process). One
+    implementation of :class:`~osprey.inference.region_model.RegionModel`."""
+
+    family = "osprey"
 
     def __init__(
         self,
@@ -138,6 +142,26 @@ class Osprey:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    # ---- what the learning loop and the budgets ask (see RegionModel) ----
+    def feature_levels(self) -> tuple[tuple[str, int], ...]:
+        """The encoded feature maps the per-project head pools inside each mask: res2..res5."""
+        from osprey.model.config import LEVELS
+
+        return tuple((level, self.config.vision.level_channels(level)) for level in LEVELS)
+
+    @property
+    def feature_backbone(self) -> str:
+        return self.config.vision.open_clip_model
+
+    def label_peak_bytes(self) -> int:
+        """Bytes of labelling's largest forward: a full scoring chunk over the prefix (on any device)."""
+        from .memory import encoding_bytes, label_activation_bytes
+
+        return label_activation_bytes(
+            self.model.llm.config, self.model.dtype, chunk_tokens=self.fast.max_batch_tokens,
+            context_tokens=encoding_bytes(self).prefix_tokens,
+        )  # fmt: skip
 
     # ---- images ----
     def encode_image(self, image: Image.Image | np.ndarray) -> EncodedImage:
@@ -230,15 +254,7 @@ class Osprey:
         region_tokens = (torch.cat([t[0] for t in tokens]), torch.cat([t[1] for t in tokens]))
         image_of = [b for b, n in enumerate(counts) for _ in range(n)]
         planner = Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
-        first, gens = planner.first_round(len(image_of))
-        for task in (*first, *gens):
-            task.image = image_of[task.region]
-        batch = batch_images(encoded)
-        self.fast.score(batch, first, region_tokens)
-        second = planner.second_round(first)
-        self.fast.score(batch, second, region_tokens)
-        self.fast.generate(batch, gens, region_tokens)
-        answers = planner.assemble(len(image_of), first, second, gens)
+        answers = answer_fast(planner, self.fast, batch_images(encoded), region_tokens, image_of)
         start = 0
         for i, n in zip(live, counts, strict=True):
             out[i] = answers[start : start + n]
@@ -264,12 +280,7 @@ class Osprey:
         planner = Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
         with torch.inference_mode():
             region_tokens = self.model.region_tokens(encoded.features, mask_t)
-        first, gens = planner.first_round(len(mask_t))
-        self.fast.score(encoded, first, region_tokens)
-        second = planner.second_round(first)
-        self.fast.score(encoded, second, region_tokens)
-        self.fast.generate(encoded, gens, region_tokens)
-        return planner.assemble(len(mask_t), first, second, gens)
+        return answer_fast(planner, self.fast, encoded, region_tokens, [0] * len(mask_t))
 
     def label_baseline(
         self, image: Image.Image | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, request: LabelRequest
@@ -278,9 +289,4 @@ class Osprey:
         rgb = to_rgb_array(image)
         mask_t = stack_masks(masks, image_hw=rgb.shape[:2])
         planner = Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
-        first, gens = planner.first_round(len(mask_t))
-        self.baseline.score(rgb, mask_t, first)
-        second = planner.second_round(first)
-        self.baseline.score(rgb, mask_t, second)
-        self.baseline.generate(rgb, mask_t, gens)
-        return planner.assemble(len(mask_t), first, second, gens)
+        return answer_baseline(planner, self.baseline, rgb, mask_t)

@@ -19,10 +19,13 @@ from .plan import GenerateTask, Question, ScoreTask, candidate_log_likelihood
 
 
 class BaselineRunner:
-    def __init__(self, *, model: OspreyModel, eos_token_id: int, pad_token_id: int) -> None:
+    def __init__(
+        self, *, model: OspreyModel, eos_token_id: int, pad_token_id: int, repetition_penalty: float = 1.0
+    ) -> None:
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+        self.repetition_penalty = repetition_penalty  # transformers' own, as the checkpoint configures it
 
     def _prompt_embeds(self, image: np.ndarray, mask: torch.Tensor, question: Question) -> torch.Tensor:
         model = self.model
@@ -62,6 +65,7 @@ class BaselineRunner:
                 max_new_tokens=task.max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
+                repetition_penalty=self.repetition_penalty,
                 output_logits=True,
                 return_dict_in_generate=True,
             )

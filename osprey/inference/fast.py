@@ -260,10 +260,19 @@ class FastRunner:
     """Runs score and generate tasks for many regions of one encoded image, or of an
     :class:`ImageBatch` of several."""
 
-    def __init__(self, *, model: OspreyModel, eos_token_id: int, max_batch_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        *,
+        model: OspreyModel,
+        eos_token_id: int,
+        max_batch_tokens: int = 2048,
+        repetition_penalty: float = 1.0,
+    ) -> None:
         self.model = model
         self.eos_token_id = eos_token_id
         self.max_batch_tokens = max_batch_tokens
+        # on the tokens each answer generated so far (a prompt given as embeddings has no ids to penalise)
+        self.repetition_penalty = repetition_penalty
 
     # ---- shared question text, run once per image and kept ----
     def _prepare(self, batch: ImageBatch, tasks: list) -> _Snapshot:
@@ -318,9 +327,16 @@ class FastRunner:
         return split_question(q, len(batch.prefix_ids), self.model.mask_token_id)[1]
 
     def _embed_packed(
-        self, packer: _Packer, ids: torch.Tensor, mask_tokens: torch.Tensor, spatial_tokens: torch.Tensor
+        self,
+        packer: _Packer,
+        ids: torch.Tensor,
+        mask_tokens: torch.Tensor,
+        spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         rows = torch.tensor(packer.mask_regions(), dtype=torch.long, device=ids.device)
+        embed_regions = getattr(self.model, "embed_regions", None)
+        if embed_regions is not None:  # a model whose region spans several placeholders (PixelRefer-Lite)
+            return embed_regions(ids, rows, mask_tokens)
         return self.model.embed(ids, mask_tokens=mask_tokens[rows], spatial_tokens=spatial_tokens[rows])
 
     @staticmethod
@@ -440,7 +456,7 @@ class FastRunner:
         )
         next_pos = [packer.ends[task.image][seg] for task, seg in seqs]
         active = list(range(len(seqs)))
-        next_tokens, next_logprobs = _greedy(logits)
+        next_tokens, next_logprobs = self._pick(logits, [seqs[i][0] for i in active])
         while active:
             still = []
             for i, token, logprob in zip(active, next_tokens, next_logprobs, strict=True):
@@ -456,7 +472,13 @@ class FastRunner:
             state, logits = self._step(state, visible, [(seqs[i], next_pos[i]) for i in active])
             for i in active:
                 next_pos[i] += 1
-            next_tokens, next_logprobs = _greedy(logits)
+            next_tokens, next_logprobs = self._pick(logits, [seqs[i][0] for i in active])
+
+    def _pick(self, logits: torch.Tensor, tasks: list[GenerateTask]) -> tuple[list[int], list[float]]:
+        """The next token of each task (a row of ``logits``) and its log-probability."""
+        if self.repetition_penalty == 1.0:
+            return _greedy(logits)
+        return _greedy_penalised(logits, [task.token_ids for task in tasks], self.repetition_penalty)
 
     def _step(self, state: KVState, visible: torch.Tensor, active: list) -> tuple[KVState, torch.Tensor]:
         """One decoding step: each active task's last token in its row (rows padded to the row with the
@@ -507,6 +529,22 @@ def _interleaved(tasks: list) -> list:
             zip(rank, range(len(tasks)), tasks, strict=True), key=lambda t: (t[0], t[2].image)
         )
     ]
+
+
+def _greedy_penalised(
+    logits: torch.Tensor, previous: list[list[int]], penalty: float
+) -> tuple[list[int], list[float]]:
+    """Greedy choice after transformers' repetition penalty on each row's ``previous`` tokens (a positive
+    logit divided by ``penalty``, a negative one multiplied); the log-probability is the model's own."""
+    scores = logits.clone()
+    for row, ids in enumerate(previous):
+        if ids:
+            index = torch.tensor(ids, device=logits.device)
+            picked = scores[row, index]
+            scores[row, index] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    best = scores.argmax(-1)
+    log_probs = logits.log_softmax(-1).gather(1, best[:, None])[:, 0]
+    return best.tolist(), log_probs.tolist()
 
 
 def _greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:

@@ -57,24 +57,26 @@ class GenerateTask:
 
 
 class Planner:
-    """Builds the questions for a request and assembles answers from model outputs."""
+    """Builds the questions for a request and assembles answers from model outputs, in the words of one
+    model's prompt set (``prompts``: the functions of :mod:`osprey.model.prompts`)."""
 
-    def __init__(self, *, tokenizer, request: LabelRequest, untrained: bool = False) -> None:
+    def __init__(self, *, tokenizer, request: LabelRequest, untrained: bool = False, prompts=P) -> None:
         self.tokenizer = tokenizer
+        self.prompts = prompts  # the model's prompt set: Osprey's (osprey.model.prompts) by default
         self.request = request
         self.untrained = untrained
         self._questions: dict[str, Question] = {}
 
     def question(self, key: str, first_turn: str) -> Question:
         if key not in self._questions:
-            text = P.conversation(first_turn)
+            text = self.prompts.conversation(first_turn)
             self._questions[key] = Question(
-                key=key, text=text, ids=tuple(P.tokenize_prompt(self.tokenizer, text))
+                key=key, text=text, ids=tuple(self.prompts.tokenize_prompt(self.tokenizer, text))
             )
         return self._questions[key]
 
     def _answer(self, question: Question, answer: str, *, finished: bool) -> list[int]:
-        return P.answer_ids(self.tokenizer, list(question.ids), question.text, answer, finished=finished)
+        return self.prompts.answer_ids(self.tokenizer, list(question.ids), question.text, answer, finished=finished)
 
     # ---- round 1: everything that does not depend on another answer ----
     def first_round(self, num_regions: int) -> tuple[list[ScoreTask], list[GenerateTask]]:
@@ -84,28 +86,28 @@ class Planner:
         closed_categories = bool(req.categories)
         per_question: list[tuple[Question, list[tuple[str, list[int]]]]] = []
         if closed_categories:
-            q = self.question("category", P.category_turn(req.categories, req.parts or ()))
+            q = self.question("category", self.prompts.category_turn(req.categories, req.parts or ()))
             # With parts, the answer is "category:part"; round 1 scores how the answer starts.
             finished = req.parts is None
             per_question.append((q, [(c, self._answer(q, c, finished=finished)) for c in req.categories]))
         elif req.parts is not None:
-            q = self.question("part", P.category_turn(req.parts))
+            q = self.question("part", self.prompts.category_turn(req.parts))
             per_question.append((q, [(p, self._answer(q, p, finished=True)) for p in req.parts]))
         for attribute in req.attributes or ():
-            q = self.question(f"attribute:{attribute}", P.attribute_turn(attribute))
-            per_question.append((q, [(ans, self._answer(q, ans, finished=True)) for ans in (P.YES, P.NO)]))
+            q = self.question(f"attribute:{attribute}", self.prompts.attribute_turn(attribute))
+            per_question.append((q, [(ans, self._answer(q, ans, finished=True)) for ans in (self.prompts.YES, self.prompts.NO)]))
         for region in range(num_regions):
             for q, candidates in per_question:
                 scores.append(ScoreTask(region=region, question=q, candidates=candidates))
         generated = []
         if req.open_category:
             generated.append(
-                (self.question("open_category", P.open_category_turn()), req.max_category_tokens)
+                (self.question("open_category", self.prompts.open_category_turn()), req.max_category_tokens)
             )
         if req.caption:
-            generated.append((self.question("caption", P.caption_turn()), req.max_caption_tokens))
+            generated.append((self.question("caption", self.prompts.caption_turn()), req.max_caption_tokens))
         if req.description:
-            generated.append((self.question("description", P.description_turn()), req.max_description_tokens))
+            generated.append((self.question("description", self.prompts.description_turn()), req.max_description_tokens))
         for region in range(num_regions):
             for q, limit in generated:
                 gens.append(GenerateTask(region=region, question=q, max_new_tokens=limit))
@@ -149,10 +151,10 @@ class Planner:
             key = task.question.key
             out = results[task.region]
             if key == "open_category":
-                out.category = P.clean_answer(text, keep_after_colon=self.request.parts is None)
+                out.category = self.prompts.clean_answer(text, keep_after_colon=self.request.parts is None)
                 out.text_scores["category"] = task.confidence
             else:
-                setattr(out, key, P.clean_answer(text, keep_after_colon=False))
+                setattr(out, key, self.prompts.clean_answer(text, keep_after_colon=False))
                 out.text_scores[key] = task.confidence
         if self.request.attributes:
             for out in results:  # keep the requested order

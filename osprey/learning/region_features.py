@@ -53,8 +53,7 @@ import torch
 from PIL import Image
 
 from osprey.inference.fast import EncodedImage
-from osprey.model.config import LEVELS
-from osprey.model.extractor import mask_pool
+from osprey.inference.region_model import pooled_features
 from osprey.model.preprocess import stack_masks, to_rgb_array
 
 logger = logging.getLogger(__name__)
@@ -114,12 +113,12 @@ class FeatureLayout:
         )
 
 
-def feature_layout(osprey) -> FeatureLayout:
-    """The layout of :func:`region_features` for ``osprey`` (an :class:`osprey.inference.api.Osprey`)."""
-    vision = osprey.config.vision
-    groups = [(level, vision.level_channels(level)) for level in LEVELS]
+def feature_layout(model) -> FeatureLayout:
+    """The layout of :func:`region_features` for ``model`` (a
+    :class:`~osprey.inference.region_model.RegionModel`): its feature maps, then geometry and colour."""
+    groups = list(model.feature_levels())
     groups += [("geometry", len(GEOMETRY_NAMES)), ("colour", len(COLOUR_NAMES))]
-    return FeatureLayout(groups=tuple(groups), backbone=vision.open_clip_model)
+    return FeatureLayout(groups=tuple(groups), backbone=model.feature_backbone)
 
 
 def _signed_root(hu: np.ndarray) -> np.ndarray:
@@ -164,18 +163,6 @@ def _mean_colours(rgb: np.ndarray, masks: torch.Tensor) -> np.ndarray:
     return (flat @ pixels) / flat.sum(axis=1, keepdims=True)
 
 
-@torch.inference_mode()
-def _pooled_levels(encoded: EncodedImage, masks: torch.Tensor) -> np.ndarray:
-    """``(R, sum C)`` mask-pooled features of every level, each level L2-normalised."""
-    parts = []
-    for level in LEVELS:
-        features = encoded.features[level]
-        pooled = mask_pool(features.float(), masks.to(device=features.device))  # (R, C)
-        pooled = pooled / pooled.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        parts.append(pooled.cpu())
-    return torch.cat(parts, dim=1).numpy()
-
-
 def region_features(
     osprey,
     image: Image.Image | np.ndarray,
@@ -186,7 +173,7 @@ def region_features(
     """Feature vectors of regions of one image (layout: module docstring, :func:`feature_layout`).
 
     Args:
-        osprey: an :class:`osprey.inference.api.Osprey`.
+        osprey: a :class:`~osprey.inference.region_model.RegionModel` (Osprey or PixelRefer-Lite).
         image: ``(H, W, 3)`` uint8 RGB array or a PIL image.
         masks: ``(H, W)`` binary masks at the image's resolution, each non-empty.
         encoded: the image's :class:`~osprey.inference.fast.EncodedImage`; by default it comes from
@@ -204,7 +191,7 @@ def region_features(
             f"encoded image is {tuple(encoded.image_hw)} (H, W) but the image is {rgb.shape[:2]}; "
             "pass the EncodedImage of this image or leave encoded=None"
         )
-    pooled = _pooled_levels(encoded, mask_t)
+    pooled = pooled_features(osprey, encoded, mask_t)
     geometry = np.stack([mask_geometry(m) for m in mask_t.numpy()])
     colours = _mean_colours(rgb, mask_t)
     return np.concatenate([pooled, geometry, colours], axis=1).astype(np.float32)

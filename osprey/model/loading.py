@@ -58,8 +58,11 @@ def load_strict(
     scope: str = "",
     optional_prefix: str | None = None,
     only: set[str] | None = None,
+    map_name=map_key,
+    architecture: str = "Osprey",
 ) -> set[str]:
-    """Assign released tensors onto ``model`` (built on the meta device).
+    """Assign released tensors onto ``model`` (built on the meta device); ``map_name`` turns a released
+    name into ours (None: a tensor the model never runs), ``architecture`` names the model in errors.
 
     Only parameters whose names start with ``scope`` (and, with ``only``, are in it) are expected from
     this source. Raises
@@ -77,7 +80,7 @@ def load_strict(
     skipped = 0
     batch: dict[str, torch.Tensor] = {}
     for released, tensor in tensors:
-        name = map_key(released)
+        name = map_name(released)
         if name is None:
             skipped += 1
             continue
@@ -105,7 +108,7 @@ def load_strict(
     if missing:
         problems.append(f"{len(missing)} missing tensors: {_names(missing)}")
     if problems:
-        raise ValueError(f"{source} does not match the Osprey architecture: " + "; ".join(problems))
+        raise ValueError(f"{source} does not match the {architecture} architecture: " + "; ".join(problems))
     logger.info("loaded %d tensors from %s (%d known-unused skipped)", len(loaded), source, skipped)
     return loaded
 

@@ -364,7 +364,7 @@ def test_a_task_runs_the_vision_tower_once_even_without_a_cache(tiny_models):
     region = region_result(mask=mask, tool="BrushLabels", from_name="label", to_name="image", width=80,
                            height=60, label="person", score=1.0, region_id="r1")  # fmt: skip
     calls = []
-    osprey, cache = tiny_models.osprey, tiny_models.osprey.cache
+    osprey, cache = tiny_models.region_model, tiny_models.region_model.cache
     hook = osprey.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
     osprey.cache = None
     try:

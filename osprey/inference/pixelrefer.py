@@ -1,0 +1,280 @@
+"""PixelRefer-Lite behind the region-model interface (:class:`~osprey.inference.region_model.RegionModel`).
+
+model = PixelReferLite.from_pretrained("pixelrefer-lite-2b")     # or a checkpoint dir, or "pixelrefer-lite-tiny"
+labels = model.label(image, masks, LabelRequest(categories=("cat", "dog"), caption=True))
+
+The image is encoded once (the whole image at 336x336 through the tower: the global features of every
+region's infusion); each region then becomes exactly ``mask_num`` (32) tokens from its own crop
+(:meth:`~osprey.pixelrefer.modeling.PixelReferModel.region_tokens`). The LLM sees no image tokens, so
+the prompt prefix is the chat header alone and the fast path's shared segments are the chat header and
+each question's text up to its first region: every region and candidate of every question runs in the
+same forwards, as for Osprey, through the same planner and runner. The k-means draw of a region is seeded
+by its mask (:func:`~osprey.pixelrefer.modeling.region_seed`), so the same request always gets the same
+answers; greedy decoding applies the checkpoint's repetition penalty to the generated tokens only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from osprey.model.llm import KVState, forward_on_state
+from osprey.model.loading import default_device, default_dtype
+from osprey.model.preprocess import stack_masks, to_rgb_array
+from osprey.pixelrefer.configuration import PixelReferConfig
+from osprey.pixelrefer.loading import load_model
+from osprey.pixelrefer.modeling import PixelReferModel, region_seed
+from osprey.pixelrefer.processing import region_crop, whole_image
+from osprey.pixelrefer.prompts import CHAT_PREFIX, IM_END, PixelReferPrompts
+from osprey.runtime.steps import yield_before_each
+
+from .answering import answer_baseline, answer_fast
+from .baseline import BaselineRunner
+from .fast import EncodedImage, FastRunner, ImageFeatures, SegmentTree, batch_images
+from .fields import LabelRequest, RegionLabels
+from .plan import Planner, Question
+
+logger = logging.getLogger(__name__)
+
+ENCODING_FORMAT = "pixelrefer1"  # part of every cache key: bump when the EncodedImage layout changes
+FAMILY = "pixelrefer-lite"
+
+
+class _Baseline(BaselineRunner):
+    """The authors' flow (``mm_infer`` with one mask): for every region and question the whole image, the
+    crop and the local crop go through the tower again and the full prompt through the LLM."""
+
+    def __init__(self, *, owner: PixelReferLite, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.owner = owner
+
+    def _prompt_embeds(self, image: np.ndarray, mask: torch.Tensor, question: Question) -> torch.Tensor:
+        tokens = self.owner._region_tokens(image, mask.cpu().numpy() > 0, None)
+        return self.model.embed(
+            torch.tensor(list(question.ids), device=self.model.device), region_tokens=tokens
+        )
+
+
+class PixelReferLite:
+    """A loaded PixelRefer-Lite with its tokenizer; the same interface as :class:`~osprey.inference.api.Osprey`."""
+
+    family = FAMILY
+
+    def __init__(
+        self,
+        *,
+        model: PixelReferModel,
+        tokenizer,
+        config: PixelReferConfig,
+        model_id: str,
+        cache=None,
+        max_batch_tokens: int = 2048,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_id = model_id
+        self.cache = cache
+        self.seed = seed
+        self.adapter_tag = ""  # the active LoRA adapter; part of cache keys
+        self.prompts = PixelReferPrompts(config.mask_num)
+        eos = int(tokenizer.convert_tokens_to_ids(IM_END))
+        self.fast = FastRunner(
+            model=model, eos_token_id=eos, max_batch_tokens=max_batch_tokens,
+            repetition_penalty=config.repetition_penalty,
+        )  # fmt: skip
+        self.baseline = _Baseline(
+            owner=self, model=model, eos_token_id=eos, pad_token_id=int(tokenizer.pad_token_id),
+            repetition_penalty=config.repetition_penalty,
+        )  # fmt: skip
+        self._prefix_ids = tuple(
+            self.prompts.tokenize_prompt(tokenizer, CHAT_PREFIX)
+        )  # shared by every prompt
+        yield_before_each(model.llm.get_decoder().layers)
+        yield_before_each(model.vision_encoder.encoder.layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        random_weights: bool = False,
+        cache=None,
+        seed: int = 0,
+    ) -> PixelReferLite:
+        """Load a preset (``pixelrefer-lite-tiny``/``-small``: random weights; ``pixelrefer-lite-2b``/``-7b``:
+        the released checkpoint from the Hugging Face cache) or a checkpoint directory."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        model, tokenizer, config = load_model(
+            name_or_path, device=device, dtype=dtype, random_weights=random_weights, seed=seed
+        )
+        if random_weights and not config.untrained:
+            config = PixelReferConfig.from_dict({**config.to_dict(), "untrained": True})
+        return cls(model=model, tokenizer=tokenizer, config=config, model_id=config.name, cache=cache)
+
+    @property
+    def untrained(self) -> bool:
+        return self.config.untrained
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- images ----
+    def _key(self, rgb: np.ndarray) -> str:
+        from osprey.runtime.feature_cache import content_key
+
+        return content_key(
+            rgb, FAMILY, ENCODING_FORMAT, self.model_id, str(self.model.dtype), self.adapter_tag
+        )
+
+    def encode_image(self, image: Image.Image | np.ndarray) -> EncodedImage:
+        """Encode once: the whole image's tower features and the chat header's keys/values."""
+        rgb = to_rgb_array(image)
+        if self.cache is None:
+            return self._encode(rgb)
+        return self.cache.get_or_compute(
+            self._key(rgb), lambda: self._encode(rgb), restore=self._from_features
+        )
+
+    def encode_images(self, images: Sequence[Image.Image | np.ndarray]) -> list[EncodedImage]:
+        return [self.encode_image(image) for image in images]
+
+    @torch.inference_mode()
+    def _encode(self, rgb: np.ndarray) -> EncodedImage:
+        whole = self.model.encode_whole(whole_image(rgb, self.config))  # (G, C)
+        side = self.config.global_size // self.config.vision.patch_size
+        features = {"global": whole.T.reshape(-1, side, side)}  # (C, h, w)
+        empty = torch.zeros(0, self.config.text.hidden_size, device=self.device, dtype=self.model.dtype)
+        return self._with_prefix(features, empty, rgb.shape[:2])
+
+    def _from_features(self, kept: ImageFeatures) -> EncodedImage:
+        features = {name: value.to(self.device) for name, value in kept.features.items()}
+        return self._with_prefix(features, kept.image_tokens.to(self.device), tuple(kept.image_hw))
+
+    @torch.inference_mode()
+    def _with_prefix(self, features, image_tokens, image_hw) -> EncodedImage:
+        """The chat header run through the decoder (the same for every image; a few tokens)."""
+        model, n = self.model, len(self._prefix_ids)
+        tree = SegmentTree()
+        _, state = forward_on_state(
+            model.llm, KVState.empty(model.device),
+            embeds=model.embed(torch.tensor([list(self._prefix_ids)], device=model.device)),
+            segment=torch.zeros(1, n, dtype=torch.long, device=model.device),
+            position=torch.arange(n, device=model.device)[None],
+            visible=tree.visible(model.device)[None], logits_at=None,
+        )  # fmt: skip
+        return EncodedImage(
+            image_hw=tuple(image_hw), features=features, image_tokens=image_tokens,
+            prefix_ids=self._prefix_ids, state=state, tree=tree,
+        )  # fmt: skip
+
+    # ---- regions ----
+    @torch.inference_mode()
+    def _region_tokens(self, rgb: np.ndarray, mask: np.ndarray, encoded: EncodedImage | None) -> torch.Tensor:
+        """One region's ``(mask_num, D)`` tokens; the global features from ``encoded`` when given."""
+        if encoded is None:
+            whole = self.model.encode_whole(whole_image(rgb, self.config))
+        else:
+            feats = encoded.features["global"]
+            whole = feats.reshape(feats.shape[0], -1).T
+        crop = region_crop(rgb, mask, self.config)
+        return self.model.region_tokens(crop, whole, region_seed(mask, self.seed))
+
+    def region_tokens(self, rgb: np.ndarray, masks: torch.Tensor, encoded: EncodedImage) -> torch.Tensor:
+        """``masks`` ``(R, H, W)`` -> ``(R, mask_num, D)``, each region on its own (its own crop)."""
+        return torch.stack([self._region_tokens(rgb, m.numpy() > 0, encoded) for m in masks.cpu()])
+
+    def _planner(self, request: LabelRequest) -> Planner:
+        return Planner(
+            tokenizer=self.tokenizer, request=request, untrained=self.untrained, prompts=self.prompts
+        )
+
+    # ---- labelling ----
+    def label(
+        self,
+        image: Image.Image | np.ndarray,
+        masks: Sequence[np.ndarray] | np.ndarray,
+        request: LabelRequest,
+        *,
+        encoded: EncodedImage | None = None,
+    ) -> list[RegionLabels]:
+        """Answer ``request`` for every region (``(H, W)`` binary masks at the image's resolution)."""
+        return self.label_many([(image, masks)], request, encoded=[encoded] if encoded is not None else None)[
+            0
+        ]
+
+    def label_many(
+        self,
+        items: Sequence[tuple[Image.Image | np.ndarray, Sequence[np.ndarray] | np.ndarray]],
+        request: LabelRequest,
+        *,
+        encoded: Sequence[EncodedImage] | None = None,
+    ) -> list[list[RegionLabels]]:
+        """:meth:`label` for several ``(image, masks)`` pairs in the same forwards; one list per item."""
+        rgbs = [to_rgb_array(image) for image, _ in items]
+        mask_ts = [
+            stack_masks(masks, image_hw=rgb.shape[:2]) if len(masks) else None
+            for rgb, (_, masks) in zip(rgbs, items, strict=True)
+        ]
+        live = [i for i, masks in enumerate(mask_ts) if masks is not None]
+        out: list[list[RegionLabels]] = [[] for _ in items]
+        if not live:
+            return out
+        if encoded is None:
+            encoded = self.encode_images([rgbs[i] for i in live])
+        elif len(encoded) == len(items):
+            encoded = [encoded[i] for i in live]
+        for i, enc in zip(live, encoded, strict=True):
+            if tuple(enc.image_hw) != rgbs[i].shape[:2]:
+                raise ValueError(
+                    f"encoded image {i} is {enc.image_hw} (H, W) but the image is {rgbs[i].shape[:2]}"
+                )
+        tokens = torch.cat(
+            [self.region_tokens(rgbs[i], mask_ts[i], enc) for i, enc in zip(live, encoded, strict=True)]
+        )
+        counts = [len(mask_ts[i]) for i in live]
+        image_of = [b for b, n in enumerate(counts) for _ in range(n)]
+        answers = answer_fast(
+            self._planner(request), self.fast, batch_images(list(encoded)), (tokens,), image_of
+        )
+        start = 0
+        for i, n in zip(live, counts, strict=True):
+            out[i] = answers[start : start + n]
+            start += n
+        return out
+
+    def label_baseline(
+        self, image: Image.Image | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, request: LabelRequest
+    ) -> list[RegionLabels]:
+        """The authors' one-region-per-call flow: same answers, much slower."""
+        rgb = to_rgb_array(image)
+        mask_t = stack_masks(masks, image_hw=rgb.shape[:2])
+        return answer_baseline(self._planner(request), self.baseline, rgb, mask_t)
+
+    # ---- what the learning loop and the budgets ask ----
+    def feature_levels(self) -> tuple[tuple[str, int], ...]:
+        """The encoded feature maps the per-project head pools inside each mask, with their widths."""
+        return (("global", self.config.vision.hidden_size),)
+
+    def label_peak_bytes(self) -> int:
+        """Bytes of labelling's largest forward: a full scoring chunk after the chat header."""
+        from .memory import label_activation_bytes
+
+        return label_activation_bytes(
+            self.model.llm.config, self.model.dtype, chunk_tokens=self.fast.max_batch_tokens,
+            context_tokens=len(self._prefix_ids),
+        )  # fmt: skip
+
+    @property
+    def feature_backbone(self) -> str:
+        vision = self.config.vision
+        return f"siglip-navit-{vision.hidden_size}x{vision.num_hidden_layers}"
