@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from backend.errors import InputError, SettingsError, internal_error
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="osprey-label", description="Osprey + SAM region pre-labelling for Label Studio"
     )
+    parser.add_argument("--debug", action="store_true", help="print the traceback of any error")
     parser.add_argument(
         "--log-level",
         help="DEBUG, INFO, WARNING, ERROR (LOG_LEVEL; default INFO for serve, WARNING otherwise)",
@@ -172,19 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit status 0: done; 1: it ran, but something failed (the command says what);
-    2: bad input or settings, or a start-up check refused (one message saying what to fix); an error of
-    our own is logged with its traceback under an error id and gives 1."""
+    """Run one command. Exit status 0: done; 1: it ran, but something failed (failed tasks, Label Studio
+    failing, or an error of our own, logged with its traceback under an error id); 2: bad input or
+    settings, Label Studio unreachable or refusing the token, or a start-up check refused. Every
+    failure that is not our bug is one line naming the problem and the fix; ``--debug`` adds the
+    traceback."""
+    from backend.labelstudio.api import LabelStudioAPIError
     from backend.runtime.startup import StartupError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    user_errors = (InputError, StartupError, FileNotFoundError, *getattr(args, "input_errors", ()))
     try:
         configure_logging(_log_level(args))  # query strings and credentials are removed from every record
         return args.func(args)
-    except (InputError, StartupError, FileNotFoundError, *getattr(args, "input_errors", ())) as error:
+    except (*user_errors, LabelStudioAPIError) as error:
+        if args.debug:
+            traceback.print_exc()
         print(f"osprey-label {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        failing = isinstance(error, LabelStudioAPIError) and error.kind == "upstream"  # theirs, not the input
+        return 1 if failing else 2
     except Exception:
         error_id = internal_error(logging.getLogger("backend.cli"), f"osprey-label {args.command}")
         print(f"osprey-label {args.command}: internal error {error_id} (traceback above)", file=sys.stderr)

@@ -1,11 +1,17 @@
-"""Label Studio's REST API, the one client every part of the backend uses (label-studio-sdk): a
-project's label config and tasks, predictions written and deleted, the project's webhooks.
+"""Label Studio's REST API, the one client every part of the backend uses: a project's label config and
+tasks, predictions written and deleted, the project's webhooks.
 
-``LabelStudioClient`` wraps the SDK client, which exchanges a personal access token (a JWT refresh
-token) for short-lived access tokens and sends a legacy key as it is. Tasks come back as plain JSON
-dicts with their ``data``, ``annotations`` and ``predictions`` (each prediction with its ``id``,
-``model_version``, ``result`` and ``score``), as ``/predict`` receives them. Predictions are written in
-bulk (``POST /api/projects/<id>/import/predictions``), one call per chunk.
+Plain HTTP on a :func:`~backend.labelstudio.http.label_studio_session` (the one retry policy) with a
+:class:`~backend.labelstudio.auth.LabelStudioAuth` (a personal access token is exchanged for access
+tokens, refreshed by the expiry Label Studio wrote into them); a 401 makes the auth forget its access
+token and the call is repeated once. Tasks are read through the task list (``GET /api/tasks/``, never
+one by one: reading a single task makes Label Studio ask the ML backend for a prediction) and come back
+as plain dicts with ``data``, ``annotations`` and ``predictions``, as ``/predict`` receives them.
+Predictions are written in bulk (``POST /api/projects/<id>/import/predictions``).
+
+Every failure is a :class:`LabelStudioAPIError` naming the call, the status and what to do, never the
+token. ``outcome_unknown`` says that Label Studio may have done what a failed POST asked (the request
+went out; no answer came back): the caller reads back before sending it again.
 """
 
 from __future__ import annotations
@@ -14,58 +20,102 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 
+import requests
+
 from backend.errors import SettingsError
+
+from .auth import LabelStudioAuth
+from .http import label_studio_session
+from .images import sanitize_url
 
 logger = logging.getLogger(__name__)
 
-TASK_KEYS = ("id", "data", "annotations", "predictions", "project", "meta")
+TASK_KEYS = ("id", "data", "annotations", "predictions", "project", "meta", "updated_at")
+DEFAULT_TIMEOUT_S = (10.0, 60.0)  # connect, read
 
 
 class LabelStudioAPIError(RuntimeError):
-    """A Label Studio API call failed; the message names the call and the status, never the token."""
+    """A Label Studio API call failed. ``kind``: ``unreachable`` (no connection, a reset or no answer),
+    ``auth`` (401/403), ``not_found`` (404), ``refused`` (another 4xx) or ``upstream`` (5xx after the
+    retries); ``status`` is the HTTP status when there was one; ``outcome_unknown`` is True when a write
+    may have taken effect. The message names the call and the fix, never the token."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, kind: str, status: int | None = None, outcome_unknown: bool = False
+    ) -> None:
         super().__init__(message)
+        self.kind = kind
         self.status = status
-
-
-def _plain(value) -> dict:
-    """An SDK model (or dict) as plain JSON types."""
-    if hasattr(value, "model_dump"):
-        value = value.model_dump(mode="json")
-    elif hasattr(value, "dict"):
-        value = value.dict()
-    return json.loads(json.dumps(value, default=str))
+        self.outcome_unknown = outcome_unknown
 
 
 class LabelStudioClient:
-    """A Label Studio instance at ``url`` (``LABEL_STUDIO_URL``) with ``api_key`` (``LABEL_STUDIO_API_KEY``)."""
+    """Label Studio at ``url`` (``LABEL_STUDIO_URL``) as the owner of ``api_key`` (``LABEL_STUDIO_API_KEY``),
+    or of a shared ``auth`` (the image loader uses the same one). ``session`` defaults to one with the
+    retry policy; ``timeout_s`` is (connect, read) seconds per attempt."""
 
-    def __init__(self, *, url: str, api_key: str, timeout_s: float = 60.0, sdk_client=None) -> None:
-        if not url or not api_key:
+    def __init__(
+        self,
+        *,
+        url: str,
+        api_key: str | None = None,
+        auth: LabelStudioAuth | None = None,
+        session: requests.Session | None = None,
+        timeout_s: tuple[float, float] = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not url or not (api_key or auth):
             raise SettingsError(
                 "writing predictions needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a personal access token "
                 "from Label Studio's Account & Settings page)"
             )
         self.url = url.rstrip("/")
-        if sdk_client is None:
-            from label_studio_sdk import LabelStudio
+        self.auth = auth or LabelStudioAuth(base_url=self.url, api_key=api_key)
+        self._session = session or label_studio_session()
+        self._timeout = timeout_s
 
-            sdk_client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout_s)
-        self._sdk = sdk_client
+    def __repr__(self) -> str:
+        return f"LabelStudioClient(url={sanitize_url(self.url)!r})"
 
-    def _call(self, what: str, function, *args, **kwargs):
+    # ---- one call ----
+    def _call(
+        self, method: str, path: str, what: str, *, params=None, body=None, allow: tuple[int, ...] = ()
+    ):
+        """The decoded JSON answer of one call (None for an empty one); LabelStudioAPIError otherwise.
+        Statuses in ``allow`` come back as ``(status, None)`` instead of raising."""
+        response = None
+        for attempt in (1, 2):
+            try:
+                response = self._session.request(
+                    method, self.url + path, params=params, json=body, timeout=self._timeout, allow_redirects=False,
+                    headers={"Authorization": self.auth(), "Accept": "application/json"},
+                )  # fmt: skip
+            except requests.RequestException as error:
+                raise LabelStudioAPIError(
+                    f"Label Studio {what} failed: no answer from {sanitize_url(self.url)} ({type(error).__name__}); "
+                    f"check that Label Studio runs there (LABEL_STUDIO_URL)",
+                    kind="unreachable", outcome_unknown=method == "POST" and _maybe_sent(error),
+                ) from None  # fmt: skip
+            if response.status_code == 401 and attempt == 1:
+                self.auth.invalidate()  # an access token Label Studio no longer accepts: fetch a new one, once
+                continue
+            break
+        status = response.status_code
+        if status in allow:
+            return status, None
+        if status >= 400:
+            raise _error(what, status, self.url, write=method == "POST")
+        if not response.content:
+            return None
         try:
-            return function(*args, **kwargs)
-        except Exception as error:  # the SDK raises httpx and ApiError types; name the call, not the token
-            status = getattr(error, "status_code", None)
+            return response.json()
+        except ValueError:
             raise LabelStudioAPIError(
-                f"Label Studio {what} failed"
-                + (f" (HTTP {status})" if status else "")
-                + f": {type(error).__name__}",
-                status=status,
-            ) from error
+                f"Label Studio {what} answered HTTP {status} with a body that is not JSON; is LABEL_STUDIO_URL "
+                f"Label Studio's address (not a proxy's login page)?",
+                kind="upstream", status=status,
+            ) from None  # fmt: skip
 
+    # ---- tasks ----
     def tasks(
         self,
         project: int,
@@ -75,89 +125,155 @@ class LabelStudioClient:
         page_size: int = 100,
         skip_missing: bool = False,
     ) -> Iterator[dict]:
-        """The project's tasks (or those of a Data Manager ``view``, or exactly ``ids``), each as a dict of
-        :data:`TASK_KEYS`. ``skip_missing``: ids deleted meanwhile are left out instead of raising.
-
-        Tasks are always read through the task list (``GET /api/tasks/?project=...``), never one by one:
-        reading a single task makes Label Studio ask the connected ML backend for a prediction.
-        """
+        """The project's tasks (or those of a Data Manager ``view``, or exactly ``ids``, in that order),
+        each a dict of :data:`TASK_KEYS`. ``skip_missing``: ids deleted meanwhile are left out instead of
+        raising (``not_found``)."""
         if ids is None:
-            yield from self._list(project, view=view, page_size=page_size)
+            yield from self._pages(project, view=view, query=None, page_size=page_size)
             return
         wanted = [int(i) for i in ids]
         for start in range(0, len(wanted), page_size):
             chunk = wanted[start : start + page_size]
             query = json.dumps({"selectedItems": {"all": False, "included": chunk}})
-            found = {t["id"]: t for t in self._list(project, query=query, page_size=page_size)}
+            found = {t["id"]: t for t in self._pages(project, view=None, query=query, page_size=page_size)}
             missing = [i for i in chunk if i not in found]
             if missing and not skip_missing:
-                raise LabelStudioAPIError(f"project {project} has no tasks {missing}", status=404)
+                raise LabelStudioAPIError(
+                    f"Label Studio project {project} has no tasks {missing[:10]}"
+                    + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""),
+                    kind="not_found", status=404,
+                )  # fmt: skip
             if missing:
                 logger.info("tasks %s are gone from Label Studio project %s; skipped", missing, project)
             for task_id in chunk:
                 if task_id in found:
                     yield found[task_id]
 
-    def _list(self, project: int, *, view: int | None = None, query: str | None = None, page_size: int = 100):
-        pager = self._call(
-            f"list tasks of project {project}", self._sdk.tasks.list, project=int(project), view=view,
-            query=query, fields="all", page_size=page_size,
-        )  # fmt: skip
-        try:
-            for task in pager:
-                plain = _plain(task)
-                yield {k: plain.get(k) for k in TASK_KEYS}
-        except LabelStudioAPIError:
-            raise
-        except Exception as error:  # a later page failed
-            status = getattr(error, "status_code", None)
-            raise LabelStudioAPIError(
-                f"Label Studio list tasks of project {project} failed"
-                + (f" (HTTP {status})" if status else ""),
-                status=status,
-            ) from error
+    def _pages(self, project: int, *, view: int | None, query: str | None, page_size: int) -> Iterator[dict]:
+        seen, page = 0, 1
+        while True:
+            params = {"project": int(project), "page": page, "page_size": page_size, "fields": "all"}
+            if view is not None:
+                params["view"] = int(view)
+            if query is not None:
+                params["query"] = query
+            answer = self._call("GET", "/api/tasks/", f"list tasks of project {project}", params=params,
+                                allow=(404,) if page > 1 else ())  # fmt: skip
+            if isinstance(answer, tuple):  # 404 past the last page
+                return
+            tasks = answer.get("tasks", []) if isinstance(answer, dict) else answer
+            for task in tasks:
+                seen += 1
+                yield {key: task.get(key) for key in TASK_KEYS}
+            total = answer.get("total") if isinstance(answer, dict) else None
+            if not tasks or len(tasks) < page_size or (isinstance(total, int) and seen >= total):
+                return
+            page += 1
 
+    # ---- projects and predictions ----
     def label_config(self, project: int) -> str:
         """The project's label config XML."""
-        found = _plain(self._call(f"GET project {project}", self._sdk.projects.get, id=int(project)))
-        config = found.get("label_config")
+        try:
+            found = self._call("GET", f"/api/projects/{int(project)}/", f"read project {project}")
+        except LabelStudioAPIError as error:
+            if error.kind != "not_found":
+                raise
+            raise LabelStudioAPIError(
+                f"Label Studio at {sanitize_url(self.url)} has no project {project} (HTTP 404), or the token's user "
+                f"cannot see it; check --project (the number in the project's URL)",
+                kind="not_found", status=404,
+            ) from None  # fmt: skip
+        config = found.get("label_config") if isinstance(found, dict) else None
         if not isinstance(config, str) or not config.strip():
-            raise LabelStudioAPIError(f"Label Studio project {project} has no label config yet")
+            raise LabelStudioAPIError(
+                f"Label Studio project {project} has no label config yet; set one up in its Settings",
+                kind="refused",
+            )
         return config
 
     def predictions(self, task_id: int) -> list[dict]:
         """Every prediction of one task (``id``, ``model_version``, ``result``, ``score``)."""
         found = self._call(
-            f"list predictions of task {task_id}", self._sdk.predictions.list, task=int(task_id)
+            "GET", "/api/predictions/", f"list predictions of task {task_id}", params={"task": int(task_id)}
         )
-        return [_plain(p) for p in found]
+        return list(found or [])
 
     def create_predictions(self, project: int, predictions: list[dict]) -> int:
         """Write ``predictions`` (each ``{task, result, score, model_version}``) in one call; returns how
-        many Label Studio created."""
+        many Label Studio created. On a failure with ``outcome_unknown`` some may exist: read back."""
         if not predictions:
             return 0
-        response = self._call(
-            f"import {len(predictions)} predictions into project {project}",
-            self._sdk.projects.import_predictions,
-            id=int(project),
-            request=predictions,
-        )
-        created = getattr(response, "created", None)
-        return int(created) if created is not None else len(predictions)
+        answer = self._call(
+            "POST", f"/api/projects/{int(project)}/import/predictions",
+            f"import {len(predictions)} predictions into project {project}", body=predictions,
+        )  # fmt: skip
+        created = answer.get("created") if isinstance(answer, dict) else None
+        return int(created) if isinstance(created, int) else len(predictions)
 
     def delete_prediction(self, prediction_id: int) -> None:
-        self._call(f"DELETE prediction {prediction_id}", self._sdk.predictions.delete, id=int(prediction_id))
+        """Delete one prediction; one already gone counts as deleted."""
+        self._call(
+            "DELETE",
+            f"/api/predictions/{int(prediction_id)}/",
+            f"delete prediction {prediction_id}",
+            allow=(404,),
+        )
 
+    # ---- webhooks ----
     def webhooks(self, project: str) -> list[dict]:
         """The project's webhooks (``id``, ``project``, ``url``, ``headers``, ``actions``, ...)."""
         found = self._call(
-            f"list the webhooks of project {project}", self._sdk.webhooks.list, project=str(project)
+            "GET",
+            "/api/webhooks/",
+            f"list the webhooks of project {project}",
+            params={"project": str(project)},
         )
-        return [_plain(hook) for hook in found]
+        return list(found or [])
 
     def set_webhook_headers(self, webhook_id: int, headers: dict[str, str]) -> None:
         """Replace the extra headers Label Studio sends with webhook ``webhook_id``."""
         self._call(
-            f"update webhook {webhook_id}", self._sdk.webhooks.update, id=int(webhook_id), headers=headers
+            "PATCH",
+            f"/api/webhooks/{int(webhook_id)}/",
+            f"update webhook {webhook_id}",
+            body={"headers": headers},
         )
+
+
+def _maybe_sent(error: requests.RequestException) -> bool:
+    """Whether a failed request may have reached Label Studio: anything but a connection that was never
+    made (refused, unresolvable, timed out connecting). A reset or a read timeout after sending may not."""
+    if isinstance(error, requests.ConnectTimeout):
+        return False
+    text = str(error).lower()
+    markers = (
+        "connection refused",
+        "name or service not known",
+        "failed to establish",
+        "nodename nor servname",
+    )
+    return not any(marker in text for marker in markers)
+
+
+def _error(what: str, status: int, url: str, *, write: bool) -> LabelStudioAPIError:
+    where = sanitize_url(url)
+    if status in (401, 403):
+        return LabelStudioAPIError(
+            f"Label Studio {what} failed: HTTP {status}; LABEL_STUDIO_API_KEY is not accepted by {where} (revoked, "
+            f"expired, of another instance, or without access to this project): create a personal access "
+            f"token in Label Studio's Account & Settings and set LABEL_STUDIO_API_KEY",
+            kind="auth", status=status,
+        )  # fmt: skip
+    if status == 404:
+        return LabelStudioAPIError(
+            f"Label Studio {what} failed: HTTP 404 (no such object at {where})", kind="not_found", status=404
+        )
+    if status < 500 and status != 429:
+        return LabelStudioAPIError(
+            f"Label Studio {what} failed: HTTP {status}", kind="refused", status=status
+        )
+    return LabelStudioAPIError(
+        f"Label Studio {what} failed: HTTP {status} after retrying for about a minute; Label Studio at {where} is "
+        f"overloaded or failing (its log says why)",
+        kind="upstream", status=status, outcome_unknown=write,
+    )  # fmt: skip

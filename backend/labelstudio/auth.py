@@ -6,9 +6,12 @@ for a short-lived access token sent as ``Authorization: Bearer <access>``. A JWT
 as is, and a legacy key (not a JWT) as ``Authorization: Token <key>``.
 
 ``LabelStudioAuth`` is a callable that returns the ``Authorization`` header value, exchanging and
-caching the access token and refreshing it ``refresh_margin_s`` before its ``exp`` (read from the JWT
-payload without verifying it: Label Studio verifies it) or after ``invalidate()`` (call it on a 401).
-Tokens never appear in messages, logs or ``repr``.
+caching the access token and refreshing it before it expires *as Label Studio sees it*: the token's
+``exp`` and ``iat`` (read from the JWT payload without verifying it: Label Studio verifies it) are in
+Label Studio's clock, so the offset between its clock and ours is taken from ``iat`` at the exchange,
+and the token is refreshed ``refresh_margin_s`` (at most a quarter of its lifetime) before ``exp``
+translated into our clock. After a 401 the caller calls ``invalidate()`` and the next call exchanges a
+new one. Tokens never appear in messages, logs or ``repr``.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import requests
 
 from backend.errors import SettingsError
 
+from .http import IDEMPOTENT_METHODS, label_studio_session, retry_policy
+
 logger = logging.getLogger(__name__)
 
 REFRESH_PATH = "/api/token/refresh/"
 _DEFAULT_ACCESS_LIFETIME_S = 300.0  # used when an access token carries no exp claim
+CLOCK_TOLERANCE_S = 300.0  # how far our clock may be from Label Studio's before we judge a key's expiry
 
 
 class LabelStudioAuthError(SettingsError):
@@ -84,7 +90,9 @@ class LabelStudioAuth:
         self._clock = clock
         self._lock = threading.Lock()
         self._access: str | None = None
-        self._access_expires_at = 0.0
+        self._refresh_at = 0.0  # our clock: when the cached access token is to be replaced
+        self.exchanges = 0
+        self.skew_s = 0.0  # Label Studio's clock minus ours, from the last access token's iat
 
     @property
     def kind(self) -> str:
@@ -100,7 +108,7 @@ class LabelStudioAuth:
             self._check_not_expired(self._api_key, "access token")
             return f"Bearer {self._api_key}"
         with self._lock:
-            if self._access is None or self._clock() >= self._access_expires_at - self._margin_s:
+            if self._access is None or self._clock() >= self._refresh_at:
                 self._exchange()
             return f"Bearer {self._access}"
 
@@ -109,9 +117,9 @@ class LabelStudioAuth:
         with self._lock:
             self._access = None
 
-    def _check_not_expired(self, token: str, what: str) -> None:
+    def _check_not_expired(self, token: str, what: str, *, tolerance_s: float = 0.0) -> None:
         exp = (jwt_claims(token) or {}).get("exp")
-        if isinstance(exp, (int, float)) and exp <= self._clock():
+        if isinstance(exp, (int, float)) and exp <= self._clock() - tolerance_s:
             expired_on = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(exp))
             raise LabelStudioAuthError(
                 f"LABEL_STUDIO_API_KEY ({what}) expired on {expired_on}; create a new personal access "
@@ -119,9 +127,13 @@ class LabelStudioAuth:
             )
 
     def _exchange(self) -> None:
-        self._check_not_expired(self._api_key, "refresh token")
+        # a key that expired long ago by any plausible clock is refused without asking; one within the
+        # tolerance is tried, since Label Studio's clock, not ours, decides
+        self._check_not_expired(self._api_key, "personal access token", tolerance_s=CLOCK_TOLERANCE_S)
         url = self._base_url + REFRESH_PATH
-        session = self._session or requests
+        if self._session is None:
+            self._session = label_studio_session(retry=retry_policy(methods=IDEMPOTENT_METHODS | {"POST"}))
+        session = self._session
         try:
             response = session.post(url, json={"refresh": self._api_key}, timeout=self._timeout_s)
         except requests.RequestException as error:
@@ -129,9 +141,11 @@ class LabelStudioAuth:
                 f"could not reach {url} to exchange LABEL_STUDIO_API_KEY: {type(error).__name__}"
             ) from None
         if response.status_code in (401, 403):
+            self._check_not_expired(self._api_key, "personal access token")  # then say when it expired
             raise LabelStudioAuthError(
                 f"Label Studio refused LABEL_STUDIO_API_KEY at {url} (HTTP {response.status_code}); the token "
-                f"was revoked or belongs to another Label Studio instance"
+                f"was revoked or belongs to another Label Studio instance: create a personal access token in "
+                f"Label Studio's Account & Settings and set LABEL_STUDIO_API_KEY"
             )
         if response.status_code != 200:
             raise LabelStudioAuthError(f"token exchange at {url} failed with HTTP {response.status_code}")
@@ -141,12 +155,20 @@ class LabelStudioAuth:
             access = None
         if not isinstance(access, str) or not access:
             raise LabelStudioAuthError(f"token exchange at {url} answered without an 'access' token")
-        exp = (jwt_claims(access) or {}).get("exp")
+        claims = jwt_claims(access) or {}
+        exp, iat = claims.get("exp"), claims.get("iat")
         now = self._clock()
+        if isinstance(iat, (int, float)):
+            self.skew_s = float(iat) - now  # Label Studio's clock minus ours (the exchange took ~0 s)
+        if isinstance(exp, (int, float)):
+            lifetime = float(exp) - float(iat) if isinstance(iat, (int, float)) else float(exp) - now
+            expires_at = float(exp) - self.skew_s  # in our clock
+        else:
+            lifetime, expires_at = _DEFAULT_ACCESS_LIFETIME_S, now + _DEFAULT_ACCESS_LIFETIME_S
         self._access = access
-        self._access_expires_at = (
-            float(exp) if isinstance(exp, (int, float)) else now + _DEFAULT_ACCESS_LIFETIME_S
-        )
+        self._refresh_at = expires_at - min(self._margin_s, max(lifetime, 0.0) / 4)
+        self.exchanges += 1
         logger.info(
-            "exchanged LABEL_STUDIO_API_KEY for an access token valid %.0f s", self._access_expires_at - now
-        )
+            "exchanged LABEL_STUDIO_API_KEY for an access token valid %.0f s (Label Studio's clock %+.1f s from ours)",
+            expires_at - now, self.skew_s,
+        )  # fmt: skip

@@ -43,7 +43,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -54,6 +53,7 @@ from PIL import Image, ImageOps
 from backend.errors import InputError, SettingsError
 
 from .auth import LabelStudioAuth, LabelStudioAuthError
+from .http import label_studio_session, retry_policy
 
 logger = logging.getLogger(__name__)
 
@@ -366,9 +366,9 @@ class ImageLoader:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()
-            session.trust_env = False  # no .netrc credentials or proxy settings leaking to image hosts
-            session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+            # Label Studio's retry policy, within half the image's time; no .netrc credentials, proxy
+            # settings or cookies leaking to image hosts
+            session = label_studio_session(retry=retry_policy(window_s=self.timeout_s / 2))
             self._local.session = session
         return session
 

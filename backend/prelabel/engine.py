@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from backend.labelstudio.api import LabelStudioAPIError
 from backend.labelstudio.schema import ProjectSchema
 from backend.predict.tasks import TaskPredictor, TaskResult, task_id
 
@@ -86,7 +87,9 @@ def prelabel(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Summary:
     """Predict every task of ``tasks`` that has no prediction of ``model_version`` yet and write it
-    through ``sink`` (``create_predictions(project, items)``, ``delete_prediction(id)``).
+    through ``sink`` (``create_predictions(project, items)``, ``delete_prediction(id)``, and
+    ``tasks(project, ids=..., skip_missing=True)`` to read back after a write whose outcome is unknown:
+    see :func:`write_chunk`).
 
     ``on_result`` sees every task's final :class:`TaskResult` (progress bars, logs). Failed tasks are
     tried ``retries`` more times, after ``backoff_s``, then twice that, and so on.
@@ -114,7 +117,7 @@ def prelabel(
             {"task": r.task_id, "result": r.result, "score": r.score, "model_version": model_version}
             for r, _ in buffer
         ]
-        summary.written += sink.create_predictions(project, items)
+        summary.written += write_chunk(sink, project, items, model_version, sleep=sleep)
         for result, empty_ids in buffer:
             for prediction_id in empty_ids:
                 sink.delete_prediction(prediction_id)
@@ -155,6 +158,42 @@ def prelabel(
         flush()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def write_chunk(sink, project: int, items: list[dict], model_version: str, *, attempts: int = 4,
+                backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> int:  # fmt: skip
+    """Write one chunk of predictions so that no task ends with two of ``model_version``, whatever fails.
+
+    A failure whose outcome is unknown (the request went out, no answer came back: a reset, a timeout, a
+    5xx after sending) is followed by reading back which of the chunk's tasks now hold a prediction of
+    this version; only the others are sent again. A failure known not to have written (nothing was
+    sent) sends the same chunk again. After ``attempts`` the last error is raised. Returns how many
+    predictions exist now that did not before (as far as Label Studio says)."""
+    pending, written = list(items), 0
+    for attempt in range(1, attempts + 1):
+        try:
+            return written + sink.create_predictions(project, pending)
+        except LabelStudioAPIError as error:
+            if error.outcome_unknown:
+                done = already_written(sink, project, [item["task"] for item in pending], model_version)
+                written += len(done)
+                pending = [item for item in pending if item["task"] not in done]
+                if not pending:
+                    return written
+            if attempt == attempts:
+                raise
+            logger.warning(
+                "writing %d predictions failed (%s); %d of them still to send, again in %.0f s",
+                len(items), error, len(pending), backoff_s * 2 ** (attempt - 1),
+            )  # fmt: skip
+            sleep(backoff_s * 2 ** (attempt - 1))
+    return written
+
+
+def already_written(sink, project: int, task_ids: list[int], model_version: str) -> set[int]:
+    """The tasks among ``task_ids`` that hold a non-empty prediction of ``model_version`` now."""
+    tasks = sink.tasks(project, ids=task_ids, skip_missing=True)
+    return {task["id"] for task in tasks if current_predictions(task, model_version)[0]}
 
 
 def _unfinished(tasks, model_version, sink, summary, empties, finish) -> Iterator[dict]:

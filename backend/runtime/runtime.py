@@ -27,6 +27,7 @@ from backend.errors import internal_error
 from backend.jobs import LANES, PRELABEL_LANE, TRAINING_LANE, make_queue
 from backend.jobs.worker import Worker
 from backend.labelstudio.api import LabelStudioClient
+from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.images import ImageLoader
 from backend.labelstudio.schema import parse_field_map
 from backend.learning.examples import last_skipped
@@ -213,12 +214,13 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
     registry = ModelRegistry(root=settings.model_dir)
     scheduler = ModelScheduler()
     tag = uuid.uuid4().hex[:8]
+    auth = label_studio_auth(settings)  # one token for the API client and the image loader
     runtime = Runtime(
         settings=settings,
         models=models,
         scheduler=scheduler,
         sessions=ModelSessions(scheduler=scheduler, registry=registry, osprey=models.osprey),
-        loader=loader or image_loader(settings, cache_size=settings.cache_images),
+        loader=loader or image_loader(settings, cache_size=settings.cache_images, auth=auth),
         store=store,
         queue=queue,
         registry=registry,
@@ -229,7 +231,7 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
             base_version=models.version,
         ),
         recorder=PredictionRecorder(store=store, thread_name=f"{THREAD_PREFIX}record-{tag}"),
-        client=client or label_studio_client(settings),
+        client=client or label_studio_client(settings, auth=auth),
         options=predict_options(settings),
         counts=Counters(),
         background=concurrent.futures.ThreadPoolExecutor(
@@ -320,9 +322,17 @@ def predict_options(settings: Settings) -> PredictOptions:
     )
 
 
-def image_loader(settings: Settings, *, cache_size: int) -> ImageLoader:
-    """The task-image loader with the settings' sources and safety limits."""
+def label_studio_auth(settings: Settings) -> LabelStudioAuth | None:
+    """The token for Label Studio (``LABEL_STUDIO_API_KEY``), or None without URL and key."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return None
+    return LabelStudioAuth(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+
+
+def image_loader(settings: Settings, *, cache_size: int, auth: LabelStudioAuth | None = None) -> ImageLoader:
+    """The task-image loader with the settings' sources and safety limits (and ``auth``'s token)."""
     return ImageLoader(
+        token_provider=auth,
         label_studio_url=settings.label_studio_url,
         api_key=settings.label_studio_api_key,
         allowed_hosts=settings.allowed_image_hosts,
@@ -335,11 +345,13 @@ def image_loader(settings: Settings, *, cache_size: int) -> ImageLoader:
     )
 
 
-def label_studio_client(settings: Settings) -> LabelStudioClient | None:
+def label_studio_client(
+    settings: Settings, *, auth: LabelStudioAuth | None = None
+) -> LabelStudioClient | None:
     """The Label Studio API client, or None without ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY``."""
     if not (settings.label_studio_url and settings.label_studio_api_key):
         return None
-    return LabelStudioClient(url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+    return LabelStudioClient(url=settings.label_studio_url, auth=auth or label_studio_auth(settings))
 
 
 def owned_threads() -> list[threading.Thread]:

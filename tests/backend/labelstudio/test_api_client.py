@@ -1,114 +1,141 @@
-"""The Label Studio API client's own rules (the real API is driven in tests/e2e/test_prelabel.py):
-plain JSON tasks, missing tasks skipped on request, failures named without the token."""
+"""The one Label Studio client against a Label Studio API that fails on purpose (the real API is driven
+in tests/e2e): plain JSON tasks in pages, one retry policy, tokens refreshed by Label Studio's clock,
+writes whose outcome is unknown said so, and failures named without the token."""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
+import threading
+import time
 
 import pytest
+from lsapi_server import LEGACY_KEY, FaultyLabelStudio
 
-from backend.labelstudio.api import LabelStudioAPIError, LabelStudioClient
-
-TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"
-
-
-class ApiError(Exception):
-    def __init__(self, status_code: int) -> None:
-        super().__init__(f"status {status_code} with headers Authorization: Bearer {TOKEN}")
-        self.status_code = status_code
-
-
-class SDK:
-    """Just enough of label_studio_sdk.LabelStudio: tasks.get / tasks.list / projects / predictions."""
-
-    def __init__(self) -> None:
-        sdk = self
-        self.created: list = []
-
-        class Tasks:
-            def list(self, **kwargs):
-                sdk.list_kwargs = kwargs
-                if kwargs.get("query"):
-                    included = json.loads(kwargs["query"])["selectedItems"]["included"]
-                    if 500 in included:
-                        raise ApiError(500)
-                    return iter([{"id": i, "data": {"image": "x"}, "project": 7, "predictions": [],
-                                  "created_at": dt.datetime(2026, 1, 1), "extra": 1}
-                                 for i in included if i != 404])  # fmt: skip
-                return iter([{"id": 2, "data": {}, "project": 7}, {"id": 1, "data": {}, "project": 7}])
-
-        class Projects:
-            def import_predictions(self, id, request):  # noqa: A002
-                sdk.created.append((id, request))
-                return type("Response", (), {"created": len(request)})()
-
-            def get(self, id):  # noqa: A002
-                return {"id": id, "label_config": "<View/>"}
-
-        class Predictions:
-            def delete(self, id):  # noqa: A002
-                raise ApiError(403)
-
-        self.tasks, self.projects, self.predictions = Tasks(), Projects(), Predictions()
+from backend.labelstudio.api import TASK_KEYS, LabelStudioAPIError, LabelStudioClient
+from backend.labelstudio.auth import LabelStudioAuth
 
 
 @pytest.fixture
-def client():
-    return LabelStudioClient(url="http://ls.example:8080/", api_key=TOKEN, sdk_client=SDK())
+def ls():
+    fake = FaultyLabelStudio()
+    fake.add_project(7, "<View/>")
+    for task_id in range(1, 251):
+        fake.add_task(7, task_id, {"image": f"/data/upload/7/{task_id}.png"})
+    yield fake
+    fake.close()
 
 
-def test_tasks_come_back_as_plain_json_with_the_keys_predict_sees(client):
-    [task] = list(client.tasks(7, ids=[5]))
-    assert task == {
-        "id": 5,
-        "data": {"image": "x"},
-        "annotations": None,
-        "predictions": [],
-        "project": 7,
-        "meta": None,
-    }
-    assert json.loads(client._sdk.list_kwargs["query"]) == {"selectedItems": {"all": False, "included": [5]}}
-    listed = list(client.tasks(7, view=3))
-    assert [t["id"] for t in listed] == [2, 1]
-    assert client._sdk.list_kwargs == {
-        "project": 7,
-        "view": 3,
-        "query": None,
-        "fields": "all",
-        "page_size": 100,
-    }
+def client_for(ls: FaultyLabelStudio, api_key: str = LEGACY_KEY, **auth_options) -> LabelStudioClient:
+    auth = LabelStudioAuth(base_url=ls.url, api_key=api_key, **auth_options)
+    return LabelStudioClient(url=ls.url, auth=auth)
 
 
-def test_tasks_by_id_come_from_the_list_in_the_order_asked_and_in_pages(client):
-    # one by one (GET /api/tasks/<id>/) would make Label Studio ask the backend for predictions
-    assert [t["id"] for t in client.tasks(7, ids=[9, 3, 7], page_size=2)] == [9, 3, 7]
-    assert json.loads(client._sdk.list_kwargs["query"])["selectedItems"]["included"] == [7]
+def test_tasks_come_back_as_plain_json_page_by_page_and_by_id_in_the_order_asked(ls):
+    client = client_for(ls)
+    listed = list(client.tasks(7, page_size=100))
+    assert [t["id"] for t in listed] == list(range(1, 251))
+    assert set(listed[0]) == set(TASK_KEYS) and listed[0]["data"] == {"image": "/data/upload/7/1.png"}
+    assert sum(1 for method, path in ls.calls if path == "/api/tasks/") == 3
+    assert [t["id"] for t in client.tasks(7, ids=[9, 3, 120])] == [9, 3, 120]
 
 
-def test_missing_tasks_are_skipped_only_when_asked(client):
+def test_missing_tasks_are_skipped_only_when_asked(ls):
+    client = client_for(ls)
     assert [t["id"] for t in client.tasks(7, ids=[5, 404, 6], skip_missing=True)] == [5, 6]
     with pytest.raises(LabelStudioAPIError, match=r"no tasks \[404\]") as raised:
-        list(client.tasks(7, ids=[404]))
-    assert raised.value.status == 404
-    with pytest.raises(LabelStudioAPIError, match=r"HTTP 500"):
-        list(client.tasks(7, ids=[500], skip_missing=True))  # only an absent task means "gone"
+        list(client.tasks(7, ids=[5, 404]))
+    assert raised.value.kind == "not_found"
 
 
-def test_failures_name_the_call_and_status_but_never_the_token(client):
-    with pytest.raises(LabelStudioAPIError) as raised:
-        client.delete_prediction(12)
-    message = str(raised.value)
-    assert "DELETE prediction 12" in message and "HTTP 403" in message and TOKEN not in message
+def test_a_reset_on_a_task_page_is_retried_and_nothing_is_lost(ls):
+    ls.fail("GET", r"^/api/tasks/$", "reset", times=2)
+    assert len(list(client_for(ls).tasks(7))) == 250
 
 
-def test_bulk_writes_and_the_label_config(client):
-    assert client.create_predictions(7, []) == 0 and client._sdk.created == []
-    items = [{"task": 1, "result": [{"type": "textarea"}], "score": 0.5, "model_version": "v"}]
-    assert client.create_predictions(7, items) == 1 and client._sdk.created == [(7, items)]
+def test_label_studio_answering_503_for_8_s_is_waited_out(ls):
+    ls.fail_everything_for(8.0)
+    started = time.monotonic()
+    assert client_for(ls).label_config(7) == "<View/>"
+    assert 7.5 < time.monotonic() - started < 40
+
+
+def test_access_tokens_are_refreshed_by_label_studios_clock_even_when_it_runs_ahead(ls):
+    ls.access_lifetime_s, ls.clock_offset_s = 4.0, 2.0  # Label Studio's clock 2 s ahead of ours
+    client = client_for(ls, api_key=ls.personal_access_token())
+    deadline = time.monotonic() + 10
+    calls = 0
+    while time.monotonic() < deadline:
+        assert client.label_config(7) == "<View/>"
+        calls += 1
+        time.sleep(0.1)
+    assert ls.rejected_tokens == 0  # every token was replaced before Label Studio thought it expired
+    assert 2 <= ls.refreshes <= calls / 4  # and not on every call
+    assert client.auth.skew_s == pytest.approx(2.0, abs=1.0)
+
+
+def test_a_401_makes_the_client_fetch_a_new_token_and_try_once_more(ls):
+    client = client_for(ls, api_key=ls.personal_access_token())
+    assert client.label_config(7)
+    ls.clock_offset_s = 400.0  # every access token issued so far is now expired for Label Studio
     assert client.label_config(7) == "<View/>"
+    assert ls.rejected_tokens == 1 and ls.refreshes == 2
 
 
-def test_the_client_needs_a_url_and_a_token():
-    with pytest.raises(ValueError, match="LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"):
-        LabelStudioClient(url="", api_key=TOKEN)
+def test_a_refused_token_is_named_with_the_fix_and_never_printed(ls):
+    with pytest.raises(LabelStudioAPIError) as raised:
+        client_for(ls, api_key="wrong-legacy-key").label_config(7)
+    assert raised.value.kind == "auth" and "LABEL_STUDIO_API_KEY" in str(raised.value)
+    assert "wrong-legacy-key" not in str(raised.value)
+    ls.revoked = True
+    token = ls.personal_access_token()
+    with pytest.raises(Exception, match="refused LABEL_STUDIO_API_KEY") as refused:
+        client_for(ls, api_key=token).label_config(7)
+    assert token not in str(refused.value)
+
+
+def test_a_write_whose_answer_is_lost_says_its_outcome_is_unknown(ls):
+    client = client_for(ls)
+    ls.fail("POST", r"/import/predictions$", "commit_then_reset")
+    with pytest.raises(LabelStudioAPIError) as raised:
+        client.create_predictions(7, [{"task": 1, "result": [{"x": 1}], "model_version": "v"}])
+    assert raised.value.outcome_unknown
+    assert len(ls.predictions_of(1, "v")) == 1  # it was stored: the caller must read back, not resend
+    ls.fail("POST", r"/import/predictions$", "commit_then_status", status=502, times=20)
+    with pytest.raises(LabelStudioAPIError) as raised:
+        client.create_predictions(7, [{"task": 2, "result": [{"x": 1}], "model_version": "v"}])
+    assert raised.value.outcome_unknown and raised.value.status == 502
+    assert len(ls.predictions_of(2, "v")) == 1  # a POST is never resent by the retry policy
+
+
+def test_nothing_listening_is_unreachable_and_known_not_to_have_written():
+    client = LabelStudioClient(url="http://127.0.0.1:9", api_key=LEGACY_KEY)
+    with pytest.raises(LabelStudioAPIError, match="LABEL_STUDIO_URL") as raised:
+        client.create_predictions(7, [{"task": 1, "result": [], "model_version": "v"}])
+    assert raised.value.kind == "unreachable" and not raised.value.outcome_unknown
+
+
+def test_deleting_a_prediction_that_is_already_gone_is_fine(ls):
+    client = client_for(ls)
+    client.delete_prediction(123456)
+    client.create_predictions(7, [{"task": 3, "result": [{"x": 1}], "model_version": "v"}])
+    [stored] = ls.predictions_of(3)
+    client.delete_prediction(stored["id"])
+    assert ls.predictions_of(3) == []
+
+
+def test_threads_share_one_token(ls):
+    client = client_for(ls, api_key=ls.personal_access_token())
+    errors = []
+
+    def read():
+        try:
+            for _ in range(5):
+                client.label_config(7)
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and ls.refreshes == 1

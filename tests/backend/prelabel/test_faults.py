@@ -1,0 +1,164 @@
+"""Bulk pre-labelling against a Label Studio that fails on purpose: resets, a run of 503s, writes whose
+answer is lost after Label Studio stored them, tokens that expire by Label Studio's clock. Every task
+ends with exactly one prediction of the version, and the command says what went wrong in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lsapi_server import LEGACY_KEY, FaultyLabelStudio
+from lsfakes import scene_png
+
+from backend.cli import main
+from backend.labelstudio.api import LabelStudioClient
+from backend.labelstudio.auth import LabelStudioAuth
+from backend.labelstudio.schema import parse_label_config
+from backend.predict.tasks import TaskResult, task_id
+from backend.prelabel.engine import prelabel
+
+CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
+VERSION = "v-test"
+
+
+class FixedPredictor:
+    """Predicts every task instantly with one fixed region (the model is not what these tests are about)."""
+
+    batch_tasks = 4
+
+    def predict(self, tasks, schema, head=None):
+        item = {"id": "r1", "type": "textarea", "from_name": "caption", "to_name": "image",
+                "value": {"text": ["a region"]}}  # fmt: skip
+        return [TaskResult(task_id(t), "predicted", result=[item], score=0.5, regions=1) for t in tasks]
+
+
+@pytest.fixture
+def ls():
+    fake = FaultyLabelStudio()
+    fake.add_project(7, CONFIG)
+    for i in range(40):
+        fake.add_task(7, 100 + i, {"image": fake.add_file(f"/data/upload/7/{i}.png", scene_png(seed=i))})
+    yield fake
+    fake.close()
+
+
+def run(ls: FaultyLabelStudio, client: LabelStudioClient | None = None, **kwargs):
+    client = client or LabelStudioClient(url=ls.url, api_key=LEGACY_KEY)
+    return prelabel(
+        client.tasks(7), predictor=FixedPredictor(), schema=parse_label_config(CONFIG), project=7,
+        model_version=VERSION, sink=client, chunk_tasks=8, sleep=lambda s: None, **kwargs,
+    )  # fmt: skip
+
+
+def one_each(ls: FaultyLabelStudio) -> bool:
+    return all(len(ls.predictions_of(t, VERSION)) == 1 for t in ls.state.tasks)
+
+
+def test_a_reset_on_the_third_write_loses_no_task(ls):
+    ls.fail(
+        "POST", r"/import/predictions$", "reset"
+    )  # the first write is cut before Label Studio reads it...
+    ls.fail("POST", r"/import/predictions$", "reset")  # ...and so is the second attempt
+    summary = run(ls)
+    assert (summary.predicted, len(summary.failed)) == (40, 0) and one_each(ls)
+
+
+def test_label_studio_answering_503_for_8_s_loses_no_task(ls):
+    ls.fail_everything_for(8.0)
+    summary = run(ls)
+    assert summary.predicted == 40 and one_each(ls)
+
+
+def test_writes_stored_but_unanswered_are_read_back_not_sent_twice(ls):
+    ls.fail("POST", r"/import/predictions$", "commit_then_status", status=502)
+    ls.fail("POST", r"/import/predictions$", "commit_then_reset", times=2)
+    summary = run(ls)
+    assert summary.predicted == 40 and one_each(ls)
+    assert summary.written == 40
+    again = run(ls)  # a rerun writes nothing
+    assert (again.predicted, again.skipped) == (0, 40) and one_each(ls)
+
+
+def test_tokens_expiring_by_label_studios_clock_lose_no_task(ls):
+    ls.access_lifetime_s, ls.clock_offset_s = 4.0, 2.0  # 4 s tokens, Label Studio's clock 2 s ahead
+    auth = LabelStudioAuth(base_url=ls.url, api_key=ls.personal_access_token())
+    client = LabelStudioClient(url=ls.url, auth=auth)
+    for i in range(40, 80):
+        ls.add_task(7, 100 + i, {"image": f"/data/upload/7/{i}.png"})
+    slow = FixedPredictor()
+    predict = slow.predict
+
+    def predict_slowly(tasks, schema, head=None):
+        import time
+
+        time.sleep(0.1 * len(tasks))  # the run outlives several tokens
+        return predict(tasks, schema, head)
+
+    slow.predict = predict_slowly
+    summary = prelabel(
+        client.tasks(7), predictor=slow, schema=parse_label_config(CONFIG), project=7, model_version=VERSION,
+        sink=client, chunk_tasks=8, sleep=lambda s: None,
+    )  # fmt: skip
+    assert summary.predicted == 80 and one_each(ls) and ls.refreshes >= 2
+
+
+def command(ls: FaultyLabelStudio, monkeypatch, tmp_path, *argv: str, key: str = LEGACY_KEY) -> int:
+    for name, value in {
+        "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": key, "MODEL_DIR": str(tmp_path), "OSPREY_MODEL": "tiny",
+        "SAM_MODEL": "tiny", "OSPREY_DEVICE": "cpu", "OSPREY_MAX_CAPTION_TOKENS": "2",
+        "OSPREY_MAX_DESCRIPTION_TOKENS": "2", "OSPREY_POINTS_PER_SIDE": "4", "OSPREY_MAX_MASKS": "1",
+        "OSPREY_PRED_IOU_THRESH": "0", "OSPREY_STABILITY_SCORE_THRESH": "0", "OSPREY_MIN_MASK_AREA": "0",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    return main(["prelabel", "--quiet", *argv])
+
+
+def test_the_command_rides_out_faults_on_the_real_models(ls, monkeypatch, tmp_path, capsys):
+    for task in list(ls.state.tasks)[8:]:
+        del ls.state.tasks[task]  # 8 tasks: the tiny models take a second or two each on a CPU
+    ls.fail("GET", r"^/api/tasks/$", "reset")
+    ls.fail("GET", r"^/data/upload/", "status", status=503, times=3)
+    ls.fail("POST", r"/import/predictions$", "commit_then_reset")
+    assert command(ls, monkeypatch, tmp_path, "--project", "7", "--chunk-tasks", "3") == 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    version = "tiny+sam-tiny-untrained"
+    assert all(len(ls.predictions_of(t, version)) == 1 for t in ls.state.tasks)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("no such project", "has no project 99"),
+        ("wrong legacy token", "LABEL_STUDIO_API_KEY is not accepted"),
+        ("revoked personal access token", "refused LABEL_STUDIO_API_KEY"),
+        ("expired personal access token", "expired on"),
+        ("nothing listening", "check that Label Studio runs there"),
+    ],
+)
+def test_what_the_user_must_fix_is_one_line_and_exit_status_2(
+    ls, monkeypatch, tmp_path, capsys, case, expected
+):
+    project, key = "7", LEGACY_KEY
+    if case == "no such project":
+        project = "99"
+    elif case == "wrong legacy token":
+        key = "not-the-key"
+    elif case == "revoked personal access token":
+        key, ls.revoked = ls.personal_access_token(), True
+    elif case == "expired personal access token":
+        from lsapi_server import jwt
+
+        key = jwt({"token_type": "refresh", "exp": int(ls.now()) - 3600, "iat": int(ls.now()) - 7200})
+    elif case == "nothing listening":
+        ls.close()
+        monkeypatch.setattr(ls, "url", "http://127.0.0.1:9")
+    assert command(ls, monkeypatch, tmp_path, "--project", project, key=key) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
+    assert key not in err
+    assert command(ls, monkeypatch, tmp_path, "--project", project, key=key) == 2
+    monkeypatch.setattr("sys.argv", ["osprey-label"])
+    assert main(["--debug", "prelabel", "--quiet", "--project", project]) == 2
+    assert "Traceback" in capsys.readouterr().err  # --debug shows where it came from
