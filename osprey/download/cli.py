@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-DOWNLOADABLE_MODELS = ("osprey-7b", "osprey-chat-7b", "none")
+DOWNLOADABLE_MODELS = ("osprey-7b", "osprey-chat-7b", "pixelrefer-lite-2b", "pixelrefer-lite-7b", "none")
 
 
 def _downloadable_sam() -> tuple[str, ...]:
@@ -30,7 +30,7 @@ def add_download_command(subparsers) -> None:
         "--model",
         choices=DOWNLOADABLE_MODELS,
         default="osprey-7b",
-        help="Osprey checkpoint (default osprey-7b)",
+        help="region model checkpoint (default osprey-7b; pixelrefer-lite-2b/-7b: PixelRefer-Lite)",
     )
     parser.add_argument(
         "--sam", choices=_downloadable_sam(), default="vit_h", help="SAM checkpoint (default vit_h)"
@@ -60,21 +60,24 @@ def add_download_command(subparsers) -> None:
 def run_download(args: argparse.Namespace, *, snapshot_download=None) -> int:
     """``osprey-label download``; ``snapshot_download`` stands in for the hub's (tests)."""
     from osprey import download
+    from osprey.download.hub import check_pixelrefer, fetch_pixelrefer, pixelrefer_repo
     from osprey.model.checkpoint import OSPREY_REPOS
 
     model = None if args.model == "none" else args.model
+    pixelrefer = bool(model) and model.startswith("pixelrefer")
+    repos = {m: pixelrefer_repo(m) for m in DOWNLOADABLE_MODELS if m.startswith("pixelrefer")} | OSPREY_REPOS
+    fetch = fetch_pixelrefer if pixelrefer else download.fetch_osprey
+    check = check_pixelrefer if pixelrefer else download.check_osprey
     sam = None if args.sam == "none" else args.sam
     folder = Path(args.dir).expanduser() if args.dir else None
     sam_dir = folder or Path(os.environ.get("MODEL_DIR") or "./models")
-    osprey_dir = folder / OSPREY_REPOS[model].split("/")[-1] if folder and model else None
+    osprey_dir = folder / repos[model].split("/")[-1] if folder and model else None
     base_url = args.sam_base_url or os.environ.get(download.SAM_BASE_URL_ENV) or download.DEFAULT_SAM_BASE_URL
     errors: list[Exception] = []
     if not args.check and model:
-        print(f"fetching {OSPREY_REPOS[model]} into {osprey_dir or 'the Hugging Face cache'}")
+        print(f"fetching {repos[model]} into {osprey_dir or 'the Hugging Face cache'}")
         try:
-            download.fetch_osprey(
-                model, local_dir=osprey_dir, force=args.force, snapshot_download=snapshot_download
-            )
+            fetch(model, local_dir=osprey_dir, force=args.force, snapshot_download=snapshot_download)
         except download.DownloadError as error:
             errors.append(error)
     if not args.check and sam:
@@ -87,7 +90,7 @@ def run_download(args: argparse.Namespace, *, snapshot_download=None) -> int:
             errors.append(error)
     rows = []
     if model:
-        rows += download.check_osprey(model, directory=osprey_dir, verify_hashes=args.verify_hashes)
+        rows += check(model, directory=osprey_dir, verify_hashes=args.verify_hashes)
     if sam:
         rows += download.check_sam(sam, sam_dir)
     print(download.format_table(rows))
@@ -96,7 +99,9 @@ def run_download(args: argparse.Namespace, *, snapshot_download=None) -> int:
             print(f"osprey-label download: error: {error}", file=sys.stderr)
         if any(isinstance(e, download.NetworkUnavailableError) for e in errors):
             print(
-                download.offline_help(model=model, sam=sam, sam_dir=sam_dir, osprey_dir=osprey_dir),
+                download.offline_help(
+                    model=None if pixelrefer else model, sam=sam, sam_dir=sam_dir, osprey_dir=osprey_dir
+                ),
                 file=sys.stderr,
             )
         return 2
@@ -105,9 +110,9 @@ def run_download(args: argparse.Namespace, *, snapshot_download=None) -> int:
         return 1
     serve_env = []
     if model and osprey_dir:
-        serve_env.append(f"OSPREY_MODEL={osprey_dir}")
+        serve_env.append(f"{'REGION_MODEL' if pixelrefer else 'OSPREY_MODEL'}={osprey_dir}")
     elif model:
-        serve_env.append(f"OSPREY_MODEL={model}")
+        serve_env.append(f"{'REGION_MODEL' if pixelrefer else 'OSPREY_MODEL'}={model}")
     if sam:
         serve_env += [f"SAM_MODEL={sam}", f"MODEL_DIR={sam_dir}"]
     print(f"\nall present and checked; start with: {' '.join(serve_env)} osprey-label serve")

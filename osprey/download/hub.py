@@ -360,3 +360,91 @@ def _recorded_sha256(path: Path) -> str | None:
         return None
     etag = lines[1].strip() if len(lines) > 1 else ""
     return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+# ---- PixelRefer-Lite (Alibaba-DAMO-Academy/PixelRefer-Lite-2B, -7B) ----------------------------------
+
+PIXELREFER_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+
+
+def pixelrefer_repo(model: str) -> str:
+    """The hub repository of a released PixelRefer-Lite preset (``pixelrefer-lite-2b``, ``-7b``)."""
+    from osprey.pixelrefer.configuration import load_preset, preset_names
+
+    repo = load_preset(model).repo if model in preset_names() else None
+    if repo is None:
+        raise ValueError(
+            f"unknown released PixelRefer-Lite model {model!r}; expected pixelrefer-lite-2b or -7b"
+        )
+    return repo
+
+
+def fetch_pixelrefer(
+    model: str,
+    *,
+    local_dir: Path | None = None,
+    force: bool = False,
+    snapshot_download: SnapshotDownload | None = None,
+) -> Path:
+    """Fetch a released PixelRefer-Lite checkpoint (config, generation config, Qwen2 tokenizer, the ``.bin``
+    weights its index lists); return its folder. Errors as :func:`fetch_osprey`."""
+    from osprey.model.checkpoint import INDEX_FILES, WEIGHT_FILES
+
+    repo = pixelrefer_repo(model)
+    download = snapshot_download or _hub_snapshot_download
+    where = {"local_dir": str(local_dir)} if local_dir is not None else {}
+    patterns = list(CONFIG_AND_TOKENIZER_PATTERNS + PIXELREFER_TOKENIZER_FILES + INDEX_FILES)
+    directory = Path(_hub_call(download, repo, allow_patterns=patterns, force_download=force, **where))
+    shards = _indexed_shards(directory)
+    names = shards if shards is not None else list(WEIGHT_FILES)
+    directory = Path(_hub_call(download, repo, allow_patterns=names, force_download=force, **where))
+    if shards is None and not any((directory / n).is_file() for n in WEIGHT_FILES):
+        raise DownloadError(
+            f"{repo} has no weights loading can read ({', '.join(WEIGHT_FILES + INDEX_FILES)})"
+        )
+    return directory
+
+
+def check_pixelrefer(
+    model: str, *, directory: Path | None = None, verify_hashes: bool = False
+) -> list[FileStatus]:
+    """What loading the PixelRefer-Lite ``model`` needs, file by file: the checkpoint resolves, its
+    ``config.json`` is a PixelRefer-Lite config, the tokenizer and every weight file are there."""
+    from osprey.model.checkpoint import MissingWeightsError, weight_files
+    from osprey.pixelrefer.configuration import PixelReferConfig
+    from osprey.pixelrefer.loading import resolve_checkpoint
+
+    repo = pixelrefer_repo(model)
+    label = repo.split("/")[-1]
+    try:
+        folder = resolve_checkpoint(str(directory) if directory is not None else model)
+    except (MissingWeightsError, ValueError) as error:
+        return [FileStatus(f"{label}/", str(directory or _cache_folder(repo)), None, "missing", str(error))]
+    rows, where = [], str(folder)
+    try:
+        PixelReferConfig.from_checkpoint_config(_read_config(folder), name=label)
+        rows.append(_present(f"{label}/config.json", folder / "config.json"))
+    except (FileNotFoundError, ValueError) as error:
+        rows.append(
+            FileStatus(f"{label}/config.json", where, file_size(folder / "config.json"), "bad", str(error))
+        )
+    present = [n for n in PIXELREFER_TOKENIZER_FILES if (folder / n).is_file()]
+    if "tokenizer.json" in present or {"vocab.json", "merges.txt"} <= set(present):
+        rows += [_present(f"{label}/{n}", folder / n) for n in present]
+    else:
+        rows.append(
+            FileStatus(
+                f"{label}/tokenizer.json",
+                where,
+                None,
+                "missing",
+                "no tokenizer.json nor vocab.json + merges.txt",
+            )
+        )
+    try:
+        rows += [
+            _status_of(f"{label}/{p.name}", p, verify_hashes=verify_hashes) for p in weight_files(folder)
+        ]
+    except MissingWeightsError as error:
+        rows.append(FileStatus(f"{label}/pytorch_model.bin", where, None, "missing", str(error)))
+    return rows
