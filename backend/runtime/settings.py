@@ -99,7 +99,7 @@ class Settings:
         "`pixelrefer-lite-7b` (released weights from the Hugging Face cache), a checkpoint folder (its "
         "`config.json` says which), or `tiny` / `pixelrefer-lite-tiny` (random weights, plumbing tests). "
         "Unset: `OSPREY_MODEL`'s value.",
-        shown="`OSPREY_MODEL`",
+        shown="`OSPREY_MODEL`'s value",
     )  # fmt: skip
     osprey_model: str = setting(
         "osprey-7b", "OSPREY_MODEL", MODELS,
