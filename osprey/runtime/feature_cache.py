@@ -10,13 +10,16 @@ distinct image, whatever URL or request it came from.
   computation (per-key in-flight dedupe); the computation runs outside the cache's lock, so other
   keys are served meanwhile. If the computation raises, every waiter gets the same exception and
   nothing is cached.
-- Disk (optional): slim values are written with ``torch.save`` to ``disk_dir/<key>.pt`` (via a temp
-  file and ``os.replace``, so readers never see half a file), the folder is kept under
-  ``max_disk_bytes`` by deleting the least recently used files (oldest mtime; a disk hit refreshes
-  the mtime), and a miss in memory is served from disk before computing. Files are loaded with
+- Disk (optional, :mod:`osprey.runtime.disk_tier`): slim values go to ``disk_dir/<key>.pt`` behind a
+  sha256 checksum of their content, checked on every read; each is written to a temp file and
+  renamed, so readers never see half a file. The folder is kept under ``max_disk_bytes`` by deleting
+  the least recently used files (oldest mtime; a disk hit refreshes the mtime); opening the cache
+  counts what is really there, evicts down to the budget and removes the temp files of writers killed
+  mid-write. A miss in memory is served from disk before computing. Files are loaded with
   ``torch.load(weights_only=True, map_location=map_location)`` (``"cpu"`` unless told otherwise),
-  so a value read back from disk lives on that device. A file that cannot be read is logged,
-  deleted and recomputed.
+  so a value read back from disk lives on that device. A file that fails its checksum or cannot be
+  read is logged, deleted and recomputed; files written before checksums existed (no checksum line)
+  are treated as unreadable, so they are recomputed once.
 
 Values must be what ``torch.save`` can write and ``weights_only`` loading can read back: tensors,
 numbers, strings, tuples, lists, dicts of those, and dataclasses whose types are listed in
@@ -28,9 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import re
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -40,6 +41,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from .disk_tier import DiskTier
 from .steps import waiting
 
 __all__ = ["FeatureCache", "content_key", "nbytes", "to_device"]
@@ -49,7 +51,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
-_SUFFIX = ".pt"
 
 
 def content_key(image: np.ndarray, *parts: str) -> str:
@@ -206,7 +207,8 @@ class FeatureCache(Generic[T]):
         max_items: at most this many values in the device tier (None: bounded by bytes only).
         max_bytes: at most this many bytes of tensors in the device tier (None: by items only).
         host_max_bytes: byte budget of the host tier (0 turns it off).
-        disk_dir: folder for persisted values, created if missing; ``None`` keeps memory only.
+        disk_dir: folder for persisted values, created if missing (and tidied: see
+            :class:`~osprey.runtime.disk_tier.DiskTier`); ``None`` keeps memory only.
         max_disk_bytes: bound on the total size of ``*.pt`` files in ``disk_dir``.
         map_location: the device values are restored onto (default ``"cpu"``).
         value_types: dataclass types stored as values, allowed when loading from disk.
@@ -240,13 +242,15 @@ class FeatureCache(Generic[T]):
         self.map_location = map_location
         self.slim = slim
         self.disk_dir = Path(disk_dir).expanduser() if disk_dir is not None else None
+        self._disk = None
         if self.disk_dir is not None:
-            self.disk_dir.mkdir(parents=True, exist_ok=True)
+            self._disk = DiskTier(
+                folder=self.disk_dir, max_bytes=self.max_disk_bytes, name=name, map_location=map_location
+            )
         types = list(value_types)
         if types:
             torch.serialization.add_safe_globals(types)
         self._lock = threading.Lock()
-        self._disk_lock = threading.Lock()
         self._device = _Tier(max_items=max_items, max_bytes=max_bytes)
         self._host = _Tier(max_items=None, max_bytes=int(host_max_bytes))
         self._pending: dict[str, _Pending] = {}
@@ -378,7 +382,7 @@ class FeatureCache(Generic[T]):
                 host_items=len(self._host.items), host_bytes=self._host.bytes,
                 host_max_bytes=self.host_max_bytes, host_evictions=self._host.evictions,
             )  # fmt: skip
-        files = self._disk_files()
+        files = self._disk.files() if self._disk is not None else []
         stats.update(
             disk_items=len(files),
             disk_bytes=sum(size for _, _, size in files),
@@ -398,9 +402,8 @@ class FeatureCache(Generic[T]):
             self._device.evictions = self._host.evictions = 0
             for counter in self._counters:
                 self._counters[counter] = 0
-        with self._disk_lock:
-            for path, _, _ in self._disk_files():
-                path.unlink(missing_ok=True)
+        if self._disk is not None:
+            self._disk.clear()
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -412,70 +415,15 @@ class FeatureCache(Generic[T]):
 
     # Disk persistence ------------------------------------------------------------------------
 
-    def _path(self, key: str) -> Path:
-        assert self.disk_dir is not None
-        return self.disk_dir / f"{key}{_SUFFIX}"
-
     def _load(self, key: str) -> T | None:
-        if self.disk_dir is None:
-            return None
-        path = self._path(key)
-        if not path.is_file():
-            return None
-        try:
-            value = torch.load(path, map_location=self.map_location, weights_only=True)
-        except Exception as error:  # a truncated, foreign or unreadable file: recompute instead
-            logger.warning("cache %s: deleting unreadable file %s (%s)", self.name, path.name, error)
-            path.unlink(missing_ok=True)
-            return None
-        try:
-            os.utime(path)  # mtime is the LRU clock of the disk tier
-        except OSError:
-            pass
-        return value
+        return self._disk.load(key) if self._disk is not None else None
 
     def _save(self, key: str, value: T) -> None:
-        if self.disk_dir is None or self.max_disk_bytes == 0:
+        if self._disk is None or self.max_disk_bytes == 0:
             return
-        path = self._path(key)
-        tmp_name = None
         try:
-            with tempfile.NamedTemporaryFile(
-                dir=self.disk_dir, prefix=f".{key}.", suffix=".tmp", delete=False
-            ) as f:
-                tmp_name = f.name
-                torch.save(self._slim(value), f)
-            os.replace(tmp_name, path)
-            tmp_name = None
-        except Exception as error:  # disk full, read-only folder...: the cache still works in memory
-            logger.warning("cache %s: could not persist %s (%s)", self.name, path.name, error)
+            slim = self._slim(value)
+        except Exception as error:  # the cache still works in memory
+            logger.warning("cache %s: could not persist %s (%s)", self.name, key, error)
             return
-        finally:
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)
-        self._enforce_disk_bound()
-
-    def _disk_files(self) -> list[tuple[Path, float, int]]:
-        """(path, mtime, size) of the persisted values, oldest first."""
-        if self.disk_dir is None:
-            return []
-        files = []
-        for path in self.disk_dir.glob(f"*{_SUFFIX}"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:  # removed by another process meanwhile
-                continue
-            files.append((path, st.st_mtime, st.st_size))
-        files.sort(key=lambda item: (item[1], item[0].name))
-        return files
-
-    def _enforce_disk_bound(self) -> None:
-        with self._disk_lock:
-            files = self._disk_files()
-            total = sum(size for _, _, size in files)
-            for path, _, size in files:
-                if total <= self.max_disk_bytes:
-                    break
-                path.unlink(missing_ok=True)
-                total -= size
-                logger.debug("cache %s: evicted %s from disk", self.name, path.name)
+        self._disk.save(key, slim)

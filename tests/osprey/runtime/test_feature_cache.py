@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import io
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from osprey.runtime.disk_tier import read_file
 from osprey.runtime.feature_cache import FeatureCache, content_key
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +245,7 @@ def test_disk_is_bounded_by_evicting_the_oldest(tmp_path) -> None:
 def test_corrupt_disk_file_is_logged_deleted_and_recomputed(tmp_path, caplog) -> None:
     (tmp_path / "bad.pt").write_bytes(b"this is not a torch file")
     cache: FeatureCache[torch.Tensor] = FeatureCache(name="t", max_items=2, disk_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="osprey.runtime.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="osprey.runtime"):
         value = cache.get_or_compute("bad", lambda: torch.full((2,), 5.0))
     assert torch.equal(value, torch.full((2,), 5.0))
     assert any("unreadable" in r.getMessage() for r in caplog.records)
@@ -302,10 +311,239 @@ def test_disk_tier_writes_only_the_slim_form(tmp_path) -> None:
     )  # fmt: skip
     cache.get_or_compute("a", lambda: _value(3))
     (path,) = tmp_path.glob("*.pt")
-    on_disk = torch.load(path, weights_only=True)
+    on_disk = read_file(path)
     assert on_disk.tensor.numel() == 8 and on_disk.size == (3, 3)
     fresh = FeatureCache(name="t", max_items=2, disk_dir=tmp_path, value_types=[_Features])
     got = fresh.get_or_compute(
         "a", lambda: pytest.fail("recomputed"), lambda kept: _Features(kept.tensor.repeat(128), kept.size)
     )
     assert torch.equal(got.tensor, _value(3).tensor) and fresh.stats()["disk_hits"] == 1
+
+
+# Disk files that verify what they read, leftovers of killed writers, the budget -------------------
+
+
+def payload(path: Path) -> bytes:
+    """What ``torch.save`` wrote into a cache file, without the checksum line in front of it."""
+    header, _, rest = path.read_bytes().partition(b"\n")
+    assert header.startswith(b"osprey-feature-cache/1 sha256:") and len(header) == 30 + 64
+    return rest
+
+
+def flip_inside(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one low mantissa bit of an element in the middle of ``tensor``'s bytes as stored in ``path``
+    (so the file still loads, with a value off by a few 1e-5)."""
+    data = bytearray(path.read_bytes())
+    raw = tensor.detach().contiguous().cpu().numpy().tobytes()
+    at = bytes(data).find(raw[:256])
+    assert at > 0, "the tensor's bytes are not stored contiguously"
+    data[at + 129] ^= 0x01  # element 32's second byte (little endian float32): a relative change ~ 2^-15
+    path.write_bytes(bytes(data))
+
+
+def test_a_file_whose_tensor_bytes_changed_is_caught_deleted_and_recomputed(tmp_path, caplog) -> None:
+    def compute() -> _Features:
+        return _Features(torch.linspace(-1.0, 1.0, 4096), (64, 64))
+
+    FeatureCache(name="t", max_items=2, disk_dir=tmp_path, value_types=[_Features]).get_or_compute(
+        "img", compute
+    )
+    path = tmp_path / "img.pt"
+    flip_inside(path, compute().tensor)
+    tampered = torch.load(io.BytesIO(payload(path)), weights_only=True)  # loads: only a checksum tells
+    difference = (tampered.tensor - compute().tensor).abs().max().item()
+    assert 0 < difference < 1e-3
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        read_file(path)
+
+    calls = []
+    fresh = FeatureCache(name="t", max_items=2, disk_dir=tmp_path, value_types=[_Features])
+    with caplog.at_level(logging.WARNING, logger="osprey.runtime"):
+        got = fresh.get_or_compute("img", lambda: calls.append(1) or compute())
+    assert calls == [1] and torch.equal(got.tensor, compute().tensor)
+    assert "deleting unreadable file img.pt (checksum mismatch" in caplog.text
+    assert (fresh.stats()["misses"], fresh.stats()["disk_hits"]) == (1, 0)
+    again = FeatureCache(name="t", max_items=2, disk_dir=tmp_path, value_types=[_Features])  # rewritten whole
+    assert torch.equal(
+        again.get_or_compute("img", lambda: pytest.fail("recomputed")).tensor, compute().tensor
+    )
+
+
+def test_a_file_copied_under_another_key_is_not_served(tmp_path) -> None:
+    cache: FeatureCache[torch.Tensor] = FeatureCache(name="t", max_items=2, disk_dir=tmp_path)
+    cache.get_or_compute("a", lambda: torch.zeros(8))
+    (tmp_path / "b.pt").write_bytes((tmp_path / "a.pt").read_bytes())
+    fresh: FeatureCache[torch.Tensor] = FeatureCache(name="t", max_items=2, disk_dir=tmp_path)
+    assert torch.equal(fresh.get_or_compute("b", lambda: torch.ones(8)), torch.ones(8))
+
+
+def test_a_file_written_before_checksums_is_recomputed(tmp_path, caplog) -> None:
+    torch.save(torch.full((4,), 7.0), tmp_path / "old.pt")  # what earlier versions wrote
+    cache: FeatureCache[torch.Tensor] = FeatureCache(name="t", max_items=2, disk_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="osprey.runtime"):
+        assert torch.equal(cache.get_or_compute("old", lambda: torch.full((4,), 8.0)), torch.full((4,), 8.0))
+    assert "old.pt (no checksum header" in caplog.text
+    assert torch.equal(read_file(tmp_path / "old.pt"), torch.full((4,), 8.0))  # rewritten with a checksum
+
+
+def test_changed_bytes_in_a_stored_encoding_give_the_answers_of_a_fresh_compute(tiny_osprey, scene, tmp_path):
+    from osprey.inference.api import image_feature_cache
+    from osprey.inference.fields import LabelRequest
+
+    calls = []
+    hook = tiny_osprey.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    request = LabelRequest(categories=("cat", "dog"), attributes=("red",))
+    try:
+        tiny_osprey.cache = image_feature_cache(max_images=2, disk_dir=tmp_path)
+        fresh = tiny_osprey.label(scene["image"], scene["masks"][:2], request)
+        (path,) = tmp_path.glob("*.pt")
+        stored = torch.load(io.BytesIO(payload(path)), weights_only=True)
+        tensors = [getattr(stored, f.name) for f in dataclasses.fields(stored)]
+        largest = max((t for t in tensors if isinstance(t, torch.Tensor)), key=torch.Tensor.numel)
+        flip_inside(path, largest)
+        tiny_osprey.cache = image_feature_cache(max_images=2, disk_dir=tmp_path)  # a restarted process
+        again = tiny_osprey.label(scene["image"], scene["masks"][:2], request)
+        assert len(calls) == 2  # not served from the altered file: encoded again
+        for a, b in zip(again, fresh, strict=True):
+            assert a.category.scores == b.category.scores and a.attributes == b.attributes
+    finally:
+        hook.remove()
+        tiny_osprey.cache = None
+
+
+WRITER = """
+import os, sys, time
+from pathlib import Path
+
+import torch
+
+from osprey.runtime.feature_cache import FeatureCache
+
+
+def stall(src, dst):  # SIGKILLed here: the temporary file is written, never renamed
+    Path(sys.argv[2]).write_text(str(src))
+    time.sleep(600)
+
+
+os.replace = stall
+FeatureCache(name="t", max_items=1, disk_dir=sys.argv[1]).put("k", torch.zeros(1 << 18))
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_file_the_next_open_removes(tmp_path, caplog) -> None:
+    folder, ready = tmp_path / "cache", tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), str(ready)], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), f"the writer did not start writing (exit code {process.poll()})"
+        half = Path(ready.read_text())
+        assert (
+            half.parent == folder
+            and half.name.startswith(f".k.{process.pid}.")
+            and half.name.endswith(".tmp")
+        )
+        assert half.stat().st_size > 1 << 20
+        alive: FeatureCache[torch.Tensor] = FeatureCache(name="t", max_items=1, disk_dir=folder)
+        assert half.is_file()  # its writer is alive: kept
+        assert alive.stats()["disk_bytes"] == 0  # and counted against nothing
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(30)
+    assert process.returncode == -signal.SIGKILL and half.is_file()  # kill -9 left it behind
+
+    with caplog.at_level(logging.WARNING, logger="osprey.runtime"):
+        reopened: FeatureCache[torch.Tensor] = FeatureCache(name="t", max_items=1, disk_dir=folder)
+    assert not half.exists()
+    assert f"removed {half}, left by a writer that did not finish" in caplog.text
+    reopened.get_or_compute("k", lambda: torch.ones(4))
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "k.pt"]
+
+
+def test_leftovers_of_dead_writers_go_at_open_and_a_live_writers_file_stays(tmp_path) -> None:
+    dead = [tmp_path / ".k1.999999.0123456789abcdef0123456789abcdef.tmp", tmp_path / ".k2.x7_ab3qz.tmp"]
+    for path in dead:  # a dead pid's name, and the name an earlier version's writer used
+        path.write_bytes(b"\0" * 4096)
+    live = tmp_path / f".k3.{os.getpid()}.fedcba9876543210fedcba9876543210.tmp"
+    kept = [tmp_path / "notes.txt", tmp_path / "k4.tmp", live]
+    for path in kept:
+        path.write_bytes(b"x")
+    holder = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a writer in this process, mid-write
+        FeatureCache(name="t", max_items=1, disk_dir=tmp_path)
+        assert not any(path.exists() for path in dead) and all(path.exists() for path in kept)
+    finally:
+        os.close(holder)
+    FeatureCache(name="t", max_items=1, disk_dir=tmp_path)  # its writer gone now
+    assert not live.exists() and (tmp_path / "notes.txt").exists()
+
+
+def _fill(folder: Path, count: int, floats: int = 1024) -> int:
+    """``count`` files of ``floats`` float32 each, oldest first (one second apart); returns one's size."""
+    cache: FeatureCache[torch.Tensor] = FeatureCache(
+        name="fill", max_items=1, disk_dir=folder, max_disk_bytes=2**30
+    )
+    for i in range(count):
+        cache.put(f"f{i}", torch.full((floats,), float(i)))
+        os.utime(folder / f"f{i}.pt", (1000 + i, 1000 + i))
+    return (folder / "f0.pt").stat().st_size
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file in ``folder``, counted while no writer can change it (writers evict and write
+    under the folder's ``.lock``), temporary files included."""
+    fd = os.open(folder / ".lock", os.O_RDONLY | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+    finally:
+        os.close(fd)
+
+
+def test_a_folder_over_its_budget_is_brought_under_it_at_open(tmp_path, caplog) -> None:
+    one = _fill(tmp_path, 8)
+    assert folder_bytes(tmp_path) == 8 * one
+    with caplog.at_level(logging.INFO, logger="osprey.runtime"):
+        cache: FeatureCache[torch.Tensor] = FeatureCache(
+            name="t", max_items=1, disk_dir=tmp_path, max_disk_bytes=int(3.5 * one)
+        )
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["f5.pt", "f6.pt", "f7.pt"]  # the newest
+    assert folder_bytes(tmp_path) <= int(3.5 * one) and cache.stats()["disk_bytes"] == 3 * one
+    assert "evicted the 5 oldest files" in caplog.text
+    assert torch.equal(
+        cache.get_or_compute("f7", lambda: pytest.fail("recomputed")), torch.full((1024,), 7.0)
+    )
+
+
+def test_the_budget_holds_after_many_writes_from_several_threads(tmp_path) -> None:
+    one = _fill(tmp_path / "probe", 1)
+    budget = int(5.5 * one)
+    cache: FeatureCache[torch.Tensor] = FeatureCache(
+        name="t", max_items=1, disk_dir=tmp_path / "c", max_disk_bytes=budget
+    )
+    peaks, errors = [], []
+
+    def write(worker: int) -> None:
+        rng = np.random.default_rng(worker)
+        try:
+            for i in range(25):
+                floats = int(rng.integers(64, 2048))
+                cache.get_or_compute(f"w{worker}-{i}", lambda floats=floats: torch.zeros(floats))
+                peaks.append(folder_bytes(tmp_path / "c"))
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and len(peaks) == 100
+    assert max(peaks) <= budget and folder_bytes(tmp_path / "c") <= budget
+    assert cache.stats()["disk_bytes"] <= budget and cache.stats()["disk_items"] >= 3
+    big = cache.get_or_compute("big", lambda: torch.zeros(2 * budget // 4))  # over the budget alone
+    assert big.numel() == 2 * budget // 4 and not (tmp_path / "c" / "big.pt").exists()
+    assert cache.stats()["disk_items"] >= 3  # nothing was evicted for a value that cannot fit
