@@ -11,15 +11,16 @@ Each thread (and each process, after a fork) opens its own connection. The schem
 Tables (see ``_MIGRATIONS``): ``predicted_regions``, ``annotations``, ``regions``, ``field_outcomes``,
 ``tombstones``, ``project_counters`` and ``project_configs`` belong to
 :class:`backend.learning.store.TrainingStore`; ``jobs`` to
-:class:`backend.jobs.sqlite_queue.SqliteJobQueue`. Both open the same file and run the same
-migrations, so either can be opened first.
+:class:`backend.jobs.sqlite_queue.SqliteJobQueue`; ``webhook_inbox`` to
+:class:`backend.learning.inbox.WebhookInbox`. All open the same file and run the same migrations, so
+any can be opened first.
 
 ``jobs`` holds one row per job with its ``lane`` (``prelabel`` or ``training``, see
 :mod:`backend.jobs.base`); two partial unique indexes keep at most one queued job per (project, kind)
 and at most one running job per (project, lane).
 
 Versions: 1 the tables above; 2 ``project_configs``; 3 the ``lane`` column of ``jobs``, with the
-one-running index per (project, lane) instead of per project.
+one-running index per (project, lane) instead of per project; 4 ``webhook_inbox``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -99,6 +100,17 @@ _MIGRATIONS: dict[int, list[str]] = {
         "DROP INDEX jobs_one_running",
         "CREATE UNIQUE INDEX jobs_one_running ON jobs (project_id, lane) WHERE status = 'running'",
         "CREATE INDEX jobs_lane ON jobs (lane, status, job_id)",
+    ],
+    4: [
+        # Webhooks are acknowledged once their body is here (one append), and parsed afterwards by the
+        # intake thread: Label Studio never resends a webhook, so nothing may make it wait or refuse.
+        """CREATE TABLE webhook_inbox (
+            inbox_id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, action TEXT NOT NULL,
+            project_id TEXT, source TEXT NOT NULL DEFAULT 'webhook' CHECK (source IN ('webhook', 'reconcile')),
+            payload_json TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'new' CHECK (state IN ('new', 'done', 'failed')),
+            outcome_json TEXT, error TEXT, done_at REAL)""",
+        "CREATE INDEX webhook_inbox_state ON webhook_inbox (state, inbox_id)",
     ],
 }
 

@@ -124,12 +124,15 @@ class LabelStudioClient:
         view: int | None = None,
         page_size: int = 100,
         skip_missing: bool = False,
+        only_annotated: bool = False,
     ) -> Iterator[dict]:
-        """The project's tasks (or those of a Data Manager ``view``, or exactly ``ids``, in that order),
-        each a dict of :data:`TASK_KEYS`. ``skip_missing``: ids deleted meanwhile are left out instead of
-        raising (``not_found``)."""
+        """The project's tasks (or those of a Data Manager ``view``, or exactly ``ids``, in that order,
+        or only those with an annotation), each a dict of :data:`TASK_KEYS`. ``skip_missing``: ids deleted
+        meanwhile are left out instead of raising (``not_found``)."""
         if ids is None:
-            yield from self._pages(project, view=view, query=None, page_size=page_size)
+            yield from self._pages(
+                project, view=view, query=None, page_size=page_size, only_annotated=only_annotated
+            )
             return
         wanted = [int(i) for i in ids]
         for start in range(0, len(wanted), page_size):
@@ -149,10 +152,20 @@ class LabelStudioClient:
                 if task_id in found:
                     yield found[task_id]
 
-    def _pages(self, project: int, *, view: int | None, query: str | None, page_size: int) -> Iterator[dict]:
+    def _pages(
+        self,
+        project: int,
+        *,
+        view: int | None,
+        query: str | None,
+        page_size: int,
+        only_annotated: bool = False,
+    ) -> Iterator[dict]:
         seen, page = 0, 1
         while True:
             params = {"project": int(project), "page": page, "page_size": page_size, "fields": "all"}
+            if only_annotated:
+                params["only_annotated"] = "true"
             if view is not None:
                 params["view"] = int(view)
             if query is not None:

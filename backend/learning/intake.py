@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,6 +44,7 @@ from backend.labelstudio.limits import DEFAULT_LIMITS, PayloadLimits
 from backend.labelstudio.results import annotation_timestamp
 from backend.labelstudio.schema import ProjectSchema, parse_label_config
 
+from .inbox import InboxItem, WebhookInbox
 from .store import AnnotationRecord, RegionRecord, TrainingStore, compare_versions
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ __all__ = ["WebhookError", "handle_webhook", "reparse_unparsed"]
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
 TRAIN_KIND = "train"
+HANDLED_EVENTS = (*ANNOTATION_EVENTS, *DELETE_EVENTS, "TASKS_DELETED", "START_TRAINING")
 
 
 def handle_webhook(
@@ -103,6 +106,36 @@ def handle_webhook(
         "webhook %s: %s (%s regions) in %.1f ms", action, out["status"], out.get("regions", "-"), elapsed_ms
     )
     return {**out, "ms": round(elapsed_ms, 1)}
+
+
+def check_envelope(payload) -> tuple[str, str | None]:
+    """``(action, project)`` of a webhook body whose ids and times can be read; WebhookError naming the
+    field otherwise. Cheap (no region is decoded): what ``/webhook`` checks before storing the body."""
+    if not isinstance(payload, dict):
+        raise WebhookError(f"the webhook body must be a JSON object, got {type(payload).__name__}")
+    action = payload.get("action")
+    if not isinstance(action, str) or not action:
+        raise WebhookError("the webhook body has no 'action' string (e.g. 'ANNOTATION_CREATED')")
+    if action not in HANDLED_EVENTS:
+        return action, None
+    project = _project_id(payload)
+    if action in ANNOTATION_EVENTS:
+        annotation = payload.get("annotation")
+        if not isinstance(annotation, dict):
+            raise WebhookError(f"{action} needs an 'annotation' object, got {type(annotation).__name__}")
+        _int(annotation.get("id"), "'annotation.id'")
+        task = payload.get("task") if isinstance(payload.get("task"), dict) else {}
+        task_ref = task.get("id", annotation.get("task"))
+        _int(task_ref.get("id") if isinstance(task_ref, dict) else task_ref, "'task.id'")
+        result = annotation.get("result")
+        if not isinstance(result, list) or not all(isinstance(item, dict) for item in result):
+            raise WebhookError("'annotation.result' must be a list of Label Studio result objects")
+        annotation_timestamp(annotation)
+    elif action in DELETE_EVENTS and isinstance(payload.get("annotations"), list):
+        _ids(payload, "annotations")
+    elif action == "TASKS_DELETED":
+        _ids(payload, "tasks")
+    return action, project
 
 
 def reparse_unparsed(
@@ -284,17 +317,23 @@ def _fill(
 class Intake:
     """What ``/webhook`` and ``/setup`` hand to the retraining loop.
 
-    Collaborators: ``store`` and ``queue``; ``projects`` (``label_config``, ``remember``, ``schema_for``);
-    ``flush()`` waits until recorded predictions are in the store (an annotation is compared with the
-    prediction it started from); ``count(key, n)`` counts outcomes for ``/metrics``; ``lora_enabled``
-    queues a LoRA job with every training job; ``wake()`` makes the training worker look for a job now;
-    ``submit(fn, *args)`` runs housekeeping in the runtime's background thread."""
+    ``receive`` (in the request) checks the envelope and appends the body to the ``inbox``: a webhook is
+    acknowledged once it is durable, however many arrive at once. The intake thread (``start``/``stop``,
+    owned by the runtime) parses what is in the inbox, in arrival order, with :func:`handle_webhook`;
+    ``drain`` waits for it (or, without the thread, parses inline).
+
+    Collaborators: ``store``, ``queue`` and ``inbox``; ``projects`` (``label_config``, ``remember``,
+    ``schema_for``); ``flush()`` waits until recorded predictions are in the store (an annotation is
+    compared with the prediction it started from); ``count(key, n)`` counts outcomes for ``/metrics``;
+    ``submit(fn, *args)`` runs housekeeping in the runtime's background thread; ``wake()`` makes the
+    training worker look for a job now; ``lora_enabled`` queues a LoRA job with every training job."""
 
     def __init__(
         self,
         *,
         store: TrainingStore,
         queue: JobQueue,
+        inbox: WebhookInbox,
         projects,
         flush: Callable[[], None],
         count: Callable[[str, int], None],
@@ -303,39 +342,140 @@ class Intake:
         train_every: int | None = None,
         lora_enabled: bool = False,
         limits: PayloadLimits = DEFAULT_LIMITS,
+        thread_name: str = "osprey-intake",
+        poll_s: float = 1.0,
     ) -> None:
-        self.store, self.queue, self.projects = store, queue, projects
+        self.store, self.queue, self.inbox, self.projects = store, queue, inbox, projects
         self.flush, self.count, self.submit, self.wake = flush, count, submit, wake
         self.train_every = train_every or None
         self.lora_enabled = lora_enabled
         self.limits = limits
+        self.thread_name = thread_name
+        self.poll_s = poll_s
+        self._arrived = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one parser at a time: events of one annotation stay in order
 
+    # ---- in the request ----
     def receive(self, action: str, payload: dict) -> dict:
-        """Persist one webhook event (see :func:`handle_webhook`) and queue training when it says so."""
-        self.flush()
-        project = payload.get("project")
-        if (
-            isinstance(project, dict)
-            and isinstance(project.get("label_config"), str)
-            and project.get("id") is not None
-        ):
-            self.projects.remember(project_key(project["id"]), project["label_config"])
-        outcome = handle_webhook(
-            self.store, payload, label_config_for=self.projects.label_config, train_every=self.train_every,
-            queue=self.queue, schema_for=self.projects.schema_for, limits=self.limits,
-        )  # fmt: skip
-        self.count(f"webhook {action} {outcome.get('status')}", 1)
-        if outcome.get("train"):
-            if self.lora_enabled:
-                outcome["lora_job_id"] = self.queue.enqueue(_project_id(payload), "lora", {"reason": action})
-            self.wake()
-        return outcome
+        """Check the envelope (WebhookError, a 400, for bad ids or times), store the body, answer."""
+        action, project = check_envelope(payload)
+        if action not in HANDLED_EVENTS:
+            return {"status": "ignored", "action": action}
+        inbox_id = self.inbox.append(action, project, payload)
+        self.count(f"webhook {action} received", 1)
+        self._arrived.set()
+        return {"status": "received", "action": action, "inbox_id": inbox_id}
+
+    def arrived(self) -> None:
+        """Something was put in the inbox by another hand (the reconciliation): parse it now."""
+        self._arrived.set()
 
     def configured(self, project: str, label_config: str) -> None:
         """``/setup`` brought ``project``'s label config: annotations stored before it was known are
         parsed in the background (``/setup`` has 3 s)."""
         if self.store.count_unparsed(project):
             self.submit(self._reparse, project, label_config)
+
+    # ---- the intake thread ----
+    def start(self) -> None:
+        """Parse what the inbox holds, and whatever arrives, in a thread of its own."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop after the event being parsed; True when the thread has stopped."""
+        self._stop.set()
+        self._arrived.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every stored event is parsed (inline when the thread is not running); True when
+        none is left."""
+        if self._thread is None or not self._thread.is_alive():
+            while self.process_pending():
+                pass
+            return not self.inbox.pending(limit=1)
+        deadline = time.monotonic() + timeout_s
+        self._arrived.set()
+        with self._idle:
+            while self.inbox.pending(limit=1):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(min(remaining, 0.05))
+        return True
+
+    def outcome(self, inbox_id: int) -> dict | None:
+        """What parsing one stored event gave: its outcome, ``{"status": "failed", "error"}``, or None
+        while it waits."""
+        return self.inbox.result(inbox_id)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                parsed = self.process_pending()
+            except Exception:  # the inbox's database unreachable: try again at the next poll
+                internal_error(logger, "reading the webhook inbox")
+                parsed = 0
+            if not parsed:
+                with self._idle:
+                    self._idle.notify_all()
+                self._arrived.wait(self.poll_s)
+                self._arrived.clear()
+
+    def process_pending(self, limit: int = 50) -> int:
+        """Parse up to ``limit`` stored events, oldest first; how many."""
+        with self._lock:
+            items = self.inbox.pending(limit=limit)
+            if items:
+                self.flush()
+            for item in items:
+                if self._stop.is_set() and self._thread is not None:
+                    return 0
+                self._parse(item)
+            return len(items)
+
+    def _parse(self, item: InboxItem) -> None:
+        payload = item.payload
+        try:
+            project = payload.get("project")
+            if (
+                isinstance(project, dict)
+                and isinstance(project.get("label_config"), str)
+                and project.get("id") is not None
+            ):
+                self.projects.remember(project_key(project["id"]), project["label_config"])
+            outcome = handle_webhook(
+                self.store, payload, label_config_for=self.projects.label_config, train_every=self.train_every,
+                queue=self.queue, schema_for=self.projects.schema_for, limits=self.limits,
+            )  # fmt: skip
+            if outcome.get("train"):
+                if self.lora_enabled:
+                    outcome["lora_job_id"] = self.queue.enqueue(
+                        _project_id(payload), "lora", {"reason": item.action}
+                    )
+                self.wake()
+        except WebhookError as error:  # stored, then found unreadable: nothing to learn from it
+            logger.warning("webhook %s (inbox %d) cannot be used: %s", item.action, item.inbox_id, error)
+            self.inbox.finish(item.inbox_id, error=str(error))
+            self.count(f"webhook {item.action} failed", 1)
+            return
+        except Exception:
+            error_id = internal_error(logger, f"parsing webhook {item.action} (inbox {item.inbox_id})")
+            self.inbox.finish(item.inbox_id, error=f"internal error {error_id}")
+            self.count(f"webhook {item.action} failed", 1)
+            return
+        self.inbox.finish(item.inbox_id, outcome=outcome)
+        self.count(f"webhook {item.action} {outcome.get('status')}", 1)
 
     def _reparse(self, project: str, label_config: str) -> None:
         try:

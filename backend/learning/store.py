@@ -263,6 +263,21 @@ class TrainingStore(SqliteDatabase):
         ).fetchone()
         return tuple(row) if row else None
 
+    def task_annotation_ids(self, project_id: str, task_ids: list[int]) -> dict[int, set[int]]:
+        """Per task (of ``task_ids``), the ids of the annotations stored for it (any state)."""
+        out: dict[int, set[int]] = {int(t): set() for t in task_ids}
+        conn, project = self._conn(), project_key(project_id)
+        for start in range(0, len(task_ids), 500):
+            chunk = [int(t) for t in task_ids[start : start + 500]]
+            rows = conn.execute(
+                f"SELECT task_id, annotation_id FROM annotations WHERE project_id = ? AND task_id IN"
+                f" ({','.join('?' * len(chunk))})",
+                (project, *chunk),
+            ).fetchall()
+            for task_id, annotation_id in rows:
+                out[int(task_id)].add(int(annotation_id))
+        return out
+
     @staticmethod
     def _tombstoned(conn, project: str, annotation_id: int, task_id: int | None) -> bool:
         row = conn.execute(

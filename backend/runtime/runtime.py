@@ -31,8 +31,10 @@ from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.images import ImageLoader
 from backend.labelstudio.schema import parse_field_map
 from backend.learning.examples import last_skipped
+from backend.learning.inbox import WebhookInbox
 from backend.learning.intake import Intake
 from backend.learning.lora_training import LoraJob
+from backend.learning.reconcile import Reconciler
 from backend.learning.registry import ModelRegistry
 from backend.learning.store import TrainingStore
 from backend.learning.training import ProjectTrainer
@@ -96,6 +98,7 @@ class Runtime:
     deferrals: Deferrals = None
     trainer: ProjectTrainer = None
     workers: dict[str, Worker] = field(default_factory=dict)
+    reconciler: Reconciler | None = None
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # in the name of every thread it starts
     started: float = field(default_factory=time.time)
     closed: bool = False
@@ -126,7 +129,11 @@ class Runtime:
 
     # ---- threads ----
     def start(self) -> Runtime:
-        """Start one job worker per lane (``OSPREY_TRAINING``); returns the runtime."""
+        """Start the intake thread (webhooks stored and not yet parsed are parsed first), the
+        reconciliation and one job worker per lane (``OSPREY_TRAINING``); returns the runtime."""
+        self.intake.start()
+        if self.reconciler is not None:
+            self.reconciler.start()
         if self.settings.training:
             for worker in self.workers.values():
                 worker.start()
@@ -139,10 +146,13 @@ class Runtime:
         if self.closed:
             return True
         self.closed = True
-        stopped = all([worker.stop(timeout_s) for worker in self.workers.values()])
+        stopped = self.intake.stop(timeout_s)  # what is still in the inbox is parsed at the next start
+        if self.reconciler is not None:
+            stopped &= self.reconciler.stop(timeout_s)
+        stopped &= all([worker.stop(timeout_s) for worker in self.workers.values()])
         self.recorder.close()
         self.background.shutdown(wait=True, cancel_futures=True)
-        for closable in (self.store, self.queue):
+        for closable in (self.store, self.queue, self.intake.inbox):
             close = getattr(closable, "close", None)
             if close is not None:
                 close()
@@ -192,6 +202,10 @@ class Runtime:
                 "acceptance": {p: _safe(acceptance_summary, self.store, p) for p in projects},
                 "skipped_examples": {p: r for p in projects if (r := _safe(last_skipped, self.queue, p))},
                 "workers": {lane: _worker_state(worker) for lane, worker in self.workers.items()},
+            },
+            "intake": {
+                **_safe(self.intake.inbox.counts),
+                "reconciliation": self.reconciler.last if self.reconciler is not None else "off",
             },
             "prelabel": {"jobs": self.deferrals.metrics(), "budget_s": self.settings.predict_budget_s},
             "scheduler": self.scheduler.stats(),
@@ -286,10 +300,17 @@ def _wire(rt: Runtime) -> None:
         min_examples=settings.min_train_examples,
     )  # fmt: skip
     rt.intake = Intake(
-        store=rt.store, queue=rt.queue, projects=rt.projects, flush=rt.recorder.flush, count=rt.counts,
-        submit=rt.submit, wake=lambda: _wake(rt, TRAINING_LANE), train_every=settings.train_every,
-        lora_enabled=lora is not None, limits=rt.options.limits,
+        store=rt.store, queue=rt.queue, inbox=WebhookInbox(rt.store.path), projects=rt.projects,
+        flush=rt.recorder.flush, count=rt.counts, submit=rt.submit, wake=lambda: _wake(rt, TRAINING_LANE),
+        train_every=settings.train_every, lora_enabled=lora is not None, limits=rt.options.limits,
+        thread_name=f"{THREAD_PREFIX}intake-{rt.tag}",
     )  # fmt: skip
+    if settings.reconcile_s > 0 and rt.client is not None:
+        rt.reconciler = Reconciler(
+            client=rt.client, store=rt.store, inbox=rt.intake.inbox, projects=rt.projects.known,
+            arrived=rt.intake.arrived, interval_s=settings.reconcile_s,
+            thread_name=f"{THREAD_PREFIX}reconcile-{rt.tag}",
+        )  # fmt: skip
     handlers = {PRELABEL_LANE: rt.deferrals.run, TRAINING_LANE: rt.trainer}
     host = f"{socket.gethostname()}:{os.getpid()}"
     rt.workers = {

@@ -230,6 +230,12 @@ class Settings:
         20, "OSPREY_TRAIN_EVERY", TRAINING,
         "Queue a training job every N new or changed accepted region labels (0: only on Start Training).",
     )  # fmt: skip
+    reconcile_s: float = setting(
+        600.0, "OSPREY_RECONCILE_S", TRAINING,
+        "Every this many seconds, read each known project's annotated tasks through the API and store the "
+        "annotations whose webhook never arrived (Label Studio never resends one); `0` turns it off. Needs "
+        "`LABEL_STUDIO_URL` and `LABEL_STUDIO_API_KEY`.",
+    )  # fmt: skip
     training: bool = setting(
         True, "OSPREY_TRAINING", TRAINING, "Run queued jobs (training, deferred pre-labels) in this process."
     )
@@ -307,6 +313,7 @@ class Settings:
             (self.prelabel_batch_tasks < 1, "OSPREY_PRELABEL_BATCH_TASKS must be >= 1"),
             (self.prelabel_chunk_tasks < 1, "OSPREY_PRELABEL_CHUNK_TASKS must be >= 1"),
             (self.prelabel_retries < 0, "OSPREY_PRELABEL_RETRIES must be >= 0"),
+            (self.reconcile_s < 0, "OSPREY_RECONCILE_S must be >= 0 seconds (0: off)"),
             (self.world_size < 1 or not 0 <= self.rank < self.world_size,
              f"RANK={self.rank} must be within WORLD_SIZE={self.world_size} (as torchrun sets them)"),
             (self.port < 0 or self.port > 65535, f"PORT must be 0..65535, got {self.port}"),

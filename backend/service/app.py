@@ -79,12 +79,13 @@ def create_app(runtime) -> Flask:
     app.json = _FastJSON(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     stats = RouteStats()
-    # as many webhooks may wait as run, each at most 0.5 s: Label Studio gives up on a webhook after 1 s
+    # A webhook is one append to the inbox (milliseconds), so every server thread may wait for a slot,
+    # up to 0.8 s: Label Studio gives up after 1 s and never resends, so refusing loses the annotation.
     webhooks = ConcurrencyLimit(
         name="webhooks",
         limit=settings.webhook_concurrency,
-        max_waiting=settings.webhook_concurrency,
-        wait_s=0.5,
+        max_waiting=settings.threads + settings.webhook_concurrency,
+        wait_s=0.8,
     )
     secret = webhook_secret(configured=settings.webhook_secret, basic_auth_pass=settings.basic_auth_pass)
     registrar = webhook_registrar(settings, secret, client=runtime.client, submit=runtime.submit)

@@ -18,12 +18,14 @@ Threads: ``THREADS`` for ``/predict`` (at most ``THREADS`` - 2 at once), ``/heal
 ``/metrics``, plus two per ``OSPREY_WEBHOOK_CONCURRENCY`` for webhooks (one running and one waiting,
 see :class:`backend.service.admission.ConcurrencyLimit`), so neither can take the threads ``/health``
 needs. One process serves; weights are checked before the models load, so a missing file stops the
-command with a message naming it. SIGTERM stops accepting, lets running requests finish (5 s), then
-closes the runtime: job workers stop after their current step, recorded predictions are written.
+command with a message naming it. SIGTERM stops accepting, lets running requests finish (up to
+``OSPREY_PREDICT_BUDGET_S`` + 10 s), then closes the runtime: job workers stop after their current step,
+recorded predictions are written, webhooks not yet parsed stay in the inbox for the next start.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from backend.runtime.settings import Settings
@@ -59,6 +61,12 @@ def server_options(settings: Settings) -> dict:
     }
 
 
+def drain_seconds(settings: Settings) -> float:
+    """How long a stopping server lets running requests finish: a batch ``/predict``'s budget and then
+    some (a click or a webhook takes far less)."""
+    return settings.predict_budget_s + 10.0
+
+
 def _stop_on_sigterm(signum, frame) -> None:
     raise SystemExit(0)  # waitress's loop catches it, then finishes running requests
 
@@ -74,6 +82,12 @@ def serve(settings: Settings) -> None:
     app, runtime = build_app(settings)
     try:
         server = create_server(app, **server_options(settings))
+        # Running requests get as long to finish as a batch /predict may take, not waitress's 5 s: a
+        # request cut off mid-computation loses Label Studio's answer (and a thread left running at exit
+        # takes the process down with it).
+        server.task_dispatcher.shutdown = functools.partial(
+            server.task_dispatcher.shutdown, cancel_pending=True, timeout=drain_seconds(settings)
+        )
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         logger.info(
             "serving on http://%s:%d (%d threads, %d more for webhooks; at most %d connections)",

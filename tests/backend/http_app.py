@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 @contextmanager
 def served_tiny_service(tiny_models, file_store, model_dir, upload: str):
     """The real app and runtime on the tiny models, with ``scene_png()`` stored in the fake Label Studio
-    at ``upload``; yields the base URL."""
+    at ``upload``; yields the base URL (a :class:`ServedURL`, whose ``runtime`` is the runtime)."""
     from lsfakes import API_KEY, scene_png
 
     from backend.runtime.runtime import build_runtime
@@ -24,8 +24,26 @@ def served_tiny_service(tiny_models, file_store, model_dir, upload: str):
         osprey_model="tiny", sam_model="tiny",
     )  # fmt: skip
     file_store.add(upload, scene_png())
-    with served(create_app(build_runtime(settings, models=tiny_models))) as base:
-        yield base
+    runtime = build_runtime(settings, models=tiny_models)
+    with served(create_app(runtime)) as base:
+        url = ServedURL(base)
+        url.runtime = runtime
+        yield url
+    runtime.close()
+
+
+class ServedURL(str):
+    """The base URL of an app served here, with ``runtime``: the runtime behind it."""
+
+    runtime = None
+
+
+def parsed(url: ServedURL, response) -> dict:
+    """What the intake made of a webhook that ``/webhook`` answered with ``response`` (it parses after
+    answering): waits for it, then returns its outcome."""
+    assert response.status_code == 201, response.text
+    assert url.runtime.intake.drain(timeout_s=60)
+    return url.runtime.intake.outcome(response.json()["inbox_id"])
 
 
 @contextmanager

@@ -223,3 +223,15 @@ def claim_all(db_path: str, worker_id: str, lease_s: float = 30.0) -> list[str]:
         ran.append(job.job_id)
     queue.close()
     return ran
+
+
+def delivered(client, runtime, body: dict) -> dict:
+    """POST ``body`` to ``/webhook`` as Label Studio does, let the runtime's intake parse it, and return
+    what parsing it gave (``stored``, ``duplicate``, ... or ``failed`` with the error). The answer itself
+    only says the body was received: webhooks are parsed after they are acknowledged."""
+    response = client.post("/webhook", json=body)
+    assert response.status_code in (200, 201), response.json
+    if response.json.get("status") != "received":
+        return response.json
+    assert runtime.intake.drain(timeout_s=60)
+    return runtime.intake.outcome(response.json["inbox_id"])

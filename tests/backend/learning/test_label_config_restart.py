@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 from lsfakes import API_KEY, scene_png
-from webhook_payloads import annotation_event
+from webhook_payloads import annotation_event, delivered
 
 from backend.jobs import TRAINING_LANE
 from backend.labelstudio.results import choices_result, region_result
@@ -56,7 +56,7 @@ def test_a_job_retried_after_a_restart_finds_its_label_config(tiny_models, file_
         path = file_store.add(f"/data/upload/{PROJECT}/half{i}.png", scene_png(seed=i))
         event = annotation_event(halves(5100 + i), annotation_id=51000 + i, task_id=5100 + i, project_id=PROJECT,
                                  label_config=None, image=path)  # fmt: skip
-        assert client.post("/webhook", json=event).json["status"] == "stored"
+        assert delivered(client, before, event)["status"] == "stored"
     job_id = before.queue.enqueue(str(PROJECT), "train", {"reason": "test"})
     claimed = before.queue.claim(
         "worker-killed-mid-job", lease_s=0.05, lane=TRAINING_LANE

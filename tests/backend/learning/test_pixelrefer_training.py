@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lsfakes import API_KEY
 from test_retraining import CONFIG, accepted_result, learning_curve_module, png
-from webhook_payloads import annotation_event
+from webhook_payloads import annotation_event, delivered
 
 from backend.runtime.models import load_models
 from backend.runtime.runtime import build_runtime
@@ -31,11 +31,8 @@ def test_accepted_labels_train_a_head_on_pixelrefer_features(file_store, tmp_pat
         image = file_store.add(f"/data/upload/{PROJECT}/shapes{i}.png", png(scene.image))
         event = annotation_event(accepted_result(scene, 800 + i), annotation_id=9500 + i, task_id=800 + i,
                                  project_id=PROJECT, label_config=CONFIG, image=image)  # fmt: skip
-        assert client.post("/webhook", json=event).status_code == 201
-    assert (
-        client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}}).status_code
-        == 201
-    )
+        assert delivered(client, runtime, event)["status"] == "stored"
+    assert delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": PROJECT}})["train"]
     job = runtime.workers["training"].run_once()
     result = runtime.queue.job(job.job_id)
     assert result.status == "done", result

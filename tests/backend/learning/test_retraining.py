@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from lsfakes import API_KEY
 from PIL import Image
-from webhook_payloads import annotation_event
+from webhook_payloads import annotation_event, delivered
 
 from backend.labelstudio.results import choices_result, region_result
 from backend.runtime.runtime import build_runtime
@@ -105,16 +105,16 @@ def test_accepted_labels_train_a_version_that_is_promoted_and_served(loop):
     for i, (scene, task) in enumerate(zip(scenes, tasks, strict=True)):
         event = annotation_event(accepted_result(scene, task["id"]), annotation_id=9000 + i, task_id=task["id"],
                                  project_id=PROJECT, label_config=CONFIG, image=task["data"]["image"])  # fmt: skip
-        response = client.post("/webhook", json=event)
-        assert response.status_code == 201 and response.json["status"] == "stored", response.json
+        outcome = delivered(client, runtime, event)
+        assert outcome["status"] == "stored", outcome
     assert runtime.store.count_accepted(str(PROJECT)) == sum(len(s.masks) for s in scenes)
 
     acceptance = client.get("/metrics").json["training"]["acceptance"][str(PROJECT)]
     category = acceptance["fields"]["category"]
     assert category["kept"] + category["edited"] == len(scenes[0].masks)  # only task 500 had a pre-label
 
-    queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
-    assert queued.status_code == 201 and queued.json["train"] is True
+    queued = delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": PROJECT}})
+    assert queued["train"] is True
     job = runtime.workers["training"].run_once()
     assert job is not None
     result = runtime.queue.job(job.job_id)
@@ -159,8 +159,8 @@ def test_a_worse_head_is_written_but_not_promoted(loop):
         event = annotation_event(accepted_result(bad, task["id"]), action="ANNOTATION_UPDATED",
                                  annotation_id=9000 + i, task_id=task["id"], project_id=PROJECT,
                                  label_config=CONFIG, image=task["data"]["image"], updated_at="2025-06-01T11:00:00.000000Z")  # fmt: skip
-        assert client.post("/webhook", json=event).json["status"] == "stored"
-    client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT}})
+        assert delivered(client, runtime, event)["status"] == "stored"
+    delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": PROJECT}})
     job = runtime.workers["training"].run_once()
     outcome = runtime.queue.job(job.job_id).result
     assert outcome["status"] == "not promoted", outcome
@@ -182,8 +182,8 @@ def test_lora_jobs_write_head_and_adapter_versions_that_are_served(tiny_models, 
         path = file_store.add(f"/data/upload/{project}/l{i}.png", png(scene.image))
         event = annotation_event(accepted_result(scene, 700 + i), annotation_id=7700 + i, task_id=700 + i,
                                  project_id=project, label_config=CONFIG, image=path)  # fmt: skip
-        assert client.post("/webhook", json=event).json["status"] == "stored"
-    queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": project}}).json
+        assert delivered(client, runtime, event)["status"] == "stored"
+    queued = delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": project}})
     assert queued["job_id"] and queued["lora_job_id"]
     head_job, lora_job = runtime.workers["training"].run_once(), runtime.workers["training"].run_once()
     assert (head_job.kind, lora_job.kind) == ("train", "lora")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from lsfakes import API_KEY
 from test_retraining import CONFIG, accepted_result, learning_curve_module, png
-from webhook_payloads import annotation_event
+from webhook_payloads import annotation_event, delivered
 
 from backend.labelstudio.rle import encode_brush_rle
 from backend.learning.examples import SKIP_REASONS, SkipReport, usable_regions
@@ -54,7 +54,7 @@ def broken_project(tiny_models, file_store, model_dir: Path, project: int, *, lo
         path = file_store.add(f"/data/upload/{project}/shapes{i}.png", png(scene.image))
         event = annotation_event(accepted_result(scene, task_id), annotation_id=project * 1000 + i, task_id=task_id,
                                  project_id=project, label_config=CONFIG, image=path)  # fmt: skip
-        assert client.post("/webhook", json=event).json["status"] == "stored"
+        assert delivered(client, runtime, event)["status"] == "stored"
         tasks.append(task_id)
         paths.append(path)
     # Regions written to the store as an older backend, a disk fault or an import could leave them.
@@ -97,7 +97,7 @@ def test_the_head_job_skips_bad_regions_reports_them_and_trains_on_the_rest(
     runtime, client, tasks, paths, scenes, expected, usable = broken_project(
         tiny_models, file_store, tmp_path, 41, lora="false"
     )
-    queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 41}}).json
+    queued = delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": 41}})
     outcome = run(runtime, queued["job_id"])
 
     assert outcome["status"] in ("promoted", "not promoted"), outcome
@@ -120,7 +120,7 @@ def test_the_head_job_skips_bad_regions_reports_them_and_trains_on_the_rest(
 
     # Nothing was removed from the store: once the image is back, the next job uses its regions again.
     file_store.add(paths[GONE], png(scenes[GONE].image))
-    again = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 41}}).json
+    again = delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": 41}})
     outcome = run(runtime, again["job_id"])
     assert "image_gone" not in outcome["skipped_examples"]["by_reason"]
     info = runtime.registry.info("41", outcome["version"])
@@ -153,7 +153,7 @@ def test_a_project_whose_regions_all_went_bad_is_skipped_with_the_reasons(tiny_m
     )
     for path in paths:
         file_store.files.pop(path, None)
-    queued = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 43}}).json
+    queued = delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": 43}})
     outcome = run(runtime, queued["job_id"])
     assert outcome["status"] == "skipped" and "0 usable accepted regions" in outcome["reason"]
     by_reason = outcome["skipped_examples"]["by_reason"]

@@ -76,7 +76,7 @@ def test_webhooks_over_the_bound_get_503_with_retry_after_and_health_still_answe
         first = pool.submit(requests.post, f"{url}/webhook", json=event, timeout=30)
         assert runtime.entered.acquire(timeout=30)  # the one slot is taken and held
         others = [pool.submit(requests.post, f"{url}/webhook", json=event, timeout=30) for _ in range(4)]
-        refused = [future.result() for future in others]  # 1 waits for a slot and gives up, 3 find no room
+        refused = [future.result() for future in others]  # each waits 0.8 s for the held slot, then gives up
         health = requests.get(f"{url}/health", timeout=30)
         metrics = requests.get(f"{url}/metrics", timeout=30).json()
         runtime.release.set()

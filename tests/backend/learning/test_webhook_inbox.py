@@ -1,0 +1,160 @@
+"""Accepted labels are never refused: a webhook is answered once its body is stored, however many
+arrive at once, and parsed after; what was stored survives a restart; what Label Studio's webhooks
+never delivered is found by the reconciliation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from lsapi_server import LEGACY_KEY, FaultyLabelStudio
+from waitress import create_server
+from webhook_payloads import BRUSH_CONFIG, annotation_event, box_mask, brush_region, iso
+
+from backend.labelstudio.api import LabelStudioClient
+from backend.learning import intake as intake_module
+from backend.runtime.runtime import build_runtime
+from backend.runtime.settings import Settings
+from backend.service.app import create_app
+from backend.service.server import server_options
+
+PROJECT = 3
+
+
+def settings_for(tmp_path, **extra) -> Settings:
+    options = dict(
+        model_dir=tmp_path / "models", osprey_model="tiny", sam_model="tiny", host="127.0.0.1", port=0,
+        threads=4, webhook_concurrency=1, train_every=0, lora="false", reconcile_s=0,
+    )  # fmt: skip
+    return Settings.from_env({}, **{**options, **extra})
+
+
+@pytest.fixture
+def served(tiny_models, tmp_path):
+    """The real app under waitress (as ``serve`` runs it) on a started runtime."""
+    settings = settings_for(tmp_path)
+    runtime = build_runtime(settings, models=tiny_models).start()
+    server = create_server(create_app(runtime), **server_options(settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}", runtime
+    finally:
+        server.close()
+        runtime.close()
+
+
+def event(annotation_id: int, *, task_id: int | None = None, updated: int = 5) -> dict:
+    mask = box_mask(4, 20, 4 + annotation_id % 30, 30 + annotation_id % 30)
+    return annotation_event(brush_region(f"r{annotation_id}", mask, category="dog"), annotation_id=annotation_id,
+                            task_id=task_id or annotation_id, project_id=PROJECT, updated_at=iso(updated))  # fmt: skip
+
+
+def test_sixteen_webhooks_at_once_are_all_acknowledged_within_a_second_and_stored(served):
+    url, runtime = served
+
+    def send(annotation_id: int):
+        started = time.monotonic()
+        response = requests.post(f"{url}/webhook", json=event(annotation_id), timeout=10)
+        return response.status_code, time.monotonic() - started
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, range(7000, 7016)))
+    assert [status for status, _ in answers] == [201] * 16
+    assert max(seconds for _, seconds in answers) < 1.0  # Label Studio's webhook timeout
+    assert runtime.intake.drain(timeout_s=60)
+    assert runtime.store.count_accepted(str(PROJECT)) == 16
+
+
+def test_one_annotation_delivered_fifty_times_by_eight_threads_is_stored_once(served):
+    url, runtime = served
+    body = event(7100)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: requests.post(f"{url}/webhook", json=body, timeout=10), range(50)))
+    assert [r.status_code for r in answers] == [201] * 50
+    assert runtime.intake.drain(timeout_s=60)
+    outcomes = [runtime.intake.outcome(r.json()["inbox_id"])["status"] for r in answers]
+    assert outcomes.count("stored") == 1 and outcomes.count("duplicate") == 49
+    assert runtime.store.count_accepted(str(PROJECT)) == 1
+
+
+def test_the_answer_does_not_wait_for_parsing(served, monkeypatch):
+    url, runtime = served
+    parse = intake_module.handle_webhook
+
+    def slow_parse(*args, **kwargs):
+        time.sleep(2.0)  # a large annotation's masks decoding
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(intake_module, "handle_webhook", slow_parse)
+    started = time.monotonic()
+    response = requests.post(f"{url}/webhook", json=event(7200), timeout=10)
+    assert response.status_code == 201 and response.json()["status"] == "received"
+    assert time.monotonic() - started < 1.0
+    assert runtime.intake.drain(timeout_s=30)
+    assert runtime.intake.outcome(response.json()["inbox_id"])["status"] == "stored"
+
+
+def test_a_malformed_envelope_is_refused_before_it_is_stored(served):
+    url, runtime = served
+    body = event(7300)
+    body["annotation"]["id"] = "seven"
+    response = requests.post(f"{url}/webhook", json=body, timeout=10)
+    assert response.status_code == 400 and "'annotation.id'" in response.json()["error"]
+    assert runtime.intake.inbox.counts()["new"] == 0
+
+
+def test_webhooks_stored_before_a_stop_are_parsed_after_the_restart(tiny_models, tmp_path):
+    before = build_runtime(settings_for(tmp_path), models=tiny_models)  # not started: nothing parses
+    client = create_app(before).test_client()
+    for annotation_id in (7400, 7401):
+        assert client.post("/webhook", json=event(annotation_id)).status_code == 201
+    before.close()
+    after = build_runtime(settings_for(tmp_path), models=tiny_models).start()
+    try:
+        assert after.intake.drain(timeout_s=30)
+        assert after.store.count_accepted(str(PROJECT)) == 2
+    finally:
+        after.close()
+
+
+@pytest.fixture
+def ls():
+    fake = FaultyLabelStudio()
+    fake.add_project(PROJECT, BRUSH_CONFIG)
+    yield fake
+    fake.close()
+
+
+def test_the_reconciliation_stores_what_the_webhooks_dropped(tiny_models, tmp_path, ls):
+    for annotation_id in (7500, 7501, 7502):
+        body = event(annotation_id)
+        ls.add_task(PROJECT, annotation_id, body["task"]["data"], annotations=[body["annotation"]])
+    ls.add_task(PROJECT, 7599, {"image": "/data/upload/3/none.png"})  # never annotated
+    runtime = build_runtime(settings_for(tmp_path, reconcile_s=600), models=tiny_models,
+                            client=LabelStudioClient(url=ls.url, api_key=LEGACY_KEY))  # fmt: skip
+    try:
+        runtime.projects.remember(str(PROJECT), BRUSH_CONFIG)
+        client = create_app(runtime).test_client()
+        assert client.post("/webhook", json=event(7500)).status_code == 201  # the only webhook that arrived
+        assert runtime.intake.drain()
+        assert runtime.reconciler.sweep() == {str(PROJECT): 2}  # the two whose webhook was lost
+        assert runtime.intake.drain()
+        assert runtime.store.count_accepted(str(PROJECT)) == 3
+        assert runtime.reconciler.sweep() == {str(PROJECT): 0}  # nothing new: nothing appended
+
+        newer = event(7501, updated=50)  # edited in Label Studio, webhook lost again
+        ls.state.tasks[7501]["annotations"] = [newer["annotation"]]
+        ls.state.tasks[7502]["annotations"] = []  # deleted in Label Studio
+        assert runtime.reconciler.sweep() == {str(PROJECT): 2}
+        assert runtime.intake.drain()
+        assert runtime.store.annotation_state(str(PROJECT), 7501, 7501)[1] > runtime.store.annotation_state(
+            str(PROJECT), 7500, 7500
+        )[1]
+        assert runtime.store.annotation_state(str(PROJECT), 7502, 7502)[0] == "deleted"
+        assert client.get("/metrics").json["intake"]["reconciliation"]["found"] == {str(PROJECT): 2}
+    finally:
+        runtime.close()
