@@ -4,8 +4,11 @@ Label Studio's *Retrieve Predictions* sends every selected task in one call and 
 the call outlives ``ML_TIMEOUT_PREDICT``. So tasks are predicted in cross-task batches sized to the
 time left of ``OSPREY_PREDICT_BUDGET_S`` (from the measured seconds per task), and the tasks that do not
 fit are handed to a ``deferral`` (a background pre-label job that writes them through Label Studio's
-API). Tasks that fail (image gone, bad data) or are deferred get no ``result``, so Label Studio stores
-nothing that would block them, while the answer keeps one entry per task.
+API). The check is made before each batch is started, against the slowest recent task, with batches
+that grow only as tasks are done, so the answer leaves within the budget unless one task alone takes
+longer than every task before it. Tasks that fail (image gone, bad data) or are deferred get no
+``result``, so Label Studio stores nothing that would block them, while the answer keeps one entry per
+task.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,6 +26,10 @@ from backend.labelstudio.schema import ProjectSchema
 from .tasks import TaskPredictor, TaskResult
 
 logger = logging.getLogger(__name__)
+
+RECENT_TASKS = 5  # batches whose time per task the estimate looks at
+SAFETY = 1.25  # a batch is started only when this much more than its estimate fits
+RESERVE_SHARE, RESERVE_MIN_S = 0.05, 0.2  # of the budget kept for building and sending the answer
 
 
 class Deferral(Protocol):
@@ -59,7 +67,7 @@ class BatchPredictor:
         self.count = count
         self.budget_s = budget_s
         self.max_batch_tasks = max_batch_tasks
-        self._task_seconds: float | None = None  # moving average of one task's prediction time
+        self._recent: deque[float] = deque(maxlen=RECENT_TASKS)  # seconds per task of the last batches
         self._lock = threading.Lock()
 
     def predict(
@@ -92,7 +100,7 @@ class BatchPredictor:
                 todo.append((index, task))
         predictor, position = self.tasks_for(project), 0
         while position < len(todo):
-            size = self._batch_size(self.budget_s - (time.monotonic() - started))
+            size = self._batch_size(self.budget_s - (time.monotonic() - started), done=position)
             if size == 0:
                 break
             batch = todo[position : position + size]
@@ -148,23 +156,24 @@ class BatchPredictor:
                 logger.warning("task %s got no prediction: %s", outcome.task_id, outcome.reason)
                 self.count("tasks failed", 1)
 
-    def _batch_size(self, remaining_s: float) -> int:
-        """How many tasks to start with ``remaining_s`` of the budget left: one while nothing is measured,
-        then as many as the measured time per task allows (at most ``max_batch_tasks``)."""
-        if remaining_s <= 0:
+    def _batch_size(self, remaining_s: float, *, done: int) -> int:
+        """How many tasks to start with ``remaining_s`` of the budget left, so that the answer goes out in
+        time: as many as the slowest recent task (plus a quarter) says fit before a reserve for writing
+        the answer, never more than were already done in this request (1, 1, 2, 4, ...: a bad estimate
+        costs one small batch) nor ``max_batch_tasks``; one while nothing is measured. 0: defer the rest."""
+        reserve = max(RESERVE_SHARE * self.budget_s, RESERVE_MIN_S)
+        if remaining_s <= reserve:
             return 0
         with self._lock:
-            per_task = self._task_seconds
-        if per_task is None:
+            slowest = max(self._recent) if self._recent else None
+        if slowest is None:
             return 1
-        return max(0, min(self.max_batch_tasks, int(remaining_s // max(per_task, 1e-3))))
+        fit = int((remaining_s - reserve) // max(slowest * SAFETY, 1e-3))
+        return max(0, min(self.max_batch_tasks, max(done, 1), fit))
 
     def _observe(self, seconds_per_task: float) -> None:
         with self._lock:
-            previous = self._task_seconds
-            self._task_seconds = (
-                seconds_per_task if previous is None else 0.7 * previous + 0.3 * seconds_per_task
-            )
+            self._recent.append(seconds_per_task)
 
 
 def no_result(version: str) -> dict:

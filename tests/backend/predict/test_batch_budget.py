@@ -123,3 +123,33 @@ def test_without_the_api_the_batch_is_finished_now_and_says_why(runtime, tasks, 
         answer = predict(svc, tasks[:3])["results"]
     assert all(r["result"] for r in answer)
     assert any("cannot be deferred" in m and "LABEL_STUDIO_API_KEY" in m for m in caplog.messages)
+
+
+def test_uneven_tasks_never_push_the_answer_past_the_budget(runtime, tasks, clock, monkeypatch):
+    """A first task that is quick, then slow ones: the answer still goes out within the budget."""
+    svc = runtime(budget_s=30.0)
+    more = [dict(t, id=t["id"] + 100) for t in tasks] * 4  # 20 tasks
+    for i, task in enumerate(more):
+        task["id"] = 500 + i
+    durations = iter([2.0] + [8.0] * 100)
+    batch = svc.predictor.batch
+
+    def uneven(project):
+        predictor = svc.tasks_for(project)  # the runtime's own, without the fixture's 10 s a task
+        predict = predictor.predict
+
+        def timed(batch_tasks, schema, head=None):
+            clock[0] += sum(next(durations) for _ in batch_tasks)
+            return predict(batch_tasks, schema, head=head)
+
+        predictor.predict = timed
+        return predictor
+
+    monkeypatch.setattr(batch, "tasks_for", uneven)
+    started = clock[0]
+    answer = predict(svc, more)["results"]
+    assert clock[0] - started <= 30.0
+    answered = sum("result" in r for r in answer)
+    assert 2 <= answered < len(more)  # what fits is answered, the rest deferred
+    [job] = [j for j in svc.queue.jobs("7") if j.kind.startswith("prelabel-")]
+    assert len(job.payload["task_ids"]) == len(more) - answered
