@@ -128,16 +128,18 @@ def test_a_task_that_fails_by_our_bug_says_internal_error_not_bad_input(
     runtime.close()
 
 
-def test_an_unwritable_model_dir_stops_the_server_before_any_model_loads(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("setting", ["MODEL_DIR", "OSPREY_CACHE_DIR"])
+def test_an_unwritable_folder_stops_the_server_before_any_model_loads(tmp_path, monkeypatch, capsys, setting):
     blocker = tmp_path / "not-a-folder"
-    blocker.write_text("a file where MODEL_DIR should be")
-    monkeypatch.setenv("MODEL_DIR", str(blocker / "models"))
+    blocker.write_text(f"a file where {setting} should be")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv(setting, str(blocker / "folder"))
     monkeypatch.setenv("OSPREY_MODEL", "osprey-7b")  # weights that are not here: loading would fail later
     loaded = []
     monkeypatch.setattr("backend.runtime.runtime.load_models", lambda *a, **k: loaded.append(1))
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
-    assert "MODEL_DIR" in err and str(blocker / "models") in err
+    assert setting in err and str(blocker / "folder") in err and "Traceback" not in err
     assert "weights are missing" not in err and not loaded
 
 
