@@ -11,6 +11,14 @@ the parent, so every token sees exactly what it would in the full single-questio
 Several images run together as the rows of an :class:`ImageBatch` (one batch row per image, padded
 to the longest): their regions share the same forward passes and decoding steps, and each row attends
 to its own image only, so every answer is the one that image alone would get.
+
+The host stays out of the device's way: a request copies the cached keys/values once into a
+preallocated :class:`~osprey.model.kv.KVBuffer` (from a pool, so the same memory serves request after
+request) and every forward writes its new tokens into it in place; what to pack where is decided from
+the host's own record of the segments (:mod:`osprey.inference.packing`), never read back. Closed-set
+candidates are scored with one gather and one ``logsumexp`` per chunk, their log-likelihoods summed on
+the device and read back once per :meth:`FastRunner.score` call; free text is decoded by
+:class:`~osprey.inference.decode.GreedyDecoder`, which reads the device once every few steps.
 """
 
 from __future__ import annotations
@@ -20,40 +28,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from osprey.model.llm import KVState, forward_on_state
+from osprey.model.kv import BufferPool, KVBuffer, KVState
+from osprey.model.llm import decoder_parts, embed_tokens, forward_on_buffer, forward_on_state, logits_of
 from osprey.model.modeling import OspreyModel
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID
+from osprey.runtime import transfer
 from osprey.runtime.steps import acquire, step_boundary
+from osprey.runtime.transfer import to_device
 
-from .plan import GenerateTask, Question, ScoreTask, candidate_log_likelihood
+from .decode import GreedyDecoder, Prefilled
+from .packing import ROOT, Packer, SegmentTree, interleaved, split_question
+from .plan import GenerateTask, Question, ScoreTask
 
-ROOT = 0
-
-
-class SegmentTree:
-    """Parent pointers of segments; ``visible()[a, b]`` is True when ``b`` is ``a`` or an ancestor."""
-
-    def __init__(self, parents: list[int] | None = None) -> None:
-        self.parents = list(parents) if parents is not None else [-1]
-
-    def add(self, parent: int) -> int:
-        self.parents.append(parent)
-        return len(self.parents) - 1
-
-    def copy(self) -> SegmentTree:
-        return SegmentTree(self.parents)
-
-    def visible(self, device: torch.device, size: int | None = None) -> torch.Tensor:
-        """``(size, size)`` bool (default: this tree's size; larger sizes pad with False)."""
-        n = len(self.parents)
-        vis = torch.zeros(size or n, size or n, dtype=torch.bool)
-        vis[:n, :n] = torch.eye(n, dtype=torch.bool)
-        for node in range(n):
-            parent = self.parents[node]
-            while parent >= 0:
-                vis[node, parent] = True
-                parent = self.parents[parent]
-        return vis.to(device)
+__all__ = [
+    "EncodedImage", "FastRunner", "ImageBatch", "ImageFeatures", "SegmentTree", "batch_images",
+    "encode_image", "encode_prefix", "split_question",
+]  # fmt: skip
 
 
 @dataclass
@@ -127,6 +117,8 @@ def batch_images(images: list[EncodedImage]) -> ImageBatch:
         raise ValueError("images encoded with different conversation prefixes cannot share a batch")
     if len(images) == 1:
         return ImageBatch.of(images[0])
+    for image in images:
+        _ensure_ends(image.tree, image.state, row=0)
     return ImageBatch(
         prefix_ids=images[0].prefix_ids,
         state=KVState.stack([image.state for image in images]),
@@ -136,13 +128,14 @@ def batch_images(images: list[EncodedImage]) -> ImageBatch:
     )
 
 
-def split_question(
-    question: Question, prefix_len: int, mask_token_id: int
-) -> tuple[tuple[int, ...], list[int]]:
-    """``question.ids`` after the prefix -> (text shared by all regions, the region's own part)."""
-    suffix = list(question.ids[prefix_len:])
-    first_mask = suffix.index(mask_token_id) if mask_token_id in suffix else len(suffix)
-    return tuple(suffix[:first_mask]), suffix[first_mask:]
+def _ensure_ends(tree: SegmentTree, state: KVState, *, row: int) -> None:
+    """Fill ``tree.ends`` from the state when the tree was made without them (once per tree: a read)."""
+    if ROOT in tree.ends:
+        return
+    (segments, positions) = transfer.read_back(state.segment[row], state.position[row])
+    for seg, pos in zip(segments, positions, strict=True):
+        if seg >= 0:
+            tree.ends[seg] = max(tree.ends.get(seg, 0), pos + 1)
 
 
 @torch.inference_mode()
@@ -167,17 +160,17 @@ def encode_prefix(
     if prefix_ids.count(IMAGE_PLACEHOLDER_ID) != 1 or prefix_ids[-1] != IMAGE_PLACEHOLDER_ID:
         raise ValueError("the conversation prefix must end with exactly one image placeholder")
     ids = prefix_ids[:-1] + [IMAGE_PLACEHOLDER_ID] * n_image
-    ids_t = torch.tensor([ids], device=model.device)
-    embeds = model.embed(ids_t, image_tokens=image_tokens)
-    tree = SegmentTree()
+    device = model.device
+    embeds = model.embed(to_device([ids], device), image_tokens=image_tokens, counts={"image": n_image})
+    tree = SegmentTree(ends={ROOT: len(ids)})
     n = len(ids)
     _, state = forward_on_state(
         model.llm,
-        KVState.empty(model.device),
+        KVState.empty(device),
         embeds=embeds,
-        segment=torch.zeros(1, n, dtype=torch.long, device=model.device),
-        position=torch.arange(n, device=model.device)[None],
-        visible=tree.visible(model.device)[None],
+        segment=torch.zeros(1, n, dtype=torch.long, device=device),
+        position=torch.arange(n, device=device)[None],
+        visible=tree.visible(device)[None],
         logits_at=None,
     )
     return EncodedImage(
@@ -190,75 +183,21 @@ def encode_prefix(
     )
 
 
-class _Packer:
-    """The new tokens of one forward, row by row: ids, segments, positions, and the region of each
-    ``<mask>`` in row-major order (which region tokens fill them)."""
-
-    def __init__(self, trees: list[SegmentTree], ends: list[dict[int, int]], device: torch.device) -> None:
-        self.trees = trees
-        self.ends = ends  # per row: segment -> position after its last token
-        self.device = device
-        self.ids: list[list[int]] = [[] for _ in trees]
-        self.segments: list[list[int]] = [[] for _ in trees]
-        self.positions: list[list[int]] = [[] for _ in trees]
-        self.regions: list[list[int]] = [[] for _ in trees]  # per row, region of each <mask>
-
-    def add(
-        self,
-        row: int,
-        parent: int,
-        ids: list[int],
-        region: int | None = None,
-        mask_token_id: int | None = None,
-    ) -> tuple[int, int]:
-        """Append a segment to ``row``; returns (segment id, index of its last token in the row)."""
-        seg = self.trees[row].add(parent)
-        start = self.ends[row][parent]
-        self.ids[row].extend(ids)
-        self.segments[row].extend([seg] * len(ids))
-        self.positions[row].extend(range(start, start + len(ids)))
-        self.ends[row][seg] = start + len(ids)
-        if region is not None:
-            self.regions[row].extend([region] * ids.count(mask_token_id))
-        return seg, len(self.ids[row]) - 1
-
-    def __len__(self) -> int:
-        return max(len(ids) for ids in self.ids)
-
-    def width(self) -> int:
-        """Tokens the padded forward holds (rows x longest row)."""
-        return len(self.ids) * len(self)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(B, N)`` ids (padding 0), segments (padding -1) and positions (padding 0)."""
-        n = len(self)
-
-        def t(rows: list[list[int]], pad: int) -> torch.Tensor:
-            return torch.tensor(
-                [r + [pad] * (n - len(r)) for r in rows], dtype=torch.long, device=self.device
-            )
-
-        return t(self.ids, 0), t(self.segments, -1), t(self.positions, 0)
-
-    def visible(self) -> torch.Tensor:
-        size = max(len(tree.parents) for tree in self.trees)
-        return torch.stack([tree.visible(self.device, size) for tree in self.trees])
-
-    def mask_regions(self) -> list[int]:
-        return [region for row in self.regions for region in row]
-
-
 @dataclass
 class _Snapshot:
     state: KVState
     trees: list[SegmentTree]
-    ends: list[dict[int, int]]
     parents: dict[tuple[int, str], int]  # (row, question key) -> its shared segment
 
 
 class FastRunner:
     """Runs score and generate tasks for many regions of one encoded image, or of an
-    :class:`ImageBatch` of several."""
+    :class:`ImageBatch` of several.
+
+    ``max_batch_tokens`` bounds one scoring forward (padded rows x tokens); ``max_decode_rows`` the
+    answers decoded together (None: all of a call), each group with its own keys/values; both follow
+    from a memory budget with :meth:`fit_to` (:mod:`osprey.inference.memory`). ``decoder`` runs the
+    greedy steps (its ``sync_every`` and ``compile``)."""
 
     def __init__(
         self,
@@ -271,8 +210,21 @@ class FastRunner:
         self.model = model
         self.eos_token_id = eos_token_id
         self.max_batch_tokens = max_batch_tokens
+        self.max_decode_rows: int | None = None
         # on the tokens each answer generated so far (a prompt given as embeddings has no ids to penalise)
         self.repetition_penalty = repetition_penalty
+        self.decoder = GreedyDecoder(eos_token_id=eos_token_id, repetition_penalty=repetition_penalty)
+        self.pool = BufferPool()
+
+    def fit_to(self, work_bytes: int, *, max_new_tokens: int) -> None:
+        """Size the scoring chunks and the decoding groups so one call's working memory (its keys/values
+        buffer, activations and logits) stays within ``work_bytes`` (see
+        :func:`osprey.inference.memory.fit_work`)."""
+        from .memory import fit_work
+
+        self.max_batch_tokens, self.max_decode_rows = fit_work(
+            self.model, work_bytes, max_new_tokens=max_new_tokens
+        )
 
     # ---- shared question text, run once per image and kept ----
     def _prepare(self, batch: ImageBatch, tasks: list) -> _Snapshot:
@@ -281,7 +233,9 @@ class FastRunner:
         model = self.model
         wanted = {(t.image, t.question.key): t.question for t in tasks}
         with acquire(batch.lock):  # another request of this image may hold it, stepped aside
-            packer = _Packer(batch.trees, self._segment_ends(batch.state), model.device)
+            for row, tree in enumerate(batch.trees):
+                _ensure_ends(tree, batch.state, row=row)
+            packer = Packer(batch.trees, model.device)  # the batch's own trees: new segments are kept
             for (row, _), q in wanted.items():
                 shared, _ = split_question(q, len(batch.prefix_ids), model.mask_token_id)
                 if shared not in batch.shared[row]:
@@ -292,7 +246,7 @@ class FastRunner:
                 _, state = forward_on_state(
                     model.llm,
                     batch.state,
-                    embeds=model.embed(ids),
+                    embeds=embed_tokens(model.llm)(ids),  # shared text: no placeholders
                     segment=seg,
                     position=pos,
                     visible=packer.visible(),
@@ -305,43 +259,37 @@ class FastRunner:
                 ]
                 for (row, key), q in wanted.items()
             }
-            return _Snapshot(
-                state=batch.state,
-                trees=[tree.copy() for tree in batch.trees],
-                ends=self._segment_ends(batch.state),
-                parents=parents,
-            )
-
-    @staticmethod
-    def _segment_ends(state: KVState) -> list[dict[int, int]]:
-        out = []
-        for segments, positions in zip(state.segment.tolist(), state.position.tolist(), strict=True):
-            ends: dict[int, int] = {}
-            for seg, pos in zip(segments, positions, strict=True):
-                if seg >= 0:
-                    ends[seg] = max(ends.get(seg, 0), pos + 1)
-            out.append(ends)
-        return out
+            return _Snapshot(state=batch.state, trees=[tree.copy() for tree in batch.trees], parents=parents)
 
     def _region_ids(self, batch: ImageBatch, q: Question) -> list[int]:
         return split_question(q, len(batch.prefix_ids), self.model.mask_token_id)[1]
 
     def _embed_packed(
         self,
-        packer: _Packer,
+        packer: Packer,
         ids: torch.Tensor,
         mask_tokens: torch.Tensor,
         spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        rows = torch.tensor(packer.mask_regions(), dtype=torch.long, device=ids.device)
+        rows = to_device(packer.mask_regions(), ids.device, torch.long)
         embed_regions = getattr(self.model, "embed_regions", None)
         if embed_regions is not None:  # a model whose region spans several placeholders (PixelRefer-Lite)
             return embed_regions(ids, rows, mask_tokens)
-        return self.model.embed(ids, mask_tokens=mask_tokens[rows], spatial_tokens=spatial_tokens[rows])
+        model = self.model
+        counts = {"<mask>": packer.count(model.mask_token_id), "<pos>": packer.count(model.pos_token_id)}
+        return model.embed(
+            ids, mask_tokens=mask_tokens[rows], spatial_tokens=spatial_tokens[rows], counts=counts
+        )
 
     @staticmethod
     def _batch(image: EncodedImage | ImageBatch) -> ImageBatch:
         return image if isinstance(image, ImageBatch) else ImageBatch.of(image)
+
+    def _buffer(self, state: KVState, new_tokens: int) -> KVBuffer:
+        parts = decoder_parts(self.model.llm)
+        return KVBuffer.from_state(
+            state, capacity=state.length + new_tokens, layout=parts.layout(), pool=self.pool
+        )
 
     # ---- closed-set scoring ----
     @torch.inference_mode()
@@ -352,33 +300,66 @@ class FastRunner:
         region_tokens: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         """Fill ``task.log_likelihoods`` for every candidate of every task. ``region_tokens`` are
-        ``(mask tokens (R, D), spatial tokens (R, D))``, indexed by ``task.region``."""
+        ``(mask tokens (R, D), spatial tokens (R, D))``, indexed by ``task.region``. Every chunk's
+        log-likelihoods stay on the device; they are read back once, at the end."""
         if not tasks:
             return
         step_boundary()
         batch = self._batch(image)
         snap = self._prepare(batch, tasks)
-        chunk: list[ScoreTask] = []
+        chunks, widths = self._chunks(batch, tasks)
+        candidates = sum(len(task.candidates) for task in tasks)
+        totals = torch.zeros(candidates, dtype=torch.float32, device=self.model.device)
+        buffer = self._buffer(snap.state, max(widths))
+        try:
+            first = 0
+            for i, chunk in enumerate(chunks):
+                if i:
+                    step_boundary()
+                first = self._score_chunk(batch, snap, buffer, chunk, region_tokens, totals, first)
+        finally:
+            self.pool.give(buffer)
+        (values,) = transfer.read_back(totals)
+        start = 0
+        for chunk in chunks:
+            for task in chunk:
+                task.log_likelihoods.extend(values[start : start + len(task.candidates)])
+                start += len(task.candidates)
+
+    def _chunks(self, batch: ImageBatch, tasks: list[ScoreTask]) -> tuple[list[list[ScoreTask]], list[int]]:
+        """Tasks grouped so that each chunk's padded width (rows x longest row) fits ``max_batch_tokens``;
+        and each chunk's longest row."""
+        chunks: list[list[ScoreTask]] = [[]]
+        widths = [0]
         sizes = [0] * len(batch.trees)
-        for task in _interleaved(tasks):
+        for task in interleaved(tasks):
             need = len(self._region_ids(batch, task.question)) + sum(len(c[1]) for c in task.candidates)
             grown = list(sizes)
             grown[task.image] += need
-            if chunk and max(grown) * sum(1 for s in grown if s) > self.max_batch_tokens:  # padded width
-                self._score_chunk(batch, snap, chunk, region_tokens)
-                step_boundary()
-                chunk, grown = [], [0] * len(sizes)
+            if chunks[-1] and max(grown) * sum(1 for s in grown if s) > self.max_batch_tokens:
+                chunks.append([])
+                widths.append(0)
+                grown = [0] * len(sizes)
                 grown[task.image] = need
-            chunk.append(task)
+            chunks[-1].append(task)
             sizes = grown
-        self._score_chunk(batch, snap, chunk, region_tokens)
+            widths[-1] = max(sizes)
+        return chunks, widths
 
-    def _score_chunk(self, batch: ImageBatch, snap: _Snapshot, tasks: list[ScoreTask], region_tokens) -> None:
+    def _score_chunk(
+        self, batch: ImageBatch, snap: _Snapshot, buffer: KVBuffer, tasks: list[ScoreTask], region_tokens,
+        totals: torch.Tensor, first: int,
+    ) -> int:  # fmt: skip
+        """One forward for ``tasks``; adds each candidate's log-likelihood (candidates numbered from
+        ``first`` in task order) into ``totals``; returns the next candidate number."""
         model = self.model
-        packer = _Packer([tree.copy() for tree in snap.trees], [dict(e) for e in snap.ends], model.device)
-        wanted: list[tuple[ScoreTask, list[int], list[int]]] = []  # task, logit rows per candidate, targets
+        device = model.device
+        packer = Packer([tree.copy() for tree in snap.trees], device)
         at_rows: list[int] = []
         at_index: list[int] = []
+        targets: list[int] = []
+        owner: list[int] = []  # candidate number of every scored token
+        number = first
         for task in tasks:
             region_seg, region_last = packer.add(
                 task.image,
@@ -389,27 +370,23 @@ class FastRunner:
             )
             for _, cand in task.candidates:
                 _, cand_last = packer.add(task.image, region_seg, cand)
-                first = cand_last - len(cand) + 1
-                positions = [region_last] + list(range(first, cand_last))
-                wanted.append((task, list(range(len(at_index), len(at_index) + len(positions))), cand))
+                start = cand_last - len(cand) + 1
+                positions = [region_last, *range(start, cand_last)]  # each predicts the next candidate token
                 at_rows.extend([task.image] * len(positions))
                 at_index.extend(positions)
+                targets.extend(cand)
+                owner.extend([number - first] * len(cand))
+                number += 1
         ids, seg, pos = packer.tensors()
-        logits, _ = forward_on_state(
-            model.llm,
-            snap.state,
-            embeds=self._embed_packed(packer, ids, *region_tokens),
-            segment=seg,
-            position=pos,
-            visible=packer.visible(),
-            logits_at=(
-                torch.tensor(at_rows, device=model.device),
-                torch.tensor(at_index, device=model.device),
-            ),
-        )
-        log_probs = logits.log_softmax(-1)
-        for task, rows, targets in wanted:
-            task.log_likelihoods.append(candidate_log_likelihood(log_probs[rows], targets))
+        hidden = forward_on_buffer(
+            decoder_parts(model.llm), buffer, embeds=self._embed_packed(packer, ids, *region_tokens),
+            segment=seg, position=pos, visible=packer.visible(), between_layers=step_boundary,
+        )  # fmt: skip
+        rows, index, target, owners = to_device([at_rows, at_index, targets, owner], device, torch.long)
+        logits = logits_of(decoder_parts(model.llm), hidden[rows, index])  # (M, V) float32
+        token_ll = logits.gather(1, target[:, None])[:, 0] - logits.logsumexp(-1)
+        totals[first:number].index_add_(0, owners, token_ll)
+        return number
 
     # ---- greedy generation ----
     @torch.inference_mode()
@@ -419,18 +396,26 @@ class FastRunner:
         tasks: list[GenerateTask],
         region_tokens: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
-        """Greedy decoding for every task at once; fills ``task.token_ids`` (ending with ``</s>``
-        unless the token limit came first)."""
+        """Greedy decoding for every task at once (in groups of ``max_decode_rows``); fills
+        ``task.token_ids`` (ending with ``</s>`` unless the token limit came first)."""
         if not tasks:
             return
         step_boundary()
-        model = self.model
         batch = self._batch(image)
         snap = self._prepare(batch, tasks)
-        packer = _Packer([tree.copy() for tree in snap.trees], [dict(e) for e in snap.ends], model.device)
-        seqs: list[tuple[GenerateTask, int]] = []
-        last = []
-        for task in tasks:
+        group = self.max_decode_rows or len(tasks)
+        for start in range(0, len(tasks), group):
+            if start:
+                step_boundary()
+            self._generate_group(batch, snap, tasks[start : start + group], region_tokens)
+
+    def _generate_group(self, batch: ImageBatch, snap: _Snapshot, tasks: list[GenerateTask], region_tokens):
+        model = self.model
+        parts = decoder_parts(model.llm)
+        packer = Packer([tree.copy() for tree in snap.trees], model.device)
+        columns: list[list[tuple[int, int, int, int]]] = [[] for _ in snap.trees]
+        last_rows, last_index = [], []
+        for answer, task in enumerate(tasks):
             seg, index = packer.add(
                 task.image,
                 snap.parents[(task.image, task.question.key)],
@@ -438,117 +423,28 @@ class FastRunner:
                 task.region,
                 model.mask_token_id,
             )
-            seqs.append((task, seg))
-            last.append(index)
-        ids, seg_t, pos_t = packer.tensors()
-        visible = packer.visible()
-        logits, state = forward_on_state(
-            model.llm,
-            snap.state,
-            embeds=self._embed_packed(packer, ids, *region_tokens),
-            segment=seg_t,
-            position=pos_t,
-            visible=visible,
-            logits_at=(
-                torch.tensor([t.image for t, _ in seqs], device=model.device),
-                torch.tensor(last, device=model.device),
-            ),
-        )
-        next_pos = [packer.ends[task.image][seg] for task, seg in seqs]
-        active = list(range(len(seqs)))
-        next_tokens, next_logprobs = self._pick(logits, [seqs[i][0] for i in active])
-        while active:
-            still = []
-            for i, token, logprob in zip(active, next_tokens, next_logprobs, strict=True):
-                task = seqs[i][0]
-                task.token_ids.append(token)
-                task.token_logprobs.append(logprob)
-                if token != self.eos_token_id and len(task.token_ids) < task.max_new_tokens:
-                    still.append(i)
-            active = still
-            if not active:
-                break
-            step_boundary()
-            state, logits = self._step(state, visible, [(seqs[i], next_pos[i]) for i in active])
-            for i in active:
-                next_pos[i] += 1
-            next_tokens, next_logprobs = self._pick(logits, [seqs[i][0] for i in active])
-
-    def _pick(self, logits: torch.Tensor, tasks: list[GenerateTask]) -> tuple[list[int], list[float]]:
-        """The next token of each task (a row of ``logits``) and its log-probability."""
-        if self.repetition_penalty == 1.0:
-            return _greedy(logits)
-        return _greedy_penalised(logits, [task.token_ids for task in tasks], self.repetition_penalty)
-
-    def _step(self, state: KVState, visible: torch.Tensor, active: list) -> tuple[KVState, torch.Tensor]:
-        """One decoding step: each active task's last token in its row (rows padded to the row with the
-        most active tasks); returns the new state and the logits in ``active``'s order."""
-        model = self.model
-        rows: list[list[tuple[int, int, int]]] = [
-            [] for _ in range(state.batch)
-        ]  # (token, segment, position)
-        where = []
-        for (task, seg), position in active:
-            where.append((task.image, len(rows[task.image])))
-            rows[task.image].append((task.token_ids[-1], seg, position))
-        n = max(len(r) for r in rows)
-
-        def column(k: int, pad: int) -> torch.Tensor:
-            return torch.tensor(
-                [[item[k] for item in r] + [pad] * (n - len(r)) for r in rows],
-                dtype=torch.long,
-                device=model.device,
+            columns[task.image].append((answer, seg, packer.trees[task.image].ends[seg], task.max_new_tokens))
+            last_rows.append(task.image)
+            last_index.append(index)
+        width = max(len(row) for row in columns)
+        longest = max(task.max_new_tokens for task in tasks)
+        buffer = self._buffer(snap.state, len(packer) + width * max(longest - 1, 0))
+        try:
+            ids, seg_t, pos_t = packer.tensors()
+            visible = packer.visible()
+            hidden = forward_on_buffer(
+                parts, buffer, embeds=self._embed_packed(packer, ids, *region_tokens), segment=seg_t,
+                position=pos_t, visible=visible, between_layers=step_boundary,
+            )  # fmt: skip
+            rows, index = to_device([last_rows, last_index], model.device, torch.long)
+            first_logits = logits_of(parts, hidden[rows, index])  # (answers, V)
+            buffer.length += len(packer)  # the region segments stay: every answer attends to its own
+            pre = Prefilled(
+                columns=columns, first_logits=first_logits, gen_base=buffer.length, visible=visible
             )
-
-        logits, state = forward_on_state(
-            model.llm,
-            state,
-            embeds=model.embed(column(0, 0)),
-            segment=column(1, -1),
-            position=column(2, 0),
-            visible=visible,
-            logits_at=(
-                torch.tensor([r for r, _ in where], device=model.device),
-                torch.tensor([i for _, i in where], device=model.device),
-            ),
-        )
-        return state, logits
-
-
-def _interleaved(tasks: list) -> list:
-    """Tasks taken from each image in turn, so every chunk fills the batch rows evenly (a row the
-    chunk does not use would be padding all the way)."""
-    seen: dict[int, int] = {}
-    rank = []
-    for task in tasks:
-        rank.append(seen.get(task.image, 0))
-        seen[task.image] = rank[-1] + 1
-    return [
-        task
-        for _, _, task in sorted(
-            zip(rank, range(len(tasks)), tasks, strict=True), key=lambda t: (t[0], t[2].image)
-        )
-    ]
-
-
-def _greedy_penalised(
-    logits: torch.Tensor, previous: list[list[int]], penalty: float
-) -> tuple[list[int], list[float]]:
-    """Greedy choice after transformers' repetition penalty on each row's ``previous`` tokens (a positive
-    logit divided by ``penalty``, a negative one multiplied); the log-probability is the model's own."""
-    scores = logits.clone()
-    for row, ids in enumerate(previous):
-        if ids:
-            index = torch.tensor(ids, device=logits.device)
-            picked = scores[row, index]
-            scores[row, index] = torch.where(picked < 0, picked * penalty, picked / penalty)
-    best = scores.argmax(-1)
-    log_probs = logits.log_softmax(-1).gather(1, best[:, None])[:, 0]
-    return best.tolist(), log_probs.tolist()
-
-
-def _greedy(logits: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Argmax token of each row of ``logits (N, V)`` and its log-probability."""
-    log_probs = logits.log_softmax(-1)
-    best = log_probs.max(-1)
-    return best.indices.tolist(), best.values.tolist()
+            out = self.decoder.decode(parts, buffer, pre)
+        finally:
+            self.pool.give(buffer)
+        for task, (tokens, logprobs) in zip(tasks, out, strict=True):
+            task.token_ids.extend(tokens)
+            task.token_logprobs.extend(logprobs)

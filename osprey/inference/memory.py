@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from osprey.model.kv import KVLayout
 from osprey.runtime.memory import tensor_bytes
 
 __all__ = ["EncodingBytes", "encoding_bytes", "label_activation_bytes", "prefix_kv_bytes"]
@@ -62,12 +63,8 @@ def encoding_bytes(osprey, image_hw: tuple[int, int] = (480, 640)) -> EncodingBy
 
 def prefix_kv_bytes(llm_config, tokens: int, dtype: torch.dtype) -> int:
     """Keys and values of ``tokens`` tokens in every decoder layer, plus their segment and position
-    (two int64 per token): a :class:`~osprey.model.llm.KVState` of one row."""
-    heads = llm_config.num_attention_heads
-    kv_heads = getattr(llm_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * llm_config.num_hidden_layers * kv_heads * tokens * head_dim * element + 2 * 8 * tokens
+    (two int64 per token): a :class:`~osprey.model.kv.KVState` of one row."""
+    return tokens * KVLayout.of(llm_config, dtype).token_bytes()
 
 
 def label_activation_bytes(llm_config, dtype: torch.dtype, *, chunk_tokens: int, context_tokens: int) -> int:

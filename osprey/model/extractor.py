@@ -18,12 +18,14 @@ def mask_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
     Args:
         features: ``(C, h, w)`` one image's feature map.
-        masks: ``(R, H, W)`` float masks at any resolution; they are resized to ``(h, w)``
+        masks: ``(R, H, W)`` float or bool masks at any resolution; they are resized to ``(h, w)``
             (bilinear), binarised (``> 0``) and averaged over: ``sum / (area + 1e-8)``.
 
     Returns:
         ``(R, C)`` pooled features; an empty mask pools to zeros.
     """
+    if not masks.is_floating_point():
+        masks = masks.to(features.dtype)
     if masks.shape[-2:] != features.shape[-2:]:
         masks = F.interpolate(masks[:, None], size=features.shape[-2:], mode="bilinear", align_corners=False)[
             :, 0

@@ -1,21 +1,29 @@
 """The one adapter module for Hugging Face transformers / tokenizers.
 
 Builds the Llama causal LM from :class:`~osprey.model.config.LLMConfig`, loads or builds the tokenizer,
-and runs the decoder on a prefix KV cache with explicit positions and a 4D attention mask.
-A change in the transformers cache or masking API touches this file only.
+and runs the decoder layers on preallocated keys/values (:mod:`osprey.model.kv`) with explicit positions
+and a tree-shaped attention mask. A change in transformers' decoder layers touches this file only.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import LLMConfig
+from .kv import KVBuffer, KVLayout, KVState
+
+__all__ = [
+    "DecoderParts", "KVState", "build_llm", "build_tiny_tokenizer", "decoder_parts", "embed_tokens",
+    "finish_tokenizer", "forward_on_buffer", "forward_on_state", "load_tokenizer", "logits_of",
+    "rope_angles", "run_layers", "tree_attention_mask",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -134,55 +142,151 @@ def build_tiny_tokenizer(vocab_size: int):
     return finish_tokenizer(tokenizer)
 
 
-# ---- running the decoder on a cached prefix -----------------------------------------------------------
+# ---- running the decoder on preallocated keys/values ----------------------------------------------------
+#
+# The decoder layers run here, not through the transformers model's forward: each layer's projections,
+# norms and MLP are the model's own modules (peft's LoRA layers included), composed as transformers'
+# Llama/Qwen2 layer composes them, but the new tokens' keys/values are written in place into a
+# KVBuffer and attention reads the buffer as it is. So a forward makes no cache object and concatenates
+# nothing, and one decoding step has fixed shapes and no host read: it can be compiled whole.
 
 
-@dataclass
-class KVState:
-    """Keys/values of tokens already run through the decoder, in ``B`` independent rows (one image
-    each), with every token's segment and position.
+@dataclass(frozen=True)
+class DecoderParts:
+    """What running the decoder needs, resolved once per language model (peft's wrapper looked through).
 
-    ``layers[i] = (keys, values)``, each ``(B, n_kv_heads, T, head_dim)``; ``segment`` and ``position``
-    are ``(B, T)`` long tensors. A segment of ``-1`` marks padding (a row shorter than the longest),
-    which no query ever sees. Tensors are never modified in place, so one state can be the base of many
-    later forwards.
-    """
+    ``rope``: ``(cos, sin)`` tables ``(max_positions, 1, head_dim)`` in the model's dtype, made by the
+    model's own rotary module (so they equal what it computes per position); ``sin`` has its first half
+    negated, so that ``x * cos + x.roll(half) * sin`` is transformers' ``apply_rotary_pos_emb``. None when
+    the rotary embedding is not a fixed table (dynamic scaling): then the module runs per forward."""
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    segment: torch.Tensor
-    position: torch.Tensor
-
-    @classmethod
-    def empty(cls, device: torch.device, batch: int = 1) -> KVState:
-        none = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return cls(layers=[], segment=none, position=none.clone())
+    causal_lm: nn.Module
+    decoder: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    grouped: bool  # grouped-query attention: fewer key/value heads than query heads
 
     @property
-    def batch(self) -> int:
-        return self.segment.shape[0]
+    def layers(self):
+        return self.decoder.layers
 
-    @classmethod
-    def stack(cls, states: list[KVState]) -> KVState:
-        """One state whose row ``b`` is ``states[b]`` (each a single row), shorter rows padded."""
-        length = max(s.segment.shape[1] for s in states)
+    def layout(self) -> KVLayout:
+        dtype = self.decoder.embed_tokens.weight.dtype
+        return KVLayout(len(self.decoder.layers), self.kv_heads, self.head_dim, dtype)
 
-        def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-            short = length - t.shape[-2 if t.dim() == 4 else -1]
-            if not short:
-                return t
-            if t.dim() == 4:  # (1, H, T, D): pad the token axis
-                return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], short, t.shape[3])], dim=2)
-            return torch.cat([t, t.new_full((t.shape[0], short), value)], dim=1)
 
-        layers = [
-            tuple(torch.cat([pad(s.layers[i][k], 0) for s in states]) for k in (0, 1))
-            for i in range(len(states[0].layers))
-        ]
-        return cls(
-            layers=layers,
-            segment=torch.cat([pad(s.segment, -1) for s in states]),
-            position=torch.cat([pad(s.position, 0) for s in states]),
-        )
+def decoder_parts(llm: nn.Module) -> DecoderParts:
+    """The :class:`DecoderParts` of ``llm`` (a transformers Llama or Qwen2 causal LM, or peft's wrapper
+    of one), cached on the model. ValueError for a decoder this module cannot run (sliding-window
+    attention)."""
+    causal_lm = llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # peft: LoRA stays in
+    device = causal_lm.lm_head.weight.device
+    cached = causal_lm.__dict__.get("_osprey_decoder_parts")
+    if cached is not None and cached[0] == (device, causal_lm.lm_head.weight.dtype):
+        return cached[1]
+    decoder = causal_lm.model
+    attn = decoder.layers[0].self_attn
+    if any(getattr(layer.self_attn, "sliding_window", None) for layer in decoder.layers):
+        raise ValueError("decoders with sliding-window attention are not supported by the fast path")
+    config = causal_lm.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    parts = DecoderParts(
+        causal_lm=causal_lm, decoder=decoder, heads=heads, kv_heads=kv_heads, head_dim=attn.head_dim,
+        scaling=attn.scaling, rope=_rope_table(decoder, config, device), grouped=kv_heads != heads,
+    )  # fmt: skip
+    causal_lm.__dict__["_osprey_decoder_parts"] = ((device, causal_lm.lm_head.weight.dtype), parts)
+    return parts
+
+
+def _rope_table(decoder: nn.Module, config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    rotary = decoder.rotary_emb
+    if getattr(rotary, "rope_type", "default") in ("dynamic", "longrope") or device.type == "meta":
+        return None
+    positions = torch.arange(config.max_position_embeddings, device=device)[None]
+    dtype = decoder.embed_tokens.weight.dtype
+    with torch.no_grad():
+        cos, sin = rotary(torch.empty(0, device=device, dtype=dtype), positions)  # (1, P, D)
+    half = cos.shape[-1] // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos[0, :, None].contiguous(), sin[0, :, None].contiguous()
+
+
+def rope_angles(parts: DecoderParts, positions: torch.Tensor, dtype: torch.dtype):
+    """``(cos, sin)`` ``(B, N, 1, head_dim)`` for ``positions`` ``(B, N)`` (see :class:`DecoderParts`)."""
+    if parts.rope is not None:
+        return parts.rope[0][positions], parts.rope[1][positions]
+    dummy = torch.empty(0, device=positions.device, dtype=dtype)
+    cos, sin = parts.decoder.rotary_emb(dummy, positions)
+    half = cos.shape[-1] // 2
+    return cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+
+
+def _rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # In float32 torch's fused op gives transformers' result bit for bit (a test checks it) in one kernel;
+    # in other dtypes transformers rounds twice, so its module runs.
+    if x.dtype == torch.float32:
+        return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+def run_layers(
+    parts: DecoderParts,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    hidden: torch.Tensor,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    read: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    between_layers: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Every decoder layer on ``hidden`` ``(B, N, D)``.
+
+    ``keys[i]``/``values[i]`` are layer ``i``'s ``(B, capacity, kv_heads, head_dim)`` tensors of a
+    :class:`~osprey.model.kv.KVBuffer`: the new tokens' keys/values are written into columns ``slots``
+    ``(N,)``, in place, and attention reads the first ``K`` columns under the additive ``mask``
+    ``(B, 1, N, K)``, through ``read`` (the buffer's :meth:`~osprey.model.kv.KVBuffer.window` views, made
+    once) or, when None, through views made here (what a compiled step does: its inputs then never
+    alias). Returns the last layer's output (before the final norm). ``between_layers`` runs between two
+    layers (a scheduler's hand-over point; never inside a compiled step)."""
+    batch, n, _ = hidden.shape
+    cos, sin = rope
+    half = parts.head_dim // 2
+    columns = mask.shape[-1]
+    for i, layer in enumerate(parts.layers):
+        if between_layers is not None and i:
+            between_layers()
+        attn = layer.self_attn
+        x = _rms(layer.input_layernorm, hidden)
+        q = attn.q_proj(x).view(batch, n, parts.heads, parts.head_dim)
+        k = attn.k_proj(x).view(batch, n, parts.kv_heads, parts.head_dim)
+        v = attn.v_proj(x).view(batch, n, parts.kv_heads, parts.head_dim)
+        q = q * cos + q.roll(half, -1) * sin
+        k = k * cos + k.roll(half, -1) * sin
+        keys[i].index_copy_(1, slots, k)  # in place: nothing concatenated
+        values[i].index_copy_(1, slots, v)
+        if read is None:
+            key, value = keys[i][:, :columns].transpose(1, 2), values[i][:, :columns].transpose(1, 2)
+        else:
+            key, value = read[0][i], read[1][i]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), key, value, attn_mask=mask, scale=parts.scaling,
+            enable_gqa=parts.grouped,
+        )  # fmt: skip
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        hidden = hidden + layer.mlp(_rms(layer.post_attention_layernorm, hidden))
+    return hidden
+
+
+def logits_of(parts: DecoderParts, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (float32) of last-layer outputs ``(..., D)``: final norm, then the LM head."""
+    logits = parts.causal_lm.lm_head(_rms(parts.decoder.norm, hidden))
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 def tree_attention_mask(
@@ -198,7 +302,7 @@ def tree_attention_mask(
     key of its row when the key's segment is the query's own or one of its ancestors
     (``visible[b, q_seg, k_seg]``, ``(B, S, S)``) and, within its own segment, only keys at earlier or
     equal positions. Padding keys (segment -1) are never seen; a padding query sees its row's first key
-    only (its output is discarded, and a row of nothing but -inf would give NaN)."""
+    only (its output is discarded, and a row of nothing but -inf would give NaN). No host read."""
     rows = torch.arange(query_segment.shape[0], device=query_segment.device)[:, None, None]
     q_seg, k_seg = query_segment.clamp(min=0), key_segment.clamp(min=0)
     same = q_seg[:, :, None] == k_seg[:, None, :]
@@ -206,13 +310,55 @@ def tree_attention_mask(
         ~same | (key_position[:, None, :] <= query_position[:, :, None])
     )
     allowed &= (key_segment >= 0)[:, None, :]
-    padding = query_segment < 0
-    if padding.any():
-        allowed[padding] = False
-        allowed[..., 0] |= padding
+    first = torch.zeros(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+    first[0] = True
+    allowed = torch.where((query_segment < 0)[:, :, None], first, allowed)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def forward_on_buffer(
+    parts: DecoderParts,
+    buffer: KVBuffer,
+    *,
+    embeds: torch.Tensor,
+    segment: torch.Tensor,
+    position: torch.Tensor,
+    visible: torch.Tensor,
+    between_layers: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Run ``embeds`` ``(B, N, D)`` after the ``buffer.length`` kept columns, writing them to columns
+    ``length .. length + N`` (``buffer.length`` is left as it was: the caller advances it to keep them).
+
+    Args:
+        segment, position: ``(B, N)`` segment id (-1: padding) and absolute position of every new token.
+        visible: ``(B, S, S)`` bool, ``visible[b, a, c]`` when segment ``a`` of row ``b`` may attend to
+            segment ``c``.
+
+    Returns:
+        the last layer's outputs ``(B, N, D)`` (:func:`logits_of` turns rows of it into logits).
+    """
+    start, n = buffer.length, embeds.shape[1]
+    end = start + n
+    if end > buffer.capacity:
+        raise ValueError(f"{n} new tokens after {start} do not fit a buffer of {buffer.capacity} columns")
+    buffer.segment[:, start:end] = segment
+    buffer.position[:, start:end] = position
+    mask = tree_attention_mask(
+        query_segment=segment,
+        query_position=position,
+        key_segment=buffer.segment[:, :end],
+        key_position=buffer.position[:, :end],
+        visible=visible,
+        dtype=embeds.dtype,
+    )
+    slots = torch.arange(start, end, device=embeds.device)
+    rope = rope_angles(parts, position, embeds.dtype)
+    return run_layers(
+        parts, buffer.keys, buffer.values, embeds, rope=rope, slots=slots, mask=mask,
+        read=buffer.window(end), between_layers=between_layers,
+    )  # fmt: skip
 
 
 def forward_on_state(
@@ -225,63 +371,20 @@ def forward_on_state(
     visible: torch.Tensor,
     logits_at: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor | None, KVState]:
-    """Run ``embeds`` ``(B, N, D)`` after the tokens of ``state`` (``B`` rows).
-
-    Args:
-        segment, position: ``(B, N)`` segment id (-1: padding) and absolute position of every new token.
-        visible: ``(B, S, S)`` bool, ``visible[b, a, c]`` when segment ``a`` of row ``b`` may attend to
-            segment ``c``.
-        logits_at: ``(rows, indices)`` of the new tokens whose next-token logits are wanted, or None.
-
-    Returns:
-        ``(logits (len(rows), V) in float32 or None, new state including the new tokens)``.
-    """
-    from transformers import DynamicCache
-
-    key_segment = torch.cat([state.segment, segment], dim=1)
-    key_position = torch.cat([state.position, position], dim=1)
-    mask = tree_attention_mask(
-        query_segment=segment,
-        query_position=position,
-        key_segment=key_segment,
-        key_position=key_position,
-        visible=visible,
-        dtype=embeds.dtype,
+    """Run ``embeds`` ``(B, N, D)`` after the tokens of ``state`` (``B`` rows) and keep them: a new state
+    (one buffer of exactly the needed size, ``state`` copied in once) and, at ``logits_at`` = ``(rows,
+    indices)`` of the new tokens, their next-token logits ``(len(rows), V)`` in float32 (or None)."""
+    parts = decoder_parts(llm)
+    buffer = KVBuffer.from_state(state, capacity=state.length + embeds.shape[1], layout=parts.layout())
+    hidden = forward_on_buffer(
+        parts, buffer, embeds=embeds, segment=segment, position=position, visible=visible
     )
-    cache = DynamicCache(ddp_cache_data=state.layers) if state.layers else DynamicCache()
-    causal_lm = (
-        llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    )  # peft: LoRA stays in the layers
-    decoder = causal_lm.model
-    out = decoder(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position,
-        use_cache=True,
-        **{_cache_argument(decoder): cache},
-    )
-    returned = out.cache if _cache_argument(decoder) == "cache" else out.past_key_values
-    new_layers = [(layer.keys, layer.values) for layer in returned.layers]
+    buffer.length = buffer.capacity
     logits = None
     if logits_at is not None:
         rows, indices = logits_at
-        logits = causal_lm.lm_head(out.last_hidden_state[rows, indices]).float()
-    return logits, KVState(layers=new_layers, segment=key_segment, position=key_position)
-
-
-def _cache_argument(llm: nn.Module) -> str:
-    """The decoder's name for its KV cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``
-    (earlier 5.x, where ``cache`` does not exist yet). Asked once per model class."""
-    cls = type(llm)
-    name = _CACHE_ARGUMENT.get(cls)
-    if name is None:
-        parameters = inspect.signature(cls.forward).parameters
-        name = "cache" if "cache" in parameters else "past_key_values"
-        _CACHE_ARGUMENT[cls] = name
-    return name
-
-
-_CACHE_ARGUMENT: dict[type, str] = {}
+        logits = logits_of(parts, hidden[rows, indices])
+    return logits, buffer.state()
 
 
 def embed_tokens(llm: nn.Module) -> nn.Embedding:

@@ -62,8 +62,16 @@ class OspreyModel(nn.Module):
     def region_tokens(
         self, features: dict[str, torch.Tensor], masks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``masks (R, H, W)`` -> (mask tokens ``(R, D)``, spatial tokens ``(R, D)``)."""
-        return self.mask_extractor(features, masks.to(self.device))
+        """``masks (R, H, W)`` (bool or float, any device) -> (mask tokens ``(R, D)``, spatial tokens ``(R, D)``).
+
+        Host masks reach a CUDA device through pinned memory without making the host wait; masks already
+        on the device (SAM's) are used where they are."""
+        device = self.device
+        if masks.device != device:
+            if device.type == "cuda" and masks.device.type == "cpu":
+                masks = masks.pin_memory()
+            masks = masks.to(device, non_blocking=True)
+        return self.mask_extractor(features, masks)
 
     def embed(
         self,
@@ -72,12 +80,16 @@ class OspreyModel(nn.Module):
         image_tokens: torch.Tensor | None = None,
         mask_tokens: torch.Tensor | None = None,
         spatial_tokens: torch.Tensor | None = None,
+        counts: dict[str, int] | None = None,
     ) -> torch.Tensor:
         """Embeddings for ``ids`` (any shape ``(..., T)``) with the placeholders filled.
 
         Image placeholders take ``image_tokens`` rows in order, each ``<mask>`` takes the next
         ``mask_tokens`` row and each ``<pos>`` the next ``spatial_tokens`` row. The placeholder ids
         are never looked up in the embedding table (``<mask>``/``<pos>`` may lie beyond it).
+        ``counts`` (``{"image": n, "<mask>": n, "<pos>": n}``, a name left out meaning 0) are the
+        placeholder counts when the caller knows them from the host's copy of ``ids``: the check
+        against the feature rows then needs no read from the device.
         """
         table = embed_tokens(self.llm)
         placeholders = {
@@ -90,7 +102,7 @@ class OspreyModel(nn.Module):
             special |= where
         embeds = table(ids.masked_fill(special, 0))
         for name, (where, features) in placeholders.items():
-            count = int(where.sum())
+            count = counts.get(name, 0) if counts is not None else int(where.sum())
             given = 0 if features is None else features.shape[0]
             if count != given:
                 raise ValueError(

@@ -49,28 +49,38 @@ def preprocess_image(image: np.ndarray, *, image_size: int) -> torch.Tensor:
     return F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
 
 
-def stack_masks(masks: Sequence[np.ndarray] | np.ndarray, *, image_hw: tuple[int, int]) -> torch.Tensor:
-    """Validate region masks and stack them as ``(R, H, W)`` float32 (1 inside, 0 outside).
+def stack_masks(
+    masks: Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor, *, image_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Validate region masks and stack them as ``(R, H, W)`` bool (True inside).
 
-    Each mask must be ``(H, W)`` at the image's resolution and non-empty.
+    Each mask must be ``(H, W)`` at the image's resolution and non-empty. Numpy masks give a host tensor
+    (one byte a pixel: a quarter of float32 on its way to the device); torch masks stay on their device
+    (SAM's masks are not copied to the host and back), checked for emptiness in one read.
     """
-    if isinstance(masks, np.ndarray) and masks.ndim == 2:
+    if isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 2:
         masks = [masks]
     masks = list(masks)
     if not masks:
         raise ValueError("no region masks given: pass at least one (H, W) mask")
     out = []
     for i, mask in enumerate(masks):
-        mask = np.asarray(mask)
+        if not isinstance(mask, torch.Tensor):
+            mask = np.asarray(mask)
         if mask.ndim != 2:
-            raise ValueError(f"mask {i} must be 2-D (H, W), got shape {mask.shape}")
+            raise ValueError(f"mask {i} must be 2-D (H, W), got shape {tuple(mask.shape)}")
         if tuple(mask.shape) != tuple(image_hw):
             raise ValueError(
                 f"mask {i} is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
                 f"{image_hw[1]}x{image_hw[0]}; masks must be at the image's resolution"
             )
-        binary = mask > 0
-        if not binary.any():
-            raise ValueError(f"mask {i} is empty: it selects no pixel; draw a region or drop the mask")
-        out.append(torch.from_numpy(binary))
-    return torch.stack(out).float()
+        out.append(mask > 0 if isinstance(mask, torch.Tensor) else torch.from_numpy(mask > 0))
+    devices = {m.device for m in out}
+    if len(devices) > 1:
+        out = [m.cpu() for m in out]
+    stacked = torch.stack(out)
+    filled = stacked.flatten(1).any(1).tolist()  # one read for all the masks
+    if not all(filled):
+        i = filled.index(False)
+        raise ValueError(f"mask {i} is empty: it selects no pixel; draw a region or drop the mask")
+    return stacked

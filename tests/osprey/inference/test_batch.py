@@ -49,13 +49,16 @@ def test_a_batch_gives_every_image_its_own_answers_in_fewer_forwards(tiny_osprey
     from osprey.inference import fast
 
     forwards = []
-    original = fast.forward_on_state
 
-    def counting(*args, **kwargs):
-        forwards.append(kwargs["embeds"].shape[0])
-        return original(*args, **kwargs)
+    def counting(original):
+        def forward(*args, **kwargs):
+            forwards.append(kwargs["embeds"].shape[0])
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(fast, "forward_on_state", counting)
+        return forward
+
+    for name in ("forward_on_state", "forward_on_buffer"):  # kept text, scoring and prefill forwards
+        monkeypatch.setattr(fast, name, counting(getattr(fast, name)))
     encoded = tiny_osprey.encode_images([image for image, _ in three_images])
     forwards.clear()
     batched = tiny_osprey.label_many(three_images, REQUEST, encoded=encoded)
