@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         for key, value in (
             ("host", args.host),
             ("port", args.port),
-            ("osprey_model", args.model),
+            ("region_model", args.model),
             ("sam_model", args.sam_model),
             ("threads", args.threads),
         )
@@ -56,7 +56,7 @@ def _precompute(args: argparse.Namespace) -> int:
 
     overrides = {"cache_dir": args.cache_dir} if args.cache_dir else {}
     if args.model:
-        overrides["osprey_model"] = args.model
+        overrides["region_model"] = args.model
     if args.sam_model:
         overrides["sam_model"] = args.sam_model
     settings = Settings.from_env(**overrides, training=False)
@@ -83,26 +83,40 @@ def _models(args: argparse.Namespace) -> int:
 
     registry = ModelRegistry(root=args.model_dir or Settings.from_env().model_dir)
     if args.action == "list":
-        current = registry.current(args.project)
+        served = registry.served(args.project)  # "*": served; "!": promoted, but damaged
         versions = registry.versions(args.project)
         if not versions:
             print(f"project {args.project}: no trained versions; predictions use the base model")
         for info in versions:
-            mark = "*" if current and current.version == info.version else " "
+            mark = "*" if served.version == info.version else "!" if served.promoted == info.version else " "
             metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(info.metrics.items())) or "no metrics"
             print(
                 f"{mark} {info.version}  {info.kind:<9} {info.train_examples:>6} examples  {metrics}  {info.notes}"
             )
-        print(f"current: {current.model_version() if current else 'base model'}")
+        if served.problem:
+            print(f"damaged: the promoted version {served.promoted or '(unreadable)'}: {served.problem}")
+        print(f"current: {_serving(served, 'base model')}")
     elif args.action == "promote":
         if not args.version:
             raise InputError("models promote needs a version, e.g. `osprey-label models promote 7 v0003`")
-        info = registry.promote(args.project, args.version, reason="osprey-label models promote")
-        print(f"project {args.project}: now serving {info.model_version()}")
+        registry.promote(args.project, args.version, reason="osprey-label models promote")
+        print(f"project {args.project}: now serving {_serving(registry.served(args.project))}")
     else:
-        info = registry.rollback(args.project)
-        print(f"project {args.project}: now serving {info.model_version() if info else 'the base model'}")
+        registry.rollback(args.project)
+        print(f"project {args.project}: now serving {_serving(registry.served(args.project))}")
     return 0
+
+
+def _serving(served, base: str = "the base model") -> str:
+    """The ``model_version`` a project serves, saying so when it falls back from a damaged version."""
+    text = served.info.model_version() if served.info is not None else base
+    if served.problem:
+        text += (
+            f" (falling back: CURRENT still names {served.promoted or 'an unreadable version'}; "
+            f"`osprey-label models rollback {served.project}` or `osprey-label models promote "
+            f"{served.project} VERSION` chooses what to serve)"
+        )
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="bind address (HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (PORT, default 9090)")
-    serve.add_argument("--model", help="Osprey preset or checkpoint dir (OSPREY_MODEL, default osprey-7b)")
+    serve.add_argument(
+        "--model",
+        help="region model: osprey-7b (default), pixelrefer-lite-2b, ... or a checkpoint dir (REGION_MODEL)",
+    )
     serve.add_argument("--sam-model", help="vit_h, vit_l, vit_b or tiny (SAM_MODEL, default vit_h)")
     serve.add_argument("--threads", type=int, help="request threads (THREADS, default 8)")
     serve.set_defaults(func=_serve)
@@ -154,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pre.add_argument("--image-key", default="image", help="task data key of the image (default: image)")
     pre.add_argument("--cache-dir", help="cache folder (OSPREY_CACHE_DIR)")
-    pre.add_argument("--model", help="Osprey model (OSPREY_MODEL)")
+    pre.add_argument("--model", help="region model (REGION_MODEL)")
     pre.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
     pre.add_argument("--only", choices=("sam", "osprey"), help="encode with one model only")
     pre.set_defaults(func=_precompute)

@@ -114,8 +114,8 @@ class LoraJob:
                 "skipped_examples": skipped.as_dict(),
             }
 
-        current = self.registry.current(project_id)
-        current_dir = self.registry.path(project_id, current.version) if current else None
+        served = self.registry.served(project_id)  # a new version's parent is what is served
+        current, current_dir = served.info, served.folder
         copy = Osprey.from_pretrained(
             self.osprey_model, device=self.served.device, dtype=self.served.model.dtype
         )

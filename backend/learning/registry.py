@@ -10,16 +10,24 @@ A writer holds an exclusive ``flock`` on its temporary folder until the folder i
 writer killed outright (kill -9, power loss) leaves is recognisable: a ``.tmp-*`` folder nobody holds.
 The registry removes those, and the temporary files of an interrupted ``CURRENT`` replacement, when it
 starts (``remove_unfinished``), logging each; versions, ``CURRENT`` and the history are never touched.
+
+What a project *serves* is :meth:`ModelRegistry.served`: the promoted version when it is whole (its
+folder, a readable ``meta.json`` and the parts its kind names: ``head/``, ``lora/`` or both), else the
+last whole version below it in the promotion history, else the base model, with the damage found. A
+damaged promoted version is logged once (per project and damage) and never rewritten: ``CURRENT``
+stays as it is until someone promotes or rolls back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +38,8 @@ from pathlib import Path
 from backend.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+KIND_PARTS = {"head": ("head",), "lora": ("lora",), "head+lora": ("head", "lora")}  # folders of each kind
 
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 _PROJECT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -56,6 +66,37 @@ class VersionInfo:
     def model_version(self) -> str:
         """What Label Studio sees: the base models plus this project's version."""
         return f"{self.base_model_version}+p{self.project}-{self.version}"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a project serves (:meth:`ModelRegistry.served`): ``info`` and ``folder`` of the version served
+    (None for the base model), the version ``CURRENT`` names (``promoted``, None for the base model) and,
+    when the two differ because the promoted one is damaged, the damage found (``problem``)."""
+
+    project: str
+    info: VersionInfo | None = None
+    folder: Path | None = None
+    promoted: str | None = None
+    problem: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.info.version if self.info is not None else None
+
+    def part(self, name: str) -> Path | None:
+        """The served version's ``head`` or ``lora`` folder, or None when it has none."""
+        if self.info is None or name not in KIND_PARTS.get(self.info.kind, ()):
+            return None
+        return self.folder / name
+
+    def to_dict(self) -> dict:
+        """``/metrics``: ``{"serving": "v0001", "promoted": "v0002", "problem": "..."}``."""
+        return {
+            "serving": self.version or "base model",
+            "promoted": self.promoted or ("base model" if self.problem is None else "unreadable"),
+            "problem": self.problem,
+        }
 
 
 class RegistryError(InputError):
@@ -89,6 +130,11 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def _read_meta(path: Path) -> VersionInfo:
+    """A version's ``meta.json``; OSError, ValueError (not JSON) or TypeError (not its fields) when not."""
+    return VersionInfo(**json.loads(path.read_text()))
+
+
 def _try_lock_dir(path: Path) -> int | None:
     """An fd holding an exclusive flock on the folder ``path``, or None when another process (or
     another fd of this one) holds it."""
@@ -110,6 +156,8 @@ class ModelRegistry:
     def __init__(self, *, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._reported: dict[str, str] = {}  # project -> the damage last logged (logged once each)
+        self._reported_lock = threading.Lock()
         self.remove_unfinished()
 
     def project_dir(self, project: str, *, create: bool = False) -> Path:
@@ -134,14 +182,16 @@ class ModelRegistry:
 
     # ---- reading ----
     def versions(self, project: str) -> list[VersionInfo]:
-        """Complete versions, oldest first (temporary folders of unfinished writes are not listed)."""
+        """Complete versions, oldest first (temporary folders of unfinished writes, and versions whose
+        ``meta.json`` cannot be read, are not listed)."""
         directory = self.project_dir(project)
         if not directory.is_dir():
             return []
         out = []
         for path in sorted(directory.iterdir()):
             if path.is_dir() and _VERSION_RE.match(path.name) and (path / "meta.json").is_file():
-                out.append(VersionInfo(**json.loads((path / "meta.json").read_text())))
+                with contextlib.suppress(OSError, ValueError, TypeError):
+                    out.append(_read_meta(path / "meta.json"))
         return out
 
     def info(self, project: str, version: str) -> VersionInfo:
@@ -149,13 +199,114 @@ class ModelRegistry:
         if not _VERSION_RE.match(version) or not path.is_file():
             known = ", ".join(v.version for v in self.versions(project)) or "none"
             raise RegistryError(f"project {project} has no version {version!r} (versions: {known})")
-        return VersionInfo(**json.loads(path.read_text()))
+        try:
+            return _read_meta(path)
+        except (OSError, ValueError, TypeError) as error:
+            raise RegistryError(f"project {project}: {version}'s meta.json cannot be read: {error}") from None
+
+    def check(self, project: str, version: str) -> tuple[VersionInfo | None, str | None]:
+        """``(info, None)`` when ``version`` is whole (its folder, a readable ``meta.json`` describing it,
+        and the folders its kind names), else ``(None, what is wrong)``."""
+        if not _VERSION_RE.match(version):
+            return None, f"{version!r} is not a version name"
+        folder = self.project_dir(project) / version
+        if not folder.is_dir():
+            return None, f"{version}: its folder is missing"
+        try:
+            info = _read_meta(folder / "meta.json")
+        except FileNotFoundError:
+            return None, f"{version}: meta.json is missing"
+        except (OSError, ValueError, TypeError) as error:
+            return None, f"{version}: meta.json cannot be read ({error})"
+        if info.version != version:
+            return None, f"{version}: its meta.json describes {info.version!r}"
+        if info.kind not in KIND_PARTS:
+            return None, f"{version}: unknown kind {info.kind!r} (expected one of {', '.join(KIND_PARTS)})"
+        missing = [f"{part}/" for part in KIND_PARTS[info.kind] if not (folder / part).is_dir()]
+        if missing:
+            return None, f"{version}: a {info.kind} version without its {' and '.join(missing)} folder"
+        return info, None
+
+    def served(self, project: str) -> Served:
+        """What ``project`` serves: the promoted version when it is whole, else the last whole version
+        promoted before it (walking the promotion history back), else the base model; ``problem`` says
+        what was found damaged. ``CURRENT`` is never changed here. A new damage is logged once."""
+        directory = self.project_dir(project)
+        try:
+            promoted = (directory / "CURRENT").read_text().strip() or None
+        except FileNotFoundError:
+            promoted = None
+        except (OSError, UnicodeDecodeError) as error:
+            return self._report(self._fall_back(project, None, f"CURRENT cannot be read ({error})"))
+        if promoted is None:
+            return self._report(Served(project=str(project)))
+        info, problem = self.check(project, promoted)
+        if problem is None:
+            return self._report(Served(str(project), info, directory / promoted, promoted))
+        return self._report(self._fall_back(project, promoted, problem))
+
+    def _fall_back(self, project: str, promoted: str | None, problem: str) -> Served:
+        """The last whole version promoted before ``promoted`` (history order), else the base model."""
+        problems = [problem]
+        try:
+            stack = [version for version in self.promotion_stack(project) if isinstance(version, str)]
+        except (OSError, ValueError, AttributeError) as error:  # AttributeError: a line that is no object
+            stack = []
+            problems.append(f"history.jsonl cannot be read ({error})")
+        if promoted in stack:  # only what was promoted before it (a newer promotion was rolled back)
+            stack = stack[: len(stack) - 1 - stack[::-1].index(promoted)]
+        tried = {promoted}
+        for version in reversed(stack):
+            if version in tried:
+                continue
+            tried.add(version)
+            info, damage = self.check(project, version)
+            if damage is None:
+                folder = self.project_dir(project) / version
+                return Served(str(project), info, folder, promoted, "; ".join(problems))
+            problems.append(damage)
+        return Served(str(project), promoted=promoted, problem="; ".join(problems))
+
+    def _report(self, served: Served) -> Served:
+        """Log a project's damage once (and once more when it changes or is repaired)."""
+        with self._reported_lock:
+            before = self._reported.get(served.project)
+            if before == served.problem:
+                return served
+            if served.problem is None:
+                del self._reported[served.project]
+            else:
+                self._reported[served.project] = served.problem
+        if served.problem is None:
+            logger.info("project %s: the promoted version is served again (%s)", served.project, before)
+        else:
+            logger.warning(
+                "project %s: the promoted version %s cannot be served (%s); serving %s instead. CURRENT is "
+                "left as it is: `osprey-label models rollback %s` or `osprey-label models promote %s VERSION` "
+                "chooses what to serve",
+                served.project, served.promoted or "(unreadable)", served.problem,
+                served.version or "the base model", served.project, served.project,
+            )  # fmt: skip
+        return served
+
+    def damaged(self) -> dict[str, dict]:
+        """For each project whose promoted version cannot be served: what it serves instead and why
+        (``Served.to_dict``), for ``/metrics``."""
+        out = {}
+        for folder in sorted(self.root.iterdir(), key=lambda p: (len(p.name), p.name)):
+            if _PROJECT_RE.match(folder.name) and (folder / "CURRENT").exists():
+                served = self.served(folder.name)
+                if served.problem is not None:
+                    out[folder.name] = served.to_dict()
+        return out
 
     def path(self, project: str, version: str) -> Path:
         self.info(project, version)
         return self.project_dir(project) / version
 
     def current(self, project: str) -> VersionInfo | None:
+        """The version ``CURRENT`` names (None: the base model); RegistryError when it cannot be read.
+        What is served is :meth:`served`, which falls back when this one is damaged."""
         pointer = self.project_dir(project) / "CURRENT"
         if not pointer.is_file():
             return None
@@ -193,8 +344,7 @@ class ModelRegistry:
         try:
             extra = write(tmp) or {}
             with self._locked(project):
-                numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _VERSION_RE.match(p.name))]
-                version = f"v{max(numbers, default=0) + 1:04d}"
+                version = f"v{max(self._used_numbers(directory), default=0) + 1:04d}"
                 info = VersionInfo(
                     project=str(project),
                     version=version,
@@ -217,6 +367,20 @@ class ModelRegistry:
         return info
 
     @staticmethod
+    def _used_numbers(directory: Path) -> set[int]:
+        """Version numbers ever used in ``directory``: folders, and the names in ``CURRENT`` and the
+        history, so a version whose folder was lost never has its name given to a new one (``CURRENT``
+        would silently name it)."""
+        names = [path.name for path in directory.iterdir()]
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            names.append((directory / "CURRENT").read_text().strip())
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            for line in (directory / "history.jsonl").read_text().splitlines():
+                with contextlib.suppress(ValueError, AttributeError):
+                    names.append(str(json.loads(line).get("version")))
+        return {int(m.group(1)) for name in names if (m := _VERSION_RE.match(name))}
+
+    @staticmethod
     def _new_tmp(directory: Path) -> tuple[Path, int]:
         """A new temporary version folder and an fd holding its flock while it is written."""
         while True:
@@ -232,7 +396,10 @@ class ModelRegistry:
             os.close(fd)  # removed before this process got the lock: take another name
 
     def promote(self, project: str, version: str, *, reason: str = "") -> VersionInfo:
+        """Make ``version`` the served one; RegistryError when it does not exist or is not whole."""
         info = self.info(project, version)
+        if (problem := self.check(project, version)[1]) is not None:
+            raise RegistryError(f"project {project}: cannot promote {problem}")
         self._set_current(project, version, action="promote", reason=reason or "by hand")
         return info
 

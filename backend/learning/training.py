@@ -164,8 +164,8 @@ class ProjectTrainer:
         )
         promote, reason = not_worse(candidate_metrics, current_metrics, tolerance=self.tolerance)
 
-        parent = self.registry.current(project_id)
-        parent_dir = self.registry.path(project_id, parent.version) if parent else None
+        served = self.registry.served(project_id)  # a new version's parent is what is served
+        parent, parent_dir = served.info, served.folder
         keep_lora = parent_dir is not None and (parent_dir / "lora").is_dir()
 
         def write(folder):

@@ -111,25 +111,28 @@ class Projects:
 
     # ---- versions ----
     def version(self, project: str | None) -> str:
-        """The ``model_version`` Label Studio sees for ``project``: base models plus its promoted version."""
-        info = self.registry.current(project) if project else None
+        """The ``model_version`` Label Studio sees for ``project``: base models plus the version it serves
+        (the promoted one, or what the registry falls back to when that one is damaged)."""
+        info = self.registry.served(project).info if project else None
         return info.model_version() if info is not None else self.base_version
 
     def head(self, project: str | None):
-        """The project's promoted fast head (reloaded when another process promotes), or None. A damaged
-        head is logged and the model serves alone."""
+        """The fast head of the version ``project`` serves (reloaded when another process promotes, or
+        when the registry falls back from a damaged version), or None. A head that fails to load is
+        logged and the model serves alone."""
         if not project:
             return None
-        stamp = self.registry.current_stamp(project)
+        stamp = self.registry.current_stamp(project)  # read first: a promotion after it reloads next time
+        served = self.registry.served(project)
+        key = (stamp, served.version)
         with self._lock:
             cached = self._heads.get(project)
-        if cached is not None and cached[0] == stamp:
+        if cached is not None and cached[0] == key:
             return cached[1]
         from osprey.learning.head import FastHead
 
-        info = self.registry.current(project)
         head = None
-        folder = self.registry.path(project, info.version) / "head" if info is not None else None
+        folder = served.part("head")
         if folder is not None and folder.is_dir():
             try:
                 head = FastHead.load(folder)
@@ -137,9 +140,9 @@ class Projects:
                 logger.error(
                     "project %s: cannot load head %s, serving the model alone: %s",
                     project,
-                    info.version,
+                    served.version,
                     error,
                 )
         with self._lock:
-            self._heads[project] = (stamp, head)
+            self._heads[project] = (key, head)
         return head

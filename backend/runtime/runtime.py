@@ -187,7 +187,7 @@ class Runtime:
         """Everything ``/metrics`` shows of the runtime: counts, caches, memory, jobs, acceptance."""
         self.recorder.flush(timeout_s=0.5)
         projects = self.projects.known()
-        osprey_cache = getattr(self.models.osprey, "cache", None)
+        osprey_cache = getattr(self.models.region_model, "cache", None)
         sam_cache = getattr(self.models.refiner, "cache", None)
         return {
             "model_version": self.models.version,
@@ -209,6 +209,7 @@ class Runtime:
             },
             "prelabel": {"jobs": self.deferrals.metrics(), "budget_s": self.settings.predict_budget_s},
             "scheduler": self.scheduler.stats(),
+            "versions": _safe(self.registry.damaged),  # projects whose promoted version cannot be served
         }
 
 
@@ -233,7 +234,7 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
         settings=settings,
         models=models,
         scheduler=scheduler,
-        sessions=ModelSessions(scheduler=scheduler, registry=registry, osprey=models.osprey),
+        sessions=ModelSessions(scheduler=scheduler, registry=registry, osprey=models.region_model),
         loader=loader or image_loader(settings, cache_size=settings.cache_images, auth=auth),
         store=store,
         queue=queue,
@@ -290,12 +291,12 @@ def _wire(rt: Runtime) -> None:
     lora = None
     if lora_enabled(settings, rt.models):
         lora = LoraJob(
-            osprey_model=settings.osprey_model, served=rt.models.osprey, store=rt.store, registry=rt.registry,
+            osprey_model=settings.model_name, served=rt.models.region_model, store=rt.store, registry=rt.registry,
             loader=rt.loader, projects=rt.projects, base_version=rt.models.version,
             min_examples=settings.min_train_examples, step_session=lambda: rt.scheduler.session(BACKGROUND),
         )  # fmt: skip
     rt.trainer = ProjectTrainer(
-        osprey=rt.models.osprey, store=rt.store, registry=rt.registry, loader=rt.loader, projects=rt.projects,
+        osprey=rt.models.region_model, store=rt.store, registry=rt.registry, loader=rt.loader, projects=rt.projects,
         base_version=rt.models.version, session=rt.sessions.bound(BACKGROUND), lora=lora,
         min_examples=settings.min_train_examples,
     )  # fmt: skip
@@ -328,7 +329,8 @@ def _wake(rt: Runtime, lane: str) -> None:
 def lora_enabled(settings: Settings, models: Models) -> bool:
     """OSPREY_LORA: ``true``, ``false``, or ``auto`` (on when the models run on a CUDA GPU)."""
     if settings.lora == "auto":
-        return getattr(models.osprey, "device", None) is not None and models.osprey.device.type == "cuda"
+        device = getattr(models.region_model, "device", None)
+        return device is not None and device.type == "cuda"
     return settings.lora == "true"
 
 

@@ -39,9 +39,10 @@ class ModelSessions:
         return lambda project: self(project, priority)
 
     def activate(self, project: str | None) -> None:
-        """Make ``project``'s promoted adapter (or none) the active one; only while holding the model."""
-        info = self.registry.current(project) if project else None
-        lora_dir = self.registry.path(project, info.version) / "lora" if info is not None else None
+        """Make the adapter of the version ``project`` serves (or none) the active one; only while holding
+        the model. A damaged promoted version falls back as the registry says (``served``)."""
+        served = self.registry.served(project) if project else None
+        lora_dir = served.part("lora") if served is not None else None
         if lora_dir is None or not lora_dir.is_dir():
             if self._adapters is not None:
                 self._adapters.activate(None, None)
@@ -51,4 +52,4 @@ class ModelSessions:
                 from osprey.learning.lora import AdapterSet
 
                 self._adapters = AdapterSet(osprey=self.osprey)
-        self._adapters.activate(f"p{project}-{info.version}", lora_dir)
+        self._adapters.activate(f"p{project}-{served.version}", lora_dir)

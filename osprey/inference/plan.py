@@ -76,7 +76,9 @@ class Planner:
         return self._questions[key]
 
     def _answer(self, question: Question, answer: str, *, finished: bool) -> list[int]:
-        return self.prompts.answer_ids(self.tokenizer, list(question.ids), question.text, answer, finished=finished)
+        return self.prompts.answer_ids(
+            self.tokenizer, list(question.ids), question.text, answer, finished=finished
+        )
 
     # ---- round 1: everything that does not depend on another answer ----
     def first_round(self, num_regions: int) -> tuple[list[ScoreTask], list[GenerateTask]]:
@@ -95,7 +97,15 @@ class Planner:
             per_question.append((q, [(p, self._answer(q, p, finished=True)) for p in req.parts]))
         for attribute in req.attributes or ():
             q = self.question(f"attribute:{attribute}", self.prompts.attribute_turn(attribute))
-            per_question.append((q, [(ans, self._answer(q, ans, finished=True)) for ans in (self.prompts.YES, self.prompts.NO)]))
+            per_question.append(
+                (
+                    q,
+                    [
+                        (ans, self._answer(q, ans, finished=True))
+                        for ans in (self.prompts.YES, self.prompts.NO)
+                    ],
+                )
+            )
         for region in range(num_regions):
             for q, candidates in per_question:
                 scores.append(ScoreTask(region=region, question=q, candidates=candidates))
@@ -107,7 +117,9 @@ class Planner:
         if req.caption:
             generated.append((self.question("caption", self.prompts.caption_turn()), req.max_caption_tokens))
         if req.description:
-            generated.append((self.question("description", self.prompts.description_turn()), req.max_description_tokens))
+            generated.append(
+                (self.question("description", self.prompts.description_turn()), req.max_description_tokens)
+            )
         for region in range(num_regions):
             for q, limit in generated:
                 gens.append(GenerateTask(region=region, question=q, max_new_tokens=limit))

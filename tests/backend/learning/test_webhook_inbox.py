@@ -151,9 +151,10 @@ def test_the_reconciliation_stores_what_the_webhooks_dropped(tiny_models, tmp_pa
         ls.state.tasks[7502]["annotations"] = []  # deleted in Label Studio
         assert runtime.reconciler.sweep() == {str(PROJECT): 2}
         assert runtime.intake.drain()
-        assert runtime.store.annotation_state(str(PROJECT), 7501, 7501)[1] > runtime.store.annotation_state(
-            str(PROJECT), 7500, 7500
-        )[1]
+        assert (
+            runtime.store.annotation_state(str(PROJECT), 7501, 7501)[1]
+            > runtime.store.annotation_state(str(PROJECT), 7500, 7500)[1]
+        )
         assert runtime.store.annotation_state(str(PROJECT), 7502, 7502)[0] == "deleted"
         assert client.get("/metrics").json["intake"]["reconciliation"]["found"] == {str(PROJECT): 2}
     finally:

@@ -70,7 +70,9 @@ def test_a_job_cut_off_by_a_crash_resumes_at_the_next_start_and_duplicates_nothi
 
 class Unreachable(FakeLabelStudio):
     def tasks(self, *args, **kwargs):
-        raise LabelStudioAPIError("Label Studio list tasks of project 7 failed: no answer", kind="unreachable")
+        raise LabelStudioAPIError(
+            "Label Studio list tasks of project 7 failed: no answer", kind="unreachable"
+        )
 
 
 def test_a_job_that_fails_says_why_and_is_not_shown_running(setup, caplog):

@@ -74,9 +74,9 @@ def test_a_deferred_prelabel_job_runs_while_a_training_job_is_running(tiny_model
         assert training_started.wait(30)
         config = (CONFIGS / "captions_only.xml").read_text()
         answer = runtime.predictor.predict(tasks=tasks, project="7", label_config=config, context=None)
-        # the first task is predicted to measure the time a task takes; it leaves no budget for the rest
-        assert ["result" in r for r in answer["results"]] == [True, False, False]
-        deferred = [t["id"] for t in tasks[1:]]
+        # a budget below the write reserve predicts nothing inline: every task goes to the prelabel lane
+        assert ["result" in r for r in answer["results"]] == [False, False, False]
+        deferred = [t["id"] for t in tasks]
         deadline = time.monotonic() + 120
         while not all(ls.of_version(t, VERSION) for t in deferred) and time.monotonic() < deadline:
             time.sleep(0.2)
