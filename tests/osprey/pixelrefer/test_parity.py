@@ -278,6 +278,7 @@ def figures() -> list[tuple[str, str]]:
         whole = rel(m.model.encode_whole(whole_image(image, m.config)), expect["whole"])
     tokens = max(rel(region_tokens(r), expect[f"r{r}.tokens"]) for r in range(3))
     n = len(regions) * len(KINDS)
+    bf16 = bf16_figures()
     return [
         ("prompt ids identical (5 kinds x 3 regions)", f"{ids} of {n}"),
         ("crop, 336x336 and 224x224 pixels, grid masks, boxes, position grid", "bit-identical"),
@@ -286,7 +287,39 @@ def figures() -> list[tuple[str, str]]:
         ("next-token logits, full prompt, max rel diff", f"{full:.1e}"),
         ("next-token log-probabilities, fast path, max rel diff", f"{fast_rel:.1e}"),
         (f"greedy answers identical ({expected()['max_new_tokens']} tokens, penalty 1.1)", f"{same} of {n}"),
+        (
+            "bf16: next-token logits, full prompt, max rel diff",
+            f"{bf16[0]:.1e} (theirs bf16 vs fp32: {bf16[1]:.1e})",
+        ),
+        ("bf16: greedy answers identical", f"{bf16[2]} of {n} (theirs bf16 vs fp32: {bf16[3]} of {n})"),
     ]
+
+
+def bf16_figures() -> tuple[float, float, int, int]:
+    """Ours in bf16 against theirs in bf16 (the shipped dtype; not asserted: bf16 arithmetic differs
+    between CPUs), next to the distance between their own bf16 and fp32 runs."""
+    global model
+    fp32_model = model
+    bf16 = PixelReferLite.from_pretrained(str(FIXTURES / "checkpoint"), device="cpu", dtype=torch.bfloat16)
+    model = lambda: bf16  # noqa: E731
+    region_tokens.cache_clear()
+    fast_path_answers.cache_clear()
+    try:
+        expect, regions = tensors(), expected()["regions"]
+        pairs = [(r, k) for r in range(len(regions)) for k in KINDS]
+        ours = max(rel(full_prompt_logits(r, k), expect[f"r{r}.{k}.logits_bf16"]) for r, k in pairs)
+        theirs = max(rel(expect[f"r{r}.{k}.logits_bf16"], expect[f"r{r}.{k}.logits"]) for r, k in pairs)
+        answers = fast_path_answers()
+        same = sum(answers[(r, k)] == regions[r]["prompts"][k]["answer_ids_bf16"] for r, k in pairs)
+        own = sum(
+            regions[r]["prompts"][k]["answer_ids"] == regions[r]["prompts"][k]["answer_ids_bf16"]
+            for r, k in pairs
+        )
+    finally:
+        model = fp32_model
+        region_tokens.cache_clear()
+        fast_path_answers.cache_clear()
+    return ours, theirs, same, own
 
 
 if __name__ == "__main__":
