@@ -134,6 +134,7 @@ def load_models(settings: Settings, *, device: str, random_weights: bool = False
         return f"{settings.cache_dir}/{name}" if settings.cache_dir else None
 
     osprey = load_region_model(settings.model_name, device=device, random_weights=random_weights)
+    osprey.fast.set_decoding(compile=settings.compile, sync_every=settings.sync_every)
     arch = sam_architecture(settings)
     checkpoint = None if random_weights else sam_checkpoint_path(settings)
     sam = build_sam(
@@ -165,7 +166,11 @@ def load_models(settings: Settings, *, device: str, random_weights: bool = False
         untrained=osprey.untrained or checkpoint is None,
         budgets=budgets,
     )
-    logger.info("models loaded: %s on %s", models.version, osprey.device)
+    decoding = "compiled" if osprey.fast.decoder.compiled_for(osprey.device) else "eager"
+    logger.info(
+        "models loaded: %s on %s; decoding %s, finished answers read every %d steps",
+        models.version, osprey.device, decoding, settings.sync_every,
+    )  # fmt: skip
     return models
 
 

@@ -120,6 +120,17 @@ class Settings:
         "stops the server with the driver fix. `cpu` runs on the CPU on purpose.",
         shown="CUDA when usable, else CPU",
     )  # fmt: skip
+    compile: str = setting(
+        "auto", "OSPREY_COMPILE", MODELS,
+        "`auto`, `on` or `off`: run the region model's decoding step compiled (`torch.compile`, whole "
+        "graph; on CUDA captured as a CUDA graph per shape). `auto`: on for CUDA, off on the CPU. Answers "
+        "are the same either way; the first request of each shape pays the compilation.",
+    )  # fmt: skip
+    sync_every: int = setting(
+        8, "OSPREY_SYNC_EVERY", MODELS,
+        "Decoding steps between two reads of which answers have finished (the only host reads while "
+        "decoding). Fewer reads let the GPU run ahead; more move finished answers out of the way sooner.",
+    )  # fmt: skip
     field_map: str = setting(
         "", "OSPREY_FIELD_MAP", PREDICT,
         "`tag=field` overrides of how label-config tags are filled, e.g. "
@@ -297,6 +308,8 @@ class Settings:
     def _checks(self) -> list[tuple[bool, str]]:
         return [
             (self.threads < 1, "THREADS must be >= 1"),
+            (self.compile not in ("auto", "on", "off"), f"OSPREY_COMPILE must be auto, on or off, got {self.compile!r}"),
+            (self.sync_every < 1, "OSPREY_SYNC_EVERY must be >= 1"),
             (min(self.max_request_bytes, self.max_header_bytes) < 1024,
              "OSPREY_MAX_REQUEST_BYTES and OSPREY_MAX_HEADER_BYTES must be >= 1024 bytes"),
             (self.client_timeout_s <= 0, "OSPREY_CLIENT_TIMEOUT_S must be > 0 seconds"),

@@ -216,6 +216,14 @@ class FastRunner:
         self.decoder = GreedyDecoder(eos_token_id=eos_token_id, repetition_penalty=repetition_penalty)
         self.pool = BufferPool()
 
+    def set_decoding(self, *, compile: str = "auto", sync_every: int = 8) -> None:
+        """Decode compiled or not (``"auto"``: compiled on CUDA) and read the finished flags every
+        ``sync_every`` steps (see :class:`~osprey.inference.decode.GreedyDecoder`)."""
+        self.decoder = GreedyDecoder(
+            eos_token_id=self.eos_token_id, sync_every=sync_every, compile=compile,
+            repetition_penalty=self.repetition_penalty,
+        )  # fmt: skip
+
     def fit_to(self, work_bytes: int, *, max_new_tokens: int) -> None:
         """Size the scoring chunks and the decoding groups so one call's working memory (its keys/values
         buffer, activations and logits) stays within ``work_bytes`` (see
