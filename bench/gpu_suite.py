@@ -6,13 +6,17 @@ the reason recorded:
 - ``regions``: ``bench/regions.py`` on the serving model (random weights made directly on the device in
   its dtype, bf16 on CUDA: no float32 and no CPU copy), 1/5/20 regions, all five fields, baseline vs
   fast, answers compared;
-- ``sam``: ``bench/sam.py`` (encode, following clicks, segment everything) on the serving SAM;
+- ``sam``: ``bench/sam.py`` on the serving SAM (its encoder in ``--sam-dtype``, bf16 on CUDA): encode,
+  following clicks, segment everything before (segment-anything's generator) and after; segment
+  everything's post-processing on plausible masks (VOC instances), before and after, masks compared; the
+  encoder in fp32, fp32 + TF32 and bf16: encode and click times, mask IoU against fp32;
 - ``peak_memory``: one full segment-everything pre-label task (SAM encode, masks, Osprey's five fields)
   with the service's default grid and mask count; peak from ``torch.cuda.max_memory_allocated``;
 - ``lora``: a LoRA job on a second copy of the architecture in a thread, while the main thread times
   ``label()`` calls on the serving model: time per step, peak memory, serving latency alone and
   during training, serving answers unchanged;
 - ``prelabel``: ``bench/prelabel.py`` (tasks per minute, one at a time vs batched, answers compared);
+- ``decode``: ``bench/decode.py``, eager against compiled decoding (on CUDA: CUDA graphs), answers compared;
 - ``memory`` and ``contention``: ``bench/memory.py --json`` and ``bench/contention.py --json`` run as
   subprocesses (skipped, with the reason, when the script is missing or fails).
 
@@ -22,6 +26,8 @@ stem, ``.md``), and prints the table. Exit status 1 when a part failed or an ans
     python bench/gpu_suite.py                                  # osprey-7b + SAM vit_h on CUDA, 480 s
     python bench/gpu_suite.py --preset small --sam vit_b       # the same parts, scaled down, on CPU
     python bench/gpu_suite.py --preset tiny --sam tiny --budget-s 300 --out /tmp/suite.json
+
+Without a GPU, ``--device cpu`` runs the same parts as a dry run (TF32 rows are CUDA-only).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ STARTED = time.perf_counter()  # the budget counts from here: imports and model 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("regions", "sam", "peak_memory", "lora", "prelabel", "memory", "contention")
+PARTS = ("regions", "sam", "peak_memory", "lora", "prelabel", "decode", "memory", "contention")
 GB = 1024**3
 
 
@@ -83,6 +89,9 @@ class Profile:
     contention_tasks: int
     contention_clicks: int
     estimates_s: dict[str, float] = field(default_factory=dict)
+    post_points_per_side: int = 32  # segment everything's post-processing on plausible masks
+    precision_flows: int = 6  # VOC instances whose prompt flows compare the encoder's precisions
+    precision_encodes: int = 3
 
 
 PROFILES = {
@@ -93,7 +102,7 @@ PROFILES = {
         task_description_tokens=256, lora_steps=20, label_calls=3, prelabel_tasks=8, prelabel_regions=6,
         prelabel_batch="4", prelabel_repeat=1, contention_tasks=20, contention_clicks=5,
         estimates_s={"regions": 60, "sam": 30, "peak_memory": 30, "lora": 75, "prelabel": 60,
-                     "contention": 120, "memory": 45},
+                     "decode": 90, "contention": 120, "memory": 45},
     ),
     "small": Profile(
         regions=(1, 2), caption_tokens=4, description_tokens=8, sam_image_hw=(384, 512),
@@ -102,7 +111,7 @@ PROFILES = {
         task_description_tokens=8, lora_steps=4, label_calls=2, prelabel_tasks=2, prelabel_regions=2,
         prelabel_batch="2", prelabel_repeat=1, contention_tasks=3, contention_clicks=2,
         estimates_s={"regions": 100, "sam": 60, "peak_memory": 40, "lora": 60, "prelabel": 60,
-                     "contention": 90, "memory": 60},
+                     "decode": 120, "contention": 90, "memory": 60},
     ),
     "tiny": Profile(
         regions=(1,), caption_tokens=2, description_tokens=2, sam_image_hw=(192, 256),
@@ -111,7 +120,7 @@ PROFILES = {
         task_description_tokens=2, lora_steps=2, label_calls=1, prelabel_tasks=2, prelabel_regions=1,
         prelabel_batch="2", prelabel_repeat=1, contention_tasks=3, contention_clicks=1,
         estimates_s={"regions": 15, "sam": 15, "peak_memory": 10, "lora": 15, "prelabel": 20,
-                     "contention": 45, "memory": 30},
+                     "decode": 60, "contention": 45, "memory": 30},
     ),
 }  # fmt: skip
 
@@ -233,6 +242,7 @@ class Suite:
 def build_suite(args: argparse.Namespace, budget: Budget) -> tuple[Suite, dict]:
     """The serving Osprey and SAM, and what building them took (seconds, device and host peaks)."""
     from osprey.sam import build_sam
+    from osprey.sam.build import resolve_sam_dtype
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -242,11 +252,14 @@ def build_suite(args: argparse.Namespace, budget: Budget) -> tuple[Suite, dict]:
         sync(device)
         osprey_s = time.perf_counter() - start
         start = time.perf_counter()
-        sam = build_sam(args.sam, random_weights=True, device=device)
+        sam = build_sam(
+            args.sam, random_weights=True, device=device, dtype=resolve_sam_dtype(args.sam_dtype, device)
+        )
         sync(device)
         sam_s = time.perf_counter() - start
     setup = {
         "osprey": osprey.config.name, "osprey_dtype": str(osprey.model.dtype), "sam": args.sam,
+        "sam_encoder_dtype": str(next(sam.image_encoder.parameters()).dtype),
         "osprey_build_s": round(osprey_s, 2), "sam_build_s": round(sam_s, 2),
         "osprey_weights_gb": gb(module_bytes(osprey.model)), "sam_weights_gb": gb(module_bytes(sam)),
         "build_peak_device_gb": gb(mem.result["peak_bytes"]),  # ~ the weights: made in their dtype
@@ -303,22 +316,51 @@ def part_regions(suite: Suite, deadline: float) -> dict:
     }
 
 
+def part_decode(suite: Suite, deadline: float) -> dict:
+    """``bench/decode.py``: eager against compiled decoding (CUDA graphs on CUDA) on the serving model."""
+    p = suite.profile
+    rows = bench_module("decode").run(
+        suite.osprey, regions=p.regions[-1:], calls=2, caption_tokens=p.caption_tokens,
+        description_tokens=p.description_tokens,
+    )  # fmt: skip
+    eager, compiled = rows
+    summary = (
+        f"{compiled['regions']} region(s): eager {eager['median_s']:.3f} s, compiled {compiled['median_s']:.3f} s "
+        f"({compiled['vs_eager']}x; first call {compiled['first_call_s']:.1f} s with the compilation)"
+    )
+    return {
+        "rows": rows,
+        "summary": summary,
+        "answers_same": all(r["same_answers"] for r in rows),
+        "notes": [],
+    }
+
+
 def part_sam(suite: Suite, deadline: float) -> dict:
     p, sam_bench = suite.profile, bench_module("sam")
     height, width = p.sam_image_hw
     argv = ["--model", suite.args.sam, "--device", str(suite.device), "--image-size", f"{height}x{width}",
             "--reencode-clicks", str(p.sam_reencode_clicks), "--cached-clicks", str(p.sam_cached_clicks),
-            "--points-per-side", str(p.points_per_side), "--points-per-batch", str(p.points_per_batch)]  # fmt: skip
+            "--points-per-side", str(p.points_per_side), "--points-per-batch", str(p.points_per_batch),
+            "--postprocess", "--post-points-per-side", str(p.post_points_per_side), "--precision",
+            "--flows", str(p.precision_flows), "--encodes", str(p.precision_encodes)]  # fmt: skip
     if not p.cold_everything:
         argv.append("--no-cold-everything")
     rows = sam_bench.bench_model(suite.args.sam, sam_bench.parse_args(argv), sam=suite.sam)
-    by_case = {r["case"]: r["median_ms"] for r in rows}
+    by_case = {r["case"]: r for r in rows}
+    post = by_case["post-processing, filter at low resolution first (after)"]
+    before = by_case[sam_bench.BEFORE]
+    bf16 = by_case["encoder bf16"]
     summary = (
-        f"encode + decode {by_case['re-encode every click (baseline)']:.0f} ms; following click "
-        f"{by_case['following click (cached embedding)']:.1f} ms; segment everything "
-        f"{by_case['segment everything (cached embedding)']:.0f} ms ({p.points_per_side}^2 points)"
+        f"encode + decode {by_case['re-encode every click (baseline)']['median_ms']:.0f} ms; following click "
+        f"{by_case['following click (cached embedding)']['median_ms']:.1f} ms; segment everything "
+        f"{by_case['segment everything (cached embedding)']['median_ms']:.0f} ms ({p.points_per_side}^2 points; "
+        f"segment-anything's generator {before['median_ms']:.0f} ms); post-processing on plausible masks "
+        f"{post['speedup']:.1f}x faster; bf16 encoder {bf16['encode_speedup']:.2f}x fp32's, mask IoU "
+        f"{bf16['mean_iou']:.4f} (min {bf16['min_iou']:.4f})"
     )
-    return {"rows": rows, "summary": summary, "answers_same": None, "notes": []}
+    same = all(r["same_masks"] for r in rows if "same_masks" in r)
+    return {"rows": rows, "summary": summary, "answers_same": same, "notes": []}
 
 
 def part_peak_memory(suite: Suite, deadline: float) -> dict:
@@ -541,7 +583,7 @@ def part_memory(suite: Suite, deadline: float) -> dict:
 
 RUNNERS: dict[str, Callable[[Suite, float], dict]] = {
     "regions": part_regions, "sam": part_sam, "peak_memory": part_peak_memory, "lora": part_lora,
-    "prelabel": part_prelabel, "contention": part_contention, "memory": part_memory,
+    "prelabel": part_prelabel, "decode": part_decode, "contention": part_contention, "memory": part_memory,
 }  # fmt: skip
 
 
@@ -574,7 +616,8 @@ def run_part(name: str, suite: Suite) -> dict:
 
 COLUMNS = {
     "regions": ["regions", "baseline_s", "fast_s", "fast_s_per_region", "speedup", "same_answers"],
-    "sam": ["case", "n", "median_ms", "min_ms", "speedup_vs_reencode", "masks"],
+    "sam": ["case", "n", "median_ms", "speedup_vs_reencode", "speedup", "masks", "upsampled", "same_masks",
+            "encode_ms", "click_ms", "encode_speedup", "mean_iou", "min_iou"],
     "peak_memory": ["seconds", "regions", "grid", "max_masks", "before_gb", "peak_gb", "task_gb", "method"],
     "lora": ["steps", "step_s_median", "copy_build_s", "label_alone_s", "label_during_s", "label_ratio",
              "before_gb", "peak_gb", "train_gb"],
@@ -646,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default="osprey-7b", choices=sorted(PROFILES), help="Osprey preset")
     parser.add_argument("--sam", default="vit_h", help="SAM model: vit_h, vit_l, vit_b or tiny")
+    parser.add_argument("--sam-dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="SAM's encoder as served (SAM_DTYPE): auto = bf16 on CUDA, fp32 on the CPU")  # fmt: skip
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--budget-s", type=float, default=480.0, help="total wall time, start-up included")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "gpu_suite.json")

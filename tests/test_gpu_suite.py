@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.py"
-PARTS = ["regions", "sam", "peak_memory", "lora", "prelabel", "memory", "contention"]
-IN_PROCESS = ["regions", "sam", "peak_memory", "lora", "prelabel"]  # no script of another session
+PARTS = ["regions", "sam", "peak_memory", "lora", "prelabel", "decode", "memory", "contention"]
+IN_PROCESS = ["regions", "sam", "peak_memory", "lora", "prelabel", "decode"]  # no script of another session
 
 
 def run_suite(tmp_path: Path, budget_s: float) -> tuple[subprocess.CompletedProcess, Path]:
@@ -42,7 +42,7 @@ def read_report(out: Path) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_the_tiny_suite_runs_every_part_and_its_answers_agree(tmp_path):
-    proc, out = run_suite(tmp_path, budget_s=300)
+    proc, out = run_suite(tmp_path, budget_s=420)  # the decode part compiles on the CPU
     report, table = read_report(out)
     parts = report["parts"]
     not_run = [name for name in IN_PROCESS if parts[name]["status"] != "ran"]
@@ -50,10 +50,11 @@ def test_the_tiny_suite_runs_every_part_and_its_answers_agree(tmp_path):
     compared = {
         name: part["answers_same"] for name, part in parts.items() if part["answers_same"] is not None
     }
-    assert {"regions", "lora", "prelabel"} <= set(compared)
+    assert {"regions", "lora", "prelabel", "decode"} <= set(compared)
     assert all(compared.values()), compared
     assert all(row["same_answers"] for row in parts["regions"]["rows"])
     assert all(row["same"] for row in parts["prelabel"]["rows"])
+    assert [row["decode"] for row in parts["decode"]["rows"]] == ["eager", "compiled"]
     assert [row["regions"] for row in parts["regions"]["rows"]] == report["suite"]["profile"]["regions"]
     [lora] = parts["lora"]["rows"]
     assert lora["steps"] == report["suite"]["profile"]["lora_steps"] and lora["step_s_median"] > 0
