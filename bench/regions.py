@@ -1,13 +1,15 @@
 """Many regions, one image: the fast path against the upstream-style flow on the same model.
 
 For 1, 5 and 20 regions and all five fields (category and part label sets, attributes, caption,
-description), times ``Osprey.label_baseline`` (re-encode, full prompt, per region and question)
-and ``Osprey.label`` (encode once, shared-prefix cache, packed regions) in one run, checks that
-both give the same answers, and prints a table with the speed-up.
+description), times the model's ``label_baseline`` (the authors' flow: one region and one question
+per call, re-encoding and the full prompt each time) and ``label`` (encode once, shared-prefix cache,
+packed regions) in one run, checks that both give the same answers, and prints a table with the
+speed-up. Either region model: Osprey or PixelRefer-Lite.
 
-    python bench/regions.py                       # 'small' preset on CPU
-    python bench/regions.py --preset osprey-7b --device cuda --random-weights   # 7B dimensions
-    python bench/regions.py --json                # one JSON object per row
+    python bench/regions.py                                   # Osprey's 'small' preset on CPU
+    python bench/regions.py --model pixelrefer-lite-small     # PixelRefer-Lite (or -tiny)
+    python bench/regions.py --model osprey-7b --device cuda --random-weights   # 7B dimensions
+    python bench/regions.py --json                            # one JSON object per row
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from osprey.inference.api import Osprey
 from osprey.inference.fields import LabelRequest
+from osprey.inference.region_model import load_region_model
 
 CATEGORIES = ("person", "dog", "cat", "car", "bicycle", "tree", "chair", "bottle")
 PARTS = ("head", "body", "leg", "wheel")
@@ -86,7 +88,7 @@ def full_request(caption_tokens: int = 16, description_tokens: int = 32) -> Labe
 
 
 def run(
-    osprey: Osprey,
+    model,
     *,
     regions: Sequence[int] = (1, 5, 20),
     caption_tokens: int = 16,
@@ -94,16 +96,18 @@ def run(
     deadline: float | None = None,
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """One row per region count: baseline and fast seconds, speed-up, and whether the answers agree.
+    """One row per region count of ``model`` (a region model: :class:`~osprey.inference.api.Osprey` or
+    :class:`~osprey.inference.pixelrefer.PixelReferLite`): baseline and fast seconds, speed-up, and
+    whether the answers agree.
 
     ``deadline`` (a ``time.perf_counter()`` value): a region count whose time, extrapolated linearly
     from the previous row, would end after it is left out (the caller sees fewer rows). ``on_row`` is
     called with each row as soon as it is measured."""
-    device = osprey.device
+    device = model.device
     request = full_request(caption_tokens, description_tokens)
-    cfg = osprey.config
+    cfg = model.config
     warm_image, warm_masks = make_scene(1, seed=99)
-    osprey.label(warm_image, warm_masks, request)  # warm-up: kernels, allocator
+    model.label(warm_image, warm_masks, request)  # warm-up: kernels, allocator
     rows: list[dict] = []
     for n in regions:
         if deadline is not None and rows:
@@ -112,8 +116,8 @@ def run(
             if time.perf_counter() + expected > deadline:
                 break
         image, masks = make_scene(n, seed=n)
-        t_base, base = timed(osprey.label_baseline, device, image, masks, request)
-        t_fast, fast = timed(osprey.label, device, image, masks, request)
+        t_base, base = timed(model.label_baseline, device, image, masks, request)
+        t_fast, fast = timed(model.label, device, image, masks, request)
         rows.append({
             "model": cfg.name,
             "device": str(device),
@@ -130,11 +134,26 @@ def run(
     return rows
 
 
+def describe(model) -> str:
+    """The model's name and the sizes that set its speed."""
+    cfg = model.config
+    llm = model.model.llm.config
+    if model.family == "pixelrefer-lite":
+        tokens = f"{cfg.mask_num} tokens per region, no image tokens"
+    else:
+        tokens = f"{cfg.vision.num_image_tokens} image tokens"
+    return f"{cfg.name} ({llm.num_hidden_layers} layers, hidden {llm.hidden_size}, {tokens})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="small", help="tiny, small, osprey-7b or a checkpoint dir")
+    parser.add_argument(
+        "--model", "--preset", dest="model", default="small",
+        help="tiny, small, osprey-7b, pixelrefer-lite-tiny, pixelrefer-lite-small, pixelrefer-lite-2b or a "
+        "checkpoint dir",
+    )  # fmt: skip
     parser.add_argument("--device", default=None)
     parser.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
     parser.add_argument("--regions", default="1,5,20")
@@ -143,18 +162,16 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    osprey = Osprey.from_pretrained(args.preset, device=args.device, random_weights=args.random_weights)
-    cfg = osprey.config
+    model = load_region_model(args.model, device=args.device, random_weights=args.random_weights)
     header = (
-        f"model {cfg.name} ({cfg.llm.num_hidden_layers} layers, hidden {cfg.llm.hidden_size}, "
-        f"{cfg.vision.num_image_tokens} image tokens) on {osprey.device}, dtype {osprey.model.dtype}; "
+        f"model {describe(model)} on {model.device}, dtype {model.model.dtype}; "
         f"fields: {len(CATEGORIES)} categories, {len(PARTS)} parts, {len(ATTRIBUTES)} attributes, "
         f"caption <= {args.caption_tokens} tokens, description <= {args.description_tokens} tokens"
     )
     if not args.json:
         print(header)
     rows = run(
-        osprey,
+        model,
         regions=[int(x) for x in args.regions.split(",")],
         caption_tokens=args.caption_tokens,
         description_tokens=args.description_tokens,
