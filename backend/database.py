@@ -12,7 +12,8 @@ Tables (see ``_MIGRATIONS``): ``predicted_regions``, ``annotations``, ``regions`
 ``tombstones``, ``project_counters`` and ``project_configs`` belong to
 :class:`backend.learning.store.TrainingStore`; ``jobs`` to
 :class:`backend.jobs.sqlite_queue.SqliteJobQueue`; ``webhook_inbox`` to
-:class:`backend.learning.inbox.WebhookInbox`. All open the same file and run the same migrations, so
+:class:`backend.learning.inbox.WebhookInbox`; ``prelabel_claims`` to
+:class:`backend.prelabel.claims.PrelabelClaims`. All open the same file and run the same migrations, so
 any can be opened first.
 
 ``jobs`` holds one row per job with its ``lane`` (``prelabel`` or ``training``, see
@@ -20,7 +21,7 @@ any can be opened first.
 and at most one running job per (project, lane).
 
 Versions: 1 the tables above; 2 ``project_configs``; 3 the ``lane`` column of ``jobs``, with the
-one-running index per (project, lane) instead of per project; 4 ``webhook_inbox``.
+one-running index per (project, lane) instead of per project; 4 ``webhook_inbox``; 5 ``prelabel_claims``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -111,6 +112,15 @@ _MIGRATIONS: dict[int, list[str]] = {
             state TEXT NOT NULL DEFAULT 'new' CHECK (state IN ('new', 'done', 'failed')),
             outcome_json TEXT, error TEXT, done_at REAL)""",
         "CREATE INDEX webhook_inbox_state ON webhook_inbox (state, inbox_id)",
+    ],
+    5: [
+        # One writer per (task, model version): whoever pre-labels a task holds its claim until the
+        # prediction is written (or the lease runs out: a crashed writer's tasks are taken over).
+        """CREATE TABLE prelabel_claims (
+            project_id TEXT NOT NULL, task_id INTEGER NOT NULL, model_version TEXT NOT NULL,
+            owner TEXT NOT NULL, claimed_at REAL NOT NULL, lease_until REAL NOT NULL,
+            PRIMARY KEY (project_id, task_id, model_version))""",
+        "CREATE INDEX prelabel_claims_lease ON prelabel_claims (lease_until)",
     ],
 }
 

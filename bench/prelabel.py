@@ -10,6 +10,17 @@ each row shows the median run, so a machine that drifts slows every setting alik
     python bench/prelabel.py                                   # 'small' preset + tiny SAM on CPU
     python bench/prelabel.py --preset osprey-7b --sam vit_h --device cuda --tasks 32 --batch 4,8
     python bench/prelabel.py --json                            # one JSON object per row
+
+``--pipeline``: the whole engine (task pages, claims, image fetch and decode, model, results, chunked
+writes) against a stand-in Label Studio in its own process (``bench/standin_ls.py``: 50 ms per image,
+50 ms per write, 10 ms per other read), serial vs pipelined, on each ``--presets`` preset: tasks/minute,
+the ratio, model busy time / wall time, and whether both wrote the same predictions. ``--memory``
+adds the pipelined engine's resident memory on 1,000 and 10,000 tasks with the model left out (images
+still fetched and decoded, results still built and written).
+
+    python bench/prelabel.py --pipeline --presets tiny,small --tasks 48
+    python bench/prelabel.py --pipeline --presets none --tasks 400   # the engine without a model (I/O only)
+    python bench/prelabel.py --pipeline --memory --presets ""        # memory only
 """
 
 from __future__ import annotations
@@ -134,6 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", type=int, metavar="N", help="run batch_tasks=N alone (whole-process timers)"
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--pipeline", action="store_true", help="the whole engine, serial vs pipelined")
+    parser.add_argument(
+        "--presets", default="tiny,small", help="with --pipeline: presets to run ('none': no model)"
+    )
+    parser.add_argument(
+        "--memory", action="store_true", help="with --pipeline: RSS on 1,000 and 10,000 tasks"
+    )
     return parser.parse_args(argv)
 
 
@@ -183,6 +201,10 @@ def run(args: argparse.Namespace, models: Models) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.pipeline:
+        from prelabel_pipeline import main as pipeline_main
+
+        return pipeline_main(args)
     models = build_models(args.preset, args.sam, args.device, args.max_masks)
     rows = run(args, models)
     if args.only is not None:

@@ -2,6 +2,12 @@
 and write the predictions through its API, on a :class:`~backend.runtime.runtime.Runtime` without HTTP
 (no workers, no webhooks) and the bulk engine of :mod:`backend.prelabel`. Registered by :mod:`backend.cli`.
 
+The pipelined engine (:mod:`backend.prelabel.pipeline`) is the default; ``--serial`` runs the stages
+one after another. Tasks are read page by page as the engine needs them (memory stays flat on a big
+project). Each task is claimed in the store before it is predicted (:mod:`backend.prelabel.claims`), so
+a running server's deferred jobs and this command never both write a task; ``--out FILE.jsonl`` writes
+Label Studio-importable tasks to a file instead (:mod:`backend.prelabel.export`).
+
 Runs under ``torchrun``/``accelerate launch`` as well: each rank (``RANK`` of ``WORLD_SIZE``) takes
 every ``WORLD_SIZE``-th task of the id-sorted list, on ``cuda:LOCAL_RANK`` when there is a GPU, and
 writes its own predictions; the writes are idempotent, so a rank that died is simply started again.
@@ -10,6 +16,7 @@ writes its own predictions; the writes are idempotent, so a rank that died is si
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 import time
@@ -65,6 +72,15 @@ def add_prelabel_command(subparsers) -> None:
         "--dry-run", type=int, nargs="?", const=4, metavar="N",
         help="predict N tasks (default 4) without writing, and estimate the time for the rest",
     )  # fmt: skip
+    parser.add_argument(
+        "--out", metavar="FILE.jsonl",
+        help="write Label Studio-importable tasks with their predictions to this file instead of through the "
+        "API (appended; a rerun skips the tasks already in it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--serial", action="store_true",
+        help="run fetch, model, result building and writes one after another (default: overlapping stages)",
+    )  # fmt: skip
     parser.add_argument("--model", help="region model (REGION_MODEL)")
     parser.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
     parser.add_argument(
@@ -77,7 +93,8 @@ def add_prelabel_command(subparsers) -> None:
 def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
     """The ``prelabel`` command; ``client``/``models`` replace the Label Studio client and the loaded
     models (tests)."""
-    from backend.prelabel.engine import current_predictions, format_summary, prelabel
+    from backend.prelabel.deferral import Progress
+    from backend.prelabel.engine import format_summary, prelabel
     from backend.runtime.runtime import build_runtime, label_studio_client
     from backend.runtime.settings import Settings
 
@@ -104,42 +121,68 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
         runtime.projects.remember(project, label_config)
         version = runtime.projects.version(project)
         head = runtime.projects.head(project)
-        tasks = sorted(client.tasks(args.project, ids=args.tasks, view=args.view), key=lambda t: t["id"])
-        mine = tasks[rank::world]
-        if args.limit is not None:
-            mine = mine[: args.limit]
+        tasks, total = _task_stream(client, args, rank, world)
         prefix = f"[rank {rank}/{world}] " if world > 1 else ""
         predictor = runtime.tasks_for(project)
         if args.dry_run is not None:
-            return _dry_run(predictor, schema, head, version, mine, args.dry_run, prefix)
-        todo = sum(1 for t in mine if not current_predictions(t, version)[0])
-        print(
-            f"{prefix}project {args.project}: {len(mine)} tasks, {len(mine) - todo} already have {version}",
-            file=sys.stderr,
-        )
+            return _dry_run(predictor, schema, head, version, list(tasks), args.dry_run, prefix)
+        sink, claimer = client, runtime.claimer(project, version, "prelabel")
+        if args.out:
+            from backend.prelabel.export import JsonlSink
+
+            sink, claimer = JsonlSink(args.out, project=args.project, model_version=version), None
+            tasks = sink.pending(tasks)
+        print(f"{prefix}project {args.project}: {total if total is not None else 'all'} tasks, model version "
+              f"{version}" + (f", to {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
         bar = None
         if not args.quiet:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(mine), unit="task", desc=f"{prefix}pre-label", file=sys.stderr)
+            bar = tqdm(total=total, unit="task", desc=f"{prefix}pre-label", file=sys.stderr)
+        progress = Progress(project=project, job="command", total=total)
 
         def seen(result) -> None:
+            progress(result)
             if bar is not None:
                 bar.update(1)
             if result.status == "predicted":  # recorded, so the annotations can be compared with it
                 runtime.recorder.record(project, result.task_id, version, result.result)
+            elif args.out:
+                sink.forget(result.task_id)
 
-        summary = prelabel(
-            mine, predictor=predictor, schema=schema, project=args.project, model_version=version, sink=client,
-            head=head, chunk_tasks=settings.prelabel_chunk_tasks, retries=settings.prelabel_retries,
-            on_result=seen,
-        )  # fmt: skip
-        if bar is not None:
-            bar.close()
+        try:
+            summary = prelabel(
+                tasks, predictor=predictor, schema=schema, project=args.project, model_version=version, sink=sink,
+                head=head, chunk_tasks=settings.prelabel_chunk_tasks, retries=settings.prelabel_retries,
+                on_result=seen, claimer=claimer, pipeline=not args.serial,
+            )  # fmt: skip
+        finally:
+            progress.finish()
+            if bar is not None:
+                bar.close()
+            if args.out:
+                sink.close()
     summaries = _gather(summary.to_dict(), world)
     if rank == 0:
         print(format_summary(summaries, version=version))
     return 1 if summary.failed else 0
+
+
+def _task_stream(client, args: argparse.Namespace, rank: int, world: int):
+    """This rank's tasks and how many there are (None when unknown). Alone: read page by page as the
+    engine asks (memory flat). Under torchrun: the whole id-sorted list, every ``world``-th task."""
+    if world > 1:
+        tasks = sorted(client.tasks(args.project, ids=args.tasks, view=args.view), key=lambda t: t["id"])
+        mine = tasks[rank::world][: args.limit]
+        return iter(mine), len(mine)
+    stream = client.tasks(args.project, ids=args.tasks, view=args.view)
+    total = len(args.tasks) if args.tasks is not None else None
+    if total is None and args.view is None and hasattr(client, "count_tasks"):
+        total = client.count_tasks(args.project)
+    if args.limit is not None:
+        stream = itertools.islice(stream, args.limit)
+        total = min(total, args.limit) if total is not None else args.limit
+    return stream, total
 
 
 def _cuda_available() -> bool:

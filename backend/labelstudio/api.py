@@ -152,6 +152,15 @@ class LabelStudioClient:
                 if task_id in found:
                     yield found[task_id]
 
+    def count_tasks(self, project: int) -> int | None:
+        """How many tasks the project has (one small page read), or None when Label Studio does not say."""
+        answer = self._call(
+            "GET", "/api/tasks/", f"count the tasks of project {project}",
+            params={"project": int(project), "page": 1, "page_size": 1}, allow=(404,),
+        )  # fmt: skip
+        total = answer.get("total") if isinstance(answer, dict) else None
+        return total if isinstance(total, int) else None
+
     def _pages(
         self,
         project: int,

@@ -12,7 +12,9 @@ Events (Label Studio 1.23, see DESIGN.md 3b):
   regions removed, a tombstone left so a late older event cannot bring them back. ``TASKS_DELETED``
   (``"tasks": [{"id"}]``) does the same for every annotation of the tasks.
 - ``START_TRAINING``: a training job is queued.
-- Anything else (``TASKS_CREATED``, ``PROJECT_UPDATED``, ...) is acknowledged and ignored.
+- ``TASKS_CREATED``: with ``OSPREY_AUTO_PRELABEL``, a pre-label job for the tasks (the ``handlers``
+  the runtime gives :class:`Intake`); otherwise ignored.
+- Anything else (``PROJECT_UPDATED``, ...) is acknowledged and ignored.
 
 Versions of one annotation are ordered by ``updated_at`` then a content hash (``compare_versions``): a
 repeated delivery changes nothing and an older one never overwrites a newer. Cancelled (skipped)
@@ -178,6 +180,19 @@ def _project_id(payload: dict) -> str:
     return project_key(project)
 
 
+def _handled_project(payload: dict) -> str | None:
+    """The project a body names (``project.id``), or None."""
+    project = payload.get("project")
+    try:
+        return (
+            project_key(project["id"])
+            if isinstance(project, dict) and project.get("id") is not None
+            else None
+        )
+    except ValueError:
+        return None
+
+
 def _ids(payload: dict, key: str) -> list[int]:
     items = payload.get(key)
     if not isinstance(items, list):
@@ -326,7 +341,9 @@ class Intake:
     ``schema_for``); ``flush()`` waits until recorded predictions are in the store (an annotation is
     compared with the prediction it started from); ``count(key, n)`` counts outcomes for ``/metrics``;
     ``submit(fn, *args)`` runs housekeeping in the runtime's background thread; ``wake()`` makes the
-    training worker look for a job now; ``lora_enabled`` queues a LoRA job with every training job."""
+    training worker look for a job now; ``lora_enabled`` queues a LoRA job with every training job;
+    ``handlers`` maps other actions to a function of the body giving the outcome (``TASKS_CREATED`` with
+    :mod:`backend.prelabel.auto`): those are stored and parsed like the rest."""
 
     def __init__(
         self,
@@ -344,7 +361,9 @@ class Intake:
         limits: PayloadLimits = DEFAULT_LIMITS,
         thread_name: str = "osprey-intake",
         poll_s: float = 1.0,
+        handlers: dict[str, Callable[[dict], dict]] | None = None,
     ) -> None:
+        self.handlers = dict(handlers or {})
         self.store, self.queue, self.inbox, self.projects = store, queue, inbox, projects
         self.flush, self.count, self.submit, self.wake = flush, count, submit, wake
         self.train_every = train_every or None
@@ -362,7 +381,9 @@ class Intake:
     def receive(self, action: str, payload: dict) -> dict:
         """Check the envelope (WebhookError, a 400, for bad ids or times), store the body, answer."""
         action, project = check_envelope(payload)
-        if action not in HANDLED_EVENTS:
+        if action in self.handlers:  # e.g. TASKS_CREATED with automatic pre-labelling
+            project = _handled_project(payload)
+        elif action not in HANDLED_EVENTS:
             return {"status": "ignored", "action": action}
         inbox_id = self.inbox.append(action, project, payload)
         self.count(f"webhook {action} received", 1)
@@ -454,10 +475,13 @@ class Intake:
                 and project.get("id") is not None
             ):
                 self.projects.remember(project_key(project["id"]), project["label_config"])
-            outcome = handle_webhook(
-                self.store, payload, label_config_for=self.projects.label_config, train_every=self.train_every,
-                queue=self.queue, schema_for=self.projects.schema_for, limits=self.limits,
-            )  # fmt: skip
+            if item.action in self.handlers:
+                outcome = {"action": item.action, **self.handlers[item.action](payload)}
+            else:
+                outcome = handle_webhook(
+                    self.store, payload, label_config_for=self.projects.label_config, train_every=self.train_every,
+                    queue=self.queue, schema_for=self.projects.schema_for, limits=self.limits,
+                )  # fmt: skip
             if outcome.get("train"):
                 if self.lora_enabled:
                     outcome["lora_job_id"] = self.queue.enqueue(

@@ -12,10 +12,9 @@ twice (versions are ordered, repeats are duplicates).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
-from backend.errors import internal_error
+from backend.jobs.periodic import Periodic
 from backend.labelstudio.ids import project_key
 from backend.labelstudio.results import annotation_timestamp
 
@@ -48,38 +47,23 @@ class Reconciler:
         self.projects, self.arrived = projects, arrived
         self.interval_s = float(interval_s)
         self.first_sweep_s = min(float(first_sweep_s), self.interval_s)
-        self.thread_name = thread_name
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.last: dict = {}  # what the last sweep found, for /metrics
+        self._periodic = Periodic(
+            self.sweep, interval_s=self.interval_s, first_s=self.first_sweep_s, thread_name=thread_name,
+            what="reconciling annotations with Label Studio",
+        )  # fmt: skip
 
     def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
-            self._thread.start()
+        self._periodic.start()
 
     def stop(self, timeout_s: float = 30.0) -> bool:
-        self._stop.set()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
-
-    def _loop(self) -> None:
-        wait = self.first_sweep_s
-        while not self._stop.wait(wait):
-            try:
-                self.sweep()
-            except Exception:  # a sweep that fails is tried again at the next interval
-                internal_error(logger, "reconciling annotations with Label Studio")
-            wait = self.interval_s
+        return self._periodic.stop(timeout_s)
 
     def sweep(self) -> dict[str, int]:
         """One pass over every project; per project, how many events it put in the inbox."""
         found: dict[str, int] = {}
         for project in self.projects():
-            if self._stop.is_set():
+            if self._periodic.stopping:
                 break
             try:
                 found[project] = self.sweep_project(project)

@@ -9,6 +9,18 @@ that grow only as tasks are done, so the answer leaves within the budget unless 
 longer than every task before it. Tasks that fail (image gone, bad data) or are deferred get no
 ``result``, so Label Studio stores nothing that would block them, while the answer keeps one entry per
 task.
+
+One writer per task and version (:mod:`backend.prelabel.claims`): the batch claims its tasks first;
+those another writer holds (a pre-label job, ``osprey-label prelabel``) get no ``result`` here. The
+claims of predicted tasks are held a little longer than the answer takes to be stored
+(:data:`HOLD_S`), those of deferred and failed tasks given back at once.
+
+A batch Label Studio gave up on (its ``ML_TIMEOUT_PREDICT`` ran out and it closed the connection) is
+noticed before each cross-task batch and before the answer is sent, through the server's
+``disconnected()`` check (waitress reads ahead on the connection and sees it closed): then nothing more
+is predicted and *every* task of the request, answered or not, goes to the deferred job, since Label
+Studio will store nothing of this answer. A client that leaves between that last check and the end of
+sending the answer is not seen (the window is the time to send one JSON body).
 """
 
 from __future__ import annotations
@@ -23,13 +35,14 @@ from typing import Protocol
 from backend.errors import InputError
 from backend.labelstudio.schema import ProjectSchema
 
-from .tasks import TaskPredictor, TaskResult
+from .tasks import TaskPredictor, TaskResult, task_id
 
 logger = logging.getLogger(__name__)
 
 RECENT_TASKS = 5  # batches whose time per task the estimate looks at
 SAFETY = 1.25  # a batch is started only when this much more than its estimate fits
 RESERVE_SHARE, RESERVE_MIN_S = 0.05, 0.2  # of the budget kept for building and sending the answer
+HOLD_S = 120.0  # claims on answered tasks outlive the answer by this: Label Studio stores it meanwhile
 
 
 class Deferral(Protocol):
@@ -43,13 +56,35 @@ class Deferral(Protocol):
     ) -> str | None: ...
 
 
+class Claims(Protocol):
+    """One writer's claims (:class:`backend.prelabel.claims.Claimer`)."""
+
+    def claim(self, task_ids: list[int]) -> set[int]: ...
+    def release(self, task_ids: list) -> None: ...
+    def hold(self, task_ids: list, seconds: float) -> None: ...
+
+
+class _Unclaimed:
+    """No shared claims (no project id, or none configured): every task is this request's."""
+
+    def claim(self, task_ids: list[int]) -> set[int]:
+        return set(task_ids)
+
+    def release(self, task_ids: list) -> None:
+        pass
+
+    def hold(self, task_ids: list, seconds: float) -> None:
+        pass
+
+
 class BatchPredictor:
     """``predict`` answers one batch ``/predict``.
 
     ``tasks_for(project)`` gives a :class:`TaskPredictor` working at batch priority for the project;
     ``record(project, task_id, version, items)`` keeps what was predicted; ``count(key, n)`` counts
     outcomes for ``/metrics``; ``budget_s`` is ``OSPREY_PREDICT_BUDGET_S`` and ``max_batch_tasks``
-    ``OSPREY_PRELABEL_BATCH_TASKS``."""
+    ``OSPREY_PRELABEL_BATCH_TASKS``; ``claimer_for(project, version)`` a new writer's claims
+    (:class:`backend.prelabel.claims.Claimer`; None: every task is this request's)."""
 
     def __init__(
         self,
@@ -60,7 +95,9 @@ class BatchPredictor:
         count: Callable[[str, int], None],
         budget_s: float,
         max_batch_tasks: int,
+        claimer_for: Callable[[str, str], Claims] | None = None,
     ) -> None:
+        self.claimer_for = claimer_for
         self.tasks_for = tasks_for
         self.deferral = deferral
         self.record = record
@@ -79,9 +116,13 @@ class BatchPredictor:
         project: str | None,
         version: str,
         head,
+        disconnected: Callable[[], bool] | None = None,
     ) -> dict:
-        """``{"results": [one per task, in order], "errors": [...]}`` within the budget."""
+        """``{"results": [one per task, in order], "errors": [...]}`` within the budget. ``disconnected``
+        says whether Label Studio has closed the connection (then the answer is abandoned: see the
+        module docstring)."""
         started = time.monotonic()
+        gone = disconnected or (lambda: False)
         results: list[dict | None] = [None] * len(tasks)
         errors: list[dict] = []
         waiting = self.deferral.waiting(project) if project else set()
@@ -98,25 +139,69 @@ class BatchPredictor:
                 results[index] = no_result(version)  # its pre-label job will write it
             else:
                 todo.append((index, task))
-        predictor, position = self.tasks_for(project), 0
-        while position < len(todo):
-            size = self._batch_size(self.budget_s - (time.monotonic() - started), done=position)
-            if size == 0:
-                break
-            batch = todo[position : position + size]
-            began = time.monotonic()
-            outcomes = predictor.predict([task for _, task in batch], schema, head=head)
-            self._observe((time.monotonic() - began) / len(batch))
-            self._answer(batch, outcomes, results, errors, project, version)
-            position += size
-        if position < len(todo):
-            self._defer_or_run(
-                todo[position:], predictor, results, errors, schema, label_config, project, version, head
-            )
+        claimer = self.claimer_for(project, version) if project and self.claimer_for else _Unclaimed()
+        todo = self._claimed(todo, claimer, results, version)
+        predictor, position, abandoned = self.tasks_for(project), 0, False
+        try:
+            while position < len(todo):
+                size = self._batch_size(self.budget_s - (time.monotonic() - started), done=position)
+                if size == 0 or (abandoned := gone()):
+                    break
+                batch = todo[position : position + size]
+                began = time.monotonic()
+                outcomes = predictor.predict([task for _, task in batch], schema, head=head)
+                self._observe((time.monotonic() - began) / len(batch))
+                self._answer(batch, outcomes, results, errors, project, version)
+                position += size
+            abandoned = abandoned or gone()
+            if abandoned:
+                self._abandoned(todo, position, claimer, label_config, project, version)
+                for index, _ in todo:
+                    results[index] = no_result(version)
+            elif position < len(todo):
+                self._defer_or_run(
+                    todo[position:], predictor, results, errors, schema, label_config, project, version, head
+                )
+        finally:
+            answered = [task_id(t) for i, t in todo if not abandoned and (results[i] or {}).get("result")]
+            claimer.hold([t for t in answered if t is not None], HOLD_S)
+            claimer.release([task_id(t) for _, t in todo if task_id(t) not in answered])
+        self.count("tasks ok", sum(1 for r in results if r and "result" in r))
         out: dict = {"results": results}
         if errors:
             out["errors"] = errors
         return out
+
+    def _claimed(self, todo: list, claimer: Claims, results: list, version: str) -> list:
+        """The entries of ``todo`` this request now holds; the others get no result (another writer is
+        writing them)."""
+        claimed = claimer.claim([task_id(t) for _, t in todo if task_id(t) is not None])
+        mine = []
+        for index, task in todo:
+            if task_id(task) is None or task_id(task) in claimed:
+                mine.append((index, task))
+            else:
+                results[index] = no_result(version)
+        if len(mine) < len(todo):
+            self.count("tasks left to another writer", len(todo) - len(mine))
+        return mine
+
+    def _abandoned(self, todo: list, position: int, claimer, label_config, project, version) -> None:
+        """Label Studio closed the connection: it stores nothing of this answer, so every task goes to
+        the deferred job (those already predicted too)."""
+        tasks = [task for _, task in todo]
+        claimer.release([task_id(t) for t in tasks])
+        job_id = None
+        if project is not None and tasks and all(isinstance(t.get("id"), int) for t in tasks):
+            job_id = self.deferral.defer(project, tasks, label_config=label_config, model_version=version)
+        self.count("batches abandoned by Label Studio", 1)
+        self.count("tasks deferred", len(tasks) if job_id else 0)
+        logger.warning(
+            "project %s: Label Studio closed the connection of a batch /predict after %d of %d tasks (its "
+            "ML_TIMEOUT_PREDICT is shorter than OSPREY_PREDICT_BUDGET_S=%.0f?); %s",
+            project, position, len(todo), self.budget_s,
+            f"all {len(tasks)} deferred to pre-label job {job_id}" if job_id else "nothing can write them later",
+        )  # fmt: skip
 
     def _defer_or_run(
         self, entries, predictor, results, errors, schema, label_config, project, version, head
@@ -149,7 +234,6 @@ class BatchPredictor:
             if outcome.status == "predicted":
                 results[index] = {"result": outcome.result, "score": outcome.score, "model_version": version}
                 self.record(project, outcome.task_id, version, outcome.result)
-                self.count("tasks ok", 1)
             else:
                 results[index] = no_result(version)
                 errors.append({"index": index, "task": outcome.task_id, "error": outcome.reason})

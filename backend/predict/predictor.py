@@ -57,20 +57,39 @@ class Predictor:
         self._slots = threading.BoundedSemaphore(max(1, slots))
 
     def predict(
-        self, *, tasks: list, project: str | None, label_config: str | None, context: dict | None
+        self,
+        *,
+        tasks: list,
+        project: str | None,
+        label_config: str | None,
+        context: dict | None,
+        disconnected: Callable[[], bool] | None = None,
     ) -> dict:
         """``{"results": [...]}`` (and ``errors``) for the tasks; NotReadyError (503) when every slot is
-        taken, RequestError (400) for a malformed request."""
+        taken, RequestError (400) for a malformed request. ``disconnected`` says whether the client has
+        gone (a batch then defers its tasks instead of answering)."""
         if not self._slots.acquire(timeout=0.05):
             self.count("refused busy", 1)
             raise NotReadyError("the backend is busy with other predictions; retry in a moment")
         try:
-            return self._predict(tasks=tasks, project=project, label_config=label_config, context=context)
+            return self._predict(
+                tasks=tasks,
+                project=project,
+                label_config=label_config,
+                context=context,
+                disconnected=disconnected,
+            )
         finally:
             self._slots.release()
 
     def _predict(
-        self, *, tasks: list, project: str | None, label_config: str | None, context: dict | None
+        self,
+        *,
+        tasks: list,
+        project: str | None,
+        label_config: str | None,
+        context: dict | None,
+        disconnected=None,
     ) -> dict:
         if label_config is None:
             label_config = self.projects.label_config(project) if project else None
@@ -85,7 +104,7 @@ class Predictor:
                 f"an interactive request (params.context) must carry one task, got {len(tasks)}"
             )
         if context is None:
-            return self._batch(tasks, schema, label_config, project, version, head)
+            return self._batch(tasks, schema, label_config, project, version, head, disconnected)
         bad = bad_task_ids(tasks)
         if bad:
             raise RequestError(bad[0])
@@ -110,7 +129,16 @@ class Predictor:
         except ImageLoadError as error:
             raise RequestError(f"cannot load the task image: {error}") from None
 
-    def _batch(self, tasks: list, schema, label_config: str, project: str | None, version: str, head) -> dict:
+    def _batch(
+        self,
+        tasks: list,
+        schema,
+        label_config: str,
+        project: str | None,
+        version: str,
+        head,
+        disconnected=None,
+    ) -> dict:
         """Exactly one result per task, in order. A task whose id is not a Label Studio id gets the answer
         without ``result`` (Label Studio stores nothing for it) and an error naming the field; the others
         are predicted by the :class:`BatchPredictor`."""
@@ -118,7 +146,7 @@ class Predictor:
         good = [index for index in range(len(tasks)) if index not in bad]
         out = self.batch.predict(
             [tasks[index] for index in good], schema=schema, label_config=label_config, project=project,
-            version=version, head=head,
+            version=version, head=head, disconnected=disconnected,
         )  # fmt: skip
         if not bad:
             return out

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -108,16 +108,72 @@ class TaskPredictor:
         self.image_threads = max(1, int(image_threads))
 
     def predict(self, tasks: list[dict], schema: ProjectSchema, *, head=None) -> list[TaskResult]:
-        """One :class:`TaskResult` per task, in order."""
-        results: list[TaskResult | None] = [None] * len(tasks)
-        found: list[tuple[int, np.ndarray, list]] = []
-        for index, rgb in self._load_images(tasks, schema, results):
-            regions = self._regions(tasks[index], rgb, schema, results, index)
+        """One :class:`TaskResult` per task, in order: :meth:`load`, :meth:`infer` and :meth:`build` in
+        turn (the pipelined pre-label engine runs them in different threads, overlapping)."""
+        return self.build(self.infer(self.load(tasks, schema), schema, head=head), schema)
+
+    def load(self, tasks: list[dict], schema: ProjectSchema, *, pool: Executor | None = None) -> StagedBatch:
+        """Stage 1, no model: every task's image fetched and decoded, in ``pool`` (or a pool of
+        ``image_threads`` made for this call); a task whose image cannot be had is failed here."""
+        batch = StagedBatch(tasks=list(tasks), results=[None] * len(tasks))
+        if pool is None:
+            with ThreadPoolExecutor(max_workers=min(self.image_threads, max(1, len(tasks)))) as own:
+                batch.loaded = self._load_images(batch, schema, own)
+        else:
+            batch.loaded = self._load_images(batch, schema, pool)
+        return batch
+
+    def infer(self, batch: StagedBatch, schema: ProjectSchema, *, head=None) -> StagedBatch:
+        """Stage 2, the model: each loaded task's regions (SAM), then every task's regions answered in
+        forward passes shared by up to ``batch_tasks`` tasks; each step inside ``session()``."""
+        for index, rgb in batch.loaded:
+            regions = self._regions(batch.tasks[index], rgb, schema, batch.results, index)
             if regions is not None:
-                found.append((index, rgb, regions))
-        for start in range(0, len(found), self.batch_tasks):
-            self._answer(found[start : start + self.batch_tasks], tasks, schema, head, results)
-        return [r for r in results if r is not None]
+                batch.found.append((index, rgb, regions))
+        batch.loaded = []  # the images now live in ``found`` only
+        for start in range(0, len(batch.found), self.batch_tasks):
+            group = batch.found[start : start + self.batch_tasks]
+            items = [(rgb, regions) for _, rgb, regions in group]
+            try:
+                with self.session():
+                    answers = answer_tasks(
+                        items, schema=schema, osprey=self.models.region_model, options=self.options, head=head
+                    )
+            except Exception as error:  # every task of the group says so
+                self._fail_group(batch, group, _failure_reason(error, len(group)))
+                continue
+            batch.answered.append((group, answers))
+        batch.found = []
+        return batch
+
+    def build(self, batch: StagedBatch, schema: ProjectSchema) -> list[TaskResult]:
+        """Stage 3, no model: Label Studio's results (masks to RLE, polygons) for every answered task;
+        one :class:`TaskResult` per task of the batch, in order."""
+        for group, answers in batch.answered:
+            items = [(rgb, regions) for _, rgb, regions in group]
+            try:
+                with self.courtesy():  # no model needed; clicks go first
+                    labelled = task_results(items, answers, schema=schema, options=self.options)
+            except Exception as error:
+                self._fail_group(batch, group, _failure_reason(error, len(group)))
+                continue
+            for (index, _, regions), (result, score) in zip(group, labelled, strict=True):
+                identity = task_id(batch.tasks[index])
+                if result:
+                    batch.results[index] = TaskResult(
+                        identity, "predicted", result=result, score=score, regions=len(regions)
+                    )
+                else:
+                    batch.results[index] = TaskResult(
+                        identity, "failed", "nothing to predict (nothing written)", retryable=False
+                    )
+        batch.answered = []
+        return [r for r in batch.results if r is not None]
+
+    @staticmethod
+    def _fail_group(batch: StagedBatch, group: list, reason: str) -> None:
+        for index, _, _ in group:
+            batch.results[index] = TaskResult(task_id(batch.tasks[index]), "failed", reason)
 
     def _regions(self, task: dict, rgb, schema: ProjectSchema, results: list, index: int) -> list | None:
         try:
@@ -139,52 +195,44 @@ class TaskPredictor:
             return None
         return regions
 
-    def _answer(self, batch: list, tasks: list[dict], schema: ProjectSchema, head, results: list) -> None:
-        items = [(rgb, regions) for _, rgb, regions in batch]
-        try:
-            with self.session():
-                answers = answer_tasks(
-                    items, schema=schema, osprey=self.models.region_model, options=self.options, head=head
-                )
-            with self.courtesy():  # no model needed; clicks go first
-                labelled = task_results(items, answers, schema=schema, options=self.options)
-        except Exception as error:  # every task of the batch says so
-            if _out_of_memory(error):
-                reason = "labelling: out of device memory"
-                logger.warning("a batch of %d tasks ran out of device memory", len(batch))
-            else:
-                reason = f"internal error {internal_error(logger, f'labelling {len(batch)} tasks')}"
-            for index, _, _ in batch:
-                results[index] = TaskResult(task_id(tasks[index]), "failed", reason)
-            return
-        for (index, _, regions), (items, score) in zip(batch, labelled, strict=True):
-            if items:
-                results[index] = TaskResult(
-                    task_id(tasks[index]), "predicted", result=items, score=score, regions=len(regions)
-                )
-            else:
-                results[index] = TaskResult(
-                    task_id(tasks[index]), "failed", "nothing to predict (nothing written)", retryable=False
-                )
-
     def _load_images(
-        self, tasks: list[dict], schema: ProjectSchema, results: list
+        self, batch: StagedBatch, schema: ProjectSchema, pool: Executor
     ) -> list[tuple[int, np.ndarray]]:
         def load(task: dict) -> np.ndarray:
             return self.loader.load(schema.image_reference(task)).rgb
 
+        tasks, results = batch.tasks, batch.results
         loaded = []
-        with ThreadPoolExecutor(max_workers=min(self.image_threads, max(1, len(tasks)))) as pool:
-            futures = {index: pool.submit(load, task) for index, task in enumerate(tasks)}
-            for index, future in futures.items():
-                try:
-                    loaded.append((index, future.result()))
-                except InputError as error:  # no image in the task, or one that cannot be loaded
-                    results[index] = TaskResult(task_id(tasks[index]), "failed", f"image: {error}")
-                except Exception:
-                    error_id = internal_error(logger, f"loading the image of task {task_id(tasks[index])}")
-                    results[index] = TaskResult(task_id(tasks[index]), "failed", f"internal error {error_id}")
+        futures = {index: pool.submit(load, task) for index, task in enumerate(tasks)}
+        for index, future in futures.items():
+            try:
+                loaded.append((index, future.result()))
+            except InputError as error:  # no image in the task, or one that cannot be loaded
+                results[index] = TaskResult(task_id(tasks[index]), "failed", f"image: {error}")
+            except Exception:
+                error_id = internal_error(logger, f"loading the image of task {task_id(tasks[index])}")
+                results[index] = TaskResult(task_id(tasks[index]), "failed", f"internal error {error_id}")
         return loaded
+
+
+@dataclass
+class StagedBatch:
+    """Tasks on their way through :class:`TaskPredictor`'s stages: ``results`` (one slot per task, set
+    when a task is failed or done), ``loaded`` [(index, rgb)] after :meth:`TaskPredictor.load`,
+    ``answered`` [(group, answers)] after :meth:`TaskPredictor.infer`."""
+
+    tasks: list[dict]
+    results: list[TaskResult | None]
+    loaded: list = field(default_factory=list)
+    found: list = field(default_factory=list)
+    answered: list = field(default_factory=list)
+
+
+def _failure_reason(error: Exception, tasks: int) -> str:
+    if _out_of_memory(error):
+        logger.warning("a batch of %d tasks ran out of device memory", tasks)
+        return "labelling: out of device memory"
+    return f"internal error {internal_error(logger, f'labelling {tasks} tasks')}"
 
 
 def _out_of_memory(error: Exception) -> bool:

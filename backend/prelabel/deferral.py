@@ -21,12 +21,14 @@ from collections.abc import Callable
 
 from backend.jobs import PRELABEL_LANE, lane_for
 
+from .claims import Claimer
 from .engine import prelabel
 
 logger = logging.getLogger(__name__)
 
 PRELABEL_KIND = "prelabel"
-PROGRESS_EVERY = 10  # log a progress line every this many tasks
+PROGRESS_EVERY = 10  # log a progress line every this many tasks...
+PROGRESS_EVERY_S = 10.0  # ...once this many seconds have passed since the last one
 
 
 def is_prelabel_job(kind: str) -> bool:
@@ -41,7 +43,9 @@ class Deferrals:
     ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``: then nothing can be deferred), ``projects``
     (``schema_for``, ``version``, ``head``), ``tasks_for(project)`` (a task predictor at batch priority),
     ``record(project, task_id, version, items)``, ``wake()`` (the pre-label worker looks for a job now),
-    ``chunk_tasks`` and ``retries`` as for :func:`backend.prelabel.engine.prelabel`."""
+    ``chunk_tasks`` and ``retries`` as for :func:`backend.prelabel.engine.prelabel`;
+    ``claimer_for(project, version, what, owner=...)`` a writer's claims (:class:`~.claims.Claimer`;
+    a job's owner is named after the job, so that the job resumed after a crash takes its claims back)."""
 
     def __init__(
         self,
@@ -54,7 +58,9 @@ class Deferrals:
         wake: Callable[[], None] = lambda: None,
         chunk_tasks: int = 8,
         retries: int = 2,
+        claimer_for: Callable[..., Claimer] | None = None,
     ) -> None:
+        self.claimer_for = claimer_for
         self.queue = queue
         self.client = client
         self.projects = projects
@@ -108,11 +114,14 @@ class Deferrals:
             if result.status == "predicted":
                 self.record(project, result.task_id, version, result.result)
 
+        claimer = None
+        if self.claimer_for is not None:
+            claimer = self.claimer_for(project, version, "job", owner=f"job:{project}:{kind}")
         try:
             summary = prelabel(
                 tasks, predictor=self.tasks_for(project), schema=schema, project=int(project), model_version=version,
                 sink=self.client, head=self.projects.head(project), chunk_tasks=self.chunk_tasks,
-                retries=self.retries, on_result=seen,
+                retries=self.retries, on_result=seen, claimer=claimer,
             )  # fmt: skip
         finally:
             progress.finish()
@@ -128,28 +137,36 @@ class Deferrals:
 
 
 class Progress:
-    """Done / total / failed and an ETA for one pre-label job (``/metrics``), logged every
-    :data:`PROGRESS_EVERY` tasks. Updated by the job's thread, read by ``/metrics``: under a lock."""
+    """Done / total / failed, the rate and an ETA for one pre-label run (``/metrics``, the log): a line
+    every :data:`PROGRESS_EVERY` tasks once :data:`PROGRESS_EVERY_S` have passed, and at the end.
+    Updated by the run's threads, read by ``/metrics``: under a lock. ``total`` None: unknown (no ETA)."""
 
     def __init__(
-        self, *, project: str, job: str, total: int, clock: Callable[[], float] = time.monotonic
+        self, *, project: str, job: str, total: int | None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.project, self.job, self.total = project, job, total
         self.done = self.failed = 0
         self.running = True
         self._clock = clock
         self._lock = threading.Lock()
-        self.started = clock()
+        self.started = self._logged = clock()
 
     def __call__(self, result) -> None:
         with self._lock:
             self.done += 1
             self.failed += result.status == "failed"
-            done, failed = self.done, self.failed
-        if done % PROGRESS_EVERY == 0 or done == self.total:
+            done, failed, now = self.done, self.failed, self._clock()
+            due = (
+                done % PROGRESS_EVERY == 0 and now - self._logged >= PROGRESS_EVERY_S
+            ) or done == self.total
+            if due:
+                self._logged = now
+        if due:
+            rate = 60.0 * done / max(now - self.started, 1e-9)
             logger.info(
-                "project %s: pre-label job %s: %d/%d tasks (%d failed), ETA %s",
-                self.project, self.job, done, self.total, failed, _eta(self.eta_s()),
+                "project %s: pre-label %s: %d/%s tasks (%d failed), %.1f tasks/min, ETA %s",
+                self.project, self.job, done, self.total if self.total is not None else "?", failed, rate,
+                _eta(self.eta_s()),
             )  # fmt: skip
 
     def finish(self) -> None:
@@ -159,7 +176,7 @@ class Progress:
     def eta_s(self) -> float | None:
         with self._lock:
             done, total = self.done, self.total
-        if not done:
+        if not done or total is None:
             return None
         return (self._clock() - self.started) / done * max(total - done, 0)
 

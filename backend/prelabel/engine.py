@@ -12,6 +12,7 @@ that fails says why) over a task stream and writes through a sink (``LabelStudio
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,9 @@ from dataclasses import dataclass, field
 from backend.labelstudio.api import LabelStudioAPIError
 from backend.labelstudio.schema import ProjectSchema
 from backend.predict.tasks import TaskPredictor, TaskResult, task_id
+
+from .claims import Claimer, converge
+from .pipeline import run_stages
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ class Summary:
     seconds: float = 0.0
     written: int = 0
     deleted_empty: int = 0
+    elsewhere: int = 0  # left to another writer holding their claims
+    duplicates: int = 0  # other writers' duplicates deleted (see claims.converge)
 
     @property
     def tasks_per_minute(self) -> float:
@@ -52,6 +58,8 @@ class Summary:
             "regions": self.regions,
             "written": self.written,
             "deleted_empty": self.deleted_empty,
+            "elsewhere": self.elsewhere,
+            "duplicates_deleted": self.duplicates,
             "seconds": round(self.seconds, 2),
             "tasks_per_minute": round(self.tasks_per_minute, 2),
         }
@@ -85,79 +93,152 @@ def prelabel(
     backoff_s: float = 2.0,
     on_result: Callable[[TaskResult], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    claimer: Claimer | None = None,
+    pipeline: bool = True,
+    prefetch: int = 2,
 ) -> Summary:
     """Predict every task of ``tasks`` that has no prediction of ``model_version`` yet and write it
     through ``sink`` (``create_predictions(project, items)``, ``delete_prediction(id)``, and
-    ``tasks(project, ids=..., skip_missing=True)`` to read back after a write whose outcome is unknown:
-    see :func:`write_chunk`).
+    ``tasks(project, ids=..., skip_missing=True)`` to read back: see :func:`write_chunk` and
+    :func:`backend.prelabel.claims.converge`).
 
-    ``on_result`` sees every task's final :class:`TaskResult` (progress bars, logs). Failed tasks are
-    tried ``retries`` more times, after ``backoff_s``, then twice that, and so on.
+    Each batch of tasks is claimed through ``claimer`` before it is predicted (tasks another writer
+    holds are left to it, counted as ``elsewhere``), read back (tasks finished meanwhile are skipped),
+    and its claims are given back once written or failed. ``pipeline`` (the default) overlaps the
+    stages (:mod:`backend.prelabel.pipeline`, ``prefetch`` batches ahead); False runs them one after
+    another. Both give the same answers and the same writes.
+
+    ``on_result`` sees every task's final :class:`TaskResult` (progress bars, logs), from any thread.
+    Failed tasks are tried ``retries`` more times, after ``backoff_s``, then twice that, and so on.
     """
-    summary = Summary()
+    run = _Run(
+        predictor=predictor, schema=schema, project=project, model_version=model_version, sink=sink, head=head,
+        chunk_tasks=chunk_tasks, retries=retries, on_result=on_result, sleep=sleep,
+        claimer=claimer or Claimer(None, str(project), model_version, owner="-"),
+    )  # fmt: skip
     started = time.perf_counter()
-    buffer: list[tuple[TaskResult, list[int]]] = []
-    empties: dict[int, list[int]] = {}
+    try:
+        pending = _unfinished(tasks, run)
+        for attempt in range(1, retries + 2):
+            if attempt > 1:
+                if not run.retry:
+                    break
+                sleep(backoff_s * 2 ** (attempt - 2))
+                pending, run.retry = iter(run.retry), []
+            batches = _batches(pending, predictor.batch_tasks)
+            if pipeline:
+                run_stages(batches, attempt=attempt, run=run, prefetch=prefetch)
+            else:
+                for batch in batches:
+                    admitted = run.admit(batch)
+                    if admitted:
+                        run.accept(predictor.predict(admitted, schema, head=head), admitted, attempt)
+                run.flush()
+    finally:
+        run.claimer.release(sorted(run.held))  # a run cut off gives its claims back at once
+    run.summary.seconds = time.perf_counter() - started
+    return run.summary
 
-    def finish(result: TaskResult) -> None:
-        if result.status == "predicted":
-            summary.predicted += 1
-            summary.regions += result.regions
-        elif result.status == "skipped":
-            summary.skipped += 1
-        else:
-            summary.failed[result.task_id] = result.reason or "failed"
-        if on_result is not None:
-            on_result(result)
 
-    def flush() -> None:
-        if not buffer:
-            return
-        items = [
-            {"task": r.task_id, "result": r.result, "score": r.score, "model_version": model_version}
-            for r, _ in buffer
-        ]
-        summary.written += write_chunk(sink, project, items, model_version, sleep=sleep)
-        for result, empty_ids in buffer:
-            for prediction_id in empty_ids:
-                sink.delete_prediction(prediction_id)
-                summary.deleted_empty += 1
-            finish(result)
-        buffer.clear()
+class _Run:
+    """One run's state and the steps every batch goes through, in either engine: ``admit`` (claim and
+    read back), the predictor's stages, ``accept`` (results to the write buffer or to the retries) and
+    ``flush`` (a chunk written, duplicates converged, claims given back). ``finish`` may be called from
+    several threads."""
 
-    def run(batch: list[dict], attempt: int) -> list[dict]:
-        again = []
-        for task, result in zip(batch, predictor.predict(batch, schema, head=head), strict=True):
+    def __init__(self, *, predictor, schema, project, model_version, sink, head, chunk_tasks, retries, on_result,
+                 sleep, claimer: Claimer) -> None:  # fmt: skip
+        self.predictor, self.schema, self.head = predictor, schema, head
+        self.project, self.model_version, self.sink = project, model_version, sink
+        self.chunk_tasks, self.retries, self.on_result, self.sleep = chunk_tasks, retries, on_result, sleep
+        self.claimer = claimer
+        self.summary = Summary()
+        self.buffer: list[TaskResult] = []
+        self.retry: list[dict] = []
+        self.held: set[int] = set()
+        self._lock = threading.Lock()
+
+    def finish(self, result: TaskResult) -> None:
+        with self._lock:
+            if result.status == "predicted":
+                self.summary.predicted += 1
+                self.summary.regions += result.regions
+            elif result.status == "skipped":
+                self.summary.skipped += 1
+            elif result.status == "elsewhere":
+                self.summary.elsewhere += 1
+            else:
+                self.summary.failed[result.task_id] = result.reason or "failed"
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def count(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self.summary, name, getattr(self.summary, name) + n)
+
+    def admit(self, batch: list[dict]) -> list[dict]:
+        """The tasks of ``batch`` this run now holds and that are still to do."""
+        ids = [i for i in (task_id(t) for t in batch) if i is not None]
+        claimed = self.claimer.claim(ids)
+        with self._lock:
+            self.held |= claimed
+        mine, found_done = [], converge(self.sink, self.project, sorted(claimed), self.model_version)
+        self.count(deleted_empty=found_done.empty, duplicates=found_done.duplicates)
+        for task in batch:
+            identity = task_id(task)
+            if identity is not None and identity not in claimed:
+                self.finish(TaskResult(identity, "elsewhere", "being pre-labelled by another writer"))
+            elif identity in found_done.done:
+                self.finish(
+                    TaskResult(identity, "skipped", f"already has a prediction of {self.model_version}")
+                )
+            else:
+                mine.append(task)
+        kept = {task_id(task) for task in mine}
+        self._release([identity for identity in claimed if identity not in kept])
+        return mine
+
+    def accept(self, results: list[TaskResult], tasks: list[dict], attempt: int) -> None:
+        """Results of one batch (in order of ``tasks``): predicted ones to the write buffer (written
+        once it holds ``chunk_tasks``), retryable failures to the next round, the rest finished."""
+        for task, result in zip(tasks, results, strict=True):
             result.attempts = attempt
             if result.status == "predicted":
-                buffer.append((result, empties.pop(result.task_id, [])))
-                if len(buffer) >= chunk_tasks:
-                    flush()
-            elif attempt <= retries and result.retryable:
-                again.append(task)
+                self.buffer.append(result)
+                if len(self.buffer) >= self.chunk_tasks:
+                    self.flush()
+                continue
+            self._release([result.task_id])
+            if attempt <= self.retries and result.retryable:
+                self.retry.append(task)
                 logger.info(
                     "task %s failed (attempt %d), will retry: %s", result.task_id, attempt, result.reason
                 )
             else:
-                finish(result)
-        return again
+                self.finish(result)
 
-    retry: list[dict] = []
-    for batch in _batches(
-        _unfinished(tasks, model_version, sink, summary, empties, finish), predictor.batch_tasks
-    ):
-        retry += run(batch, 1)
-    flush()
-    for attempt in range(2, retries + 2):
-        if not retry:
-            break
-        sleep(backoff_s * 2 ** (attempt - 2))
-        pending, retry = retry, []
-        for batch in _batches(iter(pending), predictor.batch_tasks):
-            retry += run(batch, attempt)
-        flush()
-    summary.seconds = time.perf_counter() - started
-    return summary
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        chunk, self.buffer = self.buffer, []
+        items = [
+            {"task": r.task_id, "result": r.result, "score": r.score, "model_version": self.model_version}
+            for r in chunk
+        ]
+        written = write_chunk(self.sink, self.project, items, self.model_version, sleep=self.sleep)
+        after = converge(self.sink, self.project, [r.task_id for r in chunk], self.model_version)
+        self.count(written=written, deleted_empty=after.empty, duplicates=after.duplicates)
+        self._release([r.task_id for r in chunk])
+        for result in chunk:
+            self.finish(result)
+
+    def _release(self, ids: list) -> None:
+        ids = [i for i in ids if i is not None]
+        if ids:
+            self.claimer.release(ids)
+            with self._lock:
+                self.held.difference_update(ids)
 
 
 def write_chunk(sink, project: int, items: list[dict], model_version: str, *, attempts: int = 4,
@@ -196,20 +277,18 @@ def already_written(sink, project: int, task_ids: list[int], model_version: str)
     return {task["id"] for task in tasks if current_predictions(task, model_version)[0]}
 
 
-def _unfinished(tasks, model_version, sink, summary, empties, finish) -> Iterator[dict]:
+def _unfinished(tasks: Iterable[dict], run: _Run) -> Iterator[dict]:
     """The tasks still to predict; tasks already done are finished as skipped (their stray empty
-    predictions of this version deleted)."""
+    predictions of this version deleted). Empty ones of tasks still to do go once they are written."""
+    version = run.model_version
     for task in tasks:
-        identity = task_id(task)
-        done, empty_ids = current_predictions(task, model_version)
+        done, empty_ids = current_predictions(task, version)
         if done:
             for prediction_id in empty_ids:
-                sink.delete_prediction(prediction_id)
-                summary.deleted_empty += 1
-            finish(TaskResult(identity, "skipped", f"already has a prediction of {model_version}"))
+                run.sink.delete_prediction(prediction_id)
+            run.count(deleted_empty=len(empty_ids))
+            run.finish(TaskResult(task_id(task), "skipped", f"already has a prediction of {version}"))
             continue
-        if identity is not None and empty_ids:
-            empties[identity] = empty_ids
         yield task
 
 
@@ -227,14 +306,14 @@ def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
 def format_summary(summaries: list[dict], *, version: str) -> str:
     """The summary table: predicted, skipped as already done, failed with reasons (per rank when
     several), and the rate."""
-    total = {
-        k: sum(s[k] for s in summaries) for k in ("predicted", "skipped", "failed", "written", "regions")
-    }
+    keys = ("predicted", "skipped", "elsewhere", "failed", "written", "regions")
+    total = {k: sum(s.get(k, 0) for s in summaries) for k in keys}
     seconds = max(s["seconds"] for s in summaries)
     lines = [f"pre-label with {version}:"]
     rows = [
         ("predicted", total["predicted"]),
         ("skipped (already done)", total["skipped"]),
+        *([("left to another writer", total["elsewhere"])] if total["elsewhere"] else []),
         ("failed", total["failed"]),
     ]
     lines += [f"  {name:<24}{count:>8}" for name, count in rows]

@@ -42,6 +42,8 @@ from backend.predict.batch import BatchPredictor
 from backend.predict.options import PredictOptions
 from backend.predict.predictor import Predictor
 from backend.predict.tasks import TaskPredictor
+from backend.prelabel.auto import TASKS_CREATED, AutoPrelabel
+from backend.prelabel.claims import Claimer, PrelabelClaims, writer_id
 from backend.prelabel.deferral import Deferrals
 
 from .models import Models, check_weights, device_memory, load_models, weight_paths
@@ -93,12 +95,14 @@ class Runtime:
     options: PredictOptions
     counts: Counters
     background: concurrent.futures.ThreadPoolExecutor
+    claims: PrelabelClaims = None  # one writer per (task, model version), across this MODEL_DIR's processes
     predictor: Predictor = None
     intake: Intake = None
     deferrals: Deferrals = None
     trainer: ProjectTrainer = None
     workers: dict[str, Worker] = field(default_factory=dict)
     reconciler: Reconciler | None = None
+    auto_prelabel: AutoPrelabel | None = None  # OSPREY_AUTO_PRELABEL: TASKS_CREATED and the sweep
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # in the name of every thread it starts
     started: float = field(default_factory=time.time)
     closed: bool = False
@@ -112,6 +116,13 @@ class Runtime:
             session=lambda: self.sessions(project, priority),
             courtesy=lambda: self.scheduler.courtesy(priority),
         )  # fmt: skip
+
+    def claimer(self, project: str, version: str, what: str, *, owner: str | None = None) -> Claimer:
+        """A writer's claims on ``project``'s tasks for ``version`` (``owner``: a stable name, so that a
+        job resumed after a crash takes its own claims back; otherwise a new one naming ``what``)."""
+        return Claimer(
+            self.claims, str(project), version, owner or writer_id(what), self.settings.prelabel_claim_lease_s
+        )
 
     def submit(self, function, *args) -> None:
         """Run ``function(*args)`` in the runtime's background thread (housekeeping: parsing stored
@@ -134,6 +145,8 @@ class Runtime:
         self.intake.start()
         if self.reconciler is not None:
             self.reconciler.start()
+        if self.auto_prelabel is not None and self.settings.training:  # its jobs need the workers
+            self.auto_prelabel.start()
         if self.settings.training:
             for worker in self.workers.values():
                 worker.start()
@@ -149,10 +162,12 @@ class Runtime:
         stopped = self.intake.stop(timeout_s)  # what is still in the inbox is parsed at the next start
         if self.reconciler is not None:
             stopped &= self.reconciler.stop(timeout_s)
+        if self.auto_prelabel is not None:
+            stopped &= self.auto_prelabel.stop(timeout_s)
         stopped &= all([worker.stop(timeout_s) for worker in self.workers.values()])
         self.recorder.close()
         self.background.shutdown(wait=True, cancel_futures=True)
-        for closable in (self.store, self.queue, self.intake.inbox):
+        for closable in (self.store, self.queue, self.intake.inbox, self.claims):
             close = getattr(closable, "close", None)
             if close is not None:
                 close()
@@ -207,7 +222,12 @@ class Runtime:
                 **_safe(self.intake.inbox.counts),
                 "reconciliation": self.reconciler.last if self.reconciler is not None else "off",
             },
-            "prelabel": {"jobs": self.deferrals.metrics(), "budget_s": self.settings.predict_budget_s},
+            "prelabel": {
+                "jobs": self.deferrals.metrics(),
+                "budget_s": self.settings.predict_budget_s,
+                "claims": _safe(self.claims.held),
+                "auto": self.auto_prelabel.metrics() if self.auto_prelabel is not None else "off",
+            },  # fmt: skip
             "scheduler": self.scheduler.stats(),
             "versions": _safe(self.registry.damaged),  # projects whose promoted version cannot be served
         }
@@ -253,6 +273,7 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
             max_workers=1, thread_name_prefix=f"{THREAD_PREFIX}background-{tag}"
         ),
         tag=tag,
+        claims=PrelabelClaims(store.path),
     )
     _wire(runtime)
     return runtime
@@ -277,11 +298,12 @@ def _wire(rt: Runtime) -> None:
     rt.deferrals = Deferrals(
         queue=rt.queue, client=rt.client, projects=rt.projects, tasks_for=rt.tasks_for, record=rt.recorder.record,
         wake=lambda: _wake(rt, PRELABEL_LANE), chunk_tasks=settings.prelabel_chunk_tasks,
-        retries=settings.prelabel_retries,
+        retries=settings.prelabel_retries, claimer_for=rt.claimer,
     )  # fmt: skip
     batch = BatchPredictor(
         tasks_for=rt.tasks_for, deferral=rt.deferrals, record=rt.recorder.record, count=rt.counts,
         budget_s=settings.predict_budget_s, max_batch_tasks=settings.prelabel_batch_tasks,
+        claimer_for=lambda project, version: rt.claimer(project, version, "batch"),
     )  # fmt: skip
     rt.predictor = Predictor(
         projects=rt.projects, models=rt.models, loader=rt.loader, options=rt.options,
@@ -300,11 +322,21 @@ def _wire(rt: Runtime) -> None:
         base_version=rt.models.version, session=rt.sessions.bound(BACKGROUND), lora=lora,
         min_examples=settings.min_train_examples,
     )  # fmt: skip
+    if settings.auto_prelabel and rt.client is not None:
+        rt.auto_prelabel = AutoPrelabel(
+            deferrals=rt.deferrals, client=rt.client, projects=rt.projects, count=rt.counts,
+            interval_s=settings.auto_prelabel_sweep_s, thread_name=f"{THREAD_PREFIX}autoprelabel-{rt.tag}",
+        )  # fmt: skip
+    elif settings.auto_prelabel:
+        logger.warning(
+            "OSPREY_AUTO_PRELABEL is on but writes need LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: off"
+        )
     rt.intake = Intake(
         store=rt.store, queue=rt.queue, inbox=WebhookInbox(rt.store.path), projects=rt.projects,
         flush=rt.recorder.flush, count=rt.counts, submit=rt.submit, wake=lambda: _wake(rt, TRAINING_LANE),
         train_every=settings.train_every, lora_enabled=lora is not None, limits=rt.options.limits,
         thread_name=f"{THREAD_PREFIX}intake-{rt.tag}",
+        handlers={TASKS_CREATED: rt.auto_prelabel.tasks_created} if rt.auto_prelabel is not None else None,
     )  # fmt: skip
     if settings.reconcile_s > 0 and rt.client is not None:
         rt.reconciler = Reconciler(

@@ -225,6 +225,22 @@ class Settings:
         BULK,
         "Retries (2 s, then 4 s ... apart) of a failed task before it is reported.",
     )
+    prelabel_claim_lease_s: float = setting(
+        900.0, "OSPREY_PRELABEL_CLAIM_LEASE_S", BULK,
+        "A writer of pre-labels holds its claim on a task (one writer per task and model version) at most "
+        "this long; a crashed writer's tasks are taken over after it. Keep it above a batch's time.",
+    )  # fmt: skip
+    auto_prelabel: bool = setting(
+        False, "OSPREY_AUTO_PRELABEL", BULK,
+        "Pre-label new tasks without anyone clicking: Label Studio's `TASKS_CREATED` webhook queues a "
+        "pre-label job for exactly those tasks. Needs the project's webhook and `LABEL_STUDIO_URL` / "
+        "`LABEL_STUDIO_API_KEY` (guide: bulk pre-labelling).",
+    )  # fmt: skip
+    auto_prelabel_sweep_s: float = setting(
+        600.0, "OSPREY_AUTO_PRELABEL_SWEEP_S", BULK,
+        "With `OSPREY_AUTO_PRELABEL`, every this many seconds queue a pre-label job for each known "
+        "project's tasks that have no prediction of the current version (a lost webhook); `0` turns it off.",
+    )  # fmt: skip
     rank: int = setting(
         0, "RANK", BULK, "This process's rank under `torchrun` (`osprey-label prelabel` shards by it)."
     )
@@ -326,6 +342,8 @@ class Settings:
             (self.prelabel_batch_tasks < 1, "OSPREY_PRELABEL_BATCH_TASKS must be >= 1"),
             (self.prelabel_chunk_tasks < 1, "OSPREY_PRELABEL_CHUNK_TASKS must be >= 1"),
             (self.prelabel_retries < 0, "OSPREY_PRELABEL_RETRIES must be >= 0"),
+            (self.prelabel_claim_lease_s <= 0, "OSPREY_PRELABEL_CLAIM_LEASE_S must be > 0 seconds"),
+            (self.auto_prelabel_sweep_s < 0, "OSPREY_AUTO_PRELABEL_SWEEP_S must be >= 0 seconds (0: off)"),
             (self.reconcile_s < 0, "OSPREY_RECONCILE_S must be >= 0 seconds (0: off)"),
             (self.world_size < 1 or not 0 <= self.rank < self.world_size,
              f"RANK={self.rank} must be within WORLD_SIZE={self.world_size} (as torchrun sets them)"),

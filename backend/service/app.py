@@ -214,6 +214,8 @@ def create_app(runtime) -> Flask:
             project=request_project(body.get("project")),
             label_config=label_config,
             context=context,
+            # waitress sees a client that closed the connection (server.py reads ahead on it)
+            disconnected=request.environ.get("waitress.client_disconnected"),
         )
         return jsonify(with_warning(response))
 

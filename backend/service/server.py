@@ -56,6 +56,9 @@ def server_options(settings: Settings) -> dict:
         "max_request_header_size": settings.max_header_bytes,
         "max_request_body_size": settings.max_request_bytes,
         "asyncore_use_poll": True,  # select() stops at 1024 file descriptors
+        # reading ahead on a connection is how waitress notices a client that left mid-request
+        # (environ["waitress.client_disconnected"]): a batch /predict Label Studio gave up on is deferred
+        "channel_request_lookahead": 1,
         "ident": "osprey-label",
         "expose_tracebacks": False,
     }

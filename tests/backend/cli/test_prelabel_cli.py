@@ -3,6 +3,7 @@ selects tasks, dry-runs, shards by rank and reports failures (real Label Studio:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from lsfakes import API_KEY, scene_png
 
 from backend.cli import build_parser
 from backend.cli import prelabel as prelabel_cli
-from backend.errors import SettingsError
+from backend.errors import InputError, SettingsError
 from backend.runtime.settings import Settings
 
 CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
@@ -94,3 +95,54 @@ def test_bad_rank_environment_and_task_ids_are_refused(monkeypatch):
         Settings.from_env()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["prelabel", "--project", "7", "--tasks", "9-3"])
+
+
+def test_out_writes_importable_tasks_instead_of_calling_the_api_and_resumes(
+    env, project, tiny_models, tmp_path
+):
+    out = tmp_path / "export" / "predictions.jsonl"
+    assert run(["--project", "7", "--out", str(out), "--limit", "4"], project, tiny_models) == 0
+    assert not any(call[0] in ("create", "delete") for call in project.calls)  # Label Studio untouched
+    lines = out.read_text().splitlines()
+    assert len(lines) == 4
+    for line, task_id in zip(lines, (300, 301, 302, 303), strict=True):
+        task = json.loads(line)
+        assert set(task) == {"data", "predictions", "meta"}  # what Label Studio's import reads
+        assert task["data"] == project.tasks_by_id[task_id]["data"]
+        assert task["meta"] == {"osprey_source": {"project": 7, "task": task_id}}
+        [prediction] = task["predictions"]
+        assert prediction["model_version"] == VERSION and isinstance(prediction["score"], float)
+        assert prediction["result"] and all(
+            {"from_name", "to_name", "type", "value"} <= set(item) for item in prediction["result"]
+        )
+    with out.open("a") as handle:
+        handle.write('{"data": {"image": "/data/upl')  # a run cut off mid-line
+    assert run(["--project", "7", "--out", str(out)], project, tiny_models) == 0
+    tasks = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(t["meta"]["osprey_source"]["task"] for t in tasks) == sorted(project.tasks_by_id)
+
+
+def test_out_refuses_a_file_it_did_not_write(env, project, tiny_models, tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    out.write_text('{"something": "else"}\n')
+    with pytest.raises(InputError, match="line 1 is not a task written by osprey-label prelabel --out"):
+        run(["--project", "7", "--out", str(out)], project, tiny_models)
+
+
+def test_serial_and_pipelined_write_the_same_predictions(env, file_store, tiny_models):
+    written = {}
+    for engine in ("--serial", None):
+        ls = FakeLabelStudio(label_config=CONFIG)
+        for i in range(5):
+            ls.add_task(300 + i, file_store.add(f"/data/upload/7/same-{i}.png", scene_png(seed=60 + i)))
+        assert run(["--project", "7", *([engine] if engine else [])], ls, tiny_models) == 0
+        written[engine] = {t: [strip(p["result"]) for p in ls.of_version(t, VERSION)] for t in ls.tasks_by_id}
+    assert written["--serial"] == written[None] and all(len(r) == 1 for r in written[None].values())
+
+
+def strip(result: list[dict]) -> list[dict]:
+    """A result without its random region ids, scores to 4 places."""
+    return [
+        {**{k: v for k, v in item.items() if k != "id"}, "score": round(item.get("score") or 0, 4)}
+        for item in result
+    ]

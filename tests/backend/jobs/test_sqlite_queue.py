@@ -16,7 +16,7 @@ from backend.jobs import PRELABEL_LANE, TRAINING_LANE, SqliteJobQueue, UnknownJo
 def test_schema_is_created_in_wal_mode_and_reopening_keeps_data(tmp_path):
     path = tmp_path / "nested" / "train.db"
     first = SqliteJobQueue(path)
-    assert first.schema_version() == SCHEMA_VERSION == 4
+    assert first.schema_version() == SCHEMA_VERSION == 5
     job_id = first.enqueue("3", "train", {"n": 1})
     first.close()
     again = SqliteJobQueue(path)
@@ -56,7 +56,7 @@ def test_a_version_2_file_is_migrated_to_lanes(tmp_path):
     path = tmp_path / "training.sqlite3"
     train, prelabel, token = write_version_2_file(path)
     queue = SqliteJobQueue(path)
-    assert queue.schema_version() == 4
+    assert queue.schema_version() == SCHEMA_VERSION
     assert queue.job(str(prelabel)).lane == PRELABEL_LANE and queue.job(str(prelabel)).status == "running"
     assert queue.job(str(train)).lane == TRAINING_LANE and queue.job(str(train)).payload == {"changes": 3}
     assert queue.claim("w", 30, lane=PRELABEL_LANE) is None

@@ -142,3 +142,6 @@ class _CrashAfter:
 
     def delete_prediction(self, prediction_id):
         self.ls.delete_prediction(prediction_id)
+
+    def tasks(self, project, **kwargs):
+        return self.ls.tasks(project, **kwargs)

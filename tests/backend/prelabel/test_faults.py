@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from lsapi_server import LEGACY_KEY, FaultyLabelStudio
-from lsfakes import scene_png
 
 from backend.cli import main
 from backend.labelstudio.api import LabelStudioClient
@@ -30,16 +29,6 @@ class FixedPredictor:
         item = {"id": "r1", "type": "textarea", "from_name": "caption", "to_name": "image",
                 "value": {"text": ["a region"]}}  # fmt: skip
         return [TaskResult(task_id(t), "predicted", result=[item], score=0.5, regions=1) for t in tasks]
-
-
-@pytest.fixture
-def ls():
-    fake = FaultyLabelStudio()
-    fake.add_project(7, CONFIG)
-    for i in range(40):
-        fake.add_task(7, 100 + i, {"image": fake.add_file(f"/data/upload/7/{i}.png", scene_png(seed=i))})
-    yield fake
-    fake.close()
 
 
 def run(ls: FaultyLabelStudio, client: LabelStudioClient | None = None, **kwargs):

@@ -1,0 +1,67 @@
+"""Work repeated every few minutes in a thread of its own (the reconciliation, the auto pre-label
+sweep): started and stopped by the runtime that owns it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from backend.errors import internal_error
+
+logger = logging.getLogger(__name__)
+
+
+class Periodic:
+    """Calls ``work()`` every ``interval_s`` seconds, the first time ``first_s`` after :meth:`start`,
+    until :meth:`stop`. A call that raises is logged (``what``, with an error id) and tried again at the
+    next interval; ``on_error(error)`` may say more (e.g. for ``/metrics``)."""
+
+    def __init__(
+        self,
+        work: Callable[[], object],
+        *,
+        interval_s: float,
+        first_s: float,
+        thread_name: str,
+        what: str,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0 seconds, got {interval_s}")
+        self.work, self.what, self.on_error = work, what, on_error
+        self.interval_s = float(interval_s)
+        self.first_s = min(float(first_s), self.interval_s)
+        self.thread_name = thread_name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (long work looks between its steps)."""
+        return self._stop.is_set()
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop after the call under way; True when the thread has stopped."""
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        wait = self.first_s
+        while not self._stop.wait(wait):
+            try:
+                self.work()
+            except Exception as error:  # tried again at the next interval
+                internal_error(logger, self.what)
+                if self.on_error is not None:
+                    self.on_error(error)
+            wait = self.interval_s

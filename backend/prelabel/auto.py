@@ -1,0 +1,151 @@
+"""Automatic pre-labelling on import (``OSPREY_AUTO_PRELABEL=1``): new tasks get a prediction without
+anyone clicking *Retrieve Predictions*.
+
+Label Studio (1.23) creates a webhook to the backend's ``/webhook`` when the ML backend is connected,
+with *send for all actions*, so ``TASKS_CREATED`` arrives with every import (the tasks' ids, possibly
+in several webhooks of ``WEBHOOK_BATCH_SIZE`` tasks each). The webhook goes through the intake's inbox
+like every other (stored, answered in milliseconds); the intake thread then calls
+:meth:`AutoPrelabel.tasks_created`, which queues a ``prelabel-*`` job on the pre-label lane for exactly
+those tasks (the same jobs a deferred batch queues, run by the same worker with the bulk engine).
+
+A webhook can be lost (the backend down, a proxy). Every ``OSPREY_AUTO_PRELABEL_SWEEP_S`` the sweep
+reads each known project's tasks through the API and queues a job for those without a non-empty
+prediction of the current model version that no queued or running job holds already. Neither a
+re-import nor a sweep writes a second prediction of a version: the engine skips tasks that have one,
+and the claims (:mod:`.claims`) keep two writers off one task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from backend.jobs.periodic import Periodic
+from backend.labelstudio.ids import project_key
+
+from .engine import current_predictions
+
+logger = logging.getLogger(__name__)
+
+TASKS_CREATED = "TASKS_CREATED"
+JOB_TASKS = 1000  # tasks per queued job (a sweep of a big project queues several)
+FIRST_SWEEP_S = 30.0  # the first sweep, this long after the start
+
+
+class AutoPrelabel:
+    """The ``TASKS_CREATED`` handler and the sweep (see the module docstring).
+
+    Collaborators: ``deferrals`` (``waiting``, ``defer``: :class:`~.deferral.Deferrals`), ``client``
+    (the Label Studio API), ``projects`` (``known``, ``label_config``, ``version``), ``count(key, n)``
+    (``/metrics``); ``interval_s`` is the sweep's period (0: no sweep)."""
+
+    def __init__(
+        self,
+        *,
+        deferrals,
+        client,
+        projects,
+        count: Callable[[str, int], None],
+        interval_s: float,
+        thread_name: str = "osprey-autoprelabel",
+    ) -> None:
+        self.deferrals, self.client, self.projects, self.count = deferrals, client, projects, count
+        self.interval_s = float(interval_s)
+        self.thread_name = thread_name
+        self.last_sweep: dict | str = "not yet"
+        self._periodic = None
+        if self.interval_s > 0:
+            self._periodic = Periodic(
+                self.sweep, interval_s=self.interval_s, first_s=FIRST_SWEEP_S, thread_name=thread_name,
+                what="sweeping for tasks to pre-label", on_error=self._failed,
+            )  # fmt: skip
+
+    # ---- the webhook (in the intake thread) ----
+    def tasks_created(self, payload: dict) -> dict:
+        """Queue a pre-label job for the tasks of one ``TASKS_CREATED`` webhook; its outcome."""
+        project_info = payload.get("project") if isinstance(payload.get("project"), dict) else {}
+        if project_info.get("id") is None:
+            return {"status": "ignored", "reason": "no project id in the webhook"}
+        project = project_key(project_info["id"])
+        ids = [
+            t["id"]
+            for t in payload.get("tasks") or []
+            if isinstance(t, dict) and isinstance(t.get("id"), int)
+        ]
+        ids += [t for t in payload.get("tasks") or [] if isinstance(t, int) and not isinstance(t, bool)]
+        return self.queue(project, ids, reason="imported")
+
+    def queue(self, project: str, task_ids: list[int], *, reason: str) -> dict:
+        """Queue jobs of at most :data:`JOB_TASKS` for ``task_ids`` (less those a job holds already)."""
+        label_config = self.projects.label_config(project)
+        if label_config is None:
+            return {"status": "ignored", "reason": f"project {project}'s label config is not known yet"}
+        waiting = self.deferrals.waiting(project)
+        todo = [t for t in dict.fromkeys(task_ids) if t not in waiting]
+        version = self.projects.version(project)
+        jobs = []
+        for start in range(0, len(todo), JOB_TASKS):
+            chunk = [{"id": t} for t in todo[start : start + JOB_TASKS]]
+            job = self.deferrals.defer(project, chunk, label_config=label_config, model_version=version)
+            if job is None:
+                return {"status": "ignored", "reason": "no Label Studio API access"}
+            jobs.append(job)
+        if todo:
+            self.count(f"auto pre-label tasks queued ({reason})", len(todo))
+            logger.info(
+                "project %s: %d %s tasks queued for pre-labelling with %s (jobs %s)",
+                project, len(todo), reason, version, ", ".join(str(j) for j in jobs),
+            )  # fmt: skip
+        return {
+            "status": "queued",
+            "tasks": len(todo),
+            "already_queued": len(task_ids) - len(todo),
+            "jobs": jobs,
+        }
+
+    # ---- the sweep ----
+    def sweep(self) -> dict:
+        """One pass over every known project: queue the tasks without a prediction of the current
+        version; what was found, per project."""
+        found = {}
+        for project in self.projects.known():
+            if self._periodic is not None and self._periodic.stopping:
+                break
+            version = self.projects.version(project)
+            missing = [
+                task["id"]
+                for task in self.client.tasks(int(project))
+                if not current_predictions(task, version)[0]
+            ]
+            found[project] = (
+                self.queue(project, missing, reason="found by the sweep") if missing else {"tasks": 0}
+            )
+        self.last_sweep = {"at": round(time.time(), 1), "projects": found}
+        return found
+
+    def start(self) -> None:
+        if self._periodic is not None:
+            self._periodic.start()
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        return self._periodic.stop(timeout_s) if self._periodic is not None else True
+
+    def _failed(self, error: Exception) -> None:
+        self.last_sweep = {"at": round(time.time(), 1), "error": str(error)}
+
+    def metrics(self) -> dict:
+        """``/metrics`` → ``prelabel`` → ``auto``: tasks waiting in pre-label jobs per known project, and
+        the last sweep."""
+        waiting = {}
+        for project in self.projects.known():
+            try:
+                waiting[project] = len(self.deferrals.waiting(project))
+            except Exception as error:  # the queue's database away must not break /metrics
+                waiting[project] = str(error)
+        return {
+            "enabled": True,
+            "sweep_s": self.interval_s,
+            "waiting_tasks": waiting,
+            "last_sweep": self.last_sweep,
+        }

@@ -1,0 +1,105 @@
+"""OSPREY_AUTO_PRELABEL: Label Studio's TASKS_CREATED webhook (as 1.23 sends it to the ML backend's
+webhook) is stored and answered at once, then queues a pre-label job for exactly those tasks; the sweep
+finds tasks whose webhook was lost; re-imports and sweeps never write a second prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+from http_app import served
+from lsapi_fake import FakeLabelStudio
+from lsfakes import API_KEY, scene_png
+
+from backend.runtime.runtime import build_runtime
+from backend.runtime.settings import Settings
+from backend.service.app import create_app
+
+CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
+VERSION = "tiny+sam-tiny-untrained"
+
+
+@pytest.fixture
+def ls(file_store):
+    fake = FakeLabelStudio(label_config=CONFIG)
+    fake.images = [file_store.add(f"/data/upload/7/auto-{i}.png", scene_png(seed=70 + i)) for i in range(3)]
+    return fake
+
+
+@pytest.fixture
+def runtime(tiny_models, file_store, tmp_path, ls):
+    settings = Settings.from_env(
+        {}, model_dir=tmp_path / "models", label_studio_url=file_store.url, label_studio_api_key=API_KEY,
+        osprey_model="tiny", sam_model="tiny", max_caption_tokens=2, max_description_tokens=2,
+        auto_prelabel=True, auto_prelabel_sweep_s=0, training=False,
+    )  # fmt: skip
+    built = build_runtime(settings, models=tiny_models, client=ls)
+    built.projects.remember("7", CONFIG)
+    yield built
+    built.close()
+
+
+def imported(ls, ids) -> dict:
+    """Tasks added to the fake Label Studio, and the TASKS_CREATED body Label Studio sends for them."""
+    tasks = [ls.add_task(i, ls.images[i % len(ls.images)]) for i in ids]
+    return {"action": "TASKS_CREATED", "tasks": [{"id": t["id"], "data": t["data"]} for t in tasks],
+            "project": {"id": 7, "label_config": CONFIG}}  # fmt: skip
+
+
+def run_jobs(runtime) -> list[dict]:
+    done = []
+    while (job := runtime.workers["prelabel"].run_once()) is not None:
+        finished = runtime.queue.job(job.job_id)
+        assert finished.status == "done", finished.error
+        done.append(finished.result)
+    return done
+
+
+def one_each(ls) -> bool:
+    return all(len([p for p in ls.of_version(t, VERSION) if p["result"]]) == 1 for t in ls.tasks_by_id)
+
+
+def test_an_import_queues_exactly_its_tasks_and_a_second_import_adds_its_own(runtime, ls):
+    with served(create_app(runtime)) as url:
+        answer = requests.post(f"{url}/webhook", json=imported(ls, range(1, 5)), timeout=1)
+        assert answer.status_code == 201 and answer.json()["status"] == "received"  # stored, parsed after
+        assert runtime.intake.drain(timeout_s=30)
+        outcome = runtime.intake.outcome(answer.json()["inbox_id"])
+        assert outcome["status"] == "queued" and outcome["tasks"] == 4
+        assert runtime.metrics()["prelabel"]["auto"]["waiting_tasks"] == {"7": 4}
+        [result] = run_jobs(runtime)
+        assert (result["predicted"], result["failed"]) == (4, 0) and one_each(ls)
+
+        again = requests.post(f"{url}/webhook", json=imported(ls, range(5, 7)), timeout=1)
+        assert runtime.intake.drain(timeout_s=30)
+        assert runtime.intake.outcome(again.json()["inbox_id"])["tasks"] == 2
+        [result] = run_jobs(runtime)
+        assert result["predicted"] == 2 and one_each(ls) and len(ls.tasks_by_id) == 6
+
+
+def test_a_repeated_webhook_and_the_sweep_never_write_a_second_prediction(runtime, ls):
+    body = imported(ls, range(1, 4))
+    runtime.intake.receive("TASKS_CREATED", body)
+    runtime.intake.receive("TASKS_CREATED", body)  # the same import twice: its tasks are queued once
+    assert runtime.intake.drain(timeout_s=30)
+    assert sum(r["predicted"] for r in run_jobs(runtime)) == 3
+    ls.add_task(9, ls.images[0])  # imported while its webhook was lost
+    found = runtime.auto_prelabel.sweep()
+    assert found["7"]["tasks"] == 1
+    assert [r["predicted"] for r in run_jobs(runtime)] == [1]
+    assert runtime.auto_prelabel.sweep()["7"] == {"tasks": 0}  # nothing left to do
+    runtime.intake.receive("TASKS_CREATED", body)  # a late duplicate webhook: its job writes nothing
+    assert runtime.intake.drain(timeout_s=30)
+    assert [(r["predicted"], r["skipped"]) for r in run_jobs(runtime)] == [(0, 3)]
+    assert one_each(ls)
+
+
+def test_without_the_setting_tasks_created_is_ignored(tiny_models, file_store, tmp_path, ls):
+    settings = Settings.from_env(
+        {}, model_dir=tmp_path / "m", label_studio_url=file_store.url, label_studio_api_key=API_KEY,
+        osprey_model="tiny", sam_model="tiny", training=False,
+    )  # fmt: skip
+    with build_runtime(settings, models=tiny_models, client=ls) as built:
+        assert built.intake.receive("TASKS_CREATED", imported(ls, [1]))["status"] == "ignored"
+        assert built.metrics()["prelabel"]["auto"] == "off"
