@@ -43,6 +43,7 @@ ALLOWED = {
         "backend.labelstudio",
         "backend.predict",
         "backend.jobs",
+        "backend.database",  # the claims table, in the training store's file
         "backend.errors",
         "osprey.*",
     },
