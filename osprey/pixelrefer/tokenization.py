@@ -32,10 +32,10 @@ def _finish(tokenizer):
 
 def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer (``tokenizer.json``, or ``vocab.json`` + ``merges.txt``)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen2Config
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:  # config.json names the authors' model type, unknown to transformers: the tokenizer is Qwen2's
+        tokenizer = AutoTokenizer.from_pretrained(str(path), config=Qwen2Config())
     except (ImportError, ValueError, OSError) as error:
         raise ValueError(
             f"cannot load the tokenizer of {path}: {error} (a PixelRefer-Lite checkpoint carries Qwen2's "
