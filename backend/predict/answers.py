@@ -83,7 +83,7 @@ def answer_tasks(
     if request is not None:
         labelled = [i for i in need if items[i][1]]
         batch = osprey.label_many(
-            [(items[i][0], [r.mask for r in items[i][1]]) for i in labelled],
+            [(items[i][0], [r.model_mask for r in items[i][1]]) for i in labelled],
             request,
             encoded=[encoded[i] for i in labelled],
         )

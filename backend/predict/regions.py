@@ -28,12 +28,20 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Region:
     """A region to label: ``mask`` is ``(H, W)`` bool at the image's size; ``score`` is SAM's predicted
-    IoU when SAM drew it; ``label`` is the region tool's label the annotator or a prediction gave it."""
+    IoU when SAM drew it; ``label`` is the region tool's label the annotator or a prediction gave it;
+    ``device_mask`` is SAM's copy of ``mask`` on its device, which the region model reads instead (no
+    copy back from the host)."""
 
     mask: np.ndarray
     region_id: str
     label: str | None = None
     score: float | None = None
+    device_mask: object | None = None
+
+    @property
+    def model_mask(self):
+        """The mask to give the region model: SAM's device copy when there is one."""
+        return self.mask if self.device_mask is None else self.device_mask
 
 
 def new_region_id() -> str:
@@ -60,8 +68,9 @@ def interactive_region(
     if not refined.mask.any():
         raise BadRegionError("SAM found no object at the annotator's prompt; click inside the object")
     return Region(
-        mask=refined.mask, region_id=new_region_id(), label=prompt.label, score=refined.predicted_iou
-    )
+        mask=refined.mask, region_id=new_region_id(), label=prompt.label, score=refined.predicted_iou,
+        device_mask=refined.device_mask,
+    )  # fmt: skip
 
 
 def existing_regions(
@@ -106,10 +115,13 @@ def refine_regions(refiner, rgb: np.ndarray, regions: list[Region]) -> list[Regi
     out = []
     for region in regions:
         refined = refiner.refine(rgb, mask=region.mask)
-        mask = refined.mask if refined.mask.any() else region.mask
+        found = bool(refined.mask.any())
         out.append(
-            Region(mask=mask, region_id=region.region_id, label=region.label, score=refined.predicted_iou)
-        )
+            Region(
+                mask=refined.mask if found else region.mask, region_id=region.region_id, label=region.label,
+                score=refined.predicted_iou, device_mask=refined.device_mask if found else None,
+            )
+        )  # fmt: skip
     return out
 
 

@@ -129,6 +129,7 @@ def load_models(settings: Settings, *, device: str, random_weights: bool = False
     from osprey.inference.api import image_feature_cache
     from osprey.inference.region_model import load_region_model
     from osprey.sam import EverythingOptions, SamEverything, SamImageEmbedder, SamRefiner, build_sam
+    from osprey.sam.build import resolve_sam_dtype
 
     def disk(name: str) -> str | None:
         return f"{settings.cache_dir}/{name}" if settings.cache_dir else None
@@ -140,6 +141,7 @@ def load_models(settings: Settings, *, device: str, random_weights: bool = False
     sam = build_sam(
         settings.sam_model, checkpoint=str(checkpoint) if checkpoint else None,
         random_weights=checkpoint is None and arch.checkpoint_file is not None, device=osprey.device,
+        dtype=resolve_sam_dtype(settings.sam_dtype, osprey.device),
     )  # fmt: skip
     budgets = device_budgets(settings, osprey)  # with both models loaded: what is left for the caches
     osprey.cache = image_feature_cache(

@@ -114,6 +114,12 @@ class Settings:
         None, "SAM_CHECKPOINT", MODELS, "Path of the SAM `.pth` checkpoint.",
         shown="`MODEL_DIR/<released file name>`",
     )  # fmt: skip
+    sam_dtype: str = setting(
+        "auto", "SAM_DTYPE", MODELS,
+        "SAM's image encoder precision: `bf16`, `fp32`, or `auto` (`bf16` on CUDA, `fp32` on the CPU). The "
+        "decoder, scores and masks stay float32; bf16 masks agree with fp32's to a mean IoU of 0.996 "
+        "([Deployment](deployment.md#sam-precision-and-segment-everything)).",
+    )  # fmt: skip
     device: str | None = setting(
         None, "OSPREY_DEVICE", MODELS,
         "`cpu`, `cuda` or `cuda:N`. Unset: CUDA when torch can use a GPU; a GPU that torch cannot use "
@@ -336,6 +342,7 @@ class Settings:
             (bool(self.basic_auth_user) != bool(self.basic_auth_pass),
              "set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither"),
             (self.lora not in ("auto", "true", "false"), f"OSPREY_LORA must be auto, true or false, got {self.lora!r}"),
+            (self.sam_dtype not in ("auto", "bf16", "fp32"), f"SAM_DTYPE must be auto, bf16 or fp32, got {self.sam_dtype!r}"),
             (not 0.0 < self.attribute_threshold < 1.0, "OSPREY_ATTRIBUTE_THRESHOLD must be between 0 and 1"),
             (self.predict_budget_s <= 0,
              "OSPREY_PREDICT_BUDGET_S must be > 0 seconds (keep it under Label Studio's ML_TIMEOUT_PREDICT)"),

@@ -7,6 +7,8 @@
 - :func:`read_back`: device tensors to host lists, all of them in one synchronisation (one wait for the
   device, not one per value). Every value the host reads from the device in the fast path goes through
   here, so the reads are easy to count and to keep few.
+- :func:`to_host`: a device tensor queued for the host, into pinned memory, without waiting (masks:
+  many bytes, read after the next synchronisation).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["read_back", "to_device"]
+__all__ = ["read_back", "to_device", "to_host"]
 
 
 def to_device(data, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -41,3 +43,12 @@ def read_back(*tensors: torch.Tensor) -> list:
     copies = [t.detach().to("cpu", non_blocking=True) for t in tensors]  # into pinned memory
     torch.cuda.current_stream(tensors[0].device).synchronize()
     return [c.tolist() for c in copies]
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the host. From CUDA the copy goes into pinned memory and is only queued: read the
+    result after a synchronisation (:func:`read_back` makes one); other tensors are returned as they are."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)

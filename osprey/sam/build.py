@@ -10,7 +10,11 @@ nothing is downloaded here (``osprey-label download`` fetches them where a netwo
 
 ``dtype`` applies to the image encoder only, the part that costs time and memory. The prompt
 encoder and mask decoder stay float32 because SAM's prompt encoder casts point coordinates to
-float32 before multiplying them with its own weights.
+float32 before multiplying them with its own weights, and every mask, score and threshold is
+computed from float32 decoder outputs. ``SAM_DTYPE`` (:func:`resolve_sam_dtype`) picks the encoder's
+dtype: bfloat16 on CUDA, float32 on the CPU, unless set (docs/models.md states the measured agreement).
+On CUDA, :func:`build_sam` also turns TF32 on for float32 matrix products and convolutions
+(:func:`enable_tf32`), once per process.
 """
 
 from __future__ import annotations
@@ -25,13 +29,24 @@ from segment_anything.automatic_mask_generator import SamAutomaticMaskGenerator
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.image_encoder import get_rel_pos
 from segment_anything.predictor import SamPredictor
-from segment_anything.utils.amg import MaskData
+from segment_anything.utils.amg import (
+    MaskData,
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    remove_small_regions,
+    uncrop_boxes_xyxy,
+    uncrop_points,
+)
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from .checkpoints import DEFAULT_SAM_BASE_URL, SAM_CHECKPOINTS
 
 __all__ = [
     "SAM_ARCHITECTURES",
+    "SAM_DTYPES",
     "TINY_MODEL_TYPE",
     "MaskData",
     "ResizeLongestSide",
@@ -39,16 +54,29 @@ __all__ = [
     "SamArchitecture",
     "SamAutomaticMaskGenerator",
     "SamPredictor",
+    "batched_mask_to_box",
+    "build_all_layer_point_grids",
     "build_sam",
     "build_tiny_sam",
+    "calculate_stability_score",
     "checkpoint_url",
+    "enable_tf32",
+    "generate_crop_boxes",
     "get_rel_pos",
+    "is_box_near_crop_edge",
     "known_model_types",
+    "remove_small_regions",
+    "resolve_sam_dtype",
+    "uncrop_boxes_xyxy",
+    "uncrop_points",
 ]
 
 logger = logging.getLogger(__name__)
 
 TINY_MODEL_TYPE = "tiny"
+
+# SAM_DTYPE values -> the image encoder's dtype ("auto": bf16 on CUDA, fp32 elsewhere).
+SAM_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -138,6 +166,39 @@ def checkpoint_url(model_type: str) -> str:
     return DEFAULT_SAM_BASE_URL + arch.checkpoint_file
 
 
+def resolve_sam_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The image encoder's dtype for ``SAM_DTYPE`` = ``name`` (``auto``, ``bf16`` or ``fp32``) on ``device``.
+
+    ``auto`` is bfloat16 on CUDA (half the encoder's time and activation memory; masks agree with
+    float32's to the figures in docs/models.md) and float32 elsewhere (a CPU without bfloat16 matrix
+    units runs bfloat16 slower, not faster)."""
+    key = str(name).strip().lower()
+    if key == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return SAM_DTYPES[key]
+    except KeyError:
+        raise ValueError(f"SAM dtype must be auto, {' or '.join(SAM_DTYPES)}; got {name!r}") from None
+
+
+_TF32_ON = False
+
+
+def enable_tf32(device: str | torch.device) -> bool:
+    """On a CUDA ``device``, let float32 matrix products and cuDNN convolutions use TF32 (process-wide,
+    what Osprey and SAM both want: 10 mantissa bits in the products, float32 accumulation). Logged the
+    first time; returns whether TF32 is on."""
+    global _TF32_ON
+    if torch.device(device).type != "cuda":
+        return _TF32_ON
+    if not _TF32_ON:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        _TF32_ON = True
+        logger.info("TF32 on for float32 matmuls and cuDNN convolutions on CUDA")
+    return True
+
+
 def build_sam(
     model_type: str,
     *,
@@ -156,8 +217,10 @@ def build_sam(
         random_weights: build the full-size architecture with random initialisation from ``seed``
             (benchmarks and tests; masks are meaningless). ``tiny`` is always random.
         seed: seed for the random initialisation; the global RNG state is left untouched.
-        device: where the model lives (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
-        dtype: dtype of the image encoder; the prompt encoder and mask decoder stay float32.
+        device: where the model lives (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); on CUDA TF32 is turned on
+            (:func:`enable_tf32`).
+        dtype: dtype of the image encoder (see :func:`resolve_sam_dtype`); the prompt encoder and mask
+            decoder stay float32.
 
     Raises:
         ValueError: unknown ``model_type``, or neither/both of ``checkpoint`` and ``random_weights``.
@@ -183,6 +246,8 @@ def build_sam(
         logger.info("built SAM %s with RANDOM weights (seed %d): masks are not meaningful", model_type, seed)
     sam.image_encoder.to(dtype=dtype)
     sam.to(device=device)
+    enable_tf32(device)
+    logger.info("SAM %s on %s, image encoder in %s", model_type, device, str(dtype).removeprefix("torch."))
     return sam.eval()
 
 

@@ -20,7 +20,7 @@ import torch
 from osprey.runtime.feature_cache import FeatureCache, content_key
 from osprey.runtime.steps import acquire, yield_after, yield_before_each
 
-from .attention import chunk_global_attention
+from .attention import chunk_global_attention, fuse_window_attention
 from .build import ResizeLongestSide, Sam
 
 __all__ = ["ImageEmbedding", "SamImageEmbedder", "check_image"]
@@ -114,6 +114,7 @@ class SamImageEmbedder:
         yield_before_each([*sam.image_encoder.blocks, *sam.mask_decoder.transformer.layers])
         yield_after(sam.mask_decoder)  # before its masks are upscaled
         chunk_global_attention(sam.image_encoder)
+        fuse_window_attention(sam.image_encoder)
         self._encoder_dtype = next(sam.image_encoder.parameters()).dtype
 
     @property

@@ -4,7 +4,9 @@ The flow is ``SamPredictor``'s, without its per-image state: the image embedding
 shared :class:`~osprey.sam.embedding.SamImageEmbedder` (cached by image content), and each call
 runs SAM's prompt encoder and mask decoder on its own tensors. A :class:`SamRefiner` is therefore
 safe to call from many threads at once, and a second click on the same image costs the decoder
-only.
+only. The host reads the device once per call: the candidates' scores and, queued beside them into
+pinned memory, their masks; the chosen mask also stays on the device (``device_mask``) for a region
+model on the same device to read there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from osprey.runtime.feature_cache import FeatureCache
+from osprey.runtime.transfer import read_back, to_device, to_host
 
 from .embedding import ImageEmbedding, SamImageEmbedder, check_image
 from .prompts import MaskPromptConfig, SamPrompt, build_sam_prompt
@@ -42,6 +45,8 @@ class RefinedMask:
         rough_mask_iou: IoU of ``mask`` with the rough mask, when one was given.
         low_res_logits: 1xhxw float32 logits of the picked candidate in SAM's padded low-resolution
             frame (1x256x256 for the released models).
+        device_mask: ``mask`` as an HxW bool tensor on SAM's device (a region model on that device
+            reads it without a copy from the host).
     """
 
     mask: np.ndarray
@@ -52,6 +57,7 @@ class RefinedMask:
     selected_by: str
     rough_mask_iou: float | None
     low_res_logits: np.ndarray
+    device_mask: torch.Tensor | None = None
 
     @property
     def area(self) -> int:
@@ -203,30 +209,32 @@ class SamRefiner:
         )  # (1, C, 256, 256), (1, C)
         logits = sam.postprocess_masks(low_res, embedding.input_size, original_size)[0]  # (C, H, W)
         candidates = logits > sam.mask_threshold
-        iou_pred = iou_pred[0].float()
-
-        num = int(candidates.shape[0])
-        rough_ious = None
+        stabilities = stability_score(logits, mask_threshold=sam.mask_threshold, offset=self.stability_offset)
+        rough = None
         if prompt.rough_mask is not None:
-            reference = torch.as_tensor(prompt.rough_mask, device=candidates.device)
-            rough_ious = _mask_iou(candidates, reference)
+            rough = _mask_iou(candidates, to_device(prompt.rough_mask, candidates.device))
+        host_masks, host_low_res = to_host(candidates), to_host(low_res[0].float())  # queued, read below
+        scores = [iou_pred[0].float(), stabilities] + ([rough] if rough is not None else [])
+        iou_host, stability_host, *rough_host = read_back(*scores)  # the one wait for the device
+
+        num = len(iou_host)
+        rough_ious = rough_host[0] if rough_host else None
+        if rough_ious is not None:
             # Best IoU with the rough mask; SAM's own estimate breaks ties.
-            order = sorted(range(num), key=lambda i: (-float(rough_ious[i]), -float(iou_pred[i]), i))
+            order = sorted(range(num), key=lambda i: (-rough_ious[i], -iou_host[i], i))
             index, selected_by = order[0], "rough_mask_iou"
         elif num > 1:
-            index, selected_by = int(torch.argmax(iou_pred)), "predicted_iou"
+            index, selected_by = max(range(num), key=lambda i: (iou_host[i], -i)), "predicted_iou"
         else:
             index, selected_by = 0, "single_output"
-        stability = stability_score(
-            logits[index], mask_threshold=sam.mask_threshold, offset=self.stability_offset
-        )
         return RefinedMask(
-            mask=candidates[index].cpu().numpy(),
-            predicted_iou=float(iou_pred[index]),
-            stability_score=float(stability),
+            mask=host_masks[index].numpy(),
+            predicted_iou=float(iou_host[index]),
+            stability_score=float(stability_host[index]),
             candidate_index=index,
             num_candidates=num,
             selected_by=selected_by,
             rough_mask_iou=None if rough_ious is None else float(rough_ious[index]),
-            low_res_logits=low_res[0, index : index + 1].float().cpu().numpy(),
+            low_res_logits=host_low_res[index : index + 1].numpy(),
+            device_mask=candidates[index],
         )

@@ -184,3 +184,81 @@ def test_a_project_larger_than_one_deadline_is_pre_labelled_exactly_once(short_d
     assert "[rank 0/2]" in log and "[rank 1/2]" in log
     assert "predicted                      6" in done.stdout and "over 2 ranks" in done.stdout, done.stdout
     exactly_one_each(by_task(api, project["id"], version), ids + shared, version)
+
+
+def backend_for(short_deadline, model_dir: Path, log: Path, **settings: str):
+    """Another backend against the same Label Studio, with its own ``MODEL_DIR`` and settings."""
+    env = tiny_backend_env(
+        model_dir, LABEL_STUDIO_URL=short_deadline["url"], LABEL_STUDIO_API_KEY=short_deadline["token"],
+        OSPREY_MAX_CAPTION_TOKENS="4", OSPREY_MAX_DESCRIPTION_TOKENS="4", OSPREY_TRAIN_EVERY="0",
+        OSPREY_LORA="false", OSPREY_PRELABEL_CHUNK_TASKS="4", **settings,
+    )  # fmt: skip
+    backend, url = start_backend(env, log)
+    return backend, url, env
+
+
+def test_a_retrieve_label_studio_gave_up_on_and_the_command_beside_its_job_write_each_task_once(
+    short_deadline, tmp_path
+):
+    """The measured failure: a backend whose budget outlives Label Studio's deadline, Label Studio gives
+    up, and the command runs while the deferred job does; then 10 more tasks and the command again."""
+    api = short_deadline["api"]
+    backend, backend_url, env = backend_for(
+        short_deadline, tmp_path / "models", tmp_path / "serve.log",
+        OSPREY_PREDICT_BUDGET_S=str(4 * TIMEOUT_PREDICT_S),
+    )  # fmt: skip
+    try:
+        project = api.create_project("abandoned 30", CONFIG.read_text())
+        pid = str(project["id"])
+        ids = [
+            t["id"]
+            for t in api.import_images(project["id"], {f"a{i}.png": scene_png(500 + i) for i in range(30)})
+        ]
+        version = api.connect_backend(project["id"], backend_url)["model_version"]
+        try:
+            api.retrieve_predictions(project["id"])  # Label Studio gives up after TIMEOUT_PREDICT_S
+        except Exception:
+            pass
+        deadline, abandoned = time.time() + 300, 0
+        while time.time() < deadline and not abandoned:
+            counts = requests.get(f"{backend_url}/metrics", timeout=5).json()["predictions"]
+            abandoned = counts.get("batches abandoned by Label Studio", 0)
+            time.sleep(1)
+        assert abandoned == 1, (tmp_path / "serve.log").read_text()[-3000:]
+        done = cli(env, "--project", pid, log=tmp_path / "beside.log")  # while the deferred job runs
+        assert done.returncode == 0, (tmp_path / "beside.log").read_text()[-2000:]
+        exactly_one_each(wait_until_predicted(api, project["id"], ids, version, 900, tmp_path / "serve.log"),
+                         ids, version)  # fmt: skip
+        added = [t["id"] for t in api.import_images(project["id"], {f"b{i}.png": scene_png(600 + i) for i in range(10)})
+                 if t["id"] not in ids]  # fmt: skip
+        done = cli(env, "--project", pid, log=tmp_path / "more.log")
+        assert "predicted                     10" in done.stdout, done.stdout
+        exactly_one_each(by_task(api, project["id"], version), ids + added, version)
+    finally:
+        backend.stop()
+
+
+def test_imported_tasks_are_pre_labelled_automatically_exactly_once(short_deadline, tmp_path):
+    """OSPREY_AUTO_PRELABEL=1: Label Studio's TASKS_CREATED webhook (the one it makes when the backend is
+    connected) queues the tasks; no click; a second import adds exactly its own."""
+    api = short_deadline["api"]
+    backend, backend_url, _ = backend_for(
+        short_deadline, tmp_path / "models", tmp_path / "serve.log", OSPREY_AUTO_PRELABEL="1",
+        OSPREY_AUTO_PRELABEL_SWEEP_S="0",
+    )  # fmt: skip
+    try:
+        project = api.create_project("auto 40", CONFIG.read_text())
+        version = api.connect_backend(project["id"], backend_url)["model_version"]
+        ids = [
+            t["id"]
+            for t in api.import_images(project["id"], {f"i{i}.png": scene_png(700 + i) for i in range(40)})
+        ]
+        stored = wait_until_predicted(api, project["id"], ids, version, 1800, tmp_path / "serve.log")
+        exactly_one_each(stored, ids, version)
+        added = [t["id"] for t in api.import_images(project["id"], {f"j{i}.png": scene_png(800 + i) for i in range(10)})
+                 if t["id"] not in ids]  # fmt: skip
+        assert len(added) == 10
+        exactly_one_each(wait_until_predicted(api, project["id"], ids + added, version, 900, tmp_path / "serve.log"),
+                         ids + added, version)  # fmt: skip
+    finally:
+        backend.stop()

@@ -13,9 +13,11 @@ from osprey.sam import (
     SamEverything,
     SamImageEmbedder,
     SamRefiner,
+    SegmentedRegion,
     mask_bbox_xyxy,
 )
 from osprey.sam.build import SamAutomaticMaskGenerator
+from osprey.sam.everything import order_regions
 
 # Random weights give low, noisy scores: keep every candidate (no thresholds, no NMS) so the
 # tests see many masks, with small islands, in a deterministic set.
@@ -93,33 +95,29 @@ def test_same_masks_as_segment_anythings_generator(sam, image, all_regions) -> N
         assert region.bbox_xyxy == (x, y, x + w + 1, y + h + 1)
 
 
-def test_ties_on_score_are_broken_by_area_then_bbox(everything, image) -> None:
-    def record(x0: int, y0: int, x1: int, y1: int, score: float) -> dict:
+def test_ties_on_score_are_broken_by_area_then_bbox(image) -> None:
+    def region(x0: int, y0: int, x1: int, y1: int, score: float) -> SegmentedRegion:
         mask = np.zeros(image.shape[:2], dtype=bool)
         mask[y0:y1, x0:x1] = True
-        return {
-            "segmentation": mask,
-            "predicted_iou": score,
-            "stability_score": 0.9,
-            "point_coords": [[x0, y0]],
-        }
+        return SegmentedRegion(
+            mask=mask,
+            bbox_xyxy=(x0, y0, x1, y1),
+            area=int(mask.sum()),
+            predicted_iou=score,
+            stability_score=0.9,
+            point_xy=(x0, y0),
+        )
 
-    records = [
-        record(0, 0, 4, 4, 0.5),  # area 16
-        record(10, 0, 20, 10, 0.5),  # area 100
-        record(0, 10, 10, 20, 0.5),  # area 100, smaller bbox than the one above
-        record(30, 30, 31, 31, 0.9),  # best score, tiny
-        record(40, 0, 44, 4, 0.5),  # area 16, after (0, 0, 4, 4)
+    regions = [
+        region(0, 0, 4, 4, 0.5),  # area 16
+        region(10, 0, 20, 10, 0.5),  # area 100
+        region(0, 10, 10, 20, 0.5),  # area 100, smaller bbox than the one above
+        region(30, 30, 31, 31, 0.9),  # best score, tiny
+        region(40, 0, 44, 4, 0.5),  # area 16, after (0, 0, 4, 4)
     ]
-    with mock.patch("osprey.sam.everything._CachedMaskGenerator.generate", return_value=records):
-        regions = everything.generate(image)
-    assert [r.bbox_xyxy for r in regions] == [
-        (30, 30, 31, 31),
-        (0, 10, 10, 20),
-        (10, 0, 20, 10),
-        (0, 0, 4, 4),
-        (40, 0, 44, 4),
-    ]
+    expected = [(30, 30, 31, 31), (0, 10, 10, 20), (10, 0, 20, 10), (0, 0, 4, 4), (40, 0, 44, 4)]
+    assert [r.bbox_xyxy for r in order_regions(regions, None)] == expected
+    assert [r.bbox_xyxy for r in order_regions(regions[::-1], 2)] == expected[:2]
 
 
 def test_max_masks_keeps_the_first_in_order(everything, image, all_regions) -> None:
