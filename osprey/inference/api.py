@@ -21,9 +21,9 @@ from osprey.model.preprocess import preprocess_image, stack_masks, to_rgb_array
 from osprey.model.prompts import IMAGE_PLACEHOLDER_ID, IMAGE_TOKEN, conversation, tokenize_prompt
 from osprey.runtime.steps import yield_before_each
 
-from .answering import answer_baseline, answer_fast
+from .answering import answer_baseline, answer_fast, label_items
 from .baseline import BaselineRunner
-from .fast import EncodedImage, FastRunner, ImageFeatures, batch_images, encode_image, encode_prefix
+from .fast import EncodedImage, FastRunner, ImageFeatures, encode_image, encode_prefix
 from .fields import LabelRequest, RegionLabels
 from .plan import Planner
 
@@ -228,38 +228,17 @@ class Osprey:
         """:meth:`label` for several ``(image, masks)`` pairs at once: every image's regions and
         questions share the same forward passes and the same decoding loop (:class:`ImageBatch`), and
         each answer is the one :meth:`label` gives for that image alone. Returns one list per item."""
-        rgbs = [to_rgb_array(image) for image, _ in items]
-        mask_ts = [
-            stack_masks(masks, image_hw=rgb.shape[:2]) if len(masks) else None
-            for rgb, (_, masks) in zip(rgbs, items, strict=True)
-        ]
-        live = [i for i, masks in enumerate(mask_ts) if masks is not None]
-        out: list[list[RegionLabels]] = [[] for _ in items]
-        if not live:
-            return out
-        encoded = list(encoded) if encoded is not None else self.encode_images([rgbs[i] for i in live])
-        if encoded is not None and len(encoded) == len(items):
-            encoded = [encoded[i] for i in live]
-        for i, enc in zip(live, encoded, strict=True):
-            if enc.image_hw != rgbs[i].shape[:2]:
-                raise ValueError(
-                    f"encoded image {i} is {enc.image_hw} (H, W) but the image is {rgbs[i].shape[:2]}"
-                )
-        counts = [len(mask_ts[i]) for i in live]
-        with torch.inference_mode():
-            tokens = [
-                self.model.region_tokens(enc.features, mask_ts[i])
-                for i, enc in zip(live, encoded, strict=True)
-            ]
-        region_tokens = (torch.cat([t[0] for t in tokens]), torch.cat([t[1] for t in tokens]))
-        image_of = [b for b, n in enumerate(counts) for _ in range(n)]
-        planner = Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
-        answers = answer_fast(planner, self.fast, batch_images(encoded), region_tokens, image_of)
-        start = 0
-        for i, n in zip(live, counts, strict=True):
-            out[i] = answers[start : start + n]
-            start += n
-        return out
+        return label_items(
+            self,
+            items,
+            request,
+            encoded,
+            lambda rgb, masks, enc: self.model.region_tokens(enc.features, masks),
+        )
+
+    def planner(self, request: LabelRequest) -> Planner:
+        """The questions of ``request`` in Osprey's prompts."""
+        return Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
 
     # ---- labelling ----
     def label(
@@ -277,10 +256,9 @@ class Osprey:
         encoded = encoded or self.encode_image(rgb)
         if encoded.image_hw != rgb.shape[:2]:
             raise ValueError(f"encoded image is {encoded.image_hw} (H, W) but the image is {rgb.shape[:2]}")
-        planner = Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
         with torch.inference_mode():
             region_tokens = self.model.region_tokens(encoded.features, mask_t)
-        return answer_fast(planner, self.fast, encoded, region_tokens, [0] * len(mask_t))
+        return answer_fast(self.planner(request), self.fast, encoded, region_tokens, [0] * len(mask_t))
 
     def label_baseline(
         self, image: Image.Image | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, request: LabelRequest
@@ -288,5 +266,4 @@ class Osprey:
         """The upstream-style flow (see :mod:`osprey.inference.baseline`): same answers, much slower."""
         rgb = to_rgb_array(image)
         mask_t = stack_masks(masks, image_hw=rgb.shape[:2])
-        planner = Planner(tokenizer=self.tokenizer, request=request, untrained=self.untrained)
-        return answer_baseline(planner, self.baseline, rgb, mask_t)
+        return answer_baseline(self.planner(request), self.baseline, rgb, mask_t)

@@ -32,9 +32,9 @@ from osprey.pixelrefer.processing import region_crop, whole_image
 from osprey.pixelrefer.prompts import CHAT_PREFIX, IM_END, PixelReferPrompts
 from osprey.runtime.steps import yield_before_each
 
-from .answering import answer_baseline, answer_fast
+from .answering import answer_baseline, label_items
 from .baseline import BaselineRunner
-from .fast import EncodedImage, FastRunner, ImageFeatures, SegmentTree, batch_images
+from .fast import EncodedImage, FastRunner, ImageFeatures, SegmentTree
 from .fields import LabelRequest, RegionLabels
 from .plan import Planner, Question
 
@@ -193,7 +193,8 @@ class PixelReferLite:
         """``masks`` ``(R, H, W)`` -> ``(R, mask_num, D)``, each region on its own (its own crop)."""
         return torch.stack([self._region_tokens(rgb, m.numpy() > 0, encoded) for m in masks.cpu()])
 
-    def _planner(self, request: LabelRequest) -> Planner:
+    def planner(self, request: LabelRequest) -> Planner:
+        """The questions of ``request`` in PixelRefer-Lite's prompts."""
         return Planner(
             tokenizer=self.tokenizer, request=request, untrained=self.untrained, prompts=self.prompts
         )
@@ -220,37 +221,9 @@ class PixelReferLite:
         encoded: Sequence[EncodedImage] | None = None,
     ) -> list[list[RegionLabels]]:
         """:meth:`label` for several ``(image, masks)`` pairs in the same forwards; one list per item."""
-        rgbs = [to_rgb_array(image) for image, _ in items]
-        mask_ts = [
-            stack_masks(masks, image_hw=rgb.shape[:2]) if len(masks) else None
-            for rgb, (_, masks) in zip(rgbs, items, strict=True)
-        ]
-        live = [i for i, masks in enumerate(mask_ts) if masks is not None]
-        out: list[list[RegionLabels]] = [[] for _ in items]
-        if not live:
-            return out
-        if encoded is None:
-            encoded = self.encode_images([rgbs[i] for i in live])
-        elif len(encoded) == len(items):
-            encoded = [encoded[i] for i in live]
-        for i, enc in zip(live, encoded, strict=True):
-            if tuple(enc.image_hw) != rgbs[i].shape[:2]:
-                raise ValueError(
-                    f"encoded image {i} is {enc.image_hw} (H, W) but the image is {rgbs[i].shape[:2]}"
-                )
-        tokens = torch.cat(
-            [self.region_tokens(rgbs[i], mask_ts[i], enc) for i, enc in zip(live, encoded, strict=True)]
+        return label_items(
+            self, items, request, encoded, lambda rgb, masks, enc: (self.region_tokens(rgb, masks, enc),)
         )
-        counts = [len(mask_ts[i]) for i in live]
-        image_of = [b for b, n in enumerate(counts) for _ in range(n)]
-        answers = answer_fast(
-            self._planner(request), self.fast, batch_images(list(encoded)), (tokens,), image_of
-        )
-        start = 0
-        for i, n in zip(live, counts, strict=True):
-            out[i] = answers[start : start + n]
-            start += n
-        return out
 
     def label_baseline(
         self, image: Image.Image | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, request: LabelRequest
@@ -258,7 +231,7 @@ class PixelReferLite:
         """The authors' one-region-per-call flow: same answers, much slower."""
         rgb = to_rgb_array(image)
         mask_t = stack_masks(masks, image_hw=rgb.shape[:2])
-        return answer_baseline(self._planner(request), self.baseline, rgb, mask_t)
+        return answer_baseline(self.planner(request), self.baseline, rgb, mask_t)
 
     # ---- what the learning loop and the budgets ask ----
     def feature_levels(self) -> tuple[tuple[str, int], ...]:
