@@ -1,7 +1,11 @@
 """LoRA training jobs: a project's accepted regions -> an adapter version, gated on held-out loss.
 
-The adapter is trained on a copy of the model loaded for the job (the served model keeps serving),
-starting from the project's current adapter when it has one. Regions whose image is gone or of another
+The adapter is trained on the served model itself (no second copy of the base weights: peft adds the
+adapter beside the served ones, :mod:`osprey.learning.lora`), starting from the project's current
+adapter when it has one. Each training or evaluation step takes the model through ``step_session`` at
+background priority and runs its language-model part as one uninterrupted block with the training
+adapter active; between two steps the served adapters are back, so clicks and pre-labels interleave
+and answer exactly as before the job. Regions whose image is gone or of another
 size, or whose mask is unreadable, are skipped and reported by reason (:mod:`backend.learning.examples`).
 The held-out regions (the same 1-in-5 task split as the head) give the answer-token loss of what is
 served now and of the new adapter; the version is always written, carrying the current head along, and
@@ -11,14 +15,10 @@ promoted only when the loss is not worse.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import shutil
 from collections.abc import Callable
 
-import torch
-
-from osprey.inference.api import Osprey
 from osprey.learning.lora import LoraSettings, LoraTrainer, RegionExample, instruction_samples, load_adapter
 
 from .examples import SkipReport, usable_regions
@@ -46,15 +46,14 @@ def region_example(region, rgb, mask) -> RegionExample:
 class LoraJob:
     """The ``lora`` job handler: ``job(project_id) -> dict``.
 
-    Collaborators: ``osprey_model`` (the ``OSPREY_MODEL`` the job loads its own copy of) and ``served``
-    (the served Osprey, whose device and dtype the copy takes), ``store``, ``registry``, ``loader``,
-    ``projects`` (a project's ``schema``), ``base_version`` and ``step_session()``: the GPU for one
-    training step at background priority."""
+    Collaborators: ``served`` (the served Osprey, which the adapter is trained on), ``store``,
+    ``registry``, ``loader``, ``projects`` (a project's ``schema``), ``base_version`` and
+    ``step_session()``: the model for one training step at background priority (the scheduler's
+    session: serving work more urgent than it goes first, and takes the model between steps)."""
 
     def __init__(
         self,
         *,
-        osprey_model: str,
         served,
         store,
         registry,
@@ -65,7 +64,6 @@ class LoraJob:
         min_examples: int = 5,
         step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
-        self.osprey_model = osprey_model
         self.served = served
         self.store = store
         self.registry = registry
@@ -116,15 +114,13 @@ class LoraJob:
 
         served = self.registry.served(project_id)  # a new version's parent is what is served
         current, current_dir = served.info, served.folder
-        copy = Osprey.from_pretrained(
-            self.osprey_model, device=self.served.device, dtype=self.served.model.dtype
-        )
-        try:
+        step = self.step_session
+        with step():  # adding (or loading) the training adapter changes the served model's layers
             if current_dir is not None and (current_dir / "lora").is_dir():
-                trainer = load_adapter(copy, current_dir / "lora")
+                trainer = load_adapter(self.served, current_dir / "lora")
             else:
-                trainer = LoraTrainer(osprey=copy, settings=self.settings)
-            step = self.step_session
+                trainer = LoraTrainer(osprey=self.served, settings=self.settings)
+        try:
             served_loss = trainer.evaluate(test_samples, test, step_session=step)
             history = trainer.fit(train_samples, train, progress=False, step_session=step)
             new_loss = trainer.evaluate(test_samples, test, step_session=step)
@@ -147,10 +143,8 @@ class LoraJob:
                 parent=current.version if current else None,
             )  # fmt: skip
         finally:
-            del copy
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            with step():  # the training adapter (and its optimiser state) freed; serving as it was
+                trainer.close()
         promote = new_loss <= served_loss
         reason = f"held-out answer loss {served_loss:.4f} -> {new_loss:.4f}"
         if promote:

@@ -313,7 +313,7 @@ def _wire(rt: Runtime) -> None:
     lora = None
     if lora_enabled(settings, rt.models):
         lora = LoraJob(
-            osprey_model=settings.model_name, served=rt.models.region_model, store=rt.store, registry=rt.registry,
+            served=rt.models.region_model, store=rt.store, registry=rt.registry,
             loader=rt.loader, projects=rt.projects, base_version=rt.models.version,
             min_examples=settings.min_train_examples, step_session=lambda: rt.scheduler.session(BACKGROUND),
         )  # fmt: skip

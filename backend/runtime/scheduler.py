@@ -5,9 +5,11 @@ The model (one GPU) serves one piece of work at a time. Work asks for it with a 
 ``INTERACTIVE`` (an annotator's click) before ``BATCH`` (Retrieve Predictions, pre-label jobs) before
 ``BACKGROUND`` (training on the serving GPU); within a priority, first come first served. Long work
 holds the model one *step* at a time: at the step boundaries of :mod:`osprey.runtime.steps` (before
-every encoder and decoder block, between decoding steps and SAM's decoder batches) it hands the model
-over whenever more urgent work is waiting, then takes it back and restores its project's adapter. So
-a click waits for at most one block of batch work. Work blocked on another thread's computation (the
+every encoder and decoder block, between decoding steps and SAM's decoder batches, between LoRA
+training steps) it hands the model over whenever more urgent work is waiting, then takes it back and
+restores its project's adapter. On CUDA, batch and background work also wait at each boundary for the
+device to finish their step before (:class:`~osprey.runtime.steps.DeviceThrottle`), so a click waits
+for at most one block of batch work, on the host and on the device. Work blocked on another thread's computation (the
 same image being encoded) lets go of the model meanwhile, so a hand-over never deadlocks. ``/health``
 and ``/setup`` never touch the scheduler.
 """
@@ -20,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from osprey.runtime.steps import between_steps
+from osprey.runtime.steps import DeviceThrottle, between_steps
 
 INTERACTIVE, BATCH, BACKGROUND = 0, 1, 2
 PRIORITY_NAMES = {INTERACTIVE: "interactive", BATCH: "batch", BACKGROUND: "background"}
@@ -109,6 +111,9 @@ class ModelScheduler:
         self._acquire(priority)
         self.sessions[name] += 1
         held = [time.perf_counter()]
+        # batch and background work run at most one step ahead of the GPU: a click handed the model at
+        # a boundary queues behind one step of theirs, not behind all they launched
+        throttle = DeviceThrottle() if priority != INTERACTIVE else None
 
         def lap() -> None:
             now = time.perf_counter()
@@ -123,6 +128,8 @@ class ModelScheduler:
                 on_resume()
 
         def step() -> None:
+            if throttle is not None:
+                throttle.lap()
             lap()
             if priority == INTERACTIVE or not self.more_urgent_waiting(priority):
                 return

@@ -25,7 +25,8 @@ class ModelSessions:
         self.scheduler = scheduler
         self.registry = registry
         self.osprey = osprey
-        self._adapters = None  # osprey.learning.lora.AdapterSet, made when a project first has an adapter
+        self._adapters = None  # osprey.learning.adapters.AdapterSet, when a project first has an adapter
+        self._served: dict[str, str] = {}  # project -> the adapter its served version loaded
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -40,7 +41,8 @@ class ModelSessions:
 
     def activate(self, project: str | None) -> None:
         """Make the adapter of the version ``project`` serves (or none) the active one; only while holding
-        the model. A damaged promoted version falls back as the registry says (``served``)."""
+        the model. A damaged promoted version falls back as the registry says (``served``). The adapter
+        of a version the project no longer serves is removed from the model."""
         served = self.registry.served(project) if project else None
         lora_dir = served.part("lora") if served is not None else None
         if lora_dir is None or not lora_dir.is_dir():
@@ -49,7 +51,13 @@ class ModelSessions:
             return
         with self._lock:
             if self._adapters is None:
-                from osprey.learning.lora import AdapterSet
+                from osprey.learning.adapters import AdapterSet
 
-                self._adapters = AdapterSet(osprey=self.osprey)
-        self._adapters.activate(f"p{project}-{served.version}", lora_dir)
+                # the set the model's LoRA trainer uses too: one record of which adapter is active
+                self._adapters = AdapterSet.of(self.osprey)
+        name = f"p{project}-{served.version}"
+        superseded = self._served.get(project)
+        if superseded is not None and superseded != name:
+            self._adapters.remove(superseded)
+        self._served[project] = name
+        self._adapters.activate(name, lora_dir)

@@ -1,20 +1,29 @@
-"""LoRA fine-tuning of Osprey's language model on accepted region labels.
+"""LoRA fine-tuning of Osprey's language model on accepted region labels, on the model that serves.
 
 Accepted regions become instruction samples in Osprey's own conversation format (the same prompts
 the fast path asks): the label-set question answered with the category (``category:part`` when
 parts are asked), one yes/no question per attribute, and the caption and description questions
 answered with the annotator's text. The loss is the cross-entropy of the answer tokens and
-``</s>`` only. LoRA adapters (peft) go on the attention projections; the mask extractor and the
-projector can be trained too. ``accelerate`` drives the loop, so ``accelerate launch`` runs the same
-code on several GPUs; on a CPU it runs as is.
+``</s>`` only.
+
+The adapter is trained on the served model itself: peft adds it beside the served adapters, without a
+copy of the base weights (:mod:`osprey.learning.adapters`), and each training step makes it active, runs
+the forward, the backward and the optimiser step as one :func:`~osprey.runtime.steps.atomic` block, and
+hands the model back with the adapter that served before active again, in eval mode. So serving between
+two training steps answers exactly as it did before the job began. The frozen vision tower runs without
+gradients, before the block (a click may take the model there). A trained mask extractor or projector is
+a private copy: the served ones never change. ``accelerate`` drives the loop, so ``accelerate launch``
+runs the same code on several GPUs; on a CPU it runs as is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,28 +34,19 @@ from tqdm import tqdm
 
 from osprey.inference.api import Osprey
 from osprey.model import prompts as P
+from osprey.model.preprocess import preprocess_image
+from osprey.runtime.steps import atomic
+
+from .adapters import AdapterSet, LoraSettings, read_adapter
+
+__all__ = [
+    "AdapterSet", "InstructionSample", "LoraSettings", "LoraTrainer", "RegionExample", "instruction_samples",
+    "load_adapter",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    learning_rate: float = 2e-4
-    epochs: int = 3
-    grad_accum: int = 4
-    max_grad_norm: float = 1.0
-    train_mask_extractor: bool = False
-    train_projector: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rank < 1 or self.epochs < 1 or self.grad_accum < 1 or self.learning_rate <= 0:
-            raise ValueError("rank, epochs and grad_accum must be >= 1 and learning_rate > 0")
+TRAINING_ADAPTER = "lora-training"
 
 
 @dataclass(frozen=True)
@@ -94,60 +94,120 @@ def instruction_samples(
 
 
 class LoraTrainer:
-    """Adds LoRA adapters to ``osprey``'s LLM and trains them (the model is changed in place: train
-    a copy loaded for the purpose, not the one serving requests)."""
+    """Trains a LoRA adapter named ``name`` on ``osprey``'s served language model (see the module
+    docstring); :meth:`close` removes it. Only its weights (and any private extractor/projector copy)
+    get gradients."""
 
-    def __init__(self, *, osprey: Osprey, settings: LoraSettings | None = None) -> None:
-        from peft import LoraConfig, get_peft_model
-
+    def __init__(
+        self, *, osprey: Osprey, settings: LoraSettings | None = None, name: str = TRAINING_ADAPTER
+    ) -> None:
         self.osprey = osprey
         self.settings = settings or LoraSettings()
-        s = self.settings
-        model = osprey.model
+        self.name = name
+        self._run = uuid.uuid4().hex[:12]  # this trainer's adapter, among others of the same name
+        self.updates = 0  # training steps taken (the image cache key of :meth:`active` follows it)
+        self.adapters = AdapterSet.of(osprey)
+        s, model = self.settings, osprey.model
         for param in model.parameters():
             param.requires_grad_(False)
-        config = LoraConfig(
-            r=s.rank,
-            lora_alpha=s.alpha,
-            lora_dropout=s.dropout,
-            target_modules=list(s.target_modules),
-            bias="none",
+        self.adapters.remove(name)  # a job that ended without closing
+        self.adapters.add(name, s.lora_config(inference=False))
+        self.adapters.use(self.adapters.active)  # adding made it active: serving stays as it was
+        base = self.llm.get_base_model()
+        # activations of one layer at a time in the backward (a 7B step: ~0.5 GB instead of ~6 GB);
+        # transformers checkpoints only in train mode, and serving never runs its layers' forward
+        self._checkpointing = s.gradient_checkpointing and not getattr(
+            base, "is_activation_checkpointing", False
         )
-        model.llm = get_peft_model(model.llm, config)  # the runners share this OspreyModel
-        for part, wanted in (
-            (model.mask_extractor, s.train_mask_extractor),
-            (model.mm_projector, s.train_projector),
-        ):
-            for param in part.parameters():
-                param.requires_grad_(wanted)
+        if self._checkpointing:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        marker = f".{name}."
+        self._adapter_params = [p for n, p in self.llm.named_parameters() if marker in n]
+        for param in self._adapter_params:
+            param.requires_grad_(True)
+        # private copies, so the served extractor and projector never change
+        self.extractor = (
+            copy.deepcopy(model.mask_extractor) if s.train_mask_extractor else model.mask_extractor
+        )
+        self.projector = copy.deepcopy(model.mm_projector) if s.train_projector else model.mm_projector
+        for part, wanted in ((self.extractor, s.train_mask_extractor), (self.projector, s.train_projector)):
+            if wanted:
+                part.requires_grad_(True)
+
+    @property
+    def llm(self):
+        return self.osprey.model.llm
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.osprey.model.parameters() if p.requires_grad]
+        params = list(self._adapter_params)
+        for part, wanted in (
+            (self.extractor, self.settings.train_mask_extractor),
+            (self.projector, self.settings.train_projector),
+        ):
+            if wanted:
+                params += list(part.parameters())
+        return params
 
-    def _loss(self, sample: InstructionSample, examples: Sequence[RegionExample]) -> torch.Tensor:
+    def close(self) -> None:
+        """Remove the training adapter from the served model (its weights are freed)."""
+        if self._checkpointing:
+            self.llm.get_base_model().activation_checkpointing_disable()
+            self._checkpointing = False
+        self.adapters.remove(self.name)
+
+    @contextlib.contextmanager
+    def active(self) -> contextlib.AbstractContextManager:
+        """Inside, the served model answers with the adapter being trained (eval mode; its image cache
+        keyed by that adapter's weights as they are now, so no encoding made before a later step is
+        reused)."""
+        tag = self.osprey.adapter_tag
+        self.osprey.adapter_tag = f"{self.name}-{self._run}-{self.updates}"
+        try:
+            with self.adapters.borrow(self.name, train=False):
+                yield
+        finally:
+            self.osprey.adapter_tag = tag
+
+    # ---- one sample ----
+    @torch.no_grad()
+    def _image_features(self, image: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The frozen vision tower's features and projected image tokens (no gradients; it may hand the
+        model over at its block boundaries, before the adapter is made active)."""
+        model = self.osprey.model
+        pixels = preprocess_image(np.asarray(image), image_size=self.osprey.config.vision.image_size)
+        return model.encode_pixels(pixels)
+
+    def _loss(self, sample: InstructionSample, features, image_tokens, mask: np.ndarray) -> torch.Tensor:
+        """The answer tokens' cross-entropy (the training adapter active: inside :meth:`_step`)."""
         osprey, model = self.osprey, self.osprey.model
-        example = examples[sample.example]
-        encoded = osprey.encode_image(example.image)
-        # Cached encodings were made under inference mode; clones can take part in autograd.
-        features = {level: f.clone() for level, f in encoded.features.items()}
         if self.settings.train_projector:
             level = model.config.vision.image_token_level
-            image_tokens = model.mm_projector(features[level].flatten(1).transpose(0, 1))
-        else:
-            image_tokens = encoded.image_tokens.clone()
-        mask = torch.from_numpy(np.asarray(example.mask, dtype=np.float32))[None]
-        mask_tokens, spatial_tokens = model.region_tokens(features, mask)
+            image_tokens = self.projector(features[level].flatten(1).transpose(0, 1))
+        masks = torch.from_numpy(np.asarray(mask) > 0)[None].to(model.device)
+        mask_tokens, spatial_tokens = self.extractor(features, masks)
         prompt_ids = P.tokenize_prompt(osprey.tokenizer, sample.prompt)
         answer = P.answer_ids(osprey.tokenizer, prompt_ids, sample.prompt, sample.answer, finished=True)
         ids = P.expand_image_placeholder(prompt_ids, image_tokens.shape[0]) + answer
         embeds = model.embed(
-            torch.tensor(ids, device=model.device),
-            image_tokens=image_tokens,
-            mask_tokens=mask_tokens,
+            torch.tensor(ids, device=model.device), image_tokens=image_tokens, mask_tokens=mask_tokens,
             spatial_tokens=spatial_tokens,
-        )
+            counts={"image": image_tokens.shape[0], "<mask>": ids.count(model.mask_token_id),
+                    "<pos>": ids.count(model.pos_token_id)},
+        )  # fmt: skip
         labels = torch.tensor([IGNORE] * (len(ids) - len(answer)) + answer, device=model.device)
-        return model.llm(inputs_embeds=embeds[None], labels=labels[None]).loss
+        return self.llm(inputs_embeds=embeds[None], labels=labels[None], use_cache=False).loss
+
+    @contextlib.contextmanager
+    def _step(self, *, train: bool):
+        """The adapter active for one uninterrupted step; the served state back after it."""
+        model = self.osprey.model
+        private = [
+            p for p in (self.extractor, self.projector) if p not in (model.mask_extractor, model.mm_projector)
+        ]
+        with atomic(), self.adapters.borrow(self.name, train=train):
+            for part in private:
+                part.train(train)
+            yield
 
     @torch.no_grad()
     def evaluate(
@@ -157,13 +217,15 @@ class LoraTrainer:
         *,
         step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> float:
-        """Mean answer-token cross-entropy over ``samples`` (lower is better). ``step_session`` is
-        entered around each sample's forward (a scheduler sharing the GPU with serving)."""
-        self.osprey.model.eval()
+        """Mean answer-token cross-entropy over ``samples`` (lower is better) with the adapter being
+        trained. ``step_session`` is entered around each sample (a scheduler sharing the GPU with serving)."""
         losses = []
         for sample in samples:
+            example = examples[sample.example]
             with step_session():
-                losses.append(float(self._loss(sample, examples)))
+                features, image_tokens = self._image_features(example.image)
+                with self._step(train=False):
+                    losses.append(float(self._loss(sample, features, image_tokens, example.mask)))
         return float(np.mean(losses)) if losses else float("nan")
 
     def fit(
@@ -175,7 +237,7 @@ class LoraTrainer:
         step_session: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> dict:
         """Train on ``samples``; returns the mean loss of each epoch. ``step_session`` is entered around
-        each optimisation step (a scheduler sharing the GPU with serving)."""
+        each optimisation step (a scheduler sharing the GPU with serving, at background priority)."""
         from accelerate import Accelerator
 
         if not samples:
@@ -184,32 +246,33 @@ class LoraTrainer:
         accelerator = Accelerator(
             gradient_accumulation_steps=s.grad_accum, cpu=self.osprey.device.type == "cpu"
         )
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=s.learning_rate)
-        optimizer = accelerator.prepare(optimizer)
+        optimizer = accelerator.prepare(torch.optim.AdamW(self.trainable_parameters(), lr=s.learning_rate))
         rng = random.Random(s.seed)
         order = list(range(len(samples)))
         epoch_losses = []
-        self.osprey.model.train()
-        self.osprey.model.vision_tower.eval()  # frozen; its features come from the cache
         bar = tqdm(total=s.epochs * len(order), desc="LoRA", unit="sample", disable=not progress)
         for _ in range(s.epochs):
             rng.shuffle(order)
             total = 0.0
             for index in order:
-                with step_session(), accelerator.accumulate(self.osprey.model):
-                    loss = self._loss(samples[index], examples)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(self.trainable_parameters(), s.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                sample = samples[index]
+                example = examples[sample.example]
+                with step_session():
+                    features, image_tokens = self._image_features(example.image)
+                    with self._step(train=True), accelerator.accumulate(self.llm):
+                        loss = self._loss(sample, features, image_tokens, example.mask)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(self.trainable_parameters(), s.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                        self.updates += 1
                 total += float(loss.detach())
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             epoch_losses.append(total / len(order))
             logger.info("LoRA epoch %d: mean loss %.4f", len(epoch_losses), epoch_losses[-1])
         bar.close()
-        self.osprey.model.eval()
         return {"epoch_losses": epoch_losses, "samples": len(samples)}
 
     def save(self, directory: str | Path) -> None:
@@ -220,94 +283,43 @@ class LoraTrainer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        model = self.osprey.model
-        tensors = {f"llm.{k}": v for k, v in get_peft_model_state_dict(model.llm).items()}
+        weights = get_peft_model_state_dict(self.llm, adapter_name=self.name)
+        tensors = {f"llm.{k}": v for k, v in weights.items()}
         if self.settings.train_mask_extractor:
-            tensors.update({f"mask_extractor.{k}": v for k, v in model.mask_extractor.state_dict().items()})
+            tensors.update({f"mask_extractor.{k}": v for k, v in self.extractor.state_dict().items()})
         if self.settings.train_projector:
-            tensors.update({f"mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()})
+            tensors.update({f"mm_projector.{k}": v for k, v in self.projector.state_dict().items()})
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             str(directory / "adapter.safetensors"),
         )
         (directory / "lora.json").write_text(json.dumps(asdict(self.settings), indent=2))
 
+    def load(self, directory: str | Path) -> None:
+        """Start from a saved adapter (and its trained extractor/projector)."""
+        from peft import set_peft_model_state_dict
 
-def load_adapter(osprey: Osprey, directory: str | Path) -> LoraTrainer:
-    """Add the saved adapter (and any trained extractor/projector) to ``osprey`` for training on."""
-    from peft import set_peft_model_state_dict
+        directory = Path(directory)
+        _, tensors = read_adapter(directory)
+        device = self.osprey.device
+        llm = {k[len("llm.") :]: v.to(device) for k, v in tensors.items() if k.startswith("llm.")}
+        result = set_peft_model_state_dict(self.llm, llm, adapter_name=self.name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"{directory} has adapter tensors this model does not know: {unexpected[:5]}")
+        for name, part in (("mask_extractor", self.extractor), ("mm_projector", self.projector)):
+            sub = {k[len(name) + 1 :]: v.to(device) for k, v in tensors.items() if k.startswith(name + ".")}
+            if sub:
+                if part is getattr(self.osprey.model, name):
+                    raise ValueError(
+                        f"{directory} trained the {name}; train it too (LoraSettings) to load it"
+                    )
+                part.load_state_dict(sub, strict=True)
 
-    directory = Path(directory)
-    settings, tensors = _read_adapter(directory)
-    trainer = LoraTrainer(osprey=osprey, settings=settings)
-    model = osprey.model
-    llm = {k[len("llm.") :]: v.to(osprey.device) for k, v in tensors.items() if k.startswith("llm.")}
-    result = set_peft_model_state_dict(model.llm, llm)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"{directory} has adapter tensors this model does not know: {unexpected[:5]}")
-    for name, part in (("mask_extractor", model.mask_extractor), ("mm_projector", model.mm_projector)):
-        sub = {
-            k[len(name) + 1 :]: v.to(osprey.device) for k, v in tensors.items() if k.startswith(name + ".")
-        }
-        if sub:
-            part.load_state_dict(sub, strict=True)
-    model.eval()
+
+def load_adapter(osprey: Osprey, directory: str | Path, *, name: str = TRAINING_ADAPTER) -> LoraTrainer:
+    """A trainer on ``osprey`` starting from the saved adapter in ``directory`` (its settings too)."""
+    settings, _ = read_adapter(Path(directory))
+    trainer = LoraTrainer(osprey=osprey, settings=settings, name=name)
+    trainer.load(directory)
     return trainer
-
-
-def _read_adapter(directory: Path) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    settings_dict = json.loads((directory / "lora.json").read_text())
-    settings_dict["target_modules"] = tuple(settings_dict["target_modules"])
-    return LoraSettings(**settings_dict), load_file(str(directory / "adapter.safetensors"))
-
-
-class AdapterSet:
-    """Several projects' LoRA adapters on one served model, one active at a time.
-
-    ``activate(name, directory)`` loads the adapter the first time it is named and makes it the one
-    used; ``activate(None, None)`` serves the base model. The caller serialises model work (the
-    backend's scheduler activates a project's adapter whenever its work takes the model). Encoded images depend on the
-    active adapter (the prompt prefix's keys/values do), so ``osprey.adapter_tag`` becomes part of the
-    image cache key.
-    """
-
-    def __init__(self, *, osprey: Osprey) -> None:
-        self.osprey = osprey
-        self.loaded: set[str] = set()
-        self.active: str | None = None
-
-    def activate(self, name: str | None, directory: Path | None) -> None:
-        from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-
-        model = self.osprey.model
-        if name is None:
-            if isinstance(model.llm, PeftModel) and self.active is not None:
-                model.llm.base_model.disable_adapter_layers()
-            self.active = None
-            self.osprey.adapter_tag = ""
-            return
-        if name not in self.loaded:
-            settings, tensors = _read_adapter(Path(directory))
-            if any(not k.startswith("llm.") for k in tensors):
-                raise ValueError(
-                    f"{directory}: serving adapters that also change the extractor or projector is not supported"
-                )
-            config = LoraConfig(
-                r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
-                target_modules=list(settings.target_modules), bias="none", inference_mode=True,
-            )  # fmt: skip
-            if isinstance(model.llm, PeftModel):
-                model.llm.add_adapter(name, config)
-            else:
-                model.llm = get_peft_model(model.llm, config, adapter_name=name)
-            weights = {k[len("llm.") :]: v.to(self.osprey.device) for k, v in tensors.items()}
-            set_peft_model_state_dict(model.llm, weights, adapter_name=name)
-            model.llm.eval()
-            self.loaded.add(name)
-        model.llm.base_model.enable_adapter_layers()
-        model.llm.set_adapter(name)
-        self.active = name
-        self.osprey.adapter_tag = name

@@ -55,9 +55,15 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        inputs = {id(a) for a in flat}
+        # under inference mode a view does not say it is one (_is_view() is False): a result on an
+        # input's storage is a view all the same (meta tensors have no storage address to compare)
+        storages = {_storage(a) for a in flat} - {None}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor) or id(tensor) in inputs or tensor._is_view():
+                continue
+            if _storage(tensor) in storages:
                 continue
             size = tensor_bytes(tensor)
             if not size:
@@ -69,3 +75,12 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, size: int) -> None:
         self.live -= size
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    if tensor.device.type == "meta":
+        return None
+    try:
+        return tensor.untyped_storage().data_ptr() or None
+    except RuntimeError:  # tensors without a storage (sparse, some wrappers)
+        return None

@@ -12,7 +12,15 @@ installs two hooks for the thread that holds the model, with :func:`between_step
   released while waiting, so work that stepped aside inside that computation can finish it: no
   deadlock, whichever thread holds what.
 
-Outside a scheduler (no hooks installed in this thread) both are no-ops.
+Outside a scheduler (no hooks installed in this thread) both are no-ops. :func:`atomic` marks work that
+must not be interrupted (a training step on the served weights: its adapter is active until it ends);
+no boundary fires inside it.
+
+Boundaries sit between forward passes, decoding steps and blocks, never inside a compiled or captured
+step. On CUDA the host runs ahead of the device: a hand-over at a boundary would still leave everything
+the previous holder launched queued in front of the click. :class:`DeviceThrottle` bounds that: at each
+boundary it records an event and waits for the one of the boundary before, so batch work is at most one
+step ahead of the device.
 """
 
 from __future__ import annotations
@@ -23,9 +31,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-__all__ = ["acquire", "between_steps", "step_boundary", "waiting", "yield_after", "yield_before_each"]
+__all__ = [
+    "DeviceThrottle", "acquire", "atomic", "between_steps", "step_boundary", "waiting", "yield_after",
+    "yield_before_each",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,41 @@ def waiting() -> Iterator[None]:
             yield
     finally:
         _HOOKS.reset(token)
+
+
+@contextmanager
+def atomic() -> Iterator[None]:
+    """Inside, no step boundary fires: this thread keeps the model until the block ends."""
+    token = _HOOKS.set(None)
+    try:
+        yield
+    finally:
+        _HOOKS.reset(token)
+
+
+class DeviceThrottle:
+    """Keeps one thread's work at most one step ahead of the CUDA device (see the module docstring):
+    :meth:`lap`, at every step boundary, records an event on the current stream and waits for the
+    previous lap's. Does nothing unless CUDA is in use. ``event`` makes the events (default
+    ``torch.cuda.Event``; anything with ``record()`` and ``synchronize()``)."""
+
+    def __init__(self, *, event: Callable[[], object] | None = None) -> None:
+        self._event = event
+        self._previous = None
+        self.waits = 0  # laps that waited for the step before
+
+    def lap(self) -> None:
+        make = self._event
+        if make is None:
+            if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+                return
+            make = torch.cuda.Event
+        event = make()
+        event.record()
+        if self._previous is not None:
+            self._previous.synchronize()
+            self.waits += 1
+        self._previous = event
 
 
 @contextmanager

@@ -93,7 +93,8 @@ def test_adapter_set_switches_projects_adapters_on_one_served_model(tmp_path):
     trainer.save(tmp_path / "a")
     request = LabelRequest(categories=SHAPES, caption=True, max_caption_tokens=4)
     image, mask = examples[0].image, [examples[0].mask]
-    expected = trained.label(image, mask, request)[0]
+    with trainer.active():  # the trained adapter answering on the model it was trained on
+        expected = trained.label(image, mask, request)[0]
 
     served = Osprey.from_pretrained("tiny", device="cpu", cache=image_feature_cache(max_images=4))
     base = served.label(image, mask, request)[0]
@@ -107,3 +108,70 @@ def test_adapter_set_switches_projects_adapters_on_one_served_model(tmp_path):
     again = served.label(image, mask, request)[0]  # the base model again, its cached encoding reused
     assert again.category.scores == pytest.approx(base.category.scores, abs=1e-6)
     assert served.cache.stats()["items"] == 2  # one encoding per adapter
+
+
+def test_training_on_the_served_model_keeps_one_copy_of_its_weights_and_its_answers(monkeypatch):
+    """The adapter trains on the served model: no second model is loaded, the base weights stay the
+    very same tensors, and a click between two training steps gets the answer it got before the job."""
+    import contextlib
+    import gc
+
+    import torch
+
+    from osprey.model.modeling import OspreyModel
+    from osprey.runtime.memory import weight_bytes
+
+    osprey = Osprey.from_pretrained("tiny", device="cpu")
+    examples = [shape_example(i) for i in range(6)]
+    request = LabelRequest(categories=SHAPES, caption=True, max_caption_tokens=4)
+    click = examples[0].image, [examples[0].mask]
+    before = osprey.label(*click, request)[0]
+    base = {name: p.data_ptr() for name, p in osprey.model.named_parameters()}
+    base_bytes = weight_bytes(osprey.model)
+    table = osprey.model.llm.get_input_embeddings().weight
+
+    def tables() -> int:  # tensors the size of the embedding table alive (it, and the untied LM head)
+        alive = (t for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter))
+        return sum(1 for t in alive if t.shape == table.shape)
+
+    def models() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, OspreyModel))
+
+    gc.collect()  # what other tests left behind is counted once here, and never changes after
+    alone, models_alone = tables(), models()
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a LoRA job must not load another copy of the model")
+
+    monkeypatch.setattr(Osprey, "from_pretrained", no_second_model)
+    seen = {"steps": 0, "answers": []}
+
+    @contextlib.contextmanager
+    def step_session():
+        yield
+        seen["steps"] += 1  # between two training steps: a click on the served model
+        seen["answers"].append(osprey.label(*click, request)[0])
+        seen.setdefault("tables", set()).add(tables())
+        seen.setdefault("models", set()).add(models())
+
+    trainer = LoraTrainer(
+        osprey=osprey, settings=LoraSettings(rank=4, learning_rate=1e-2, epochs=2, grad_accum=1)
+    )
+    adapter_bytes = sum(p.numel() * p.element_size() for p in trainer.trainable_parameters())
+    samples = instruction_samples(examples, categories=SHAPES)
+    trainer.fit(samples, examples, progress=False, step_session=step_session)
+    assert seen["steps"] == 2 * len(samples)
+    assert seen["tables"] == {alone} and seen["models"] == {models_alone}  # no second copy, ever
+    assert weight_bytes(osprey.model) == base_bytes + adapter_bytes  # base + adapter, nothing more
+    current = {name.replace("base_model.model.", "").replace(".base_layer", ""): p.data_ptr()
+               for name, p in osprey.model.named_parameters() if "lora_" not in name}  # fmt: skip
+    assert current == base  # the same tensors, not copies
+    for answer in seen["answers"]:
+        assert (answer.caption, answer.category.label) == (before.caption, before.category.label)
+        assert answer.category.scores == pytest.approx(before.category.scores, abs=1e-6)
+    with trainer.active():
+        adapted = osprey.label(*click, request)[0]
+    assert adapted.category.scores != pytest.approx(before.category.scores, abs=1e-4)  # it did train
+    trainer.close()
+    assert osprey.label(*click, request)[0].category.scores == pytest.approx(before.category.scores, abs=1e-6)
+    assert weight_bytes(osprey.model) == base_bytes  # the adapter is gone
