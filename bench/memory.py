@@ -9,7 +9,11 @@ and Osprey's largest forward) and the total at the peak: weights + full default 
   request peak counted by ``LiveBytes`` while a real segment-everything task and its labelling run);
   the target is this machine.
 - ``osprey-7b`` + ``vit_h``: built on the ``meta`` device, so the figures are exact from the shapes and
-  nothing is allocated; the target is a 24 GB GPU (24e9 bytes, 0.5 GiB of it the CUDA context).
+  nothing is allocated; the target is a 24 GB GPU (24e9 bytes, 0.5 GiB of it the CUDA context). Its
+  request peak is broken down (SAM's segment everything, the vision tower, labelling's keys/values
+  buffers with scoring chunks and decode groups, a LoRA step beside serving) twice: for 32 regions
+  decoded at once with 256-token descriptions (2,048-token scoring chunks), and as the service sizes
+  the work to fit the target GPU (``backend.runtime.budgets.fit_request``).
 
     python bench/memory.py                 # all three presets
     python bench/memory.py --preset osprey-7b --gpu-gb 48
@@ -29,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.runtime.budgets import derive_budgets, host_memory, request_peak_bytes  # noqa: E402
+from backend.runtime.budgets import derive_budgets, fit_request, host_memory, request_peak  # noqa: E402
 from backend.runtime.settings import Settings  # noqa: E402
 from osprey.inference.api import Osprey  # noqa: E402
 from osprey.inference.memory import encoding_bytes  # noqa: E402
@@ -100,9 +104,18 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
         real = osprey.encode_image(np.zeros((480, 640, 3), np.uint8))
         assert nbytes(real) == encoding.whole and nbytes(real.state) == encoding.prefix_kv
     embedding = sam_embedding_bytes(SAM_ARCHITECTURES[sam_model])
+    breakdown = None
     if meta:
-        peak, recompute = request_peak_bytes(settings, osprey), None
         free = gpu_bytes - CUDA_CONTEXT - osprey_weights - sam_weights
+        at_once = request_peak(
+            settings, osprey, chunk_tokens=2048, decode_rows=32, encoding=encoding, lora=True
+        )
+        fitted = fit_request(settings, osprey, device_free=free, lora=True)
+        breakdown = {
+            "32 regions x 256 tokens at once": at_once,
+            f"fitted to {gpu_bytes / 1e9:.0f} GB": fitted,
+        }
+        peak, recompute = fitted.peak, None
         host_total, host_available = 64 * GiB, 48 * GiB  # a typical GPU server; only the host tier uses it
         target, kind = f"GPU {gpu_bytes / 1e9:.0f} GB", "computed"
         budgets = derive_budgets(settings, device_kind="cuda", device_free=free, host_total=host_total,
@@ -137,6 +150,11 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
         "capacity_gib": round(capacity / GiB, 2),
         "spare_gib": round((capacity - total) / GiB, 2),
         "recompute_ms_cpu": recompute,  # measured presets: vision tower, prefix, SAM encoder
+        "request_breakdown": {
+            name: {**part.to_dict(), "total_gib": round((osprey_weights + sam_weights + CUDA_CONTEXT
+                                                        + encoding.whole + embedding + part.peak) / GiB, 3)}
+            for name, part in (breakdown or {}).items()
+        },  # computed presets: weights + context + the image being clicked's caches + that peak
     }  # fmt: skip
 
 
@@ -170,6 +188,21 @@ def main() -> int:
               f"{r['osprey_host_mib_per_image']:>13.2f} {r['sam_mib_per_image_each_tier']:>7.2f} {cached:>12} "
               f"{r['request_peak_gib']:>11.3f} {r['peak_total_gib']:>9.2f} {r['capacity_gib']:>7.2f} "
               f"{r['spare_gib']:>9.2f}  {r['target']}")  # fmt: skip
+    for r in rows:
+        if not r["request_breakdown"]:
+            continue
+        print(
+            f"\n{r['preset']} + {r['sam']}: one request's peak by part (GiB), and the total with the weights, "
+            f"{CUDA_CONTEXT / GiB:.1f} GiB of CUDA context and one cached image (of {r['capacity_gib']:.2f} GiB)"
+        )
+        parts = ("sam", "vision", "labelling", "lora_step", "lora_state", "peak", "total_gib")
+        print(f"{'case':<34} {'chunk':>6} {'rows':>5} " + " ".join(f"{p:>10}" for p in parts))
+        for name, b in r["request_breakdown"].items():
+            values = [b[p] / GiB if p != "total_gib" else b[p] for p in parts]
+            print(
+                f"{name:<34} {b['chunk_tokens']:>6} {b['decode_rows']:>5} "
+                + " ".join(f"{v:>10.2f}" for v in values)
+            )
     for r in rows:
         if r["recompute_ms_cpu"]:
             cost = r["recompute_ms_cpu"]

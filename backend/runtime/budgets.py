@@ -8,10 +8,14 @@ vision tower, and no prefix keys/values are ever written to disk.
 
 ``auto`` budgets, measured once at start after the models are loaded:
 
-- **device** (CUDA): the free memory less what one request needs at its peak (SAM's segment everything
-  and Osprey's largest forward, from shapes: :func:`osprey.sam.memory.everything_peak_bytes`,
-  :func:`osprey.inference.memory.label_activation_bytes`) and less ``OSPREY_DEVICE_SPARE_BYTES``;
-  4/5 of it for Osprey, 1/5 for SAM. On a CPU the device is host RAM: 1/4 of the available memory.
+- **device** (CUDA): the free memory less what one request needs at its peak (:class:`RequestPeak`,
+  from shapes: SAM's segment everything, :func:`osprey.sam.memory.everything_peak_bytes`; the vision
+  tower; labelling's keys/values buffers, scoring chunks and decode groups for the configured maximum
+  tokens, :func:`osprey.inference.memory.work_bytes`; a LoRA step and a LoRA job's adapter state,
+  :func:`osprey.learning.memory.lora_step_bytes`) and less ``OSPREY_DEVICE_SPARE_BYTES``; 4/5 of it
+  for Osprey, 1/5 for SAM. Before that, the scoring chunk and the answers decoded together are sized
+  so that the clicked image's caches still fit (:func:`fit_request`). On a CPU the device is host
+  RAM: 1/4 of the available memory.
 - **host**: 1/10 of the machine's RAM, at most 4 GiB, 4/5 for Osprey.
 - **disk**: ``OSPREY_CACHE_DISK_BYTES``, 4/5 for Osprey.
 
@@ -108,14 +112,123 @@ def host_memory() -> tuple[int, int]:
         return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
 
 
-def request_peak_bytes(settings, osprey, *, points_per_batch: int = 64) -> int:
-    """Bytes one request needs at its peak beyond weights and caches: the larger of SAM's segment
-    everything (on a 1.4-megapixel photo) and the region model's largest forward (``osprey``: any
-    :class:`~osprey.inference.region_model.RegionModel`, its ``label_peak_bytes``)."""
+DECODE_ROWS = 32  # answers decoded together at most (OSPREY_MAX_REGIONS caps it lower; memory may too)
+LORA_ANSWER_TOKENS = 256  # a training sample's answer at its longest (a detailed description)
+
+
+@dataclass(frozen=True)
+class RequestPeak:
+    """What one request (or one LoRA training step) holds at its peak beyond weights and caches, by
+    part; the parts run one at a time, on the one model, so the peak is the largest of them, plus a
+    LoRA job's adapter state, held for the whole job beside serving."""
+
+    sam: int  # segment everything: SAM's encoder or one decoder batch (osprey.sam.memory)
+    vision: int  # the region model's vision tower on one image
+    labelling: int  # keys/values buffers, scoring chunks and decode groups (osprey.inference.memory)
+    lora_step: int  # a LoRA step's activations (0: LoRA off)
+    lora_state: int  # the adapter's weights, gradients and AdamW moments (0: LoRA off)
+    chunk_tokens: int  # the scoring chunk the labelling part is counted for
+    decode_rows: int  # answers decoded together
+    max_new_tokens: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.sam, self.vision, self.labelling, self.lora_step) + self.lora_state
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak": self.peak}
+
+
+def lora_on(settings, device_type: str) -> bool:
+    """OSPREY_LORA: ``true``, ``false``, or ``auto`` (on when the models run on a CUDA GPU)."""
+    return settings.lora == "true" or (settings.lora == "auto" and device_type == "cuda")
+
+
+def max_new_tokens(settings) -> int:
+    return max(settings.max_caption_tokens, settings.max_description_tokens)
+
+
+def context_tokens(osprey) -> int:
+    """Tokens in an encoded image's keys/values when questions run: the prefix (Osprey's, from its
+    shapes; another family's default) and a long label set's shared text."""
+    from osprey.inference.memory import SHARED_TEXT_TOKENS, encoding_bytes
+
+    if getattr(osprey, "family", None) == "osprey":
+        return encoding_bytes(osprey).prefix_tokens + SHARED_TEXT_TOKENS
+    return 1024 + len(getattr(osprey, "_prefix_ids", ())) + SHARED_TEXT_TOKENS
+
+
+def request_peak(
+    settings, osprey, *, chunk_tokens: int, decode_rows: int, points_per_batch: int = 64,
+    encoding=None, lora: bool | None = None,
+) -> RequestPeak:  # fmt: skip
+    """The :class:`RequestPeak` of ``osprey`` (any region model) with SAM ``settings.sam_model`` for
+    scoring chunks of ``chunk_tokens`` and ``decode_rows`` answers decoded together of up to the
+    configured maximum tokens. ``encoding``: Osprey's :func:`~osprey.inference.memory.encoding_bytes`
+    when already known; ``lora``: whether a LoRA job may run (default: as OSPREY_LORA says)."""
+    from osprey.inference.memory import SHARED_TEXT_TOKENS, encoding_bytes, work_bytes
+    from osprey.learning.memory import lora_step_bytes
     from osprey.sam.memory import everything_peak_bytes
 
-    sam = everything_peak_bytes(settings.sam_model, points_per_batch=points_per_batch).peak
-    return max(sam, osprey.label_peak_bytes())
+    model, config = osprey.model, osprey.model.llm.config
+    if encoding is None and getattr(osprey, "family", None) == "osprey":
+        encoding = encoding_bytes(osprey)
+    context = encoding.prefix_tokens + SHARED_TEXT_TOKENS if encoding is not None else context_tokens(osprey)
+    new_tokens = max_new_tokens(settings)
+    work = work_bytes(
+        config, model.dtype, context_tokens=context, chunk_tokens=chunk_tokens, decode_rows=decode_rows,
+        max_new_tokens=new_tokens,
+    )  # fmt: skip
+    if lora is None:
+        lora = lora_on(settings, osprey.device.type)
+    step = None
+    if lora and encoding is not None:
+        step = lora_step_bytes(config, model.dtype, tokens=encoding.prefix_tokens + 64 + LORA_ANSWER_TOKENS)
+    return RequestPeak(
+        sam=everything_peak_bytes(settings.sam_model, points_per_batch=points_per_batch).peak,
+        vision=encoding.vision_peak if encoding is not None else 0, labelling=work.peak,
+        lora_step=step.activations if step else 0, lora_state=step.state if step else 0,
+        chunk_tokens=chunk_tokens, decode_rows=decode_rows, max_new_tokens=new_tokens,
+    )  # fmt: skip
+
+
+def fit_request(settings, osprey, *, device_free: int, lora: bool | None = None) -> RequestPeak:
+    """Size the region model's labelling work (its scoring chunk and decode group, set on
+    ``osprey.fast``) so that one request's peak, the spare and the smallest useful caches (the image
+    being clicked: one whole Osprey encoding and one SAM embedding) fit in ``device_free`` bytes; the
+    request peak at those sizes (``lora``: whether a LoRA job may run, default as OSPREY_LORA says).
+    Decoding takes at most :data:`DECODE_ROWS` answers (and at most OSPREY_MAX_REGIONS) at once; fewer
+    when memory says so (one at the least)."""
+    from osprey.inference.memory import SHARED_TEXT_TOKENS, encoding_bytes, fit_work
+    from osprey.sam.build import SAM_ARCHITECTURES
+    from osprey.sam.memory import sam_embedding_bytes
+
+    spare = parse_bytes(settings.device_spare_bytes, setting="OSPREY_DEVICE_SPARE_BYTES") or 0
+    encoding = encoding_bytes(osprey) if getattr(osprey, "family", None) == "osprey" else None
+    # the device tier splits its budget 4/5 Osprey, 1/5 SAM: room for one of each within its share
+    osprey_floor = (encoding.whole if encoding is not None else 0) / OSPREY_SHARE
+    sam_floor = sam_embedding_bytes(SAM_ARCHITECTURES[settings.sam_model]) / (1 - OSPREY_SHARE)
+    cache_floor = int(max(osprey_floor, sam_floor)) + 2**20
+    rows_wanted = max(1, min(settings.max_regions, DECODE_ROWS))
+    others = request_peak(settings, osprey, chunk_tokens=256, decode_rows=1, encoding=encoding, lora=lora)
+    budget = device_free - spare - cache_floor - others.lora_state
+    chunk, rows = fit_work(
+        osprey.model, max(budget, 0), max_new_tokens=max_new_tokens(settings), max_rows=rows_wanted,
+        context_tokens=encoding.prefix_tokens + SHARED_TEXT_TOKENS if encoding else context_tokens(osprey),
+    )  # fmt: skip
+    osprey.fast.max_batch_tokens, osprey.fast.max_decode_rows = chunk, rows
+    return request_peak(settings, osprey, chunk_tokens=chunk, decode_rows=rows, encoding=encoding, lora=lora)
+
+
+def request_peak_bytes(settings, osprey, *, points_per_batch: int = 64) -> int:
+    """Bytes one request needs at its peak beyond weights and caches (:class:`RequestPeak`) for the
+    region model's current scoring chunk and decode group (``osprey.fast``; a group of
+    :data:`DECODE_ROWS` answers, capped by OSPREY_MAX_REGIONS, when it decodes all at once)."""
+    rows = osprey.fast.max_decode_rows or max(1, min(settings.max_regions, DECODE_ROWS))
+    return request_peak(
+        settings, osprey, chunk_tokens=osprey.fast.max_batch_tokens, decode_rows=rows,
+        points_per_batch=points_per_batch,
+    ).peak  # fmt: skip
 
 
 def device_budgets(settings, osprey) -> CacheBudgets:
@@ -127,7 +240,14 @@ def device_budgets(settings, osprey) -> CacheBudgets:
     peak = 0
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        peak = request_peak_bytes(settings, osprey)
+        request = fit_request(settings, osprey, device_free=free)
+        peak = request.peak
+        logger.info(
+            "labelling work sized to the device: scoring chunks of %d tokens, %d answers decoded together "
+            "(up to %d tokens each); one request's peak by part (GiB): %s", request.chunk_tokens,
+            request.decode_rows, request.max_new_tokens,
+            {k: round(v / GiB, 2) for k, v in request.to_dict().items() if k in ("sam", "vision", "labelling", "lora_step", "lora_state")},
+        )  # fmt: skip
     total, available = host_memory()
     budgets = derive_budgets(
         settings, device_kind=device.type, device_free=free, host_total=total, host_available=available,
