@@ -259,11 +259,15 @@ def test_the_head_and_the_adapter_served_are_the_fallbacks(service, tmp_path):
     registry.promote("7", new_version(registry, "7", "head", head_labels=("cat", "dog")))
     registry.promote("7", new_version(registry, "7", "head+lora", head_labels=("red", "blue")))
 
-    class Adapters:  # records what the sessions make active instead of loading LoRA weights
+    class Adapters:  # records what the sessions make active (and drop) instead of loading LoRA weights
         active = None
+        removed: list[str] = []
 
         def activate(self, name, folder):
             self.active = (name, folder)
+
+        def remove(self, name):
+            self.removed.append(name)
 
     runtime.sessions._adapters = Adapters()
     assert runtime.projects.head("7").fields["category"].labels == ("red", "blue")
@@ -279,6 +283,7 @@ def test_the_head_and_the_adapter_served_are_the_fallbacks(service, tmp_path):
     assert runtime.projects.head("7") is None  # v0001 is an adapter alone
     runtime.sessions.activate("7")
     assert runtime.sessions._adapters.active == ("p7-v0001", tmp_path / "7" / "v0001" / "lora")
+    assert runtime.sessions._adapters.removed == ["p7-v0003"]  # the adapter no longer served is freed
     assert setup(client, "7") == f"{BASE}+p7-v0001"
 
 
