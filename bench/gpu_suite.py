@@ -101,7 +101,7 @@ PROFILES = {
         cold_everything=True, task_points_per_side=32, task_max_masks=32, task_caption_tokens=32,
         task_description_tokens=256, lora_steps=20, label_calls=3, prelabel_tasks=8, prelabel_regions=6,
         prelabel_batch="4", prelabel_repeat=1, contention_tasks=20, contention_clicks=5,
-        estimates_s={"regions": 60, "sam": 30, "peak_memory": 30, "lora": 75, "prelabel": 60,
+        estimates_s={"regions": 60, "sam": 60, "peak_memory": 30, "lora": 75, "prelabel": 60,
                      "decode": 90, "contention": 120, "memory": 45},
     ),
     "small": Profile(
@@ -110,8 +110,9 @@ PROFILES = {
         cold_everything=False, task_points_per_side=4, task_max_masks=3, task_caption_tokens=4,
         task_description_tokens=8, lora_steps=4, label_calls=2, prelabel_tasks=2, prelabel_regions=2,
         prelabel_batch="2", prelabel_repeat=1, contention_tasks=3, contention_clicks=2,
-        estimates_s={"regions": 100, "sam": 60, "peak_memory": 40, "lora": 60, "prelabel": 60,
+        estimates_s={"regions": 100, "sam": 120, "peak_memory": 40, "lora": 60, "prelabel": 60,
                      "decode": 120, "contention": 90, "memory": 60},
+        post_points_per_side=8, precision_flows=1, precision_encodes=1,
     ),
     "tiny": Profile(
         regions=(1,), caption_tokens=2, description_tokens=2, sam_image_hw=(192, 256),
@@ -119,8 +120,9 @@ PROFILES = {
         cold_everything=False, task_points_per_side=2, task_max_masks=2, task_caption_tokens=2,
         task_description_tokens=2, lora_steps=2, label_calls=1, prelabel_tasks=2, prelabel_regions=1,
         prelabel_batch="2", prelabel_repeat=1, contention_tasks=3, contention_clicks=1,
-        estimates_s={"regions": 15, "sam": 15, "peak_memory": 10, "lora": 15, "prelabel": 20,
+        estimates_s={"regions": 15, "sam": 30, "peak_memory": 10, "lora": 15, "prelabel": 20,
                      "decode": 60, "contention": 45, "memory": 30},
+        post_points_per_side=4, precision_flows=1, precision_encodes=1,
     ),
 }  # fmt: skip
 
@@ -666,7 +668,7 @@ def render_markdown(report: dict) -> str:
     for name in PARTS:
         part = report["parts"][name]
         if part["rows"]:
-            columns = [c for c in COLUMNS.get(name, []) if c in part["rows"][0]]
+            columns = [c for c in COLUMNS.get(name, []) if any(c in row for row in part["rows"])]
             columns = columns or [k for k, v in part["rows"][0].items() if not isinstance(v, list | dict)][:8]
             lines += ["", f"### {name}", "", *markdown_table(part["rows"], columns)]
     return "\n".join(lines) + "\n"
