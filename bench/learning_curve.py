@@ -8,7 +8,9 @@ arrive as a stream of "accepted" annotations; for each ``k`` the versions are tr
 
 - ``osprey``: Osprey's own closed-set scores (does not learn; with random weights it is chance);
 - ``fast-head``: :class:`osprey.learning.head.FastHead` on :func:`osprey.learning.region_features.region_features`;
-- ``osprey+head``: both pooled with :func:`osprey.learning.head.blend` (head weight ``k / (k + 20)``).
+- ``osprey+head``: what is served, both pooled by :mod:`osprey.learning.blend` with the head weight
+  fitted per field by 5-fold cross-validation on the ``k`` training regions (grouped by image), as a
+  training job fits it.
 
 A version is a function ``(k, train, test) -> {metric: value}`` returned by :func:`build_versions`;
 the table and the plot have one row / line per version, so registry versions (LoRA fine-tunes,
@@ -17,6 +19,15 @@ promoted heads) slot in as more entries there.
     python bench/learning_curve.py                          # tiny random-weight Osprey, CPU
     python bench/learning_curve.py --json                   # one JSON object per point
     python bench/learning_curve.py --png bench/out/learning_curve.png
+
+Active learning (``--order uncertainty,random``): instead of the table above, tasks (images) are taken
+from one pool of ``--pool-images`` in the pool's own order (``random``) or lowest prediction score first
+(``uncertainty``: after every ``--batch`` tasks the served model is refitted on what was accepted so
+far and every unlabelled task is scored by :func:`backend.predict.confidence.task_confidence`, the
+score ``/predict`` gives it). Each order's served category accuracy is measured every ``--every``
+accepted labels, and the summary says how many labels each order needed to reach ``--target``:
+
+    python bench/learning_curve.py --order uncertainty,random --seeds 3
 """
 
 from __future__ import annotations
@@ -93,17 +104,29 @@ def make_scenes(n_images: int, *, seed: int) -> list[Scene]:
 
 @dataclass
 class RegionSet:
-    """Regions of several scenes, flattened in stream order: ``features (N, F)``, labels per region."""
+    """Regions of several scenes, flattened in stream order: ``features (N, F)``, labels per region,
+    ``tasks[i]`` the index of region i's scene (its task)."""
 
     scenes: list[Scene]
     features: np.ndarray
     shapes: list[str]
     colours: list[str]
+    tasks: list[int]
 
     def labels(self, k: int | None = None) -> dict[str, list]:
         """Head labels of the first ``k`` regions (all when None)."""
         k = len(self.shapes) if k is None else k
         return {"category": list(self.shapes[:k]), "attributes": [[c] for c in self.colours[:k]]}
+
+    def subset(self, rows: list[int]) -> RegionSet:
+        """The regions ``rows`` (indices), in that order, as a stream (``scenes`` stay whole)."""
+        return RegionSet(
+            scenes=self.scenes,
+            features=self.features[rows],
+            shapes=[self.shapes[i] for i in rows],
+            colours=[self.colours[i] for i in rows],
+            tasks=[self.tasks[i] for i in rows],
+        )
 
 
 def region_set(osprey, scenes: list[Scene]) -> RegionSet:
@@ -115,6 +138,7 @@ def region_set(osprey, scenes: list[Scene]) -> RegionSet:
         features=np.concatenate(features),
         shapes=[x for s in scenes for x in s.shapes],
         colours=[x for s in scenes for x in s.colours],
+        tasks=[i for i, s in enumerate(scenes) for _ in s.masks],
     )
 
 
@@ -171,34 +195,144 @@ def osprey_scores(osprey, test: RegionSet) -> tuple[np.ndarray, np.ndarray]:
     return np.array(cats), np.array(attrs)
 
 
+def fit_served(train: RegionSet, osprey_probs: tuple[np.ndarray, np.ndarray], k: int, layout):
+    """The head trained on the first ``k`` regions of ``train``, with its blend weights fitted by
+    cross-validation on them (:func:`osprey.learning.blend.cross_validated_blend`), as a training job
+    does; ``osprey_probs`` are Osprey's ``(N, 3)`` / ``(N, 4)`` probabilities on ``train``."""
+    from osprey.learning.blend import cross_validated_blend
+    from osprey.learning.head import HeadTrainer
+
+    trainer = HeadTrainer(fields=head_fields(), layout=layout)
+    head = trainer.fit(train.features[:k], train.labels(k))
+    cats, attrs = osprey_probs
+    blend = cross_validated_blend(
+        trainer,
+        train.features[:k],
+        train.labels(k),
+        {"category": cats[:k], "attributes": attrs[:k]},
+        groups=train.tasks[:k],
+        n_train=head.n_train,
+    )
+    return head.with_blend(blend)
+
+
+def served_probs(head, features: np.ndarray, osprey_probs: tuple[np.ndarray, np.ndarray]):
+    """What is served for ``features``: category ``(N, 3)`` and attribute ``(N, 4)`` probabilities,
+    Osprey's pooled with ``head``'s by its head weights (the rule of ``blend_labels``)."""
+    from osprey.learning.blend import pool_arrays
+
+    weights, probs = head.head_weights(), head.predict_proba(features)
+    cats, attrs = osprey_probs
+    return (
+        pool_arrays(cats, probs["category"], weights["category"], multi_label=False),
+        pool_arrays(attrs, probs["attributes"], weights["attributes"], multi_label=True),
+    )
+
+
 def blended_version(osprey, layout) -> tuple[Callable, Callable]:
-    from osprey.learning.head import blend
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def base(test: RegionSet) -> tuple[np.ndarray, np.ndarray]:
-        if "probs" not in cache:
-            cache["probs"] = osprey_scores(osprey, test)
-        return cache["probs"]
+    def base(regions: RegionSet) -> tuple[np.ndarray, np.ndarray]:
+        if id(regions) not in cache:
+            cache[id(regions)] = osprey_scores(osprey, regions)
+        return cache[id(regions)]
 
     def run_osprey(k: int, train: RegionSet, test: RegionSet) -> dict[str, float]:
         return score(*base(test), test)
 
     def run_blend(k: int, train: RegionSet, test: RegionSet) -> dict[str, float]:
-        cats, attrs = base(test)
-        head = train_head(train, k, layout)
-        n = head.n_train
-        cat_out, attr_out = [], []
-        for i, probs in enumerate(head.label_probs(test.features)):
-            ospr_c = dict(zip(SHAPES, cats[i], strict=True))
-            ospr_a = dict(zip(COLOURS, attrs[i], strict=True))
-            cat_out.append(list(blend(ospr_c, probs["category"], n["category"]).values()))
-            attr_out.append(
-                list(blend(ospr_a, probs["attributes"], n["attributes"], multi_label=True).values())
-            )
-        return score(np.array(cat_out), np.array(attr_out), test)
+        head = fit_served(train, base(train), k, layout)
+        out = score(*served_probs(head, test.features, base(test)), test)
+        return {**out, "head_weight": head.head_weights()["category"]}
 
     return run_osprey, run_blend
+
+
+def task_scores(head, pool: RegionSet, osprey_probs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Each pool task's prediction score as ``/predict`` computes it (least confident region's category
+    margin; the regions here are drawn by hand, so no SAM IoU): ``(n_tasks,)``."""
+    from backend.predict.confidence import region_confidence, task_confidence
+    from osprey.inference.fields import ClosedSetAnswer, RegionLabels
+
+    if head is None:  # nothing accepted yet: Osprey alone is served
+        cats = osprey_probs[0]
+    else:
+        cats = served_probs(head, pool.features, osprey_probs)[0]
+    per_task: dict[int, list[float]] = {}
+    for task, row in zip(pool.tasks, cats, strict=True):
+        scores = dict(zip(SHAPES, map(float, row), strict=True))
+        best = max(scores, key=scores.get)
+        labels = RegionLabels(category=ClosedSetAnswer(label=best, score=scores[best], scores=scores))
+        per_task.setdefault(task, []).append(region_confidence(labels, None))
+    return np.array([task_confidence(per_task[t]) for t in range(len(pool.scenes))])
+
+
+def uncertainty_stream(pool: RegionSet, osprey_probs, n_labels: int, batch: int, layout) -> list[int]:
+    """Region indices of ``pool`` in the order an annotator sorting by score accepts them: the ``batch``
+    lowest-scored unlabelled tasks, then the model refitted on everything accepted, and again."""
+    stream: list[int] = []
+    labelled: set[int] = set()
+    while len(stream) < n_labels and len(labelled) < len(pool.scenes):
+        head = None
+        if stream:
+            head = fit_served(pool.subset(stream), _rows(osprey_probs, stream), len(stream), layout)
+        scores = task_scores(head, pool, osprey_probs)
+        order = [t for t in np.argsort(scores, kind="stable") if t not in labelled][:batch]
+        for task in order:
+            labelled.add(int(task))
+            stream += [i for i, t in enumerate(pool.tasks) if t == task]
+    return stream
+
+
+def _rows(probs: tuple[np.ndarray, np.ndarray], rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return probs[0][rows], probs[1][rows]
+
+
+def active_learning(osprey, layout, args, seed: int) -> list[dict]:
+    """For each order of ``args.orders``: served accuracy on held-out images every ``args.every`` labels
+    (rows ``{"order", "seed", "k", "category_acc", "colour_acc", "head_weight"}``)."""
+    pool = region_set(osprey, make_scenes(args.pool_images, seed=seed))
+    test = region_set(osprey, make_scenes(args.test_images, seed=seed + 1000))
+    pool_probs, test_probs = osprey_scores(osprey, pool), osprey_scores(osprey, test)
+    n_labels = min(args.max_labels, len(pool.shapes))
+    rows = []
+    for order in args.orders:
+        if order == "random":
+            stream = list(range(n_labels))
+        else:
+            stream = uncertainty_stream(pool, pool_probs, n_labels, args.batch, layout)
+        train, train_probs = pool.subset(stream), _rows(pool_probs, stream)
+        for k in range(args.every, n_labels + 1, args.every):
+            head = fit_served(train, train_probs, k, layout)
+            out = score(*served_probs(head, test.features, test_probs), test)
+            rows.append(
+                {"order": order, "seed": seed, "k": k, **out, "head_weight": head.head_weights()["category"]}
+            )
+    return rows
+
+
+def labels_to_target(rows: list[dict], target: float) -> int | None:
+    """The fewest accepted labels at which served category accuracy reached ``target`` (None: never)."""
+    return next((r["k"] for r in rows if r["category_acc"] >= target), None)
+
+
+def print_active_learning(rows: list[dict], args) -> None:
+    ks = sorted({r["k"] for r in rows})
+    print("order        seed  " + " ".join(f"{k:>5}" for k in ks) + f"  labels to {args.target:.2f}")
+    needed: dict[str, list] = {}
+    for order in args.orders:
+        for seed in sorted({r["seed"] for r in rows}):
+            mine = [r for r in rows if r["order"] == order and r["seed"] == seed]
+            n = labels_to_target(mine, args.target)
+            needed.setdefault(order, []).append(n)
+            cells = " ".join(f"{r['category_acc']:>5.2f}" for r in mine)
+            print(f"{order:<12} {seed:>4}  {cells}  {n if n is not None else 'not reached':>12}")
+    for order, ns in needed.items():
+        reached = [n for n in ns if n is not None]
+        mean = f"{np.mean(reached):.1f}" if len(reached) == len(ns) else "not always reached"
+        print(
+            f"# {order}: labels to reach category accuracy {args.target:.2f} (mean of {len(ns)} seeds): {mean}"
+        )
 
 
 def save_png(rows: list[dict], path: Path) -> None:
@@ -237,6 +371,44 @@ def _cell(row: dict, key: str, width: int, digits: int = 3) -> str:
     return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
+def run_curve(osprey, layout, args) -> list[dict]:
+    """The versions table: each version trained on the first k regions of the stream."""
+    ks = [int(k) for k in args.ks.split(",")]
+    train_scenes = []
+    rng = np.random.default_rng(args.seed)
+    while sum(len(s.masks) for s in train_scenes) < max(ks):
+        train_scenes.append(make_scene(rng))
+    train = region_set(osprey, train_scenes)
+    test = region_set(osprey, make_scenes(args.test_images, seed=args.seed + 1000))
+    versions = build_versions(osprey, layout, with_osprey=not args.no_osprey)
+    rows = []
+    if not args.json:
+        weights = "random weights" if osprey.untrained else "trained"
+        print(
+            f"# {osprey.model_id} ({weights}), F={layout.dim}, {len(test.shapes)} held-out regions; chance 0.33 / 0.25"
+        )
+        print(
+            f"{'version':<12} {'k':>4} {'category_acc':>13} {'colour_acc':>11} {'attributes_map':>15} "
+            f"{'head_weight':>12} {'fit_s':>7}"
+        )
+    for version, run in versions.items():
+        for k in ks:
+            row = {"version": version, "k": k, **run(k, train, test)}
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row))
+            else:
+                cells = [_cell(row, "category_acc", 13), _cell(row, "colour_acc", 11)]
+                cells += [_cell(row, "attributes_map", 15), _cell(row, "head_weight", 12, 2)]
+                cells += [_cell(row, "fit_s", 7, 2)]
+                print(f"{version:<12} {k:>4} " + " ".join(cells))
+    if args.png:
+        save_png(rows, Path(args.png))
+        if not args.json:
+            print(f"# plot: {args.png}")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,46 +423,54 @@ def main() -> int:
     parser.add_argument(
         "--png", default="bench/out/learning_curve.png", help="where to save the plot ('' skips)"
     )
+    parser.add_argument(
+        "--order",
+        default="",
+        help="active learning instead of the versions table: comma-separated task orders to compare, "
+        "from 'uncertainty' (lowest prediction score first) and 'random'",
+    )
+    parser.add_argument("--pool-images", type=int, default=100, help="active learning: unlabelled tasks")
+    parser.add_argument("--max-labels", type=int, default=80, help="active learning: accepted labels at most")
+    parser.add_argument("--batch", type=int, default=3, help="active learning: tasks between refits")
+    parser.add_argument("--every", type=int, default=5, help="active learning: labels between measurements")
+    parser.add_argument("--target", type=float, default=0.9, help="active learning: category accuracy")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="active learning: pools (seeds seed, seed+1 ...)"
+    )
     args = parser.parse_args()
+    args.orders = [o.strip() for o in args.order.split(",") if o.strip()]
+    unknown = sorted(set(args.orders) - {"uncertainty", "random"})
+    if (
+        unknown
+        or min(args.pool_images, args.max_labels, args.batch, args.seeds, args.test_images, args.every) < 1
+    ):
+        parser.error(
+            f"--order takes 'uncertainty' and/or 'random' (got {unknown or args.order!r}); "
+            "--pool-images, --max-labels, --batch, --seeds, --every and --test-images must be >= 1"
+        )
     logging.basicConfig(level=logging.ERROR)
 
     from osprey.inference.api import Osprey
     from osprey.learning.region_features import feature_layout
 
-    ks = [int(k) for k in args.ks.split(",")]
     osprey = Osprey.from_pretrained(args.preset, device=args.device)
-    train_scenes = []
-    rng = np.random.default_rng(args.seed)
-    while sum(len(s.masks) for s in train_scenes) < max(ks):
-        train_scenes.append(make_scene(rng))
-    train = region_set(osprey, train_scenes)
-    test = region_set(osprey, make_scenes(args.test_images, seed=args.seed + 1000))
     layout = feature_layout(osprey)
-    versions = build_versions(osprey, layout, with_osprey=not args.no_osprey)
-
+    if not args.orders:
+        run_curve(osprey, layout, args)
+        return 0
     rows = []
-    if not args.json:
-        weights = "random weights" if osprey.untrained else "trained"
-        print(
-            f"# {osprey.model_id} ({weights}), F={layout.dim}, {len(test.shapes)} held-out regions; chance 0.33 / 0.25"
-        )
-        print(
-            f"{'version':<12} {'k':>4} {'category_acc':>13} {'colour_acc':>11} {'attributes_map':>15} {'fit_s':>7}"
-        )
-    for version, run in versions.items():
-        for k in ks:
-            row = {"version": version, "k": k, **run(k, train, test)}
+    for seed in range(args.seed, args.seed + args.seeds):
+        for row in active_learning(osprey, layout, args, seed):
             rows.append(row)
             if args.json:
                 print(json.dumps(row))
-            else:
-                cells = [_cell(row, "category_acc", 13), _cell(row, "colour_acc", 11)]
-                cells += [_cell(row, "attributes_map", 15), _cell(row, "fit_s", 7, 2)]
-                print(f"{version:<12} {k:>4} " + " ".join(cells))
-    if args.png:
-        save_png(rows, Path(args.png))
-        if not args.json:
-            print(f"# plot: {args.png}")
+    if not args.json:
+        weights = "random weights" if osprey.untrained else "trained"
+        print(
+            f"# {osprey.model_id} ({weights}); pool of {args.pool_images} tasks, refit every {args.batch} "
+            f"tasks, {args.test_images} held-out images; served category accuracy at k accepted labels"
+        )
+        print_active_learning(rows, args)
     return 0
 
 

@@ -3,10 +3,14 @@
 The job splits the accepted regions by task (a stable 1-in-5 hash of the task id is held out), builds
 region features for every usable region (one cached vision forward per image; regions whose image is
 gone or of another size, or whose mask is unreadable, are skipped and reported by reason, see
-:mod:`backend.learning.examples`), fits the head on the training side, and compares what would be
-served, Osprey's probabilities blended with the new head, against what is served now (Osprey alone,
-or blended with the current head) on the held-out regions. The new version is always written; it is
-promoted only when no metric is worse.
+:mod:`backend.learning.examples`), fits the head on the training side, and fits the head's weight in
+the served blend per field by cross-validation over the training side, grouped by task
+(:func:`osprey.learning.blend.cross_validated_blend`; Osprey's answers for the last ``BLEND_FIT_MAX``
+training regions are what it is fitted on), so the held-out regions stay unseen by both the head and
+its blend. It then compares what would be served, Osprey's probabilities blended with the new head,
+against what is served now (Osprey alone, or blended with the current head) on the held-out regions.
+The new version, with the fitted weights saved in its head, is always written; it is promoted only
+when no metric is worse.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 
 from backend.labelstudio.schema import ProjectSchema
 from osprey.inference.fields import LabelRequest
-from osprey.learning.head import FastHead, HeadField, HeadTrainer, blend_labels, closed_set_probs
+from osprey.learning.blend import blend_labels, closed_set_probs, cross_validated_blend
+from osprey.learning.head import FastHead, HeadField, HeadTrainer
 from osprey.learning.region_features import feature_layout, region_features
 
 from .examples import SkipReport, usable_regions
@@ -31,6 +36,7 @@ from .registry import not_worse
 
 logger = logging.getLogger(__name__)
 CLOSED_FIELDS = ("category", "part", "attributes")
+BLEND_FIT_MAX = 400  # training regions Osprey answers to fit the blend on (the most recently accepted)
 
 
 def head_fields(schema: ProjectSchema) -> list[HeadField]:
@@ -46,8 +52,8 @@ def head_fields(schema: ProjectSchema) -> list[HeadField]:
 
 def served_probs(model_answer, head_probs: dict, head: FastHead | None) -> dict:
     """Field -> {label: probability} served for one region: the model's answer blended with the head's
-    probabilities by the rule serving uses (:func:`osprey.learning.head.blend_labels`)."""
-    labels = blend_labels(model_answer, head_probs, head.n_train) if head is not None else model_answer
+    probabilities by the rule serving uses (:func:`osprey.learning.blend.blend_labels`)."""
+    labels = blend_labels(model_answer, head_probs, head.head_weights()) if head is not None else model_answer
     return closed_set_probs(labels)
 
 
@@ -85,6 +91,7 @@ class Example:
     image_ref: str
     truth: dict  # field -> accepted value
     test: bool  # held out (see backend.learning.heldout)
+    task: object = None  # the task (or annotation) key: cross-validation folds never split one
 
 
 class ProjectTrainer:
@@ -157,12 +164,24 @@ class ProjectTrainer:
                 "skipped_examples": skipped.as_dict(),
             }
         labels = {f.name: [examples[i].truth.get(f.name) for i in train] for f in fields}
-        head = HeadTrainer(fields=fields, layout=feature_layout(self.osprey)).fit(features[train], labels)
+        trainer = HeadTrainer(fields=fields, layout=feature_layout(self.osprey))
+        head = trainer.fit(features[train], labels)
+        head = head.with_blend(
+            cross_validated_blend(
+                trainer,
+                features[train],
+                labels,
+                _osprey_arrays([served_now.get(i) for i in train], fields),
+                groups=[examples[i].task for i in train],
+                n_train=head.n_train,
+            )
+        )
         current = self.projects.head(project_id)
         candidate_metrics, current_metrics = self._compare(
             examples, features, served_now, test, fields, head, current
         )
         promote, reason = not_worse(candidate_metrics, current_metrics, tolerance=self.tolerance)
+        blend = {name: round(weight, 4) for name, weight in head.head_weights().items()}
 
         served = self.registry.served(project_id)  # a new version's parent is what is served
         parent, parent_dir = served.info, served.folder
@@ -176,7 +195,8 @@ class ProjectTrainer:
                 "train_examples": len(train),
                 "heldout_examples": len(test),
                 "metrics": candidate_metrics,
-                "notes": f"served now: {current_metrics}; {reason}; skipped regions: {skipped.total}",
+                "notes": f"served now: {current_metrics}; {reason}; head weights: {blend}; "
+                f"skipped regions: {skipped.total}",
             }
 
         info = self.registry.create(
@@ -199,6 +219,7 @@ class ProjectTrainer:
             "model_version": info.model_version(),
             "metrics": candidate_metrics,
             "current_metrics": current_metrics,
+            "blend": head.head_weights(),
             "reason": reason,
             "skipped_examples": skipped.as_dict(),
         }
@@ -206,25 +227,29 @@ class ProjectTrainer:
     def _features(
         self, project_id: str, regions, fields, skipped: SkipReport
     ) -> tuple[np.ndarray, list[Example], dict[int, object]]:
-        """``(N, F)`` features of the N usable regions, their examples, and for each held-out one (by
-        example index) what is served now: Osprey with the project's adapter. Each image is loaded
-        once; the held-out split is drawn over all ``regions``, so a skipped region moves no other."""
+        """``(N, F)`` features of the N usable regions, their examples, and (by example index) Osprey's
+        answers as served now, with the project's adapter, for each held-out region and the last
+        ``BLEND_FIT_MAX`` training regions. Each image is loaded once; the held-out split is drawn over
+        all ``regions``, so a skipped region moves no other."""
         osprey = self.osprey
         request = label_request(fields)
         flags = heldout_flags([(r.task_id, r.annotation_id) for r in regions])
         held_out = {id(r): flag for r, flag in zip(regions, flags, strict=True)}
+        training = [r for r, flag in zip(regions, flags, strict=True) if not flag]
+        answered = {id(r) for r in training[-BLEND_FIT_MAX:]} | {id(r) for r in regions if held_out[id(r)]}
         rows, examples, served_now = [], [], {}
         for image in usable_regions(regions, self.loader, skipped):
             with self.session(project_id):
                 rows.append(region_features(osprey, image.rgb, image.masks))
-            tests = [i for i, region in enumerate(image.regions) if held_out[id(region)]]
-            if tests:
+            asked = [i for i, region in enumerate(image.regions) if id(region) in answered]
+            if asked:
                 with self.session(project_id):  # what is served now: its adapter too
-                    answers = osprey.label(image.rgb, [image.masks[i] for i in tests], request)
-                served_now.update((len(examples) + i, out) for i, out in zip(tests, answers, strict=True))
+                    answers = osprey.label(image.rgb, [image.masks[i] for i in asked], request)
+                served_now.update((len(examples) + i, out) for i, out in zip(asked, answers, strict=True))
             for region in image.regions:
                 truth = {f.name: region.fields.get(f.name) for f in fields}
-                examples.append(Example(image.image_ref, truth, test=held_out[id(region)]))
+                task = region.task_id if region.task_id is not None else f"a{region.annotation_id}"
+                examples.append(Example(image.image_ref, truth, test=held_out[id(region)], task=task))
         skipped.log(project_id, "train", len(regions))
         dim = feature_layout(osprey).dim
         features = np.concatenate(rows) if rows else np.zeros((0, dim))
@@ -240,3 +265,17 @@ class ProjectTrainer:
         else:
             served = [served_probs(served_now[i], {}, None) for i in test]
         return served_metrics(candidate, truths, fields), served_metrics(served, truths, fields)
+
+
+def _osprey_arrays(answers: list, fields: list[HeadField]) -> dict[str, np.ndarray]:
+    """Field -> ``(N, L)`` Osprey's probabilities in the field's label order, NaN rows where a region has
+    no answer for it (not asked, or another label set)."""
+    out = {}
+    for spec in fields:
+        probs = np.full((len(answers), len(spec.labels)), np.nan)
+        for i, answer in enumerate(answers):
+            given = closed_set_probs(answer).get(spec.name) if answer is not None else None
+            if given is not None and set(given) == set(spec.labels):
+                probs[i] = [given[label] for label in spec.labels]
+        out[spec.name] = probs
+    return out

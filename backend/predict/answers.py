@@ -14,7 +14,8 @@ import numpy as np
 
 from backend.labelstudio.schema import FieldSpec, ProjectSchema
 from osprey.inference.fields import LabelRequest, RegionLabels
-from osprey.learning.head import FastHead, blend_labels
+from osprey.learning.blend import blend_labels
+from osprey.learning.head import FastHead
 from osprey.learning.region_features import feature_layout, region_features
 
 from .options import PredictOptions
@@ -46,12 +47,14 @@ def apply_head(
     osprey, rgb: np.ndarray, regions: list[Region], answers: list[RegionLabels], head: FastHead, *, encoded
 ) -> list[RegionLabels]:
     """The answers as served: each region's closed-set answers blended with the project's head
-    (:func:`osprey.learning.head.blend_labels`, the rule the promotion gate measures too)."""
+    (:func:`osprey.learning.blend.blend_labels` with the head's fitted weights, the rule the promotion
+    gate measures too)."""
     if not regions or not head.compatible_with(feature_layout(osprey)):
         return answers
     features = region_features(osprey, rgb, [r.mask for r in regions], encoded=encoded)
+    weights = head.head_weights()
     return [
-        blend_labels(labels, head_probs, head.n_train)
+        blend_labels(labels, head_probs, weights)
         for labels, head_probs in zip(answers, head.label_probs(features), strict=True)
     ]
 

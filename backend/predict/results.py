@@ -1,6 +1,7 @@
 """A task's answers as Label Studio result items: each region as a brush RLE, polygon or rectangle
 result of the project's output tool, its fields as Choices / TextArea results linked to it by id, the
-whole-task fields, and the prediction's score. Needs no model (runs outside the model session).
+whole-task fields, and the prediction's score (:mod:`backend.predict.confidence`: the least confident
+region's margin times SAM's predicted IoU). Needs no model (runs outside the model session).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from osprey.inference.fields import ClosedSetAnswer, RegionLabels
 from osprey.runtime.steps import step_boundary
 
 from .answers import TaskAnswers
+from .confidence import region_confidence, task_confidence
 from .options import PredictOptions
 from .regions import Region, new_region_id
 
@@ -31,22 +33,19 @@ def region_results(
     height: int,
     options: PredictOptions,
 ) -> tuple[list[dict], float]:
-    """The region and its fields as Label Studio result items, and the region's score."""
+    """The region and its fields as Label Studio result items, and the region's score
+    (:func:`~backend.predict.confidence.region_confidence`, also the region item's ``score``)."""
     tool = schema.output_tool
     category_spec = schema.field("category")
     category = labels.category if labels is not None else None
     in_tool = category_spec is not None and category_spec.from_name == tool.from_name
     if in_tool and isinstance(category, ClosedSetAnswer):
-        tool_label, score = category.label, category.score
+        tool_label = category.label
     else:
         tool_label = (
             region.label if region.label in tool.labels else (tool.labels[0] if tool.labels else None)
         )
-        score = (
-            category.score
-            if isinstance(category, ClosedSetAnswer)
-            else (region.score if region.score is not None else 1.0)
-        )
+    score = region_confidence(labels, region.score)
     geometry_item = region_result(
         mask=region.mask,
         tool=tool.tag_type,
@@ -105,7 +104,8 @@ def task_results(
     options: PredictOptions,
 ) -> list[tuple[list[dict], float]]:
     """Label Studio result items (masks as brush RLE or polygons, linked fields) and the overall score
-    (mean region score) of each task, from :func:`answer_tasks`' answers; needs no model."""
+    (the least confident region's, :func:`~backend.predict.confidence.task_confidence`) of each task,
+    from :func:`answer_tasks`' answers; needs no model."""
     out = []
     for (rgb, regions), answer in zip(items, answers, strict=True):
         height, width = rgb.shape[:2]
@@ -120,5 +120,5 @@ def task_results(
             scores.append(score)
         if answer.whole is not None:
             results += field_results(schema, answer.whole, new_region_id(), None, options)
-        out.append((results, float(np.mean(scores)) if scores else 0.0))
+        out.append((results, task_confidence(scores)))
     return out

@@ -62,8 +62,9 @@ def predict_task(
     head=None,
     session: SessionFactory = contextlib.nullcontext,
 ) -> tuple[list[dict], float]:
-    """All result items for one task and the prediction's overall score (mean region score). The model
-    work (regions, answers) runs inside ``session()``; building Label Studio's results does not."""
+    """All result items for one task and the prediction's overall score (its least confident region's,
+    :mod:`backend.predict.confidence`). The model work (regions, answers) runs inside ``session()``;
+    building Label Studio's results does not."""
     with session():
         regions = find_regions(
             task=task, rgb=rgb, schema=schema, context=context, models=models, options=options

@@ -1,5 +1,6 @@
 """Per-project learning on accepted labels: region features, the fast head and its blending rule
-(``blend_labels``, the one rule serving and the promotion gate share), and LoRA fine-tuning of Osprey's LLM.
+(``blend``: the one rule serving and the promotion gate share, with weights fitted on held-out
+labels), and LoRA fine-tuning of Osprey's LLM.
 
 May import ``osprey.model``, ``osprey.inference`` and ``osprey.runtime``; never ``backend``.
 """

@@ -23,14 +23,13 @@ the classifier's softmax over the seen labels is scaled by ``1 - u``. With no da
 uniform; the share fades as examples arrive. An attribute that never varied in training (always
 or never ticked) gets the constant ``(positives + a) / (N + 2a)``.
 
-:func:`blend` pools the head's probabilities with Osprey's own (see its docstring), and
-:func:`blend_labels` applies it to a region's answers: the one rule that serving and the promotion gate
-share, so the gate measures what is served.
+:mod:`osprey.learning.blend` pools the head's probabilities with Osprey's own; the head weight of
+each field is fitted on held-out labels when the head is trained and saved with it
+(:attr:`FastHead.blend`), so a restart serves the same blend.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -47,16 +46,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from osprey.inference.fields import ClosedSetAnswer, RegionLabels
-
+from .blend import FieldBlend, prior_weight
 from .region_features import FeatureLayout
 
 logger = logging.getLogger(__name__)
 
 HEAD_FORMAT = "osprey-fast-head"
 HEAD_FORMAT_VERSION = 1
-BLEND_K = 20.0
-_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -186,9 +182,11 @@ def _clean_field_labels(spec: HeadField, raw: Sequence, n: int) -> list:
 
 
 class FastHead:
-    """A trained head: per-field probabilities over each field's full label set.
+    """A trained head: per-field probabilities over each field's full label set, and ``blend``: per
+    field, the head weight served (:class:`~osprey.learning.blend.FieldBlend`, fitted on held-out
+    labels; fields without one use the prior rule, see :meth:`head_weights`).
 
-    Build with :meth:`HeadTrainer.fit` or :meth:`FastHead.load`.
+    Build with :meth:`HeadTrainer.fit` (then :meth:`with_blend`) or :meth:`FastHead.load`.
     """
 
     def __init__(
@@ -199,12 +197,19 @@ class FastHead:
         feature_mean: torch.Tensor,
         feature_scale: torch.Tensor,
         models: dict[str, _FieldModel],
+        blend: Mapping[str, FieldBlend] | None = None,
     ) -> None:
         self.layout = layout
         self.config = config
         self.feature_mean = feature_mean
         self.feature_scale = feature_scale
         self.models = models
+        self.blend = dict(blend or {})
+        unknown = set(self.blend) - set(models)
+        if unknown:
+            raise ValueError(
+                f"blend weights for unknown fields {sorted(unknown)}; the head has {sorted(models)}"
+            )
 
     @property
     def fields(self) -> dict[str, HeadField]:
@@ -212,8 +217,27 @@ class FastHead:
 
     @property
     def n_train(self) -> dict[str, int]:
-        """Field -> number of accepted examples it was trained on (the ``n`` of :func:`blend`)."""
+        """Field -> number of accepted examples it was trained on."""
         return {name: m.n_train for name, m in self.models.items()}
+
+    def head_weights(self) -> dict[str, float]:
+        """Field -> the head's weight in what is served (:func:`osprey.learning.blend.blend_labels`):
+        the fitted one (``blend``), else the prior rule ``n / (n + 20)``."""
+        return {
+            name: self.blend[name].weight if name in self.blend else prior_weight(m.n_train)
+            for name, m in self.models.items()
+        }
+
+    def with_blend(self, blend: Mapping[str, FieldBlend]) -> FastHead:
+        """The same head serving ``blend`` (field -> fitted weight); this one is not changed."""
+        return FastHead(
+            layout=self.layout,
+            config=self.config,
+            feature_mean=self.feature_mean,
+            feature_scale=self.feature_scale,
+            models=self.models,
+            blend=blend,
+        )
 
     def compatible_with(self, layout: FeatureLayout) -> bool:
         """True when features laid out as ``layout`` (e.g. ``feature_layout(osprey)``) fit this head."""
@@ -297,9 +321,9 @@ class FastHead:
         return scores
 
     def save(self, path: str | Path) -> Path:
-        """Write ``head.json`` (config, label sets, layout) and ``head.safetensors`` (feature
-        statistics, parameters) into the new directory ``path``: written to a temporary sibling
-        first, then renamed, so readers never see a half-written head."""
+        """Write ``head.json`` (config, label sets, layout, fitted blend weights) and
+        ``head.safetensors`` (feature statistics, parameters) into the new directory ``path``: written
+        to a temporary sibling first, then renamed, so readers never see a half-written head."""
         path = Path(path)
         if path.exists():
             raise ValueError(f"{path} already exists; save each head to a new directory (e.g. a new version)")
@@ -310,6 +334,8 @@ class FastHead:
             tensors.update({f"{name}.{key}": value for key, value in model.params.items()})
             fields.append({**asdict(model.spec), "n_train": model.n_train, "outputs": list(model.outputs)})
             fields[-1]["constants"] = model.constants
+            if name in self.blend:
+                fields[-1]["blend"] = self.blend[name].to_dict()
         meta = {
             "format": HEAD_FORMAT,
             "version": HEAD_FORMAT_VERSION,
@@ -343,7 +369,7 @@ class FastHead:
                 f"{HEAD_FORMAT!r} v{HEAD_FORMAT_VERSION}; retrain the head with this version"
             )
         tensors = load_file(str(path / "head.safetensors"))
-        models = {}
+        models, blend = {}, {}
         for entry in meta["fields"]:
             spec = HeadField(
                 name=entry["name"], labels=tuple(entry["labels"]), multi_label=entry["multi_label"]
@@ -357,12 +383,20 @@ class FastHead:
                 params=params,
                 constants={k: float(v) for k, v in entry["constants"].items()},
             )
+            if entry.get("blend") is not None:  # heads saved before blends were fitted have none
+                try:
+                    blend[spec.name] = FieldBlend.from_dict(entry["blend"])
+                except (TypeError, KeyError, AttributeError) as error:
+                    raise ValueError(
+                        f"{path}/head.json: field {spec.name}'s blend is unreadable ({error})"
+                    ) from None
         return cls(
             layout=FeatureLayout.from_dict(meta["layout"]),
             config=HeadConfig(**meta["config"]),
             feature_mean=tensors["feature_mean"],
             feature_scale=tensors["feature_scale"],
             models=models,
+            blend=blend,
         )
 
 
@@ -487,93 +521,3 @@ class HeadTrainer:
             model.params = _train(xs[rows], targets, torch.ones(len(rows)), multi=True, config=self.config)
             model.outputs = tuple(spec.labels[j] for j in varied)
         return model
-
-
-def blend(
-    osprey_probs: Mapping[str, float],
-    head_probs: Mapping[str, float],
-    n_train_examples_for_field: int,
-    *,
-    k: float = BLEND_K,
-    multi_label: bool = False,
-) -> dict[str, float]:
-    """Pool Osprey's probabilities with the head's, trusting the head more as it sees more data.
-
-    Log-linear pooling (a weighted geometric mean, the pooling rule that commutes with Bayesian
-    updating) with head weight ``w = n / (n + k)``, ``n`` the field's accepted examples and ``k``
-    (default 20) the number of examples at which both opinions count equally: ``w`` is 0.2 at
-    ``n = 5``, 0.5 at 20, 0.8 at 80, 0.9 at 180; it is the same shrinkage a posterior mean makes
-    towards a prior worth ``k`` observations.
-
-    Single-label (``multi_label=False``; each dict sums to 1 over the same labels)::
-
-        p(l) = p_osprey(l)^(1 - w) * p_head(l)^w / sum_l' p_osprey(l')^(1 - w) * p_head(l')^w
-
-    Attributes (``multi_label=True``; independent yes/no probabilities), the same rule for each
-    two-outcome variable, which is linear pooling in logit space::
-
-        p(a) = sigmoid((1 - w) * logit(p_osprey(a)) + w * logit(p_head(a)))
-
-    Probabilities are clipped to ``[1e-9, 1 - 1e-9]`` before logs. ``n = 0`` returns Osprey's
-    probabilities unchanged. Both dicts must have the same labels (a head trained on an older label
-    set must be retrained, or not blended).
-
-    Returns:
-        label -> blended probability, in ``osprey_probs`` order.
-    """
-    if n_train_examples_for_field < 0 or k <= 0:
-        raise ValueError(
-            f"expected n_train_examples_for_field >= 0 and k > 0, got {n_train_examples_for_field} and {k}"
-        )
-    if set(osprey_probs) != set(head_probs):
-        raise ValueError(
-            f"Osprey and head label sets differ: only Osprey {sorted(set(osprey_probs) - set(head_probs))}, "
-            f"only head {sorted(set(head_probs) - set(osprey_probs))}; retrain the head on the current labels"
-        )
-    if n_train_examples_for_field == 0:
-        return dict(osprey_probs)
-    w = n_train_examples_for_field / (n_train_examples_for_field + k)
-    labels = list(osprey_probs)
-    po = np.clip(np.array([osprey_probs[label] for label in labels], dtype=np.float64), _EPS, 1 - _EPS)
-    ph = np.clip(np.array([head_probs[label] for label in labels], dtype=np.float64), _EPS, 1 - _EPS)
-    if multi_label:
-        logit = (1 - w) * np.log(po / (1 - po)) + w * np.log(ph / (1 - ph))
-        pooled = 1.0 / (1.0 + np.exp(-logit))
-    else:
-        log_p = (1 - w) * np.log(po) + w * np.log(ph)
-        pooled = np.exp(log_p - log_p.max())
-        pooled /= pooled.sum()
-    return {label: float(p) for label, p in zip(labels, pooled, strict=True)}
-
-
-def blend_labels(
-    labels: RegionLabels, head_probs: Mapping[str, Mapping[str, float]], n_train: Mapping[str, int]
-) -> RegionLabels:
-    """One region's answers as they are served: each closed-set field (category, part, attributes)
-    blended with the head's probabilities for it (:func:`blend`, weighted by the head's accepted
-    examples ``n_train[field]``) when the head answers the same label set; every other field as the
-    model gave it. ``labels`` is not changed."""
-    out = dataclasses.replace(labels, text_scores=dict(labels.text_scores))
-    for name in ("category", "part"):
-        answer = getattr(labels, name)
-        probs = head_probs.get(name)
-        if isinstance(answer, ClosedSetAnswer) and probs is not None and set(probs) == set(answer.scores):
-            scores = blend(answer.scores, probs, n_train.get(name, 0))
-            best = max(scores, key=scores.get)
-            setattr(out, name, ClosedSetAnswer(label=best, score=scores[best], scores=scores))
-    probs = head_probs.get("attributes")
-    if labels.attributes and probs is not None and set(probs) == set(labels.attributes):
-        out.attributes = blend(labels.attributes, probs, n_train.get("attributes", 0), multi_label=True)
-    return out
-
-
-def closed_set_probs(labels: RegionLabels) -> dict[str, dict[str, float]]:
-    """Field -> {label: probability} of a region's closed-set answers (what held-out metrics score)."""
-    out = {}
-    for name in ("category", "part"):
-        answer = getattr(labels, name)
-        if isinstance(answer, ClosedSetAnswer):
-            out[name] = dict(answer.scores)
-    if labels.attributes:
-        out["attributes"] = dict(labels.attributes)
-    return out

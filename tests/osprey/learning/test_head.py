@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from osprey.learning.head import FastHead, HeadConfig, HeadField, HeadTrainer, blend
+from osprey.learning.blend import blend
+from osprey.learning.head import FastHead, HeadConfig, HeadField, HeadTrainer
 from osprey.learning.region_features import FeatureLayout, feature_layout
 
 CATEGORIES = ("cat", "dog", "bird", "fish")
