@@ -53,18 +53,16 @@ def event(annotation_id: int, *, task_id: int | None = None, updated: int = 5) -
                             task_id=task_id or annotation_id, project_id=PROJECT, updated_at=iso(updated))  # fmt: skip
 
 
-def test_sixteen_webhooks_at_once_are_all_acknowledged_within_a_second_and_stored(served):
+def test_sixteen_webhooks_at_once_are_all_acknowledged_and_stored(served):
+    """None refused: each is appended to the inbox and acknowledged (that the answer never waits for
+    parsing, what keeps it within Label Studio's 1 s, is the next test's)."""
     url, runtime = served
 
-    def send(annotation_id: int):
-        started = time.monotonic()
-        response = requests.post(f"{url}/webhook", json=event(annotation_id), timeout=10)
-        return response.status_code, time.monotonic() - started
+    def send(annotation_id: int) -> int:
+        return requests.post(f"{url}/webhook", json=event(annotation_id), timeout=10).status_code
 
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(send, range(7000, 7016)))
-    assert [status for status, _ in answers] == [201] * 16
-    assert max(seconds for _, seconds in answers) < 1.0  # Label Studio's webhook timeout
+        assert list(pool.map(send, range(7000, 7016))) == [201] * 16
     assert runtime.intake.drain(timeout_s=60)
     assert runtime.store.count_accepted(str(PROJECT)) == 16
 
