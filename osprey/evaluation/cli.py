@@ -1,4 +1,5 @@
-"""``osprey-label eval classify`` and ``osprey-label eval captions``: Osprey's region benchmarks.
+"""``osprey-label eval classify`` and ``osprey-label eval captions``: the region benchmarks, with
+either region model (Osprey or PixelRefer-Lite), each asked its own evaluation questions.
 
 Registered by :mod:`backend.cli` through :func:`add_eval_commands`. The work is done by
 :mod:`osprey.evaluation`; this module parses arguments, loads the models, prints a table and writes
@@ -22,7 +23,10 @@ def _common_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -
     )
     parser.add_argument("--images", required=True, help="folder of the images the file names")
     parser.add_argument(
-        "--model", default="osprey-7b", help="preset (osprey-7b, osprey-chat-7b, tiny) or checkpoint dir"
+        "--model",
+        default="osprey-7b",
+        help="region model: a preset (osprey-7b, osprey-chat-7b, pixelrefer-lite-2b, pixelrefer-lite-7b; "
+        "random weights: tiny, pixelrefer-lite-tiny) or a checkpoint folder",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images of the file")
@@ -46,14 +50,23 @@ def add_eval_commands(eval_subparsers) -> None:
     """Register ``classify`` and ``captions`` on an ``eval`` command's subparsers."""
     classify = eval_subparsers.add_parser(
         "classify",
-        help="referring object classification (Osprey's LVIS/PACO protocol)",
-        description="Ask Osprey the open-vocabulary category of every object of an LVIS/PACO-style file "
-        "(a JSON list of images with file_name, height, width, annotations[].segmentation and "
-        "categories[], one per annotation) and score each answer against its category: semantic "
-        "similarity (all-MiniLM-L6-v2 cosine) and semantic IoU (word-set IoU). With a label set "
-        "(--categories or --closed-set), also score Osprey's closed-set answer: top-1 accuracy.",
+        help="referring object classification (the LVIS/PACO protocol)",
+        description="Ask the region model the open-vocabulary category of every object of an "
+        "LVIS/PACO-style file (a JSON list of images with file_name, height, width, "
+        "annotations[].segmentation and categories[], one per annotation) and score each answer "
+        "against its category: semantic similarity (all-MiniLM-L6-v2 cosine) and semantic IoU "
+        "(word-set IoU). With a label set (--categories or --closed-set), also score the model's "
+        "closed-set answer: top-1 accuracy. Each model is asked the question its authors evaluated it "
+        "with, and its answers are normalised as they scored them.",
     )
     _common_arguments(classify, max_new_tokens=16)
+    classify.add_argument(
+        "--benchmark",
+        choices=("auto", "lvis", "paco"),
+        default="auto",
+        help="whose question to ask (PixelRefer-Lite asks PACO its part question, Osprey asks both the "
+        "same); auto: paco when the file's name contains 'paco', as the authors' script decides (default)",
+    )
     label_set = classify.add_mutually_exclusive_group()
     label_set.add_argument(
         "--categories", help="comma-separated closed label set: also report top-1 accuracy"
@@ -79,10 +92,11 @@ def add_eval_commands(eval_subparsers) -> None:
     _common_arguments(captions, max_new_tokens=64)
     captions.add_argument(
         "--prompt",
-        choices=("osprey", "refcocog"),
-        default="osprey",
-        help="osprey: the short-description question the backend asks (default); refcocog: the "
-        "question of the authors' RefCOCOg evaluation (use it with the RefCOCOg-finetuned checkpoint)",
+        choices=("short", "refcocog"),
+        default="short",
+        help="short: the model's own short-description question, the one the backend asks (default); "
+        "refcocog (Osprey only): the question of Osprey's RefCOCOg evaluation (use it with the "
+        "RefCOCOg-finetuned checkpoint)",
     )
     captions.add_argument(
         "--meteor",
@@ -107,10 +121,17 @@ def _load_embedder(args: argparse.Namespace):
     return SentenceEmbedder.from_pretrained(args.embedder, device=_device(args))
 
 
-def _load_osprey(args: argparse.Namespace):
-    from osprey.inference.api import Osprey
+def _load_model(args: argparse.Namespace):
+    from osprey.inference.region_model import load_region_model
 
-    return Osprey.from_pretrained(args.model, device=_device(args))
+    return load_region_model(args.model, device=_device(args))
+
+
+def benchmark_of(args: argparse.Namespace) -> str:
+    """``--benchmark``, with ``auto`` decided from the annotations file's name."""
+    if args.benchmark != "auto":
+        return args.benchmark
+    return "paco" if "paco" in Path(args.annotations).name.lower() else "lvis"
 
 
 def file_label_set(images) -> tuple[str, ...]:
@@ -134,10 +155,11 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def run_classify(args: argparse.Namespace, *, predictor=None, embedder=None) -> int:
-    """The ``eval classify`` command. ``predictor``/``embedder`` replace Osprey and the sentence
-    model (tests, other models)."""
+    """The ``eval classify`` command. ``predictor``/``embedder`` replace the region model's predictor
+    and the sentence model (tests, other models)."""
     from .data import load_classification_file
-    from .predictors import OspreyCategoryPredictor
+    from .metrics import SCORING_PROTOCOL
+    from .predictors import CategoryPredictor
     from .run import evaluate_classification
 
     _check_counts(args)
@@ -151,8 +173,11 @@ def run_classify(args: argparse.Namespace, *, predictor=None, embedder=None) -> 
         label_set = file_label_set(images)
     embedder = embedder or _load_embedder(args)
     if predictor is None:
-        predictor = OspreyCategoryPredictor(
-            _load_osprey(args), label_set=label_set, max_new_tokens=args.max_new_tokens
+        predictor = CategoryPredictor(
+            _load_model(args),
+            benchmark=benchmark_of(args),
+            label_set=label_set,
+            max_new_tokens=args.max_new_tokens,
         )
     with _RecordWriter(args.predictions) as writer:
         report = evaluate_classification(
@@ -165,14 +190,16 @@ def run_classify(args: argparse.Namespace, *, predictor=None, embedder=None) -> 
             on_record=writer,
             progress=not args.quiet,
         )
+    scoring = getattr(predictor, "scoring", "osprey")
     report.protocol = {
+        "benchmark": benchmark_of(args),
         "question": getattr(predictor, "question", None),
         "decoding": "greedy",
         "max_new_tokens": args.max_new_tokens,
         "label_set": list(label_set) if label_set else None,
         "embedder": embedder.name,
-        "ground_truth_normalisation": "'_' and ':' -> ' '",
-        "prediction_normalisation": "strip; text between the 1st and 2nd ':' if any; '.', ':', ',' -> ' '",
+        "scoring": scoring,
+        **SCORING_PROTOCOL[scoring],
     }
     if label_set:
         known = {_label_key(label) for label in label_set}
@@ -190,15 +217,15 @@ def run_classify(args: argparse.Namespace, *, predictor=None, embedder=None) -> 
 def run_captions(args: argparse.Namespace, *, predictor=None, embedder=None) -> int:
     """The ``eval captions`` command (see :func:`run_classify` for the arguments)."""
     from .data import load_caption_file
-    from .predictors import OspreyCaptionPredictor
+    from .predictors import CaptionPredictor
     from .run import evaluate_captions
 
     _check_counts(args)
     images = load_caption_file(args.annotations)
     embedder = embedder or _load_embedder(args)
     if predictor is None:
-        predictor = OspreyCaptionPredictor(
-            _load_osprey(args), prompt=args.prompt, max_new_tokens=args.max_new_tokens
+        predictor = CaptionPredictor(
+            _load_model(args), prompt=args.prompt, max_new_tokens=args.max_new_tokens
         )
     meteor = {"auto": None, "on": True, "off": False}[args.meteor]
     with _RecordWriter(args.predictions) as writer:

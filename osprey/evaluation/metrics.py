@@ -9,6 +9,10 @@ Referring object classification (LVIS, PACO), as Osprey's authors score it:
 - semantic IoU: ``|W(pred) & W(gt)| / |W(pred) | W(gt)|`` over the lowercased, whitespace-split
   word *sets*.
 
+PixelRefer-Lite's authors score the same two numbers (``eval_paco_lvis.py``) after another clean-up,
+the same for answer and ground truth: ``_ : , . ( )`` become spaces, stripped, lowercased, no colon cut
+(a PACO answer ``person:hand`` scores as ``person hand``). :data:`CATEGORY_SCORING` holds both.
+
 Region captions: BLEU-1..4, ROUGE-L and CIDEr-D from ``pycocoevalcap`` (pure Python), METEOR from the
 same package when ``java`` is on PATH. Captions are tokenised here (lowercase, words and ``'``
 clitics, punctuation dropped) instead of by the Java PTB tokenizer that COCO's caption evaluation
@@ -45,6 +49,31 @@ def normalize_prediction(text: str) -> str:
     """The authors' category answer clean-up: the colon cut, then ``.``, ``:`` and ``,`` become
     spaces (``' person:hand.'`` -> ``'hand '``)."""
     return _colon_cut(text).replace(".", " ").replace(":", " ").replace(",", " ")
+
+
+def normalize_category_pixelrefer(text: str) -> str:
+    """PixelRefer-Lite's clean-up of answers and ground truth alike
+    (``' Person:hand.'`` -> ``'person hand'``)."""
+    for char in "_:,.()":
+        text = text.replace(char, " ")
+    return text.strip().lower()
+
+
+# Each model's authors' (ground truth, answer) normalisation before category scoring, by model family.
+CATEGORY_SCORING = {
+    "osprey": (normalize_ground_truth, normalize_prediction),
+    "pixelrefer-lite": (normalize_category_pixelrefer, normalize_category_pixelrefer),
+}
+SCORING_PROTOCOL = {  # the same, in words, for the report
+    "osprey": {
+        "ground_truth_normalisation": "'_' and ':' -> ' '",
+        "prediction_normalisation": "strip; text between the 1st and 2nd ':' if any; '.', ':', ',' -> ' '",
+    },
+    "pixelrefer-lite": {
+        "ground_truth_normalisation": "'_', ':', ',', '.', '(', ')' -> ' '; strip; lowercase",
+        "prediction_normalisation": "'_', ':', ',', '.', '(', ')' -> ' '; strip; lowercase (no colon cut)",
+    },
+}
 
 
 def normalize_caption(text: str) -> str:

@@ -17,15 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from .data import EvalImage, EvalObject, decode_segmentation, find_image, read_image
-from .metrics import (
-    caption_scores,
-    labels_match,
-    mean,
-    normalize_caption,
-    normalize_ground_truth,
-    normalize_prediction,
-    semantic_iou,
-)
+from .metrics import CATEGORY_SCORING, caption_scores, labels_match, mean, normalize_caption, semantic_iou
 
 logger = logging.getLogger(__name__)
 
@@ -242,14 +234,17 @@ def evaluate_classification(
 ) -> EvalReport:
     """Referring object classification: semantic similarity and semantic IoU of each object's
     open-vocabulary answer against its category (Osprey's LVIS/PACO protocol), plus top-1
-    accuracy where the predictor also scored a closed label set. ``limit``: the first N images."""
+    accuracy where the predictor also scored a closed label set. ``limit``: the first N images. Answers
+    and categories are normalised as the predictor's ``scoring`` (a :data:`.metrics.CATEGORY_SCORING`
+    key; default ``osprey``) says."""
     sims: list[float] = []
     ious: list[float] = []
     correct: list[float] = []
+    truth_of, answer_of = CATEGORY_SCORING[getattr(predictor, "scoring", "osprey")]
 
     def score_image(image: EvalImage, objects: list[EvalObject], predictions: list) -> list[dict]:
-        truths = [normalize_ground_truth(obj.category) for obj in objects]
-        answers = [normalize_prediction(p.text) for p in predictions]
+        truths = [truth_of(obj.category) for obj in objects]
+        answers = [answer_of(p.text) for p in predictions]
         similarities = embedder.similarity(answers, truths)
         records = []
         for obj, pred, truth, answer, sim in zip(

@@ -228,13 +228,11 @@ class Osprey:
         """:meth:`label` for several ``(image, masks)`` pairs at once: every image's regions and
         questions share the same forward passes and the same decoding loop (:class:`ImageBatch`), and
         each answer is the one :meth:`label` gives for that image alone. Returns one list per item."""
-        return label_items(
-            self,
-            items,
-            request,
-            encoded,
-            lambda rgb, masks, enc: self.model.region_tokens(enc.features, masks),
-        )
+        return label_items(self, items, request, encoded, self.region_tokens_of)
+
+    def region_tokens_of(self, rgb: np.ndarray, masks: torch.Tensor, encoded: EncodedImage) -> tuple:
+        """What ``masks`` ``(R, H, W)`` put into a prompt: (mask tokens, spatial tokens), each ``(R, D)``."""
+        return self.model.region_tokens(encoded.features, masks)
 
     def planner(self, request: LabelRequest) -> Planner:
         """The questions of ``request`` in Osprey's prompts."""

@@ -221,9 +221,11 @@ class PixelReferLite:
         encoded: Sequence[EncodedImage] | None = None,
     ) -> list[list[RegionLabels]]:
         """:meth:`label` for several ``(image, masks)`` pairs in the same forwards; one list per item."""
-        return label_items(
-            self, items, request, encoded, lambda rgb, masks, enc: (self.region_tokens(rgb, masks, enc),)
-        )
+        return label_items(self, items, request, encoded, self.region_tokens_of)
+
+    def region_tokens_of(self, rgb: np.ndarray, masks: torch.Tensor, encoded: EncodedImage) -> tuple:
+        """What ``masks`` ``(R, H, W)`` put into a prompt: ``((R, mask_num, D),)``."""
+        return (self.region_tokens(rgb, masks, encoded),)
 
     def label_baseline(
         self, image: Image.Image | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, request: LabelRequest

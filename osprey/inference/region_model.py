@@ -18,6 +18,7 @@ import torch
 
 from .fast import EncodedImage, FastRunner
 from .fields import LabelRequest, RegionLabels
+from .plan import Planner
 
 OSPREY_PRESETS = ("osprey-7b", "osprey-chat-7b")
 PIXELREFER_PRESETS = ("pixelrefer-lite-2b", "pixelrefer-lite-7b")
@@ -30,8 +31,10 @@ class RegionModel(Protocol):
     ``model_id`` names it (it is part of ``model_version``); ``cache`` is its encoded-image cache (a
     :class:`~osprey.runtime.feature_cache.FeatureCache`) or None; ``adapter_tag`` names the active LoRA
     adapter (part of cache keys); ``model.llm`` is the language model LoRA adapts; ``fast`` runs the
-    shared fast path (its ``max_batch_tokens`` bounds one forward). Step boundaries for the scheduler sit
-    before every vision and decoder block (:func:`osprey.runtime.steps.yield_before_each`).
+    shared fast path (its ``max_batch_tokens`` bounds one forward) on the questions ``planner(request)``
+    words in the model's own prompts and the tensors ``region_tokens_of`` writes regions with. Step
+    boundaries for the scheduler sit before every vision and decoder block
+    (:func:`osprey.runtime.steps.yield_before_each`).
     """
 
     family: str
@@ -59,6 +62,10 @@ class RegionModel(Protocol):
     ) -> list[list[RegionLabels]]: ...
 
     def label_baseline(self, image, masks, request: LabelRequest) -> list[RegionLabels]: ...
+
+    def planner(self, request: LabelRequest) -> Planner: ...
+
+    def region_tokens_of(self, rgb: np.ndarray, masks: torch.Tensor, encoded: EncodedImage) -> tuple: ...
 
     def feature_levels(self) -> tuple[tuple[str, int], ...]: ...
 

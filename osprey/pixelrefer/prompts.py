@@ -66,6 +66,10 @@ class PixelReferPrompts:
     def open_category_turn(self) -> str:
         return self._with_region(CATEGORY_QUESTION)
 
+    def paco_category_turn(self) -> str:
+        """``infer_paco_lvis.py``'s PACO question (answers ``category:subcategory``)."""
+        return self._with_region(PART_QUESTION)
+
     def attribute_turn(self, attribute: str) -> str:
         return self._with_region(f"Is {REGION} {attribute}?{SHORT_ANSWER}")
 
@@ -74,7 +78,7 @@ class PixelReferPrompts:
         lists labels: the label set enters as the scored candidates. A part set without categories is
         asked with LVIS's question."""
         del categories
-        return self._with_region(PART_QUESTION if parts else CATEGORY_QUESTION)
+        return self.paco_category_turn() if parts else self.open_category_turn()
 
     def tokenize_prompt(self, tokenizer, prompt: str) -> list[int]:
         return list(tokenizer(prompt, add_special_tokens=False).input_ids)

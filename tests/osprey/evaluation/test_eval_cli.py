@@ -1,11 +1,13 @@
 """``osprey-label eval classify|captions``: the parser, the report and predictions files, a scripted
-predictor whose scores are known, and runs with the real tiny Osprey (in-process and as a process)."""
+predictor whose scores are known, runs with the real tiny Osprey (in-process and as a process), and the
+whole command with either region model asking its own evaluation questions."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,15 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.cli import build_parser
+from backend.cli import build_parser, main
 from osprey.evaluation.cli import file_label_set, run_captions, run_classify
 from osprey.evaluation.data import load_classification_file
 from osprey.evaluation.metrics import normalize_prediction
-from osprey.evaluation.predictors import OspreyCaptionPredictor, OspreyCategoryPredictor
+from osprey.evaluation.predictors import CaptionPredictor, CategoryPredictor
 from osprey.evaluation.predictors import generate_answers as generate
 from osprey.evaluation.run import CategoryPrediction
 from osprey.inference.fields import LabelRequest
+from osprey.model import prompts as P
 from osprey.model.prompts import REFCOCOG_CAPTION_TURN, caption_turn, clean_answer
+from osprey.pixelrefer import prompts as PR
 
 H, W = 48, 64
 
@@ -158,7 +162,7 @@ def test_label_set_options(files, capsys):
 
 
 def test_category_predictor_on_tiny_osprey(tiny_osprey, scene):
-    predictor = OspreyCategoryPredictor(tiny_osprey, label_set=("cat", "dog", "car"), max_new_tokens=4)
+    predictor = CategoryPredictor(tiny_osprey, label_set=("cat", "dog", "car"), max_new_tokens=4)
     masks = scene["masks"][:3]
     answers = predictor.predict(scene["image"], masks)
     reference = tiny_osprey.label(scene["image"], masks, LabelRequest(categories=(), max_category_tokens=4))
@@ -173,7 +177,7 @@ def test_category_answers_are_cut_at_colons_once_as_the_authors_do(tiny_osprey, 
     import osprey.evaluation.predictors as predictors
 
     monkeypatch.setattr(predictors, "generate_answers", lambda *args, **kwargs: ["person:hand:left"])
-    [answer] = OspreyCategoryPredictor(tiny_osprey).predict(scene["image"], scene["masks"][:1])
+    [answer] = CategoryPredictor(tiny_osprey).predict(scene["image"], scene["masks"][:1])
     assert answer.text == "person:hand:left"
     assert normalize_prediction(answer.text).split() == ["hand"]
 
@@ -185,7 +189,7 @@ def test_custom_question_path_matches_the_library(tiny_osprey, scene):
     library = tiny_osprey.label(scene["image"], masks, LabelRequest(caption=True, max_caption_tokens=5))
     assert generate(tiny_osprey, scene["image"], masks, caption_turn(), 5) == [r.caption for r in library]
     assert len(generate(tiny_osprey, scene["image"], masks, REFCOCOG_CAPTION_TURN, 5)) == 2
-    with pytest.raises(ValueError, match="exactly one <mask><pos>"):
+    with pytest.raises(ValueError, match="holds no region in tiny's prompt form"):
         generate(tiny_osprey, scene["image"], masks, "<image>\nWhat is this?", 5)
 
 
@@ -195,7 +199,7 @@ def test_captions_command_on_tiny_osprey(tiny_osprey, files):
         "--model", "tiny", "--prompt", "refcocog", "--max-new-tokens", "6", "--meteor", "off",
         "--json", str(files / "captions.json"), "--predictions", str(files / "captions.jsonl"), "--quiet",
     )  # fmt: skip
-    predictor = OspreyCaptionPredictor(tiny_osprey, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    predictor = CaptionPredictor(tiny_osprey, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
     assert run_captions(args, predictor=predictor, embedder=WordOverlap()) == 0
     report = json.loads((files / "captions.json").read_text())
     assert report["model"] == "tiny" and report["untrained"] is True
@@ -245,3 +249,94 @@ def test_classify_as_a_process_on_tiny_osprey(files):
     assert len(lines) == 3
     assert all(r["closed_set"] in report["protocol"]["label_set"] for r in lines)
     assert "Traceback" not in result.stderr
+
+
+# ---- either region model, through the whole command ----
+MODELS = ("tiny", "pixelrefer-lite-tiny")
+CATEGORY_QUESTIONS = {  # what each model's authors ask LVIS and PACO
+    ("tiny", "lvis"): P.OPEN_CATEGORY_QUESTION,
+    ("tiny", "paco"): P.OPEN_CATEGORY_QUESTION,
+    ("pixelrefer-lite-tiny", "lvis"): PR.CATEGORY_QUESTION,
+    ("pixelrefer-lite-tiny", "paco"): PR.PART_QUESTION,
+}
+CAPTION_QUESTIONS = {"tiny": P.CAPTION_QUESTION, "pixelrefer-lite-tiny": PR.CAPTION_QUESTION}
+
+
+def asked(model, question):
+    """The recorded prompt, checked to be in ``model``'s own conversation, as its authors' scripts write
+    the question (PixelRefer-Lite's region, ``[<REGION> x mask_num]``, read back as ``<region>``)."""
+    if model == "tiny":
+        assert question.startswith(P.SYSTEM) and question.endswith(f"{P.ASSISTANT}:")
+        assert question.count(P.REGION_TOKENS) == 1 and question.count(P.IMAGE_TOKEN) == 1
+        return question
+    head, tail = PR.CHAT_PREFIX, f"{PR.IM_END}\n{PR.IM_START}assistant\n"
+    assert question.startswith(head) and question.endswith(tail)
+    return re.sub(r"\[(?:<REGION>)+\]", PR.REGION, question[len(head) : -len(tail)])
+
+
+def run_eval(capsys, *argv):
+    code = main(["eval", *argv, "--device", "cpu", "--quiet"])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("benchmark", ("lvis", "paco"))
+@pytest.mark.parametrize("model", MODELS)
+def test_classify_asks_each_model_its_own_question(files, capsys, model, benchmark):
+    """``--benchmark auto`` reads the file's name as the authors' script does: PixelRefer-Lite is asked
+    PACO's part question, Osprey the same question for both."""
+    annotations = files / f"{benchmark}_val_1k_category.json"
+    annotations.write_text((files / "lvis.json").read_text())
+    code, out = run_eval(
+        capsys, "classify", "--model", model, "--annotations", str(annotations), "--images",
+        str(files / "images"), "--closed-set", "--max-new-tokens", "3", "--json", str(files / "r.json"),
+        "--predictions", str(files / "p.jsonl"),
+    )  # fmt: skip
+    assert code == 0, out.err
+    report = json.loads((files / "r.json").read_text())
+    assert (report["model"], report["untrained"]) == (model, True)
+    assert report["protocol"]["benchmark"] == benchmark
+    assert report["protocol"]["scoring"] == ("osprey" if model == "tiny" else "pixelrefer-lite")
+    question = asked(model, report["protocol"]["question"])
+    assert CATEGORY_QUESTIONS[model, benchmark] in question
+    assert all(
+        report["metrics"][name]["count"] == 3 for name in ("semantic_similarity", "closed_set_accuracy")
+    )
+    lines = [json.loads(line) for line in (files / "p.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(r["closed_set"] in report["protocol"]["label_set"] for r in lines)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_captions_asks_each_model_its_own_question(files, capsys, model):
+    code, out = run_eval(
+        capsys, "captions", "--model", model, "--annotations", str(files / "refcocog.json"), "--images",
+        str(files / "images"), "--max-new-tokens", "4", "--meteor", "off", "--json", str(files / "c.json"),
+    )  # fmt: skip
+    assert code == 0, out.err
+    report = json.loads((files / "c.json").read_text())
+    assert (report["model"], report["protocol"]["prompt"]) == (model, "short")
+    assert CAPTION_QUESTIONS[model] in asked(model, report["protocol"]["question"])
+    assert report["objects"]["evaluated"] == 2 and report["metrics"]["CIDEr"]["count"] == 2
+
+
+def test_refcocog_prompt_is_refused_for_pixelrefer(files, capsys):
+    code, out = run_eval(
+        capsys, "captions", "--model", "pixelrefer-lite-tiny", "--prompt", "refcocog", "--annotations",
+        str(files / "refcocog.json"), "--images", str(files / "images"), "--meteor", "off",
+    )  # fmt: skip
+    assert code == 2
+    assert "--prompt refcocog is Osprey's RefCOCOg question" in out.err and "Traceback" not in out.err
+
+
+def test_custom_question_path_matches_the_library_for_pixelrefer(scene):
+    """The evaluation's generation path gives PixelRefer-Lite's library captions for its own question."""
+    from osprey.evaluation.predictors import caption_turn as model_caption_turn
+    from osprey.inference.pixelrefer import PixelReferLite
+
+    model = PixelReferLite.from_pretrained("pixelrefer-lite-tiny", device="cpu")
+    masks = scene["masks"][:2]
+    library = model.label(scene["image"], masks, LabelRequest(caption=True, max_caption_tokens=5))
+    assert generate(model, scene["image"], masks, model_caption_turn(model), 5) == [
+        r.caption for r in library
+    ]
+    with pytest.raises(ValueError, match="holds no region"):
+        generate(model, scene["image"], masks, caption_turn(), 5)  # Osprey's form: no <REGION> here

@@ -25,6 +25,7 @@ from osprey.evaluation.metrics import (
     caption_tokens,
     labels_match,
     normalize_caption,
+    normalize_category_pixelrefer,
     normalize_ground_truth,
     normalize_prediction,
     semantic_iou,
@@ -310,6 +311,32 @@ def test_classification_means_match_hand_computed_values(lvis_paco):
         "objects": 2,
         "reason": "missing image file",
     }.items() <= doc["skipped"][1].items()
+
+
+def test_pixelrefer_normalisation_follows_its_authors_script():
+    """eval_paco_lvis.py: the same clean-up for answer and truth, no colon cut, lowercased."""
+    assert normalize_category_pixelrefer(" Person:Hand.") == "person hand"
+    assert normalize_category_pixelrefer("a:b:c") == "a b c"
+    assert normalize_category_pixelrefer("bench_(leg), wooden") == "bench  leg   wooden"
+    assert normalize_category_pixelrefer("baseball_bat") == "baseball bat"
+
+
+def test_pixelrefer_answers_are_scored_as_its_authors_score_them(lvis_paco):
+    """A PACO ``category:subcategory`` answer counts whole for PixelRefer-Lite; Osprey's protocol keeps
+    only the part after the colon."""
+    images = load_classification_file(lvis_paco["paco"])
+    answers = [CategoryPrediction("Person:hand."), CategoryPrediction("a dog")]
+    by_scoring = {}
+    for scoring in ("osprey", "pixelrefer-lite"):
+        predictor = ScriptedPredictor(answers)
+        predictor.scoring = scoring
+        records = []
+        report = evaluate_classification(
+            images, lvis_paco["images"], predictor, embedder=BagOfWords(), on_record=records.append
+        )
+        by_scoring[scoring] = [r["prediction"] for r in records], report.metrics["semantic_iou"]["value"]
+    assert by_scoring["pixelrefer-lite"] == (["person hand", "a dog"], pytest.approx((1 + 1 / 2) / 2))
+    assert by_scoring["osprey"] == (["hand ", "a dog"], pytest.approx((1 / 2 + 1 / 2) / 2))
 
 
 def test_limit_and_a_predictor_that_miscounts(lvis_paco):
