@@ -12,9 +12,9 @@ the reason recorded:
   encoder in fp32, fp32 + TF32 and bf16: encode and click times, mask IoU against fp32;
 - ``peak_memory``: one full segment-everything pre-label task (SAM encode, masks, Osprey's five fields)
   with the service's default grid and mask count; peak from ``torch.cuda.max_memory_allocated``;
-- ``lora``: a LoRA job on a second copy of the architecture in a thread, while the main thread times
-  ``label()`` calls on the serving model: time per step, peak memory, serving latency alone and
-  during training, serving answers unchanged;
+- ``lora``: a LoRA job on the served model itself in a thread (no copy: the backend's way), a step at a
+  time, while the main thread times ``label()`` calls between its steps: time per step, peak memory,
+  serving latency alone and during training, serving answers unchanged;
 - ``prelabel``: ``bench/prelabel.py`` (tasks per minute, one at a time vs batched, answers compared);
 - ``decode``: ``bench/decode.py``, eager against compiled decoding (on CUDA: CUDA graphs), answers compared;
 - ``memory`` and ``contention``: ``bench/memory.py --json`` and ``bench/contention.py --json`` run as
@@ -415,6 +415,43 @@ class StepTimer:
         self.seconds.append(time.perf_counter() - start)
 
 
+class SharedModel:
+    """Serving and a LoRA job on the one served model, shared as the backend's scheduler shares it: one
+    holder at a time, whole training steps, and a waiting ``label()`` call goes before the next step."""
+
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+        self._turn = threading.Condition()
+        self._busy = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def _hold(self, may_go):
+        with self._turn:
+            self._turn.wait_for(may_go)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._turn:
+                self._busy = False
+                self._turn.notify_all()
+
+    @contextlib.contextmanager
+    def serving(self):
+        with self._turn:
+            self._waiting += 1
+        with self._hold(lambda: not self._busy):
+            with self._turn:
+                self._waiting -= 1
+            yield
+
+    @contextlib.contextmanager
+    def training_step(self):
+        with self._hold(lambda: not self._busy and not self._waiting), self.timer():
+            yield
+
+
 def lora_examples(steps: int) -> tuple[list, list]:
     """Accepted regions of the learning-curve scenes and their first ``steps`` instruction samples."""
     from osprey.learning.lora import RegionExample, instruction_samples
@@ -437,25 +474,29 @@ def part_lora(suite: Suite, deadline: float) -> dict:
     p, regions = suite.profile, bench_module("regions")
     steps = suite.args.lora_steps or p.lora_steps
     start = time.perf_counter()
-    copy = random_osprey(suite.args.preset, suite.device, suite.dtype)  # the job trains its own copy
-    build_s = time.perf_counter() - start
-    trainer = LoraTrainer(osprey=copy, settings=LoraSettings(epochs=1, grad_accum=1))
+    trainer = LoraTrainer(osprey=suite.osprey, settings=LoraSettings(epochs=1, grad_accum=1))  # no copy
+    setup_s = time.perf_counter() - start
     examples, samples = lora_examples(steps)
     image, masks = regions.make_scene(3, seed=5)
     request = regions.full_request(p.caption_tokens, p.description_tokens)
 
+    timer, failure, history = StepTimer(suite.device), [], {}
+    shared = SharedModel(timer)
+
     def serve() -> tuple[float, list]:
-        return regions.timed(suite.osprey.label, suite.device, image, masks, request)
+        with shared.serving():
+            return regions.timed(suite.osprey.label, suite.device, image, masks, request)
 
     _, reference = serve()  # warm-up, and the answers serving must keep giving
     alone = [serve()[0] for _ in range(p.label_calls)]
-    timer, failure, history = StepTimer(suite.device), [], {}
     peak = PeakMemory(suite.device)
 
     def train(trainer: LoraTrainer) -> None:
         try:
             with PeakMemory(suite.device) if suite.device.type != "cuda" else contextlib.nullcontext() as cpu:
-                history.update(trainer.fit(samples, examples, progress=False, step_session=timer))
+                history.update(
+                    trainer.fit(samples, examples, progress=False, step_session=shared.training_step)
+                )
             if cpu is not None:
                 peak.result.update(cpu.result)
         except Exception as error:  # reported by the main thread
@@ -470,16 +511,17 @@ def part_lora(suite: Suite, deadline: float) -> dict:
             during.append(seconds)
             same &= regions.same_answers(answers, reference)
         thread.join()
+    trainer.close()  # the served model as it was: the training adapter removed
     if failure:
         raise failure[0]
-    del trainer, copy
+    del trainer
     gc.collect()
     if suite.device.type == "cuda":
         torch.cuda.empty_cache()
     alone_s, during_s = statistics.median(alone), statistics.median(during) if during else math.nan
     row = {
         "steps": len(timer.seconds), "step_s_median": round(statistics.median(timer.seconds), 3),
-        "step_s_mean": round(statistics.mean(timer.seconds), 3), "copy_build_s": round(build_s, 2),
+        "step_s_mean": round(statistics.mean(timer.seconds), 3), "setup_s": round(setup_s, 2),
         "loss": round(history["epoch_losses"][0], 4), "label_alone_s": round(alone_s, 3),
         "label_during_s": round(during_s, 3), "label_ratio": round(during_s / alone_s, 2),
         "label_calls_during": len(during), "before_gb": gb(peak.result["before_bytes"]),
@@ -621,7 +663,7 @@ COLUMNS = {
     "sam": ["case", "n", "median_ms", "speedup_vs_reencode", "speedup", "masks", "upsampled", "same_masks",
             "encode_ms", "click_ms", "encode_speedup", "mean_iou", "min_iou"],
     "peak_memory": ["seconds", "regions", "grid", "max_masks", "before_gb", "peak_gb", "task_gb", "method"],
-    "lora": ["steps", "step_s_median", "copy_build_s", "label_alone_s", "label_during_s", "label_ratio",
+    "lora": ["steps", "step_s_median", "setup_s", "label_alone_s", "label_during_s", "label_ratio",
              "before_gb", "peak_gb", "train_gb"],
     "prelabel": ["setting", "seconds", "tasks_per_min", "ratio", "same"],
     "contention": ["situation", "median_s", "ratio", "model_wait_s", "same_answer"],
