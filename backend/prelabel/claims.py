@@ -43,6 +43,14 @@ def writer_id(what: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{what}:{uuid.uuid4().hex[:8]}"
 
 
+BATCH_WRITER = "batch"  # the writer name of a batch /predict: Label Studio itself stores what it answers
+
+
+def _what(owner: str) -> str:
+    """The kind of writer a :func:`writer_id` names (``batch``, a job, the command...)."""
+    return owner.split(":")[2] if owner.count(":") >= 3 else ""
+
+
 def _alive(owner: str) -> bool:
     """False when ``owner`` (a :func:`writer_id`) is a process of this host that has ended (a killed
     command: its claims are taken over at once instead of after the lease); True otherwise."""
@@ -67,7 +75,12 @@ class PrelabelClaims(SqliteDatabase):
         self, project: str, version: str, task_ids: Iterable[int], *, owner: str, lease_s: float
     ) -> set[int]:
         """Claim the tasks for ``owner`` until ``lease_s`` from now; the ids claimed (free, expired, or
-        already ``owner``'s: a retry renews its own claim). One transaction for all of them."""
+        already ``owner``'s: a retry renews its own claim). One transaction for all of them.
+
+        A batch ``/predict`` is never kept from a task by another batch ``/predict``'s claim: Label Studio
+        asked for both answers and stores them itself (asking again for a task it was just answered is
+        *Retrieve Predictions* run twice, or a task reopened), so holding it back would only answer
+        nothing. Its claims still keep the other writers away."""
         now, claimed = time.time(), set()
         with self._write() as conn:
             for task in dict.fromkeys(int(t) for t in task_ids):
@@ -81,6 +94,7 @@ class PrelabelClaims(SqliteDatabase):
                     and row["owner"] != owner
                     and row["lease_until"] > now
                     and _alive(row["owner"])
+                    and not (_what(owner) == BATCH_WRITER and _what(row["owner"]) == BATCH_WRITER)
                 ):
                     continue
                 if row is not None and row["owner"] != owner:

@@ -43,7 +43,7 @@ from backend.predict.options import PredictOptions
 from backend.predict.predictor import Predictor
 from backend.predict.tasks import TaskPredictor
 from backend.prelabel.auto import TASKS_CREATED, AutoPrelabel
-from backend.prelabel.claims import Claimer, PrelabelClaims, writer_id
+from backend.prelabel.claims import BATCH_WRITER, Claimer, PrelabelClaims, writer_id
 from backend.prelabel.deferral import Deferrals
 
 from .models import Models, check_weights, device_memory, load_models, weight_paths
@@ -303,7 +303,7 @@ def _wire(rt: Runtime) -> None:
     batch = BatchPredictor(
         tasks_for=rt.tasks_for, deferral=rt.deferrals, record=rt.recorder.record, count=rt.counts,
         budget_s=settings.predict_budget_s, max_batch_tasks=settings.prelabel_batch_tasks,
-        claimer_for=lambda project, version: rt.claimer(project, version, "batch"),
+        claimer_for=lambda project, version: rt.claimer(project, version, BATCH_WRITER),
     )  # fmt: skip
     rt.predictor = Predictor(
         projects=rt.projects, models=rt.models, loader=rt.loader, options=rt.options,

@@ -16,7 +16,7 @@ from backend.labelstudio.api import LabelStudioClient
 from backend.labelstudio.schema import parse_label_config
 from backend.predict.tasks import task_id
 from backend.prelabel import claims as claims_module
-from backend.prelabel.claims import Claimer, PrelabelClaims, converge, writer_id
+from backend.prelabel.claims import BATCH_WRITER, Claimer, PrelabelClaims, converge, writer_id
 from backend.prelabel.engine import prelabel
 
 VERSION = "v-test"
@@ -88,6 +88,16 @@ def test_a_claim_is_exclusive_until_released_or_its_lease_runs_out(store, monkey
     now[0] += 61  # a's lease ran out (a crashed): its tasks are taken over
     assert store.claim("7", VERSION, [1, 3], owner="b", lease_s=60) == {1, 3}
     assert store.held() == {"7": 2}  # the others ran out too
+
+
+def test_a_batch_predict_is_answered_again_but_its_hold_keeps_the_other_writers_away(store):
+    """Label Studio asking twice for a task it was just answered (Retrieve Predictions run again) gets an
+    answer; a deferred job or the command, meanwhile, is still kept off the task."""
+    first, second = writer_id(BATCH_WRITER), writer_id(BATCH_WRITER)
+    assert store.claim("7", VERSION, [1, 2], owner=first, lease_s=60) == {1, 2}
+    store.hold("7", VERSION, [1, 2], owner=first, seconds=120)  # answered: Label Studio stores it meanwhile
+    assert store.claim("7", VERSION, [1], owner=second, lease_s=60) == {1}
+    assert store.claim("7", VERSION, [1, 2], owner=writer_id("prelabel"), lease_s=60) == set()
 
 
 def test_writers_sharing_the_store_never_both_write_a_task(ls, store):
