@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from backend.errors import SettingsError
 
@@ -66,6 +66,7 @@ class CacheBudgets:
     device_free: int | None  # the device's free bytes when measured (None: not measured)
     request_peak: int  # bytes one request needs at its peak, kept free
     spare: int
+    points_per_batch: int | None = None  # segment everything's batch sized to the device (None: not sized)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +131,7 @@ class RequestPeak:
     chunk_tokens: int  # the scoring chunk the labelling part is counted for
     decode_rows: int  # answers decoded together
     max_new_tokens: int
+    points_per_batch: int = 64  # segment everything's points decoded (and masks upsampled) at once
 
     @property
     def peak(self) -> int:
@@ -185,10 +187,13 @@ def request_peak(
     if lora and encoding is not None:
         step = lora_step_bytes(config, model.dtype, tokens=encoding.prefix_tokens + 64 + LORA_ANSWER_TOKENS)
     return RequestPeak(
-        sam=everything_peak_bytes(settings.sam_model, points_per_batch=points_per_batch).peak,
+        sam=everything_peak_bytes(
+            settings.sam_model, points_per_batch=points_per_batch, points_per_side=settings.points_per_side
+        ).peak,
         vision=encoding.vision_peak if encoding is not None else 0, labelling=work.peak,
         lora_step=step.activations if step else 0, lora_state=step.state if step else 0,
         chunk_tokens=chunk_tokens, decode_rows=decode_rows, max_new_tokens=new_tokens,
+        points_per_batch=points_per_batch,
     )  # fmt: skip
 
 
@@ -201,7 +206,7 @@ def fit_request(settings, osprey, *, device_free: int, lora: bool | None = None)
     when memory says so (one at the least)."""
     from osprey.inference.memory import SHARED_TEXT_TOKENS, encoding_bytes, fit_work
     from osprey.sam.build import SAM_ARCHITECTURES
-    from osprey.sam.memory import sam_embedding_bytes
+    from osprey.sam.memory import points_per_batch_for, sam_embedding_bytes
 
     spare = parse_bytes(settings.device_spare_bytes, setting="OSPREY_DEVICE_SPARE_BYTES") or 0
     encoding = encoding_bytes(osprey) if getattr(osprey, "family", None) == "osprey" else None
@@ -217,7 +222,23 @@ def fit_request(settings, osprey, *, device_free: int, lora: bool | None = None)
         context_tokens=encoding.prefix_tokens + SHARED_TEXT_TOKENS if encoding else context_tokens(osprey),
     )  # fmt: skip
     osprey.fast.max_batch_tokens, osprey.fast.max_decode_rows = chunk, rows
-    return request_peak(settings, osprey, chunk_tokens=chunk, decode_rows=rows, encoding=encoding, lora=lora)
+    # segment everything's batch: as many points as fit in what the other parts need anyway, so SAM
+    # never sets the peak by its batch (at most SAM's default 64; 1 when even one does not fit)
+    sized = request_peak(
+        settings,
+        osprey,
+        chunk_tokens=chunk,
+        decode_rows=rows,
+        encoding=encoding,
+        lora=lora,
+        points_per_batch=1,
+    )
+    room = max(sized.vision, sized.labelling, sized.lora_step)
+    points = points_per_batch_for(settings.sam_model, room, points_per_side=settings.points_per_side, most=64)
+    return request_peak(
+        settings, osprey, chunk_tokens=chunk, decode_rows=rows, encoding=encoding, lora=lora,
+        points_per_batch=points,
+    )  # fmt: skip
 
 
 def request_peak_bytes(settings, osprey, *, points_per_batch: int = 64) -> int:
@@ -237,15 +258,15 @@ def device_budgets(settings, osprey) -> CacheBudgets:
 
     device = osprey.device
     free = None
-    peak = 0
+    peak, points = 0, None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         request = fit_request(settings, osprey, device_free=free)
-        peak = request.peak
+        peak, points = request.peak, request.points_per_batch
         logger.info(
             "labelling work sized to the device: scoring chunks of %d tokens, %d answers decoded together "
-            "(up to %d tokens each); one request's peak by part (GiB): %s", request.chunk_tokens,
-            request.decode_rows, request.max_new_tokens,
+            "(up to %d tokens each), segment everything %d points at a time; one request's peak by part "
+            "(GiB): %s", request.chunk_tokens, request.decode_rows, request.max_new_tokens, points,
             {k: round(v / GiB, 2) for k, v in request.to_dict().items() if k in ("sam", "vision", "labelling", "lora_step", "lora_state")},
         )  # fmt: skip
     total, available = host_memory()
@@ -253,6 +274,7 @@ def device_budgets(settings, osprey) -> CacheBudgets:
         settings, device_kind=device.type, device_free=free, host_total=total, host_available=available,
         request_peak=peak,
     )  # fmt: skip
+    budgets = replace(budgets, points_per_batch=points)
     logger.info(
         "cache budgets: device %.2f GiB Osprey + %.2f GiB SAM, host %.2f + %.2f GiB, disk %.2f + %.2f GiB "
         "(device free %s, one request's peak %.2f GiB, spare %.2f GiB)",

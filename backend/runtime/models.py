@@ -159,6 +159,7 @@ def load_models(settings: Settings, *, device: str, random_weights: bool = False
         stability_score_thresh=settings.stability_score_thresh,
         min_mask_region_area=settings.min_mask_region_area,
         max_masks=settings.max_masks,
+        **({"points_per_batch": budgets.points_per_batch} if budgets.points_per_batch else {}),
     )
     models = Models(
         region_model=osprey,

@@ -66,3 +66,6 @@ def test_the_default_setup_fits_osprey_7b_and_vit_h_on_a_24_gb_gpu_with_2_gb_spa
     assert row["device_cache_images"]["osprey"] >= 1  # the image being clicked keeps its prefix cache
     assert row["osprey_disk_mib_per_image"] < row["osprey_device_mib_per_image"] / 20  # no prefix KV on disk
     assert not row["disk_holds_prefix_kv"]
+    fitted = row["request_breakdown"]["fitted to 24 GB"]  # segment everything's batch sized to the rest
+    assert 1 <= fitted["points_per_batch"] <= 64
+    assert fitted["sam"] <= max(fitted["labelling"], fitted["vision"], fitted["lora_step"])
