@@ -85,10 +85,13 @@ def measured_request_peak(models) -> tuple[int, dict]:
 def row_for(preset: str, gpu_bytes: int) -> dict:
     sam_model = PRESETS[preset]
     meta = preset == "osprey-7b"
+    # the 7B row is computed for the service's defaults (32x32 segment everything); the measured CPU rows
+    # run a small grid that keeps every mask, so the tiny models do real work in seconds
+    small_grid = {} if meta else {"points_per_side": 8, "max_masks": 8, "pred_iou_thresh": 0.0,
+                                  "stability_score_thresh": 0.0, "min_mask_region_area": 0}  # fmt: skip
     settings = Settings.from_env(
-        {}, osprey_model=preset, sam_model=sam_model, device="cpu", points_per_side=8, max_masks=8,
-        pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0, training=False,
-    )  # fmt: skip
+        {}, osprey_model=preset, sam_model=sam_model, device="cpu", training=False, **small_grid
+    )
     if meta:
         osprey = Osprey.from_pretrained(preset, device="meta", dtype=torch.bfloat16, random_weights=True)
     else:  # the service's own models, caches included: measured from what it really holds
