@@ -46,6 +46,7 @@ from backend.prelabel.auto import TASKS_CREATED, AutoPrelabel
 from backend.prelabel.claims import BATCH_WRITER, Claimer, PrelabelClaims, writer_id
 from backend.prelabel.deferral import Deferrals
 
+from .budgets import lora_on
 from .models import Models, check_weights, device_memory, load_models, weight_paths
 from .projects import Projects
 from .recorder import PredictionRecorder
@@ -359,11 +360,19 @@ def _wake(rt: Runtime, lane: str) -> None:
 
 
 def lora_enabled(settings: Settings, models: Models) -> bool:
-    """OSPREY_LORA: ``true``, ``false``, or ``auto`` (on when the models run on a CUDA GPU)."""
-    if settings.lora == "auto":
-        device = getattr(models.region_model, "device", None)
-        return device is not None and device.type == "cuda"
-    return settings.lora == "true"
+    """OSPREY_LORA: ``true``, ``false``, or ``auto`` (on when the models run on a CUDA GPU); LoRA jobs
+    are built for Osprey (its prompts are their training samples), so another region model trains its
+    per-project head only, and the log says so."""
+    device = getattr(models.region_model, "device", None)
+    wanted = lora_on(settings, device.type if device is not None else "cpu")
+    family = getattr(models.region_model, "family", "osprey")
+    if wanted and family != "osprey":
+        logger.warning(
+            "LoRA jobs are off: they fine-tune Osprey, and the region model is %s (OSPREY_LORA=%s); its "
+            "per-project head still trains on accepted labels", family, settings.lora,
+        )  # fmt: skip
+        return False
+    return wanted
 
 
 def predict_options(settings: Settings) -> PredictOptions:

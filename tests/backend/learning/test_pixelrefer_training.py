@@ -45,3 +45,22 @@ def test_accepted_labels_train_a_head_on_pixelrefer_features(file_store, tmp_pat
     assert outcome["model_version"] == "pixelrefer-lite-tiny+sam-tiny-untrained+p8-v0001"
     assert version.heldout_examples > 0 and "category_accuracy" in outcome["metrics"]
     runtime.close()
+
+
+def test_lora_jobs_are_off_for_pixelrefer_even_when_asked_and_the_log_says_why(tmp_path, caplog):
+    """LoRA jobs train on Osprey's prompts; with PixelRefer-Lite serving, only the head trains."""
+    models = load_models(
+        Settings.from_env({}, region_model="pixelrefer-lite-tiny", sam_model="tiny"), device="cpu"
+    )
+    settings = Settings.from_env(
+        {}, model_dir=tmp_path, region_model="pixelrefer-lite-tiny", sam_model="tiny", lora="true"
+    )
+    with caplog.at_level("WARNING", logger="backend.runtime.runtime"):
+        runtime = build_runtime(settings, models=models)
+    try:
+        assert runtime.trainer.lora is None
+        assert (
+            "LoRA jobs are off: they fine-tune Osprey, and the region model is pixelrefer-lite" in caplog.text
+        )
+    finally:
+        runtime.close()
