@@ -58,7 +58,7 @@ class LiveBytes(TorchDispatchMode):
         flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         inputs = {id(a) for a in flat}
         # under inference mode a view does not say it is one (_is_view() is False): a result on an
-        # input's storage is a view all the same (meta tensors have no storage address to compare)
+        # input's storage is a view all the same
         storages = {_storage(a) for a in flat} - {None}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor) or id(tensor) in inputs or tensor._is_view():
@@ -78,9 +78,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _storage(tensor: torch.Tensor) -> int | None:
-    if tensor.device.type == "meta":
-        return None
+    """The identity of ``tensor``'s storage (its C object: meta tensors share it too, though they have
+    no address), or None for tensors without one (sparse, some wrappers)."""
     try:
-        return tensor.untyped_storage().data_ptr() or None
-    except RuntimeError:  # tensors without a storage (sparse, some wrappers)
+        return tensor.untyped_storage()._cdata or None
+    except (RuntimeError, NotImplementedError):
         return None
