@@ -209,11 +209,13 @@ def test_a_retrieve_label_studio_gave_up_on_and_the_command_beside_its_job_write
         OSPREY_PREDICT_BUDGET_S=str(4 * TIMEOUT_PREDICT_S),
     )  # fmt: skip
     try:
-        project = api.create_project("abandoned 30", CONFIG.read_text())
+        # enough tasks that the batch outlives Label Studio's deadline on a fast idle machine too
+        # (~0.7 s a task with the tiny models: 30 could finish inside the 20 s, and nothing is abandoned)
+        project = api.create_project("abandoned 60", CONFIG.read_text())
         pid = str(project["id"])
         ids = [
             t["id"]
-            for t in api.import_images(project["id"], {f"a{i}.png": scene_png(500 + i) for i in range(30)})
+            for t in api.import_images(project["id"], {f"a{i}.png": scene_png(500 + i) for i in range(60)})
         ]
         version = api.connect_backend(project["id"], backend_url)["model_version"]
         try:
