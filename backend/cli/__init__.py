@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from backend.errors import InputError, SettingsError, internal_error
-from backend.service.logs import configure_logging
+from backend.runtime.logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from backend.service.logs import configure_logging, install_redaction, redact
+from backend.runtime.logs import configure_logging, install_redaction, redact
 
 
 @pytest.fixture
