@@ -92,7 +92,7 @@ class LabelStudioAuth:
         self._access: str | None = None
         self._refresh_at = 0.0  # our clock: when the cached access token is to be replaced
         self.exchanges = 0
-        self.skew_s = 0.0  # Label Studio's clock minus ours, from the last access token's iat
+        self.skew_s = 0.0  # Label Studio's clock minus ours, estimated from the last access token's iat
 
     @property
     def kind(self) -> str:
@@ -134,6 +134,7 @@ class LabelStudioAuth:
         if self._session is None:
             self._session = label_studio_session(retry=retry_policy(methods=IDEMPOTENT_METHODS | {"POST"}))
         session = self._session
+        sent = self._clock()
         try:
             response = session.post(url, json={"refresh": self._api_key}, timeout=self._timeout_s)
         except requests.RequestException as error:
@@ -158,11 +159,16 @@ class LabelStudioAuth:
         claims = jwt_claims(access) or {}
         exp, iat = claims.get("exp"), claims.get("iat")
         now = self._clock()
+        latest_skew = self.skew_s  # a token without iat: the last estimate
         if isinstance(iat, (int, float)):
-            self.skew_s = float(iat) - now  # Label Studio's clock minus ours (the exchange took ~0 s)
+            # Label Studio issued the token at some instant of [iat, iat + 1) by its clock (iat has whole
+            # seconds) and of [sent, now] by ours: the skew lies between these bounds. The estimate is the
+            # middle; the expiry uses the largest skew, so a token is replaced before either clock says so.
+            latest_skew = float(iat) + 1.0 - sent
+            self.skew_s = (float(iat) - now + latest_skew) / 2
         if isinstance(exp, (int, float)):
             lifetime = float(exp) - float(iat) if isinstance(iat, (int, float)) else float(exp) - now
-            expires_at = float(exp) - self.skew_s  # in our clock
+            expires_at = float(exp) - latest_skew  # in our clock
         else:
             lifetime, expires_at = _DEFAULT_ACCESS_LIFETIME_S, now + _DEFAULT_ACCESS_LIFETIME_S
         self._access = access
