@@ -69,7 +69,9 @@ def test_access_tokens_are_refreshed_by_label_studios_clock_even_when_it_runs_ah
         time.sleep(0.1)
     assert ls.rejected_tokens == 0  # every token was replaced before Label Studio thought it expired
     assert 2 <= ls.refreshes <= calls / 4  # and not on every call
-    assert client.auth.skew_s == pytest.approx(2.0, abs=0.6)  # iat has whole seconds: the middle of its bounds
+    assert client.auth.skew_s == pytest.approx(
+        2.0, abs=0.6
+    )  # iat has whole seconds: the middle of its bounds
 
 
 def test_a_401_makes_the_client_fetch_a_new_token_and_try_once_more(ls):
