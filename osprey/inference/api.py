@@ -154,6 +154,15 @@ class Osprey:
     def feature_backbone(self) -> str:
         return self.config.vision.open_clip_model
 
+    def lora_sequences(self, *, train: Sequence[str] = ()):
+        """LoRA training's samples in Osprey's prompts (:class:`~osprey.model.training.OspreySequences`;
+        ``train``: parts trained beside the adapter, private copies)."""
+        from osprey.model.training import OspreySequences
+
+        return OspreySequences(
+            model=self.model, tokenizer=self.tokenizer, image_size=self.config.vision.image_size, train=train
+        )
+
     def label_peak_bytes(self) -> int:
         """Bytes of labelling's largest forward: a full scoring chunk over the prefix (on any device)."""
         from .memory import encoding_bytes, label_activation_bytes

@@ -249,6 +249,15 @@ class PixelReferLite:
             context_tokens=len(self._prefix_ids),
         )  # fmt: skip
 
+    def lora_sequences(self, *, train: Sequence[str] = ()):
+        """LoRA training's samples in PixelRefer-Lite's prompts, region tokens as served
+        (:class:`~osprey.pixelrefer.training.PixelReferSequences`; ``train`` must be empty)."""
+        from osprey.pixelrefer.training import PixelReferSequences
+
+        return PixelReferSequences(
+            model=self.model, tokenizer=self.tokenizer, config=self.config, seed=self.seed, train=train
+        )
+
     @property
     def feature_backbone(self) -> str:
         vision = self.config.vision

@@ -74,6 +74,28 @@ class RegionModel(Protocol):
 
     def label_peak_bytes(self) -> int: ...
 
+    def lora_sequences(self, *, train: Sequence[str] = ()) -> TrainingSequences: ...
+
+
+class TrainingSequences(Protocol):
+    """What LoRA training asks of a region model (:class:`~osprey.learning.lora.LoraTrainer`): its
+    ``prompts`` (the prompt set instruction samples are written in, as the planner's), ``prepare(image,
+    mask)`` (the frozen work of one sample, without gradients, before the training step),
+    ``sequence(prepared, prompt, answer)`` -> ``(T, D)`` input embeddings and ``(T,)`` labels (the answer's
+    ids and the model's end-of-answer token, -100 elsewhere), ``trained`` (the private copies of parts
+    trained beside the adapter, by name) and ``context_tokens`` (tokens every sample holds before its
+    question text, for the memory budget)."""
+
+    prompts: object
+    trained: dict[str, torch.nn.Module]
+
+    @property
+    def context_tokens(self) -> int: ...
+
+    def prepare(self, image: np.ndarray, mask: np.ndarray) -> object: ...
+
+    def sequence(self, prepared, prompt: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 def model_family(name_or_path: str) -> str:
     """``"osprey"`` or ``"pixelrefer-lite"`` for a preset name, a released model's name or a checkpoint
