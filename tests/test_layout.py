@@ -18,9 +18,10 @@ LAYOUT_TOOL = ROOT.parent / "shared" / "tools" / "layout_check.py"
 # package -> the project packages it may import (besides itself); dependencies point one way
 ALLOWED = {
     "osprey.runtime": set(),
-    "osprey.model": set(),
-    "osprey.pixelrefer": {"osprey.model", "osprey.runtime"},
-    "osprey.inference": {"osprey.model", "osprey.pixelrefer", "osprey.runtime"},
+    "osprey.loading": set(),
+    "osprey.model": {"osprey.loading"},
+    "osprey.pixelrefer": {"osprey.loading", "osprey.model", "osprey.runtime"},
+    "osprey.inference": {"osprey.loading", "osprey.model", "osprey.pixelrefer", "osprey.runtime"},
     "osprey.learning": {"osprey.model", "osprey.pixelrefer", "osprey.inference", "osprey.runtime"},
     "osprey.evaluation": {"osprey.model", "osprey.inference"},
     "osprey.download": {"osprey.model", "osprey.pixelrefer", "osprey.sam"},

@@ -283,7 +283,7 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
 def _load(settings: Settings, device: str | None) -> Models:
     """Resolve the device (a GPU torch cannot use stops here), say what the process runs on, check
     that every weight file is there, then load."""
-    from osprey.model.loading import default_dtype
+    from osprey.loading.loader import default_dtype
 
     device = device or resolve_device_from_torch(settings.device)
     dtype = default_dtype(torch_device(device))

@@ -15,30 +15,22 @@ answers; greedy decoding applies the checkpoint's repetition penalty to the gene
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from osprey.model.llm import KVState, forward_on_state
-from osprey.model.loading import default_device, default_dtype
-from osprey.model.preprocess import stack_masks, to_rgb_array
 from osprey.pixelrefer.configuration import PixelReferConfig
-from osprey.pixelrefer.loading import load_model
+from osprey.pixelrefer.loading import PIXELREFER
 from osprey.pixelrefer.modeling import PixelReferModel, region_seed
 from osprey.pixelrefer.processing import region_crop, whole_image
 from osprey.pixelrefer.prompts import CHAT_PREFIX, IM_END, PixelReferPrompts
-from osprey.runtime.steps import yield_before_each
 
-from .answering import answer_baseline, label_items
 from .baseline import BaselineRunner
-from .fast import EncodedImage, FastRunner, ImageFeatures, SegmentTree
-from .fields import LabelRequest, RegionLabels
-from .plan import Planner, Question
-
-logger = logging.getLogger(__name__)
+from .fast import EncodedImage, FastRunner, SegmentTree
+from .model_base import RegionModelBase
+from .plan import Question
 
 ENCODING_FORMAT = "pixelrefer1"  # part of every cache key: bump when the EncodedImage layout changes
 FAMILY = "pixelrefer-lite"
@@ -59,10 +51,17 @@ class _Baseline(BaselineRunner):
         )
 
 
-class PixelReferLite:
-    """A loaded PixelRefer-Lite with its tokenizer; the same interface as :class:`~osprey.inference.api.Osprey`."""
+class PixelReferLite(RegionModelBase):
+    """A loaded PixelRefer-Lite with its tokenizer; the same interface as :class:`~osprey.inference.api.Osprey`
+    (the shared part is :class:`RegionModelBase`).
+
+    ``from_pretrained`` knows the presets ``pixelrefer-lite-tiny``/``-small`` (random weights) and
+    ``pixelrefer-lite-2b``/``-7b`` (the released checkpoint from the Hugging Face cache), a checkpoint
+    directory and a cached Hugging Face repo id. ``seed`` seeds every region's k-means draw."""
 
     family = FAMILY
+    encoding_format = ENCODING_FORMAT
+    loader = PIXELREFER
 
     def __init__(
         self,
@@ -75,93 +74,35 @@ class PixelReferLite:
         max_batch_tokens: int = 2048,
         seed: int = 0,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config
-        self.model_id = model_id
-        self.cache = cache
         self.seed = seed
-        self.adapter_tag = ""  # the active LoRA adapter; part of cache keys
-        self.prompts = PixelReferPrompts(config.mask_num)
+        prompts = PixelReferPrompts(config.mask_num)
         eos = int(tokenizer.convert_tokens_to_ids(IM_END))
-        self.fast = FastRunner(
-            model=model, eos_token_id=eos, max_batch_tokens=max_batch_tokens,
-            repetition_penalty=config.repetition_penalty,
+        super().__init__(
+            model=model, tokenizer=tokenizer, config=config, model_id=model_id, cache=cache, prompts=prompts,
+            fast=FastRunner(
+                model=model, eos_token_id=eos, max_batch_tokens=max_batch_tokens,
+                repetition_penalty=config.repetition_penalty,
+            ),
+            baseline=_Baseline(
+                owner=self, model=model, eos_token_id=eos, pad_token_id=int(tokenizer.pad_token_id),
+                repetition_penalty=config.repetition_penalty,
+            ),
+            prefix_ids=tuple(prompts.tokenize_prompt(tokenizer, CHAT_PREFIX)),  # shared by every prompt
+            vision_blocks=model.vision_encoder.encoder.layers,
         )  # fmt: skip
-        self.baseline = _Baseline(
-            owner=self, model=model, eos_token_id=eos, pad_token_id=int(tokenizer.pad_token_id),
-            repetition_penalty=config.repetition_penalty,
-        )  # fmt: skip
-        self._prefix_ids = tuple(
-            self.prompts.tokenize_prompt(tokenizer, CHAT_PREFIX)
-        )  # shared by every prompt
-        yield_before_each(model.llm.get_decoder().layers)
-        yield_before_each(model.vision_encoder.encoder.layers)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        random_weights: bool = False,
-        cache=None,
-        seed: int = 0,
-    ) -> PixelReferLite:
-        """Load a preset (``pixelrefer-lite-tiny``/``-small``: random weights; ``pixelrefer-lite-2b``/``-7b``:
-        the released checkpoint from the Hugging Face cache) or a checkpoint directory."""
-        device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
-        model, tokenizer, config = load_model(
-            name_or_path, device=device, dtype=dtype, random_weights=random_weights, seed=seed
-        )
-        if random_weights and not config.untrained:
-            config = PixelReferConfig.from_dict({**config.to_dict(), "untrained": True})
-        return cls(model=model, tokenizer=tokenizer, config=config, model_id=config.name, cache=cache)
-
-    @property
-    def untrained(self) -> bool:
-        return self.config.untrained
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
 
     # ---- images ----
-    def _key(self, rgb: np.ndarray) -> str:
-        from osprey.runtime.feature_cache import content_key
-
-        return content_key(
-            rgb, FAMILY, ENCODING_FORMAT, self.model_id, str(self.model.dtype), self.adapter_tag
-        )
-
-    def encode_image(self, image: Image.Image | np.ndarray) -> EncodedImage:
-        """Encode once: the whole image's tower features and the chat header's keys/values."""
-        rgb = to_rgb_array(image)
-        if self.cache is None:
-            return self._encode(rgb)
-        return self.cache.get_or_compute(
-            self._key(rgb), lambda: self._encode(rgb), restore=self._from_features
-        )
-
-    def encode_images(self, images: Sequence[Image.Image | np.ndarray]) -> list[EncodedImage]:
-        return [self.encode_image(image) for image in images]
-
     @torch.inference_mode()
     def _encode(self, rgb: np.ndarray) -> EncodedImage:
+        """The whole image's tower features and the chat header's keys/values."""
         whole = self.model.encode_whole(whole_image(rgb, self.config))  # (G, C)
         side = self.config.global_size // self.config.vision.patch_size
         features = {"global": whole.T.reshape(-1, side, side)}  # (C, h, w)
         empty = torch.zeros(0, self.config.text.hidden_size, device=self.device, dtype=self.model.dtype)
         return self._with_prefix(features, empty, rgb.shape[:2])
 
-    def _from_features(self, kept: ImageFeatures) -> EncodedImage:
-        features = {name: value.to(self.device) for name, value in kept.features.items()}
-        return self._with_prefix(features, kept.image_tokens.to(self.device), tuple(kept.image_hw))
-
     @torch.inference_mode()
-    def _with_prefix(self, features, image_tokens, image_hw) -> EncodedImage:
+    def _with_prefix(self, features: dict, image_tokens: torch.Tensor, image_hw) -> EncodedImage:
         """The chat header run through the decoder (the same for every image; a few tokens)."""
         model, n = self.model, len(self._prefix_ids)
         tree = SegmentTree()
@@ -193,61 +134,14 @@ class PixelReferLite:
         """``masks`` ``(R, H, W)`` -> ``(R, mask_num, D)``, each region on its own (its own crop)."""
         return torch.stack([self._region_tokens(rgb, m.numpy() > 0, encoded) for m in masks.cpu()])
 
-    def planner(self, request: LabelRequest) -> Planner:
-        """The questions of ``request`` in PixelRefer-Lite's prompts."""
-        return Planner(
-            tokenizer=self.tokenizer, request=request, untrained=self.untrained, prompts=self.prompts
-        )
-
-    # ---- labelling ----
-    def label(
-        self,
-        image: Image.Image | np.ndarray,
-        masks: Sequence[np.ndarray] | np.ndarray,
-        request: LabelRequest,
-        *,
-        encoded: EncodedImage | None = None,
-    ) -> list[RegionLabels]:
-        """Answer ``request`` for every region (``(H, W)`` binary masks at the image's resolution)."""
-        return self.label_many([(image, masks)], request, encoded=[encoded] if encoded is not None else None)[
-            0
-        ]
-
-    def label_many(
-        self,
-        items: Sequence[tuple[Image.Image | np.ndarray, Sequence[np.ndarray] | np.ndarray]],
-        request: LabelRequest,
-        *,
-        encoded: Sequence[EncodedImage] | None = None,
-    ) -> list[list[RegionLabels]]:
-        """:meth:`label` for several ``(image, masks)`` pairs in the same forwards; one list per item."""
-        return label_items(self, items, request, encoded, self.region_tokens_of)
-
     def region_tokens_of(self, rgb: np.ndarray, masks: torch.Tensor, encoded: EncodedImage) -> tuple:
         """What ``masks`` ``(R, H, W)`` put into a prompt: ``((R, mask_num, D),)``."""
         return (self.region_tokens(rgb, masks, encoded),)
-
-    def label_baseline(
-        self, image: Image.Image | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, request: LabelRequest
-    ) -> list[RegionLabels]:
-        """The authors' one-region-per-call flow: same answers, much slower."""
-        rgb = to_rgb_array(image)
-        mask_t = stack_masks(masks, image_hw=rgb.shape[:2])
-        return answer_baseline(self.planner(request), self.baseline, rgb, mask_t)
 
     # ---- what the learning loop and the budgets ask ----
     def feature_levels(self) -> tuple[tuple[str, int], ...]:
         """The encoded feature maps the per-project head pools inside each mask, with their widths."""
         return (("global", self.config.vision.hidden_size),)
-
-    def label_peak_bytes(self) -> int:
-        """Bytes of labelling's largest forward: a full scoring chunk after the chat header."""
-        from .memory import label_activation_bytes
-
-        return label_activation_bytes(
-            self.model.llm.config, self.model.dtype, chunk_tokens=self.fast.max_batch_tokens,
-            context_tokens=len(self._prefix_ids),
-        )  # fmt: skip
 
     def lora_sequences(self, *, train: Sequence[str] = ()):
         """LoRA training's samples in PixelRefer-Lite's prompts, region tokens as served

@@ -1,4 +1,5 @@
 """PixelRefer-Lite (arXiv 2510.23603), the second region model: configuration, modeling, processing.
 
-May import ``osprey.model`` (checkpoint files, devices) and ``osprey.runtime``; nothing else of the project.
+May import ``osprey.loading`` (checkpoint files, strict loading), ``osprey.model`` and ``osprey.runtime``;
+nothing else of the project.
 """

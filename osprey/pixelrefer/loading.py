@@ -7,28 +7,27 @@ tensor maps onto the model through :data:`KEY_MAP` (names derived from the autho
 one the Lite path never runs (:data:`UNUSED_KEYS`: the image-token projector, the unused mask
 embedding, old rotary buffers), or loading fails naming it; every parameter must get a tensor (with tied
 embeddings ``lm_head`` may be absent). Nothing is downloaded here: ``osprey-label download --model
-pixelrefer-lite-2b`` does that.
+pixelrefer-lite-2b`` does that. What every model's loading shares (devices, files, strict loading,
+preset or checkpoint) is :mod:`osprey.loading`'s.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from osprey.model.checkpoint import MissingWeightsError, iter_tensors, weight_files
-from osprey.model.loading import load_strict
+from osprey.loading.files import find_checkpoint, read_config, weight_files
+from osprey.loading.loader import ModelLoader, build_and_load
+from osprey.loading.strict import map_by_prefix
 
 from .configuration import PixelReferConfig, load_preset, preset_names
 from .modeling import PixelReferModel, build_pixelrefer_model
 from .tokenization import build_tiny_tokenizer, load_tokenizer, region_token_id
 
-logger = logging.getLogger(__name__)
-
+ARCHITECTURE = "PixelRefer-Lite"
 # Released prefix -> our prefix; the first match wins.
 KEY_MAP: tuple[tuple[str, str], ...] = (
     ("model.vision_encoder.vision_encoder.", "vision_encoder."),
@@ -50,44 +49,22 @@ def map_key(name: str) -> str | None:
     unchanged when nothing maps it (it is then reported as unexpected)."""
     if UNUSED_KEYS.search(name):
         return None
-    for released, ours in KEY_MAP:
-        if name.startswith(released):
-            return ours + name[len(released) :]
-    return name
+    return map_by_prefix(name, KEY_MAP)
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A local checkpoint directory, or a released one already in the Hugging Face cache."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
     repo = load_preset(name_or_path).repo if name_or_path in preset_names() else None
-    if repo is None and "/" in name_or_path and not path.exists():
+    if repo is None and "/" in name_or_path:
         repo = name_or_path
-    if repo is None:
-        raise ValueError(
-            f"{name_or_path!r} is neither a PixelRefer-Lite checkpoint directory nor a released model"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, local_files_only=True))
-    except Exception as error:  # the hub raises several types for "not cached"
-        raise MissingWeightsError(
-            f"weights for {name_or_path!r} ({repo}) are not in the Hugging Face cache and are never "
-            f"downloaded at run time; run `osprey-label download --model {name_or_path}` where a network "
-            "exists, or pass the local checkpoint directory"
-        ) from error
+    return find_checkpoint(name_or_path, repo=repo, known=preset_names())
 
 
 def checkpoint_config(directory: Path) -> PixelReferConfig:
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{directory} has no config.json; it is not a PixelRefer-Lite checkpoint directory")
     generation_path = directory / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else None
     return PixelReferConfig.from_checkpoint_config(
-        json.loads(config_path.read_text()), name=directory.name, generation=generation
+        read_config(directory, architecture=ARCHITECTURE), name=directory.name, generation=generation
     )
 
 
@@ -102,48 +79,29 @@ def build_random(config: PixelReferConfig, *, device: torch.device, dtype: torch
 
 def load_checkpoint(name_or_path: str, *, device: torch.device, dtype: torch.dtype):
     """A released PixelRefer-Lite checkpoint: returns ``(model, tokenizer, config)``."""
-    from accelerate import init_empty_weights
-
     directory = resolve_checkpoint(name_or_path)
     config = checkpoint_config(directory)
     files = weight_files(directory)
     tokenizer = load_tokenizer(directory)
-    with init_empty_weights(include_buffers=False):
-        model = build_pixelrefer_model(config, region_token_id=region_token_id(tokenizer))
-    load_strict(
-        model, _chain(files), device=device, dtype=dtype, source=str(directory), map_name=map_key,
-        architecture="PixelRefer-Lite",
-        optional_prefix="llm.lm_head." if config.text.tie_word_embeddings else None,
+    tied = config.text.tie_word_embeddings
+    model, _ = build_and_load(
+        lambda: build_pixelrefer_model(config, region_token_id=region_token_id(tokenizer)),
+        files, device=device, dtype=dtype, source=str(directory), map_name=map_key,
+        architecture=ARCHITECTURE, optional_prefix="llm.lm_head." if tied else None,
     )  # fmt: skip
-    if config.text.tie_word_embeddings:
+    if tied:
         model.llm.tie_weights()
     model.to(device)
     return model.eval(), tokenizer, config
 
 
-def _chain(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in files:
-        logger.info("reading %s", path.name)
-        yield from iter_tensors(path)
-
-
-def load_model(
-    name_or_path: str,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    random_weights: bool = False,
-    seed: int = 0,
-) -> tuple[PixelReferModel, object, PixelReferConfig]:
-    """Preset or checkpoint -> ``(model, tokenizer, config)``."""
-    if name_or_path in preset_names():
-        config = load_preset(name_or_path)
-        if config.untrained or random_weights:
-            model, tokenizer = build_random(config, device=device, dtype=dtype, seed=seed)
-            return model, tokenizer, config
-    elif random_weights:
-        raise ValueError(f"random_weights needs a preset ({', '.join(preset_names())}), got {name_or_path!r}")
-    return load_checkpoint(name_or_path, device=device, dtype=dtype)
+PIXELREFER = ModelLoader(
+    architecture=ARCHITECTURE,
+    preset_names=preset_names,
+    load_preset=load_preset,
+    build_random=build_random,
+    load_checkpoint=load_checkpoint,
+)
 
 
 def released_state_dict(model: PixelReferModel) -> dict[str, torch.Tensor]:
