@@ -7,20 +7,16 @@ checkpoint's ``config.json`` is translated by :meth:`OspreyConfig.from_checkpoin
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from osprey.loading.configs import JsonConfig, PresetFolder, check_keys, require, set_fields
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 LEVELS = ("res2", "res3", "res4", "res5")
 _PROJECTOR_RE = re.compile(r"^mlp(\d+)x_gelu$")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -36,13 +32,11 @@ class VisionConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
         object.__setattr__(self, "strides", tuple(self.strides))
-        _require(
-            len(self.channels) == 4, f"vision.channels needs 4 entries (res2..res5), got {self.channels}"
-        )
-        _require(len(self.strides) == 4, f"vision.strides needs 4 entries (res2..res5), got {self.strides}")
-        _require(self.image_token_level in LEVELS, f"image_token_level must be one of {LEVELS}")
+        require(len(self.channels) == 4, f"vision.channels needs 4 entries (res2..res5), got {self.channels}")
+        require(len(self.strides) == 4, f"vision.strides needs 4 entries (res2..res5), got {self.strides}")
+        require(self.image_token_level in LEVELS, f"image_token_level must be one of {LEVELS}")
         for stride in self.strides:
-            _require(
+            require(
                 self.image_size % stride == 0,
                 f"vision.image_size {self.image_size} must be divisible by every stride {self.strides}",
             )
@@ -68,7 +62,7 @@ class ExtractorConfig:
     mask_shape: int = 112
 
     def __post_init__(self) -> None:
-        _require(self.embed_dim > 0 and self.mask_shape > 0, "extractor dims must be positive")
+        require(self.embed_dim > 0 and self.mask_shape > 0, "extractor dims must be positive")
 
 
 @dataclass(frozen=True)
@@ -90,20 +84,20 @@ class LLMConfig:
     initializer_range: float = 0.02  # std of random init (random-weight presets only)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.hidden_size % self.num_attention_heads == 0,
             f"llm.hidden_size {self.hidden_size} must be divisible by num_attention_heads "
             f"{self.num_attention_heads}",
         )
-        _require(
+        require(
             self.num_attention_heads % self.num_key_value_heads == 0,
             "llm.num_attention_heads must be a multiple of num_key_value_heads",
         )
-        _require(self.num_hidden_layers > 0 and self.vocab_size > 0, "llm sizes must be positive")
+        require(self.num_hidden_layers > 0 and self.vocab_size > 0, "llm sizes must be positive")
 
 
 @dataclass(frozen=True)
-class OspreyConfig:
+class OspreyConfig(JsonConfig):
     """Whole-model architecture. ``untrained`` marks presets whose weights are random."""
 
     name: str
@@ -116,17 +110,17 @@ class OspreyConfig:
     untrained: bool = False
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.projector_type == "linear" or _PROJECTOR_RE.match(self.projector_type) is not None,
             f"projector_type must be 'linear' or 'mlp<N>x_gelu', got {self.projector_type!r}",
         )
         token_channels = self.vision.level_channels(self.vision.image_token_level)
-        _require(
+        require(
             self.mm_hidden_size == token_channels,
             f"mm_hidden_size {self.mm_hidden_size} must equal the channels of the image-token level "
             f"{self.vision.image_token_level} ({token_channels})",
         )
-        _require(
+        require(
             self.conversation == "osprey_v1",
             f"only the osprey_v1 conversation is supported, got {self.conversation!r}",
         )
@@ -137,9 +131,6 @@ class OspreyConfig:
         return int(match.group(1)) if match else 1
 
     # ---- (de)serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OspreyConfig:
         data = dict(data)
@@ -153,8 +144,7 @@ class OspreyConfig:
             "conversation",
             "untrained",
         }
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown Osprey config keys {unknown}; expected some of {sorted(known)}")
+        check_keys(data, known, what="Osprey config")
         return cls(
             name=data["name"],
             vision=VisionConfig(**data.get("vision", {})),
@@ -168,10 +158,6 @@ class OspreyConfig:
         )
 
     @classmethod
-    def from_json(cls, path: str | Path) -> OspreyConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    @classmethod
     def from_checkpoint_config(cls, hf_config: dict[str, Any], *, name: str) -> OspreyConfig:
         """Translate a released checkpoint's ``config.json`` (``model_type: osprey``).
 
@@ -179,12 +165,11 @@ class OspreyConfig:
         (the res4 width of ConvNeXt-Large), as the authors' code does.
         """
         model_type = hf_config.get("model_type")
-        _require(
+        require(
             model_type in ("osprey", "llama"),
             f"config.json has model_type {model_type!r}; expected 'osprey' (a released Osprey checkpoint)",
         )
-        llm_keys = {f for f in LLMConfig.__dataclass_fields__}
-        llm = {k: hf_config[k] for k in llm_keys if hf_config.get(k) is not None}
+        llm = set_fields(hf_config, LLMConfig)
         llm.setdefault("num_key_value_heads", llm.get("num_attention_heads", LLMConfig.num_attention_heads))
         if isinstance(hf_config.get("rope_scaling"), dict):
             raise ValueError("rope_scaling in config.json is not supported by Osprey checkpoints")
@@ -196,13 +181,15 @@ class OspreyConfig:
         )
 
 
+PRESETS = PresetFolder(
+    folder=CONFIG_DIR, config_type=OspreyConfig, architecture="Osprey", skip_prefix="open_clip_"
+)
+
+
 def preset_names() -> list[str]:
-    """Names of the architecture presets shipped in ``osprey/model_configs``."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json") if not p.stem.startswith("open_clip_"))
+    """Names of the architecture presets shipped in ``osprey/model/model_configs``."""
+    return PRESETS.names()
 
 
 def load_preset(name: str) -> OspreyConfig:
-    path = CONFIG_DIR / f"{name}.json"
-    if name.startswith("open_clip_") or not path.is_file():
-        raise ValueError(f"unknown Osprey preset {name!r}; known presets: {', '.join(preset_names())}")
-    return OspreyConfig.from_json(path)
+    return PRESETS.load(name)

@@ -15,18 +15,14 @@ SigLIP mean/std of 0.5, and the checkpoint's repetition penalty.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from osprey.loading.configs import JsonConfig, PresetFolder, check_keys, require, set_fields
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 MODEL_TYPE = "pixelreferlite_qwen2"
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -44,12 +40,12 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.hidden_size % self.num_attention_heads == 0,
             f"vision.hidden_size {self.hidden_size} must be divisible by num_attention_heads "
             f"{self.num_attention_heads}",
         )
-        _require(
+        require(
             (self.hidden_size // self.num_attention_heads) % 4 == 0,
             "vision head size must be a multiple of 4",
         )
@@ -72,7 +68,7 @@ class TextConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.hidden_size % self.num_attention_heads == 0
             and self.num_attention_heads % self.num_key_value_heads == 0,
             f"text: hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
@@ -81,7 +77,7 @@ class TextConfig:
 
 
 @dataclass(frozen=True)
-class PixelReferConfig:
+class PixelReferConfig(JsonConfig):
     """The whole model. ``mask_num`` tokens per region; ``region_heads`` heads in the object-centric
     infusion's cross-attention; the sizes and caps below are processing constants of the release."""
 
@@ -105,17 +101,17 @@ class PixelReferConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_mean", tuple(float(v) for v in self.image_mean))
         object.__setattr__(self, "image_std", tuple(float(v) for v in self.image_std))
-        _require(self.mask_num >= 1, f"mask_num must be >= 1, got {self.mask_num}")
-        _require(
+        require(self.mask_num >= 1, f"mask_num must be >= 1, got {self.mask_num}")
+        require(
             self.vision.hidden_size % self.region_heads == 0,
             f"vision.hidden_size {self.vision.hidden_size} must be divisible by region_heads {self.region_heads}",
         )
         for name in ("global_size", "local_size"):
-            _require(
+            require(
                 getattr(self, name) % self.vision.patch_size == 0,
                 f"{name} must be a multiple of the patch size {self.vision.patch_size}",
             )
-        _require(self.repetition_penalty > 0, "repetition_penalty must be > 0")
+        require(self.repetition_penalty > 0, "repetition_penalty must be > 0")
 
     @property
     def max_pixels(self) -> int:
@@ -125,22 +121,13 @@ class PixelReferConfig:
         return int(self.mm_max_length * (merge**2 * patch**2) / merge**2)
 
     # ---- (de)serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PixelReferConfig:
         data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown PixelRefer config keys {unknown}; expected some of {sorted(known)}")
+        check_keys(data, {f.name for f in fields(cls)}, what="PixelRefer config")
         data["vision"] = VisionConfig(**data.get("vision", {}))
         data["text"] = TextConfig(**data.get("text", {}))
         return cls(**data)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> PixelReferConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     @classmethod
     def from_checkpoint_config(
@@ -152,13 +139,12 @@ class PixelReferConfig:
         absent (the release names the tower by its repository, ``mm_vision_encoder``), are SigLIP-NaViT's.
         """
         model_type = hf_config.get("model_type")
-        _require(
+        require(
             model_type == MODEL_TYPE,
             f"config.json has model_type {model_type!r}; expected {MODEL_TYPE!r} (a released PixelRefer-Lite "
             "checkpoint)",
         )
-        text_keys = {f.name for f in fields(TextConfig)}
-        text = {k: hf_config[k] for k in text_keys if hf_config.get(k) is not None}
+        text = set_fields(hf_config, TextConfig)
         if isinstance(hf_config.get("rope_scaling"), dict):
             raise ValueError("rope_scaling in config.json is not supported for PixelRefer-Lite checkpoints")
         vision_keys = {f.name for f in fields(VisionConfig)}
@@ -173,15 +159,13 @@ class PixelReferConfig:
         return cls(name=name, vision=VisionConfig(**vision), text=TextConfig(**text), **options)
 
 
+PRESETS = PresetFolder(folder=CONFIG_DIR, config_type=PixelReferConfig, architecture="PixelRefer-Lite")
+
+
 def preset_names() -> list[str]:
     """Names of the presets shipped in ``osprey/pixelrefer/model_configs``."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    return PRESETS.names()
 
 
 def load_preset(name: str) -> PixelReferConfig:
-    path = CONFIG_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(
-            f"unknown PixelRefer-Lite preset {name!r}; known presets: {', '.join(preset_names())}"
-        )
-    return PixelReferConfig.from_json(path)
+    return PRESETS.load(name)
