@@ -30,11 +30,20 @@ def imported_top_level_modules() -> dict[str, list[str]]:
 
 def declared() -> set[str]:
     names = set()
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    for line in [*(ROOT / "requirements.txt").read_text().splitlines(), *optional_dependencies()]:
         line = line.split("#", 1)[0].strip()
         if line and not line.startswith("-"):
             names.add(normalise(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0]))
     return names
+
+
+def optional_dependencies() -> list[str]:
+    """The extras of pyproject.toml (``pip install 'osprey-label[ray]'``): the code imports them only where
+    they are used and says how to install them when they are missing."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [req for reqs in project.get("optional-dependencies", {}).values() for req in reqs]
 
 
 def normalise(name: str) -> str:
@@ -49,3 +58,10 @@ def test_every_imported_package_is_declared():
         if not owners & declared():
             missing[module] = (sorted(owners), sorted(set(files))[:3])
     assert not missing, f"imported but not in requirements.txt (module: distributions, files): {missing}"
+
+
+def test_the_dev_requirements_install_every_extra():
+    """CI installs requirements-dev.txt, so the code behind an extra (``prelabel --ray``) is tested too."""
+    dev = {line.split("#", 1)[0].strip() for line in (ROOT / "requirements-dev.txt").read_text().splitlines()}
+    missing = [requirement for requirement in optional_dependencies() if requirement not in dev]
+    assert not missing, f"extras of pyproject.toml not in requirements-dev.txt, as written there: {missing}"

@@ -8,20 +8,23 @@ project). Each task is claimed in the store before it is predicted (:mod:`backen
 a running server's deferred jobs and this command never both write a task; ``--out FILE.jsonl`` writes
 Label Studio-importable tasks to a file instead (:mod:`backend.prelabel.export`).
 
-Runs under ``torchrun``/``accelerate launch`` as well: each rank (``RANK`` of ``WORLD_SIZE``) takes
-every ``WORLD_SIZE``-th task of the id-sorted list, on ``cuda:LOCAL_RANK`` when there is a GPU, and
-writes its own predictions; the writes are idempotent, so a rank that died is simply started again.
+``--ray [ADDRESS]`` runs the same stages on Ray Data (:mod:`backend.prelabel.ray_engine`): a local Ray
+started here, or the cluster at ADDRESS (``auto`` under ``ray job submit``), with one model actor per GPU.
+That is the way to use several GPUs or machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import sys
 import time
 
-from backend.errors import SettingsError
+from backend.errors import InputError, SettingsError
+
+LOCAL = "local"  # --ray without an address (backend.prelabel.ray_engine.LOCAL)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def add_prelabel_command(subparsers) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--tasks", type=_ids, help="only these task ids, e.g. 1,2,10-12")
     which.add_argument("--view", type=int, help="only the tasks of this Data Manager view (tab) id")
-    parser.add_argument("--limit", type=int, help="at most this many tasks (after sharding)")
+    parser.add_argument("--limit", type=int, help="at most this many tasks")
     parser.add_argument(
         "--batch-tasks", type=int, help="tasks per forward pass (OSPREY_PRELABEL_BATCH_TASKS)"
     )
@@ -81,10 +84,21 @@ def add_prelabel_command(subparsers) -> None:
         "--serial", action="store_true",
         help="run fetch, model, result building and writes one after another (default: overlapping stages)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ray", nargs="?", const=LOCAL, metavar="ADDRESS",
+        help="run on Ray Data: without ADDRESS a local Ray started here; 'auto' (under ray job submit), "
+        "ray://host:10001 or host:6379 for a cluster. Needs pip install osprey-label[ray]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-actors", type=int, metavar="N", help="with --ray: model actors (default: one per GPU, else 1)"
+    )
+    parser.add_argument(
+        "--ray-cpus", type=int, metavar="N", help="with --ray and no ADDRESS: CPUs of the local Ray"
+    )
     parser.add_argument("--model", help="region model (REGION_MODEL)")
     parser.add_argument("--sam-model", help="SAM model (SAM_MODEL)")
     parser.add_argument(
-        "--device", help="cpu, cuda, cuda:1 ... (OSPREY_DEVICE; under torchrun: cuda:LOCAL_RANK)"
+        "--device", help="cpu, cuda, cuda:1 ... (OSPREY_DEVICE; with --ray: cpu, or each actor's own GPU)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_prelabel)
@@ -92,12 +106,13 @@ def add_prelabel_command(subparsers) -> None:
 
 def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
     """The ``prelabel`` command; ``client``/``models`` replace the Label Studio client and the loaded
-    models (tests)."""
+    models (tests; with ``--ray`` the actors load their own models from the settings)."""
     from backend.prelabel.deferral import Progress
-    from backend.prelabel.engine import format_summary, prelabel
+    from backend.prelabel.engine import format_summary
     from backend.runtime.runtime import build_runtime, label_studio_client
     from backend.runtime.settings import Settings
 
+    _check_ray_arguments(args)
     overrides = {}
     for key, value in (("region_model", args.model), ("sam_model", args.sam_model), ("device", args.device),
                        ("prelabel_batch_tasks", args.batch_tasks), ("prelabel_chunk_tasks", args.chunk_tasks),
@@ -105,9 +120,6 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
         if value is not None:
             overrides[key] = value
     settings = Settings.from_env(**overrides, training=False)
-    rank, world = settings.rank, settings.world_size
-    if world > 1 and settings.device is None and _cuda_available():
-        settings = Settings.from_env(**overrides, training=False, device=f"cuda:{settings.gpu_rank}")
     client = client or label_studio_client(settings)
     if client is None:
         raise SettingsError(
@@ -121,24 +133,23 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
         runtime.projects.remember(project, label_config)
         version = runtime.projects.version(project)
         head = runtime.projects.head(project)
-        tasks, total = _task_stream(client, args, rank, world)
-        prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+        tasks, total = _task_stream(client, args)
         predictor = runtime.tasks_for(project)
         if args.dry_run is not None:
-            return _dry_run(predictor, schema, head, version, list(tasks), args.dry_run, prefix)
+            return _dry_run(predictor, schema, head, version, list(tasks), args.dry_run)
         sink, claimer = client, runtime.claimer(project, version, "prelabel")
         if args.out:
             from backend.prelabel.export import JsonlSink
 
             sink, claimer = JsonlSink(args.out, project=args.project, model_version=version), None
             tasks = sink.pending(tasks)
-        print(f"{prefix}project {args.project}: {total if total is not None else 'all'} tasks, model version "
-              f"{version}" + (f", to {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
+        print(f"project {args.project}: {total if total is not None else 'all'} tasks, model version {version}"
+              + (f", to {args.out}" if args.out else "") + (" on Ray" if args.ray else ""), file=sys.stderr)  # fmt: skip
         bar = None
         if not args.quiet:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="task", desc=f"{prefix}pre-label", file=sys.stderr)
+            bar = tqdm(total=total, unit="task", desc="pre-label", file=sys.stderr)
         progress = Progress(project=project, job="command", total=total)
 
         def seen(result) -> None:
@@ -150,31 +161,110 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
             elif args.out:
                 sink.forget(result.task_id)
 
+        common = dict(
+            schema=schema, project=args.project, model_version=version, sink=sink,
+            chunk_tasks=settings.prelabel_chunk_tasks, retries=settings.prelabel_retries, on_result=seen,
+            claimer=claimer,
+        )  # fmt: skip
         try:
-            summary = prelabel(
-                tasks, predictor=predictor, schema=schema, project=args.project, model_version=version, sink=sink,
-                head=head, chunk_tasks=settings.prelabel_chunk_tasks, retries=settings.prelabel_retries,
-                on_result=seen, claimer=claimer, pipeline=not args.serial,
-            )  # fmt: skip
+            if args.ray:
+                summary = _on_ray(
+                    tasks, args, settings, label_config, version, read_only=bool(args.out), **common
+                )
+            else:
+                from backend.prelabel.engine import prelabel
+
+                summary = prelabel(tasks, predictor=predictor, head=head, pipeline=not args.serial, **common)
         finally:
             progress.finish()
             if bar is not None:
                 bar.close()
             if args.out:
                 sink.close()
-    summaries = _gather(summary.to_dict(), world)
-    if rank == 0:
-        print(format_summary(summaries, version=version))
+    print(format_summary([summary.to_dict()], version=version))
     return 1 if summary.failed else 0
 
 
-def _task_stream(client, args: argparse.Namespace, rank: int, world: int):
-    """This rank's tasks and how many there are (None when unknown). Alone: read page by page as the
-    engine asks (memory flat). Under torchrun: the whole id-sorted list, every ``world``-th task."""
-    if world > 1:
-        tasks = sorted(client.tasks(args.project, ids=args.tasks, view=args.view), key=lambda t: t["id"])
-        mine = tasks[rank::world][: args.limit]
-        return iter(mine), len(mine)
+def _check_ray_arguments(args: argparse.Namespace) -> None:
+    if not args.ray:
+        if args.ray_actors is not None or args.ray_cpus is not None:
+            raise InputError("--ray-actors and --ray-cpus need --ray")
+        return
+    if args.dry_run is not None or args.serial:
+        raise InputError("--dry-run and --serial run in this process: leave out --ray")
+    if args.ray_cpus is not None and args.ray != LOCAL:
+        raise InputError("--ray-cpus sizes a local Ray; a cluster (--ray ADDRESS) has its own")
+    if (args.ray_actors is not None and args.ray_actors < 1) or (
+        args.ray_cpus is not None and args.ray_cpus < 1
+    ):
+        raise InputError("--ray-actors and --ray-cpus must be >= 1")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise InputError("--ray needs Ray Data: pip install 'osprey-label[ray]' (or 'ray[data]')") from None
+
+
+def _on_ray(tasks, args: argparse.Namespace, settings, label_config: str, version: str, *, read_only: bool,
+            **common):  # fmt: skip
+    """The run on Ray Data: workers build their client, image loader and models from ``settings``."""
+    import functools
+
+    from backend.prelabel.ray_engine import RayOptions, RayWorkers, connect, disconnect, prelabel_on_ray
+    from backend.runtime.runtime import predict_options
+
+    options = RayOptions(
+        address=args.ray,
+        actors=args.ray_actors,
+        cpus=args.ray_cpus,
+        progress=not args.quiet,
+        gpus=settings.device != "cpu",
+    )
+    if settings.device is not None and settings.device.startswith("cuda"):  # each actor has its own GPU
+        settings = dataclasses.replace(settings, device=None)
+    workers = RayWorkers(
+        client=functools.partial(_worker_client, settings), loader=functools.partial(_worker_loader, settings),
+        predictor=functools.partial(_worker_predictor, settings, str(args.project), label_config, version),
+        options=predict_options(settings),
+    )  # fmt: skip
+    started = connect(options)
+    try:
+        return prelabel_on_ray(tasks, workers=workers, batch_tasks=settings.prelabel_batch_tasks, options=options,
+                               read_only=read_only, **common)  # fmt: skip
+    finally:
+        if started:
+            disconnect()
+
+
+def _worker_client(settings):
+    from backend.runtime.runtime import label_studio_client
+
+    return label_studio_client(settings)
+
+
+def _worker_loader(settings):
+    from backend.runtime.runtime import image_loader, label_studio_auth
+
+    return image_loader(settings, cache_size=1, auth=label_studio_auth(settings))
+
+
+def _worker_predictor(settings, project: str, label_config: str, version: str):
+    """A model actor's predictor and head: a runtime of its own (the models on its device, the project's
+    served version from ``MODEL_DIR``), which must serve the driver's ``version``."""
+    from backend.runtime.runtime import build_runtime
+
+    runtime = build_runtime(settings)
+    runtime.projects.remember(project, label_config)
+    found = runtime.projects.version(project)
+    if found != version:
+        raise RuntimeError(
+            f"a Ray worker serves model version {found}, the command {version}: every node needs the same "
+            f"MODEL_DIR ({settings.model_dir}) and weights (a shared filesystem)"
+        )
+    return runtime.tasks_for(project), runtime.projects.head(project)
+
+
+def _task_stream(client, args: argparse.Namespace):
+    """The tasks (read page by page as the engine asks: memory flat) and how many (None when unknown)."""
     stream = client.tasks(args.project, ids=args.tasks, view=args.view)
     total = len(args.tasks) if args.tasks is not None else None
     if total is None and args.view is None and hasattr(client, "count_tasks"):
@@ -185,41 +275,21 @@ def _task_stream(client, args: argparse.Namespace, rank: int, world: int):
     return stream, total
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _dry_run(predictor, schema, head, version: str, tasks: list[dict], sample: int, prefix: str) -> int:
+def _dry_run(predictor, schema, head, version: str, tasks: list[dict], sample: int) -> int:
     from backend.prelabel.engine import current_predictions
 
     todo = [t for t in tasks if not current_predictions(t, version)[0]]
     chosen = todo[: max(1, sample)]
     if not chosen:
-        print(f"{prefix}nothing to do: every selected task has a prediction of {version}")
+        print(f"nothing to do: every selected task has a prediction of {version}")
         return 0
     started = time.perf_counter()
     outcomes = predictor.predict(chosen, schema, head=head)
     per_task = (time.perf_counter() - started) / len(chosen)
     failed = [o for o in outcomes if o.status == "failed"]
     print(
-        f"{prefix}dry run: {len(chosen)} tasks predicted in {per_task * len(chosen):.1f} s ({per_task:.2f} s a task, "
+        f"dry run: {len(chosen)} tasks predicted in {per_task * len(chosen):.1f} s ({per_task:.2f} s a task, "
         f"nothing written); {len(todo)} tasks to do: about {per_task * len(todo) / 60:.1f} min"
         + (f"; {len(failed)} of the sample failed: {failed[0].reason}" if failed else "")
     )
     return 0
-
-
-def _gather(summary: dict, world: int) -> list[dict]:
-    """Every rank's summary on rank 0 (``torch.distributed`` over gloo); just ours when run alone."""
-    if world == 1:
-        return [summary]
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, summary)
-    dist.destroy_process_group()
-    return gathered

@@ -247,13 +247,6 @@ class Settings:
         "With `OSPREY_AUTO_PRELABEL`, every this many seconds queue a pre-label job for each known "
         "project's tasks that have no prediction of the current version (a lost webhook); `0` turns it off.",
     )  # fmt: skip
-    rank: int = setting(
-        0, "RANK", BULK, "This process's rank under `torchrun` (`osprey-label prelabel` shards by it)."
-    )
-    world_size: int = setting(1, "WORLD_SIZE", BULK, "How many `torchrun` ranks share a `prelabel` run.")
-    local_rank: int | None = setting(
-        None, "LOCAL_RANK", BULK, "This rank's GPU index under `torchrun`.", shown="RANK"
-    )
     redis_url: str | None = setting(
         None, "REDIS_URL", TRAINING,
         "Keep the job queue in Redis (`redis://host:6379/0`) instead of the SQLite file under `MODEL_DIR`; "
@@ -352,8 +345,6 @@ class Settings:
             (self.prelabel_claim_lease_s <= 0, "OSPREY_PRELABEL_CLAIM_LEASE_S must be > 0 seconds"),
             (self.auto_prelabel_sweep_s < 0, "OSPREY_AUTO_PRELABEL_SWEEP_S must be >= 0 seconds (0: off)"),
             (self.reconcile_s < 0, "OSPREY_RECONCILE_S must be >= 0 seconds (0: off)"),
-            (self.world_size < 1 or not 0 <= self.rank < self.world_size,
-             f"RANK={self.rank} must be within WORLD_SIZE={self.world_size} (as torchrun sets them)"),
             (self.port < 0 or self.port > 65535, f"PORT must be 0..65535, got {self.port}"),
         ]  # fmt: skip
 
@@ -365,11 +356,6 @@ class Settings:
             max_prompt_points=self.max_prompt_points,
             max_regions=self.max_regions,
         )
-
-    @property
-    def gpu_rank(self) -> int:
-        """This process's GPU under ``torchrun`` (``LOCAL_RANK``, else ``RANK``)."""
-        return self.local_rank if self.local_rank is not None else self.rank
 
     @property
     def model_name(self) -> str:

@@ -1,7 +1,7 @@
 """Pre-labelling a whole project against a real Label Studio whose ML_TIMEOUT_PREDICT is too short for
 one Retrieve Predictions of it: nothing is lost to the deadline, nothing is written twice or empty, and
-``osprey-label prelabel`` resumes, picks up new tasks, survives a kill, reports a missing image and
-shards over two torch.distributed (gloo) ranks."""
+``osprey-label prelabel`` resumes, picks up new tasks, survives a kill and reports a missing image (on
+Ray: test_prelabel_ray.py)."""
 
 from __future__ import annotations
 
@@ -169,22 +169,6 @@ def test_a_project_larger_than_one_deadline_is_pre_labelled_exactly_once(short_d
     assert "failed                         1" in done.stdout, done.stdout
     assert "gone.png" in done.stdout and f"tasks {gone}" in done.stdout, done.stdout
     assert gone not in by_task(api, project["id"], version)
-
-    # two torch.distributed ranks (gloo on CPU) share new tasks, each written once
-    shared = [t["id"] for t in api.import_images(project["id"], {f"r{i}.png": scene_png(400 + i) for i in range(6)})
-              if t["id"] not in ids + [gone]]  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "--module", "backend.cli", "prelabel", "--quiet", "--project", str(project["id"]),
-                "--tasks", ",".join(map(str, shared)), "--device", "cpu"]  # fmt: skip
-    with open(tmp / "ranks.log", "w") as err:
-        done = subprocess.run(
-            torchrun, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, timeout=1200
-        )
-    log = (tmp / "ranks.log").read_text()
-    assert done.returncode == 0, log[-3000:]
-    assert "[rank 0/2]" in log and "[rank 1/2]" in log
-    assert "predicted                      6" in done.stdout and "over 2 ranks" in done.stdout, done.stdout
-    exactly_one_each(by_task(api, project["id"], version), ids + shared, version)
 
 
 def backend_for(short_deadline, model_dir: Path, log: Path, **settings: str):

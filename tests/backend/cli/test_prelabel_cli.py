@@ -1,5 +1,5 @@
 """``osprey-label prelabel`` on the tiny models against an in-memory Label Studio API: writes, resumes,
-selects tasks, dry-runs, shards by rank and reports failures (real Label Studio: tests/e2e)."""
+selects tasks, dry-runs and reports failures (real Label Studio: tests/e2e; on Ray: tests/backend/prelabel)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from lsfakes import API_KEY, scene_png
 
 from backend.cli import build_parser
 from backend.cli import prelabel as prelabel_cli
-from backend.errors import InputError, SettingsError
-from backend.runtime.settings import Settings
+from backend.errors import InputError
 
 CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
 VERSION = "tiny+sam-tiny-untrained"
@@ -28,8 +27,6 @@ def env(monkeypatch, tmp_path, file_store):
         "OSPREY_PRED_IOU_THRESH": "0", "OSPREY_STABILITY_SCORE_THRESH": "0", "OSPREY_MIN_MASK_AREA": "0",
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture
@@ -77,22 +74,7 @@ def test_failures_are_reported_with_reasons_and_the_exit_status_says_so(env, pro
     assert project.of_version(302, VERSION) == []
 
 
-def test_each_rank_takes_its_own_share(env, project, tiny_models, monkeypatch):
-    monkeypatch.setattr(prelabel_cli, "_gather", lambda summary, world: [summary])
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank in ("1", "0"):
-        monkeypatch.setenv("RANK", rank)
-        assert run(["--project", "7", "--device", "cpu"], project, tiny_models) == 0
-        if rank == "1":
-            assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [301, 303, 305]
-    assert all(len(project.of_version(t, VERSION)) == 1 for t in project.tasks_by_id)
-
-
-def test_bad_rank_environment_and_task_ids_are_refused(monkeypatch):
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SettingsError, match="RANK=3 must be within WORLD_SIZE=2"):
-        Settings.from_env()
+def test_bad_task_ids_are_refused():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["prelabel", "--project", "7", "--tasks", "9-3"])
 
