@@ -21,7 +21,9 @@ any can be opened first.
 and at most one running job per (project, lane).
 
 Versions: 1 the tables above; 2 ``project_configs``; 3 the ``lane`` column of ``jobs``, with the
-one-running index per (project, lane) instead of per project; 4 ``webhook_inbox``; 5 ``prelabel_claims``.
+one-running index per (project, lane) instead of per project; 4 ``webhook_inbox``; 5 ``prelabel_claims``;
+6 the ``auto_prelabel`` column of ``project_configs`` (a project's own choice, from Label Studio's
+``extra_params``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -121,6 +123,11 @@ _MIGRATIONS: dict[int, list[str]] = {
             owner TEXT NOT NULL, claimed_at REAL NOT NULL, lease_until REAL NOT NULL,
             PRIMARY KEY (project_id, task_id, model_version))""",
         "CREATE INDEX prelabel_claims_lease ON prelabel_claims (lease_until)",
+    ],
+    6: [
+        # A project's own choice of automatic pre-labelling (its ML backend connection's extra params):
+        # 1 on, 0 off, NULL as OSPREY_AUTO_PRELABEL says.
+        "ALTER TABLE project_configs ADD COLUMN auto_prelabel INTEGER CHECK (auto_prelabel IN (0, 1))",
     ],
 }
 

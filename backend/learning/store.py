@@ -228,7 +228,8 @@ class TrainingStore(SqliteDatabase):
             raise ValueError("label_config must be a non-empty XML string")
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO project_configs VALUES (?, ?, ?) ON CONFLICT (project_id) DO UPDATE"
+                "INSERT INTO project_configs (project_id, label_config, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (project_id) DO UPDATE"
                 " SET label_config = excluded.label_config, updated_at = excluded.updated_at"
                 " WHERE label_config != excluded.label_config",
                 (project_key(project_id), label_config, time.time()),
@@ -244,6 +245,26 @@ class TrainingStore(SqliteDatabase):
             .fetchone()
         )
         return row[0] if row else None
+
+    def remember_auto_prelabel(self, project_id: str, choice: bool | None) -> None:
+        """Keep the project's own choice of automatic pre-labelling (None: as OSPREY_AUTO_PRELABEL says);
+        the project's label config must be known (it arrives in the same ``/setup``)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE project_configs SET auto_prelabel = ? WHERE project_id = ?",
+                (None if choice is None else int(bool(choice)), project_key(project_id)),
+            )
+
+    def auto_prelabel(self, project_id: str) -> bool | None:
+        """The project's own choice of automatic pre-labelling, or None when it made none."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT auto_prelabel FROM project_configs WHERE project_id = ?", (project_key(project_id),)
+            )
+            .fetchone()
+        )
+        return None if row is None or row[0] is None else bool(row[0])
 
     def known_projects(self) -> list[str]:
         """Projects whose label config is known, in id order."""

@@ -8,6 +8,12 @@ like every other (stored, answered in milliseconds); the intake thread then call
 :meth:`AutoPrelabel.tasks_created`, which queues a ``prelabel-*`` job on the pre-label lane for exactly
 those tasks (the same jobs a deferred batch queues, run by the same worker with the bulk engine).
 
+Per project: the ML backend connection's *extra params* in Label Studio (``{"auto_prelabel": true}`` or
+``false``), which Label Studio sends at ``/setup``, override ``OSPREY_AUTO_PRELABEL`` for that project
+(:meth:`~backend.runtime.projects.Projects.auto_prelabel`), so one backend can pre-label the imports of
+some projects and not of others. A project that is off has its ``TASKS_CREATED`` ignored and is left out
+of the sweep.
+
 A webhook can be lost (the backend down, a proxy). Every ``OSPREY_AUTO_PRELABEL_SWEEP_S`` the sweep
 reads each known project's tasks through the API and queues a job for those without a non-empty
 prediction of the current model version that no queued or running job holds already. Neither a
@@ -37,8 +43,9 @@ class AutoPrelabel:
     """The ``TASKS_CREATED`` handler and the sweep (see the module docstring).
 
     Collaborators: ``deferrals`` (``waiting``, ``defer``: :class:`~.deferral.Deferrals`), ``client``
-    (the Label Studio API), ``projects`` (``known``, ``label_config``, ``version``), ``count(key, n)``
-    (``/metrics``); ``interval_s`` is the sweep's period (0: no sweep)."""
+    (the Label Studio API), ``projects`` (``known``, ``label_config``, ``version``, ``auto_prelabel``),
+    ``count(key, n)`` (``/metrics``); ``default`` is ``OSPREY_AUTO_PRELABEL`` (for projects without their
+    own choice), ``interval_s`` the sweep's period (0: no sweep)."""
 
     def __init__(
         self,
@@ -48,9 +55,11 @@ class AutoPrelabel:
         projects,
         count: Callable[[str, int], None],
         interval_s: float,
+        default: bool = True,
         thread_name: str = "osprey-autoprelabel",
     ) -> None:
         self.deferrals, self.client, self.projects, self.count = deferrals, client, projects, count
+        self.default = bool(default)
         self.interval_s = float(interval_s)
         self.thread_name = thread_name
         self.last_sweep: dict | str = "not yet"
@@ -61,6 +70,11 @@ class AutoPrelabel:
                 what="sweeping for tasks to pre-label", on_error=self._failed,
             )  # fmt: skip
 
+    def enabled(self, project: str) -> bool:
+        """Whether ``project``'s new tasks are pre-labelled: its own choice, else ``OSPREY_AUTO_PRELABEL``."""
+        choice = self.projects.auto_prelabel(project)
+        return self.default if choice is None else choice
+
     # ---- the webhook (in the intake thread) ----
     def tasks_created(self, payload: dict) -> dict:
         """Queue a pre-label job for the tasks of one ``TASKS_CREATED`` webhook; its outcome."""
@@ -68,6 +82,8 @@ class AutoPrelabel:
         if project_info.get("id") is None:
             return {"status": "ignored", "reason": "no project id in the webhook"}
         project = project_key(project_info["id"])
+        if not self.enabled(project):
+            return {"status": "ignored", "reason": f"automatic pre-labelling is off for project {project}"}
         ids = [
             t["id"]
             for t in payload.get("tasks") or []
@@ -112,6 +128,8 @@ class AutoPrelabel:
         for project in self.projects.known():
             if self._periodic is not None and self._periodic.stopping:
                 break
+            if not self.enabled(project):
+                continue
             version = self.projects.version(project)
             missing = [
                 task["id"]
@@ -139,12 +157,15 @@ class AutoPrelabel:
         the last sweep."""
         waiting = {}
         for project in self.projects.known():
+            if not self.enabled(project):
+                continue
             try:
                 waiting[project] = len(self.deferrals.waiting(project))
             except Exception as error:  # the queue's database away must not break /metrics
                 waiting[project] = str(error)
         return {
-            "enabled": True,
+            "enabled": self.default,
+            "projects": {project: self.enabled(project) for project in self.projects.known()},
             "sweep_s": self.interval_s,
             "waiting_tasks": waiting,
             "last_sweep": self.last_sweep,

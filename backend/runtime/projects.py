@@ -1,5 +1,6 @@
 """Per-project state, in one place: the label config Label Studio last sent, its parsed schema (one
-cache for the whole process), the ``model_version`` Label Studio sees, and the promoted fast head.
+cache for the whole process), the project's own settings from its ML backend connection's extra params
+(automatic pre-labelling), the ``model_version`` Label Studio sees, and the promoted fast head.
 
 Project ids arrive normalised (``"7"``, see :func:`backend.labelstudio.ids.request_project`). Label
 configs are kept in memory and in the training store, so training jobs and a restarted process find
@@ -9,6 +10,7 @@ them; a write happens only when the config changed, because ``/setup`` (3 s) com
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sqlite3
 import threading
@@ -20,6 +22,38 @@ from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_label_c
 logger = logging.getLogger(__name__)
 
 SCHEMAS_KEPT = 64  # parsed label configs kept (a config is a few KB; parsing one takes milliseconds)
+EXTRA_PARAMS = ("auto_prelabel",)  # what a project may set in its ML backend connection's extra params
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def project_options(extra_params) -> dict:
+    """A project's own settings from the ``extra_params`` Label Studio sends at ``/setup`` (the ML backend
+    connection's *extra params*: an object, or its JSON text): ``{"auto_prelabel": True | False | None}``
+    (None: not set there, so ``OSPREY_AUTO_PRELABEL`` decides). Raises :class:`UnprocessableError` naming
+    a value that is not understood; keys meant for something else are left alone."""
+    if extra_params in (None, "", {}):
+        return {"auto_prelabel": None}
+    if isinstance(extra_params, str):
+        try:
+            extra_params = json.loads(extra_params)
+        except ValueError:
+            raise UnprocessableError(
+                'the ML backend\'s extra params must be a JSON object, e.g. {"auto_prelabel": true}'
+            ) from None
+    if not isinstance(extra_params, dict):
+        raise UnprocessableError(
+            f"the ML backend's extra params must be a JSON object, got {type(extra_params).__name__}"
+        )
+    choice = extra_params.get("auto_prelabel")
+    if choice is None or isinstance(choice, bool):
+        return {"auto_prelabel": choice}
+    if isinstance(choice, int) and choice in (0, 1):
+        return {"auto_prelabel": bool(choice)}
+    if isinstance(choice, str) and choice.strip().lower() in _TRUE + _FALSE:
+        return {"auto_prelabel": choice.strip().lower() in _TRUE}
+    raise UnprocessableError(
+        f"extra params: 'auto_prelabel' must be true or false, got {json.dumps(choice)[:40]}"
+    )
 
 
 class Projects:
@@ -36,6 +70,7 @@ class Projects:
         self.base_version = base_version
         self._lock = threading.Lock()
         self._configs: dict[str, str] = {}
+        self._auto: dict[str, bool | None] = {}
         self._schemas: OrderedDict[str, ProjectSchema] = OrderedDict()
         self._heads: dict[str, tuple[float, object]] = {}
 
@@ -88,6 +123,38 @@ class Projects:
                 self.store.remember_label_config(project, label_config)
             except sqlite3.Error as error:
                 logger.warning("project %s: label config kept in memory only: %s", project, error)
+
+    # ---- the project's own settings ----
+    def remember_options(self, project: str | None, options: dict) -> None:
+        """Keep the settings of :func:`project_options` for ``project`` (after its label config)."""
+        if not project:
+            return
+        choice = options.get("auto_prelabel")
+        with self._lock:
+            changed = project not in self._auto or self._auto[project] != choice
+            self._auto[project] = choice
+        if changed:
+            try:
+                self.store.remember_auto_prelabel(project, choice)
+            except sqlite3.Error as error:
+                logger.warning("project %s: its auto_prelabel choice kept in memory only: %s", project, error)
+            if choice is not None:
+                logger.info("project %s: automatic pre-labelling %s (its extra params)", project,
+                            "on" if choice else "off")  # fmt: skip
+
+    def auto_prelabel(self, project: str) -> bool | None:
+        """The project's own choice of automatic pre-labelling (memory, then the store); None: none."""
+        with self._lock:
+            if project in self._auto:
+                return self._auto[project]
+        try:
+            choice = self.store.auto_prelabel(project)
+        except sqlite3.Error as error:
+            logger.warning("project %s: cannot read its auto_prelabel choice: %s", project, error)
+            return None
+        with self._lock:
+            self._auto.setdefault(project, choice)
+        return choice
 
     def schema(self, project: str) -> ProjectSchema:
         """The schema of ``project``'s last label config; RuntimeError when none is known (a job that

@@ -103,7 +103,7 @@ class Runtime:
     trainer: ProjectTrainer = None
     workers: dict[str, Worker] = field(default_factory=dict)
     reconciler: Reconciler | None = None
-    auto_prelabel: AutoPrelabel | None = None  # OSPREY_AUTO_PRELABEL: TASKS_CREATED and the sweep
+    auto_prelabel: AutoPrelabel | None = None  # TASKS_CREATED and the sweep (with Label Studio API access)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # in the name of every thread it starts
     started: float = field(default_factory=time.time)
     closed: bool = False
@@ -323,10 +323,11 @@ def _wire(rt: Runtime) -> None:
         base_version=rt.models.version, session=rt.sessions.bound(BACKGROUND), lora=lora,
         min_examples=settings.min_train_examples,
     )  # fmt: skip
-    if settings.auto_prelabel and rt.client is not None:
+    if rt.client is not None:  # on for every project, or for those whose extra params say so
         rt.auto_prelabel = AutoPrelabel(
             deferrals=rt.deferrals, client=rt.client, projects=rt.projects, count=rt.counts,
-            interval_s=settings.auto_prelabel_sweep_s, thread_name=f"{THREAD_PREFIX}autoprelabel-{rt.tag}",
+            interval_s=settings.auto_prelabel_sweep_s, default=settings.auto_prelabel,
+            thread_name=f"{THREAD_PREFIX}autoprelabel-{rt.tag}",
         )  # fmt: skip
     elif settings.auto_prelabel:
         logger.warning(

@@ -240,11 +240,12 @@ class Settings:
         False, "OSPREY_AUTO_PRELABEL", BULK,
         "Pre-label new tasks without anyone clicking: Label Studio's `TASKS_CREATED` webhook queues a "
         "pre-label job for exactly those tasks. Needs the project's webhook and `LABEL_STUDIO_URL` / "
-        "`LABEL_STUDIO_API_KEY` (guide: bulk pre-labelling).",
+        "`LABEL_STUDIO_API_KEY`. A project's ML backend extra params `{\"auto_prelabel\": true|false}` "
+        "override it for that project (guide: bulk pre-labelling).",
     )  # fmt: skip
     auto_prelabel_sweep_s: float = setting(
         600.0, "OSPREY_AUTO_PRELABEL_SWEEP_S", BULK,
-        "With `OSPREY_AUTO_PRELABEL`, every this many seconds queue a pre-label job for each known "
+        "Where automatic pre-labelling is on, every this many seconds queue a pre-label job for each such "
         "project's tasks that have no prediction of the current version (a lost webhook); `0` turns it off.",
     )  # fmt: skip
     redis_url: str | None = setting(

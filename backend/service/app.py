@@ -25,6 +25,7 @@ from flask.json.provider import DefaultJSONProvider
 
 from backend.errors import InputError, NotReadyError, RequestError, internal_error, require
 from backend.labelstudio.ids import request_project
+from backend.runtime.projects import project_options
 
 from .admission import (
     WEBHOOK_SECRET_HEADER,
@@ -183,7 +184,9 @@ def create_app(runtime) -> Flask:
         schema = require(body, "schema", str)
         project = request_project(body.get("project"))
         parsed = runtime.projects.schema_for(schema)  # 422 for a config that cannot be served
+        options = project_options(body.get("extra_params"))  # 422 for a value it cannot use
         runtime.projects.remember(project, schema)
+        runtime.projects.remember_options(project, options)
         if project is not None:
             runtime.intake.configured(project, schema)
             if registrar is not None:  # Label Studio's webhook needs the secret

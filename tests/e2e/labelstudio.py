@@ -156,8 +156,10 @@ class LabelStudioAPI:
                 return sorted(found, key=lambda task: task["id"])
             page += 1
 
-    def connect_backend(self, project_id: int, backend_url: str) -> dict:
+    def connect_backend(self, project_id: int, backend_url: str, extra_params: dict | None = None) -> dict:
         body = {"url": backend_url, "project": project_id, "title": "osprey", "is_interactive": True}
+        if extra_params is not None:  # the connection's *extra params*, sent to the backend at /setup
+            body["extra_params"] = extra_params
         return self.call("POST", "/api/ml/", expect=201, json=body)
 
     def ml_backend(self, ml_id: int) -> dict:

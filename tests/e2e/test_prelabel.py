@@ -225,6 +225,38 @@ def test_a_retrieve_label_studio_gave_up_on_and_the_command_beside_its_job_write
         backend.stop()
 
 
+def test_a_projects_extra_params_turn_automatic_pre_labelling_on_for_that_project_alone(
+    short_deadline, tmp_path
+):
+    """OSPREY_AUTO_PRELABEL off; one project's ML backend connection has {"auto_prelabel": true} in its
+    extra params (Label Studio sends them at /setup): its imports are pre-labelled, the other's are not."""
+    api = short_deadline["api"]
+    backend, backend_url, _ = backend_for(
+        short_deadline, tmp_path / "models", tmp_path / "serve.log", OSPREY_AUTO_PRELABEL_SWEEP_S="0"
+    )
+    try:
+        on, off = (
+            api.create_project("auto on", CONFIG.read_text()),
+            api.create_project("auto off", CONFIG.read_text()),
+        )
+        version = api.connect_backend(on["id"], backend_url, extra_params={"auto_prelabel": True})[
+            "model_version"
+        ]
+        api.connect_backend(off["id"], backend_url)
+        skipped = [
+            t["id"] for t in api.import_images(off["id"], {f"o{i}.png": scene_png(900 + i) for i in range(4)})
+        ]
+        ids = [
+            t["id"] for t in api.import_images(on["id"], {f"n{i}.png": scene_png(910 + i) for i in range(8)})
+        ]
+        exactly_one_each(
+            wait_until_predicted(api, on["id"], ids, version, 900, tmp_path / "serve.log"), ids, version
+        )
+        assert skipped and not by_task(api, off["id"], version)  # imported first, and still nothing
+    finally:
+        backend.stop()
+
+
 def test_imported_tasks_are_pre_labelled_automatically_exactly_once(short_deadline, tmp_path):
     """OSPREY_AUTO_PRELABEL=1: Label Studio's TASKS_CREATED webhook (the one it makes when the backend is
     connected) queues the tasks; no click; a second import adds exactly its own."""

@@ -16,7 +16,7 @@ from backend.jobs import PRELABEL_LANE, TRAINING_LANE, SqliteJobQueue, UnknownJo
 def test_schema_is_created_in_wal_mode_and_reopening_keeps_data(tmp_path):
     path = tmp_path / "nested" / "train.db"
     first = SqliteJobQueue(path)
-    assert first.schema_version() == SCHEMA_VERSION == 5
+    assert first.schema_version() == SCHEMA_VERSION == 6
     job_id = first.enqueue("3", "train", {"n": 1})
     first.close()
     again = SqliteJobQueue(path)

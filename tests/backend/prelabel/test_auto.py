@@ -95,11 +95,69 @@ def test_a_repeated_webhook_and_the_sweep_never_write_a_second_prediction(runtim
     assert one_each(ls)
 
 
-def test_without_the_setting_tasks_created_is_ignored(tiny_models, file_store, tmp_path, ls):
+def runtime_for(tiny_models, file_store, model_dir, ls, **settings):
     settings = Settings.from_env(
-        {}, model_dir=tmp_path / "m", label_studio_url=file_store.url, label_studio_api_key=API_KEY,
-        osprey_model="tiny", sam_model="tiny", training=False,
+        {}, model_dir=model_dir, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
+        osprey_model="tiny", sam_model="tiny", max_caption_tokens=2, max_description_tokens=2,
+        auto_prelabel_sweep_s=0, training=False, **settings,
     )  # fmt: skip
-    with build_runtime(settings, models=tiny_models, client=ls) as built:
-        assert built.intake.receive("TASKS_CREATED", imported(ls, [1]))["status"] == "ignored"
-        assert built.metrics()["prelabel"]["auto"] == "off"
+    return build_runtime(settings, models=tiny_models, client=ls)
+
+
+def handled(runtime, body: dict) -> dict:
+    """What the intake thread made of one TASKS_CREATED webhook."""
+    received = runtime.intake.receive("TASKS_CREATED", body)
+    assert runtime.intake.drain(timeout_s=30)
+    return runtime.intake.outcome(received["inbox_id"])
+
+
+def test_without_the_setting_tasks_created_is_ignored(tiny_models, file_store, tmp_path, ls):
+    with runtime_for(tiny_models, file_store, tmp_path / "m", ls) as built:
+        built.projects.remember("7", CONFIG)
+        outcome = handled(built, imported(ls, [1]))
+        assert (outcome["status"], outcome["reason"]) == (
+            "ignored",
+            "automatic pre-labelling is off for project 7",
+        )
+        assert built.metrics()["prelabel"]["auto"]["projects"] == {"7": False}
+        assert built.auto_prelabel.sweep() == {}  # nor does the sweep look at the project
+
+
+def setup(url: str, project: int, extra_params) -> requests.Response:
+    """Label Studio's /setup as 1.23 sends it, with the ML backend connection's extra params."""
+    body = {"project": f"{project}.1700000000", "schema": CONFIG, "hostname": "http://127.0.0.1:8080",
+            "access_token": "x", "extra_params": extra_params}  # fmt: skip
+    return requests.post(f"{url}/setup", json=body, timeout=3)
+
+
+def test_a_projects_extra_params_turn_auto_prelabel_on_for_it_alone_and_survive_a_restart(
+    tiny_models, file_store, tmp_path, ls
+):
+    with runtime_for(tiny_models, file_store, tmp_path / "m", ls) as built:  # OSPREY_AUTO_PRELABEL off
+        with served(create_app(built)) as url:
+            assert setup(url, 7, {"auto_prelabel": True}).status_code == 200
+            assert setup(url, 8, None).status_code == 200  # connected without extra params
+        assert handled(built, imported(ls, [1, 2]))["tasks"] == 2
+        other = {**imported(ls, [3]), "project": {"id": 8, "label_config": CONFIG}}
+        assert handled(built, other)["status"] == "ignored"
+        assert built.metrics()["prelabel"]["auto"]["projects"] == {"7": True, "8": False}
+    with runtime_for(tiny_models, file_store, tmp_path / "m", ls) as again:  # the same store, restarted
+        assert again.auto_prelabel.enabled("7") and not again.auto_prelabel.enabled("8")
+        assert [r["predicted"] for r in run_jobs(again)] == [2]  # the job queued before the restart
+
+
+def test_a_project_can_turn_it_off_and_bad_extra_params_are_refused_by_name(
+    tiny_models, file_store, tmp_path, ls
+):
+    with runtime_for(tiny_models, file_store, tmp_path / "m", ls, auto_prelabel=True) as built:
+        with served(create_app(built)) as url:
+            assert setup(url, 7, '{"auto_prelabel": "off"}').status_code == 200  # JSON text, as typed in
+            assert handled(built, imported(ls, [1]))["status"] == "ignored"
+            refused = setup(url, 7, {"auto_prelabel": "sometimes"})
+            assert refused.status_code == 422 and "'auto_prelabel' must be true or false" in refused.text
+            assert setup(url, 7, "[1, 2]").status_code == 422
+            assert not built.auto_prelabel.enabled("7")  # a refused /setup changed nothing
+            assert (
+                setup(url, 7, {"other_tool": 1}).status_code == 200
+            )  # the choice removed: the default again
+            assert built.auto_prelabel.enabled("7")
