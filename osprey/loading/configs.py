@@ -30,6 +30,23 @@ def set_fields(hf_config: dict[str, Any], config_type: type) -> dict[str, Any]:
     return {f.name: hf_config[f.name] for f in fields(config_type) if hf_config.get(f.name) is not None}
 
 
+def language_model_fields(
+    hf_config: dict[str, Any], config_type: type, *, model_types: tuple[str, ...], architecture: str
+) -> dict[str, Any]:
+    """The language model's fields (:func:`set_fields` of ``config_type``) of a released ``config.json``
+    whose ``model_type`` is one of ``model_types``; ValueError for another model type or a
+    ``rope_scaling`` (neither model's decoder implements one)."""
+    model_type = hf_config.get("model_type")
+    require(
+        model_type in model_types,
+        f"config.json has model_type {model_type!r}; expected {model_types[0]!r} (a released {architecture} "
+        "checkpoint)",
+    )
+    if isinstance(hf_config.get("rope_scaling"), dict):
+        raise ValueError(f"rope_scaling in config.json is not supported for {architecture} checkpoints")
+    return set_fields(hf_config, config_type)
+
+
 class JsonConfig:
     """``to_dict`` and ``from_json`` for a config dataclass that defines ``from_dict``."""
 

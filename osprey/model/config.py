@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from osprey.loading.configs import JsonConfig, PresetFolder, check_keys, require, set_fields
+from osprey.loading.configs import JsonConfig, PresetFolder, check_keys, language_model_fields, require
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 LEVELS = ("res2", "res3", "res4", "res5")
@@ -164,15 +164,10 @@ class OspreyConfig(JsonConfig):
         ``mm_hidden_size`` is usually absent there; the projector input then defaults to 768
         (the res4 width of ConvNeXt-Large), as the authors' code does.
         """
-        model_type = hf_config.get("model_type")
-        require(
-            model_type in ("osprey", "llama"),
-            f"config.json has model_type {model_type!r}; expected 'osprey' (a released Osprey checkpoint)",
+        llm = language_model_fields(
+            hf_config, LLMConfig, model_types=("osprey", "llama"), architecture="Osprey"
         )
-        llm = set_fields(hf_config, LLMConfig)
         llm.setdefault("num_key_value_heads", llm.get("num_attention_heads", LLMConfig.num_attention_heads))
-        if isinstance(hf_config.get("rope_scaling"), dict):
-            raise ValueError("rope_scaling in config.json is not supported by Osprey checkpoints")
         return cls(
             name=name,
             llm=LLMConfig(**llm),

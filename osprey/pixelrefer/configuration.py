@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from osprey.loading.configs import JsonConfig, PresetFolder, check_keys, require, set_fields
+from osprey.loading.configs import JsonConfig, PresetFolder, check_keys, language_model_fields, require
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 MODEL_TYPE = "pixelreferlite_qwen2"
@@ -138,15 +138,9 @@ class PixelReferConfig(JsonConfig):
         The Qwen2 fields are read as they are; the vision tower's, when ``vision_encoder_config`` is
         absent (the release names the tower by its repository, ``mm_vision_encoder``), are SigLIP-NaViT's.
         """
-        model_type = hf_config.get("model_type")
-        require(
-            model_type == MODEL_TYPE,
-            f"config.json has model_type {model_type!r}; expected {MODEL_TYPE!r} (a released PixelRefer-Lite "
-            "checkpoint)",
+        text = language_model_fields(
+            hf_config, TextConfig, model_types=(MODEL_TYPE,), architecture="PixelRefer-Lite"
         )
-        text = set_fields(hf_config, TextConfig)
-        if isinstance(hf_config.get("rope_scaling"), dict):
-            raise ValueError("rope_scaling in config.json is not supported for PixelRefer-Lite checkpoints")
         vision_keys = {f.name for f in fields(VisionConfig)}
         vision = {k: v for k, v in (hf_config.get("vision_encoder_config") or {}).items() if k in vision_keys}
         options: dict[str, Any] = {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from osprey.loading.configs import JsonConfig, PresetFolder
+from osprey.loading.configs import JsonConfig, PresetFolder, language_model_fields
 from osprey.loading.files import MissingWeightsError, find_checkpoint, iter_tensors, read_config, weight_files
 from osprey.loading.loader import ModelLoader, build_and_load, choose_device
 from osprey.loading.strict import load_strict, map_by_prefix
@@ -185,3 +185,22 @@ def test_presets_or_checkpoint(tmp_path):
     assert not config.untrained and checkpoints == ["big"]
     with pytest.raises(ValueError, match=r"random_weights needs a preset \(big, tiny\), got '/some/dir'"):
         loader.load("/some/dir", device=device, dtype=dtype, random_weights=True)
+
+
+def test_a_released_config_json_gives_its_language_model_fields_or_says_why_not():
+    hf = {"model_type": "tiny_llm", "name": "t", "width": 16, "untrained": None, "other": 1}
+    fields = language_model_fields(hf, TinyConfig, model_types=("tiny_llm", "llama"), architecture="Tiny")
+    assert fields == {"name": "t", "width": 16}
+    with pytest.raises(
+        ValueError, match=r"model_type 'bert'; expected 'tiny_llm' \(a released Tiny checkpoint"
+    ):
+        language_model_fields(
+            {**hf, "model_type": "bert"}, TinyConfig, model_types=("tiny_llm",), architecture="Tiny"
+        )
+    with pytest.raises(ValueError, match="rope_scaling in config.json is not supported for Tiny checkpoints"):
+        language_model_fields(
+            {**hf, "rope_scaling": {"type": "linear"}},
+            TinyConfig,
+            model_types=("tiny_llm",),
+            architecture="Tiny",
+        )
