@@ -132,12 +132,12 @@ def expand_image_placeholder(ids: list[int], num_image_tokens: int) -> list[int]
     return out
 
 
-def clean_answer(text: str, *, keep_after_colon: bool) -> str:
-    """Strip a generated answer; for ``category:subcategory`` answers keep the part after the colon
-    when only one of the two was asked for."""
+def clean_answer(text: str, *, keep_after_colon: bool, stop: str = SEP2) -> str:
+    """Strip a generated answer and the model's ``stop`` token (Osprey's ``</s>`` by default); for
+    ``category:subcategory`` answers keep the part after the colon when only one of the two was asked for."""
     text = text.strip()
-    if text.endswith(SEP2):
-        text = text[: -len(SEP2)].strip()
+    if text.endswith(stop):
+        text = text[: -len(stop)].strip()
     if keep_after_colon and ":" in text:
         text = text.split(":", 1)[1].strip()
     return text

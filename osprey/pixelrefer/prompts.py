@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from osprey.model.prompts import clean_answer
+
 REGION = "<region>"
 REGION_TOKEN = "<REGION>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -96,14 +98,8 @@ class PixelReferPrompts:
 
     @staticmethod
     def clean_answer(text: str, *, keep_after_colon: bool) -> str:
-        """Strip a generated answer; for ``category:subcategory`` answers keep the part after the colon
-        when only one of the two was asked for."""
-        text = text.strip()
-        if text.endswith(IM_END):
-            text = text[: -len(IM_END)].strip()
-        if keep_after_colon and ":" in text:
-            text = text.split(":", 1)[1].strip()
-        return text
+        """:func:`osprey.model.prompts.clean_answer` (the same answer rules) with ``<|im_end|>`` as the stop."""
+        return clean_answer(text, keep_after_colon=keep_after_colon, stop=IM_END)
 
 
 def tokenizer_training_corpus() -> Iterator[str]:
