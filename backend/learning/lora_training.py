@@ -1,6 +1,8 @@
 """LoRA training jobs: a project's accepted regions -> an adapter version, gated on held-out loss.
 
-The adapter is trained on the served model itself (no second copy of the base weights: peft adds the
+Whichever region model serves (Osprey, PixelRefer-Lite), the samples are written in its own prompts and
+the adapter wraps its own language model's layers (:mod:`osprey.learning.lora`). The adapter is trained
+on the served model itself (no second copy of the base weights: peft adds the
 adapter beside the served ones, :mod:`osprey.learning.lora`), starting from the project's current
 adapter when it has one. Each training or evaluation step takes the model through ``step_session`` at
 background priority and runs its language-model part as one uninterrupted block with the training
@@ -46,7 +48,7 @@ def region_example(region, rgb, mask) -> RegionExample:
 class LoraJob:
     """The ``lora`` job handler: ``job(project_id) -> dict``.
 
-    Collaborators: ``served`` (the served Osprey, which the adapter is trained on), ``store``,
+    Collaborators: ``served`` (the served region model, which the adapter is trained on), ``store``,
     ``registry``, ``loader``, ``projects`` (a project's ``schema``), ``base_version`` and
     ``step_session()``: the model for one training step at background priority (the scheduler's
     session: serving work more urgent than it goes first, and takes the model between steps)."""
@@ -104,7 +106,9 @@ class LoraJob:
             parts=label_sets.get("part", ()),
             attributes=label_sets.get("attributes", ()),
         )
-        train_samples, test_samples = instruction_samples(train, **sets), instruction_samples(test, **sets)
+        prompts = self.served.lora_sequences().prompts  # the served model's own prompt set
+        train_samples = instruction_samples(train, **sets, prompts=prompts)
+        test_samples = instruction_samples(test, **sets, prompts=prompts)
         if not train_samples or not test_samples:
             return {
                 "status": "skipped",

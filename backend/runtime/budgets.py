@@ -184,8 +184,9 @@ def request_peak(
     if lora is None:
         lora = lora_on(settings, osprey.device.type)
     step = None
-    if lora and encoding is not None:
-        step = lora_step_bytes(config, model.dtype, tokens=encoding.prefix_tokens + 64 + LORA_ANSWER_TOKENS)
+    if lora:  # the longest sample: what each holds before its question, a question and a long answer
+        tokens = osprey.lora_sequences().context_tokens + 64 + LORA_ANSWER_TOKENS
+        step = lora_step_bytes(config, model.dtype, tokens=tokens)
     return RequestPeak(
         sam=everything_peak_bytes(
             settings.sam_model, points_per_batch=points_per_batch, points_per_side=settings.points_per_side

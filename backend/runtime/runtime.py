@@ -361,19 +361,10 @@ def _wake(rt: Runtime, lane: str) -> None:
 
 
 def lora_enabled(settings: Settings, models: Models) -> bool:
-    """OSPREY_LORA: ``true``, ``false``, or ``auto`` (on when the models run on a CUDA GPU); LoRA jobs
-    are built for Osprey (its prompts are their training samples), so another region model trains its
-    per-project head only, and the log says so."""
+    """OSPREY_LORA: ``true``, ``false``, or ``auto`` (on when the models run on a CUDA GPU), whichever
+    region model serves (each writes the samples in its own prompts)."""
     device = getattr(models.region_model, "device", None)
-    wanted = lora_on(settings, device.type if device is not None else "cpu")
-    family = getattr(models.region_model, "family", "osprey")
-    if wanted and family != "osprey":
-        logger.warning(
-            "LoRA jobs are off: they fine-tune Osprey, and the region model is %s (OSPREY_LORA=%s); its "
-            "per-project head still trains on accepted labels", family, settings.lora,
-        )  # fmt: skip
-        return False
-    return wanted
+    return lora_on(settings, device.type if device is not None else "cpu")
 
 
 def predict_options(settings: Settings) -> PredictOptions:

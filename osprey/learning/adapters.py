@@ -9,8 +9,12 @@ state it found (:meth:`AdapterSet.borrow`); nothing else touches peft's active a
 depend on the active adapter (the prompt prefix's keys/values do), so serving sets ``adapter_tag``,
 part of the image cache key.
 
+Which layers an adapter wraps depends on the language model's architecture: :data:`LORA_TARGETS`, the
+one list per architecture (:meth:`LoraSettings.for_llm` picks it unless the settings name their own).
+
 Adapter folders: ``adapter.safetensors`` (``llm.*`` LoRA weights, plus ``mask_extractor.*`` /
-``mm_projector.*`` when those were trained) and ``lora.json`` (the :class:`LoraSettings`).
+``mm_projector.*`` when those were trained) and ``lora.json`` (the :class:`LoraSettings`, the targeted
+layers named).
 """
 
 from __future__ import annotations
@@ -19,14 +23,22 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-__all__ = ["AdapterSet", "LoraSettings", "read_adapter"]
+__all__ = ["LORA_TARGETS", "AdapterSet", "LoraSettings", "read_adapter"]
 
 _OF_LOCK = threading.Lock()
+
+# The language model's layers a LoRA adapter wraps, by its transformers ``model_type``: Osprey's Llama
+# (Vicuna) its attention projections; PixelRefer-Lite's Qwen2 every linear layer of its decoder, as the
+# authors' LoRA fine-tuning targets (every ``nn.Linear`` of the LLM but the LM head).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,7 @@ class LoraSettings:
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] | None = None  # None: the architecture's own (LORA_TARGETS)
     learning_rate: float = 2e-4
     epochs: int = 3
     grad_accum: int = 4
@@ -48,9 +60,24 @@ class LoraSettings:
         if self.rank < 1 or self.epochs < 1 or self.grad_accum < 1 or self.learning_rate <= 0:
             raise ValueError("rank, epochs and grad_accum must be >= 1 and learning_rate > 0")
 
+    def for_llm(self, llm_config) -> LoraSettings:
+        """These settings with the targeted layers named: the architecture's own (:data:`LORA_TARGETS`,
+        by ``llm_config.model_type``) unless they name theirs."""
+        if self.target_modules is not None:
+            return self
+        model_type = getattr(llm_config, "model_type", None)
+        if model_type not in LORA_TARGETS:
+            raise ValueError(
+                f"no LoRA target layers known for a {model_type!r} language model (known: "
+                f"{sorted(LORA_TARGETS)}); name them in LoraSettings(target_modules=...)"
+            )
+        return replace(self, target_modules=LORA_TARGETS[model_type])
+
     def lora_config(self, *, inference: bool):
         from peft import LoraConfig
 
+        if self.target_modules is None:
+            raise RuntimeError("LoraSettings.target_modules is not resolved: call for_llm(llm_config) first")
         return LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0 if inference else self.dropout,
             target_modules=list(self.target_modules), bias="none", inference_mode=inference,
@@ -62,7 +89,8 @@ def read_adapter(directory: Path) -> tuple[LoraSettings, dict[str, torch.Tensor]
     from safetensors.torch import load_file
 
     settings = json.loads((directory / "lora.json").read_text())
-    settings["target_modules"] = tuple(settings["target_modules"])
+    if settings.get("target_modules") is not None:
+        settings["target_modules"] = tuple(settings["target_modules"])
     return LoraSettings(**settings), load_file(str(directory / "adapter.safetensors"))
 
 
@@ -151,7 +179,7 @@ class AdapterSet:
                 raise ValueError(
                     f"{directory}: serving adapters that also change the extractor or projector is not supported"
                 )
-            self.add(name, settings.lora_config(inference=True))
+            self.add(name, settings.for_llm(self.llm.config).lora_config(inference=True))
             device = self.osprey.device
             weights = {k[len("llm.") :]: v.to(device) for k, v in tensors.items()}
             set_peft_model_state_dict(self.llm, weights, adapter_name=name)

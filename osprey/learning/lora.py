@@ -1,25 +1,29 @@
-"""LoRA fine-tuning of Osprey's language model on accepted region labels, on the model that serves.
+"""LoRA fine-tuning of the served region model's language model on accepted region labels.
 
-Accepted regions become instruction samples in Osprey's own conversation format (the same prompts
-the fast path asks): the label-set question answered with the category (``category:part`` when
-parts are asked), one yes/no question per attribute, and the caption and description questions
-answered with the annotator's text. The loss is the cross-entropy of the answer tokens and
-``</s>`` only.
+One trainer for every region model (Osprey, PixelRefer-Lite): the model supplies its training sequences
+(``region_model.lora_sequences()``, :class:`~osprey.inference.region_model.TrainingSequences`) and this
+module does the rest. Accepted regions become instruction samples in the serving model's own prompts
+(the ones the fast path asks, which its weights were trained on): the label-set question answered with
+the category (``category:part`` when parts are asked), one yes/no question per attribute, and the
+caption and description questions answered with the annotator's text. The model turns a sample into
+input embeddings (its image and region tokens in place) and labels; the loss is the cross-entropy of
+the answer tokens and the model's end-of-answer token (``</s>``, ``<|im_end|>``) only. The adapter wraps
+the architecture's own layers (:data:`~osprey.learning.adapters.LORA_TARGETS`).
 
 The adapter is trained on the served model itself: peft adds it beside the served adapters, without a
 copy of the base weights (:mod:`osprey.learning.adapters`), and each training step makes it active, runs
 the forward, the backward and the optimiser step as one :func:`~osprey.runtime.steps.atomic` block, and
 hands the model back with the adapter that served before active again, in eval mode. So serving between
-two training steps answers exactly as it did before the job began. The frozen vision tower runs without
-gradients, before the block (a click may take the model there). A trained mask extractor or projector is
-a private copy: the served ones never change. ``accelerate`` drives the loop, so ``accelerate launch``
+two training steps answers exactly as it did before the job began. The frozen vision tower (and, for
+PixelRefer-Lite, the frozen object tokenizer) runs without gradients, before the block (a click may take
+the model there). An Osprey mask extractor or projector trained beside the adapter is a private copy:
+the served ones never change. ``accelerate`` drives the loop, so ``accelerate launch``
 runs the same code on several GPUs; on a CPU it runs as is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import random
@@ -32,9 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from osprey.inference.api import Osprey
+from osprey.inference.region_model import RegionModel
 from osprey.model import prompts as P
-from osprey.model.preprocess import preprocess_image
 from osprey.runtime.steps import atomic
 
 from .adapters import AdapterSet, LoraSettings, read_adapter
@@ -45,8 +48,9 @@ __all__ = [
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
-IGNORE = -100
 TRAINING_ADAPTER = "lora-training"
+# LoraSettings' switches for the parts trained beside the adapter (Osprey's), by part name
+TRAINED_PARTS = {"mask_extractor": "train_mask_extractor", "mm_projector": "train_projector"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class RegionExample:
 @dataclass(frozen=True)
 class InstructionSample:
     example: int  # index into the examples list (their images and masks)
-    prompt: str  # full conversation text, ending with "ASSISTANT:"
+    prompt: str  # full conversation text, ending where the assistant's answer begins
     answer: str
 
 
@@ -75,41 +79,51 @@ def instruction_samples(
     categories: Sequence[str] = (),
     parts: Sequence[str] = (),
     attributes: Sequence[str] = (),
+    prompts=P,
 ) -> list[InstructionSample]:
-    """Osprey-format questions and the annotator's answers for every accepted region."""
+    """The questions in ``prompts`` (the region model's prompt set, ``lora_sequences().prompts``;
+    Osprey's by default) and the annotator's answers, for every accepted region."""
     samples = []
-    category_prompt = P.conversation(P.category_turn(categories, parts)) if categories else None
+    category_prompt = prompts.conversation(prompts.category_turn(categories, parts)) if categories else None
     for i, ex in enumerate(examples):
         if category_prompt and ex.category:
             answer = f"{ex.category}:{ex.part}" if parts and ex.part else ex.category
             samples.append(InstructionSample(i, category_prompt, answer))
         for attribute in attributes:
-            answer = P.YES if attribute in ex.attributes else P.NO
-            samples.append(InstructionSample(i, P.conversation(P.attribute_turn(attribute)), answer))
+            answer = prompts.YES if attribute in ex.attributes else prompts.NO
+            samples.append(
+                InstructionSample(i, prompts.conversation(prompts.attribute_turn(attribute)), answer)
+            )
         if ex.caption:
-            samples.append(InstructionSample(i, P.conversation(P.caption_turn()), ex.caption))
+            samples.append(InstructionSample(i, prompts.conversation(prompts.caption_turn()), ex.caption))
         if ex.description:
-            samples.append(InstructionSample(i, P.conversation(P.description_turn()), ex.description))
+            samples.append(
+                InstructionSample(i, prompts.conversation(prompts.description_turn()), ex.description)
+            )
     return samples
 
 
 class LoraTrainer:
-    """Trains a LoRA adapter named ``name`` on ``osprey``'s served language model (see the module
-    docstring); :meth:`close` removes it. Only its weights (and any private extractor/projector copy)
-    get gradients."""
+    """Trains a LoRA adapter named ``name`` on the served language model of ``osprey`` (any region model:
+    Osprey or PixelRefer-Lite; see the module docstring); :meth:`close` removes it. Only its weights (and
+    any private copy of a part trained beside it) get gradients."""
 
     def __init__(
-        self, *, osprey: Osprey, settings: LoraSettings | None = None, name: str = TRAINING_ADAPTER
+        self, *, osprey: RegionModel, settings: LoraSettings | None = None, name: str = TRAINING_ADAPTER
     ) -> None:
         self.osprey = osprey
-        self.settings = settings or LoraSettings()
+        s = self.settings = (settings or LoraSettings()).for_llm(osprey.model.llm.config)
         self.name = name
         self._run = uuid.uuid4().hex[:12]  # this trainer's adapter, among others of the same name
         self.updates = 0  # training steps taken (the image cache key of :meth:`active` follows it)
-        self.adapters = AdapterSet.of(osprey)
-        s, model = self.settings, osprey.model
+        model = osprey.model
         for param in model.parameters():
             param.requires_grad_(False)
+        # the model's own training sequences; parts trained beside the adapter are private copies
+        self.sequences = osprey.lora_sequences(
+            train=[p for p, flag in TRAINED_PARTS.items() if getattr(s, flag)]
+        )
+        self.adapters = AdapterSet.of(osprey)
         self.adapters.remove(name)  # a job that ended without closing
         self.adapters.add(name, s.lora_config(inference=False))
         self.adapters.use(self.adapters.active)  # adding made it active: serving stays as it was
@@ -125,14 +139,6 @@ class LoraTrainer:
         self._adapter_params = [p for n, p in self.llm.named_parameters() if marker in n]
         for param in self._adapter_params:
             param.requires_grad_(True)
-        # private copies, so the served extractor and projector never change
-        self.extractor = (
-            copy.deepcopy(model.mask_extractor) if s.train_mask_extractor else model.mask_extractor
-        )
-        self.projector = copy.deepcopy(model.mm_projector) if s.train_projector else model.mm_projector
-        for part, wanted in ((self.extractor, s.train_mask_extractor), (self.projector, s.train_projector)):
-            if wanted:
-                part.requires_grad_(True)
 
     @property
     def llm(self):
@@ -140,12 +146,8 @@ class LoraTrainer:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = list(self._adapter_params)
-        for part, wanted in (
-            (self.extractor, self.settings.train_mask_extractor),
-            (self.projector, self.settings.train_projector),
-        ):
-            if wanted:
-                params += list(part.parameters())
+        for part in self.sequences.trained.values():
+            params += list(part.parameters())
         return params
 
     def close(self) -> None:
@@ -169,43 +171,21 @@ class LoraTrainer:
             self.osprey.adapter_tag = tag
 
     # ---- one sample ----
-    @torch.no_grad()
-    def _image_features(self, image: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The frozen vision tower's features and projected image tokens (no gradients; it may hand the
-        model over at its block boundaries, before the adapter is made active)."""
-        model = self.osprey.model
-        pixels = preprocess_image(np.asarray(image), image_size=self.osprey.config.vision.image_size)
-        return model.encode_pixels(pixels)
+    def _prepare(self, example: RegionExample):
+        """The frozen work of one sample (the vision tower, without gradients; it may hand the model over
+        at its block boundaries, before the adapter is made active)."""
+        return self.sequences.prepare(example.image, example.mask)
 
-    def _loss(self, sample: InstructionSample, features, image_tokens, mask: np.ndarray) -> torch.Tensor:
+    def _loss(self, sample: InstructionSample, prepared) -> torch.Tensor:
         """The answer tokens' cross-entropy (the training adapter active: inside :meth:`_step`)."""
-        osprey, model = self.osprey, self.osprey.model
-        if self.settings.train_projector:
-            level = model.config.vision.image_token_level
-            image_tokens = self.projector(features[level].flatten(1).transpose(0, 1))
-        masks = torch.from_numpy(np.asarray(mask) > 0)[None].to(model.device)
-        mask_tokens, spatial_tokens = self.extractor(features, masks)
-        prompt_ids = P.tokenize_prompt(osprey.tokenizer, sample.prompt)
-        answer = P.answer_ids(osprey.tokenizer, prompt_ids, sample.prompt, sample.answer, finished=True)
-        ids = P.expand_image_placeholder(prompt_ids, image_tokens.shape[0]) + answer
-        embeds = model.embed(
-            torch.tensor(ids, device=model.device), image_tokens=image_tokens, mask_tokens=mask_tokens,
-            spatial_tokens=spatial_tokens,
-            counts={"image": image_tokens.shape[0], "<mask>": ids.count(model.mask_token_id),
-                    "<pos>": ids.count(model.pos_token_id)},
-        )  # fmt: skip
-        labels = torch.tensor([IGNORE] * (len(ids) - len(answer)) + answer, device=model.device)
+        embeds, labels = self.sequences.sequence(prepared, sample.prompt, sample.answer)
         return self.llm(inputs_embeds=embeds[None], labels=labels[None], use_cache=False).loss
 
     @contextlib.contextmanager
     def _step(self, *, train: bool):
         """The adapter active for one uninterrupted step; the served state back after it."""
-        model = self.osprey.model
-        private = [
-            p for p in (self.extractor, self.projector) if p not in (model.mask_extractor, model.mm_projector)
-        ]
         with atomic(), self.adapters.borrow(self.name, train=train):
-            for part in private:
+            for part in self.sequences.trained.values():
                 part.train(train)
             yield
 
@@ -223,9 +203,9 @@ class LoraTrainer:
         for sample in samples:
             example = examples[sample.example]
             with step_session():
-                features, image_tokens = self._image_features(example.image)
+                prepared = self._prepare(example)
                 with self._step(train=False):
-                    losses.append(float(self._loss(sample, features, image_tokens, example.mask)))
+                    losses.append(float(self._loss(sample, prepared)))
         return float(np.mean(losses)) if losses else float("nan")
 
     def fit(
@@ -258,9 +238,9 @@ class LoraTrainer:
                 sample = samples[index]
                 example = examples[sample.example]
                 with step_session():
-                    features, image_tokens = self._image_features(example.image)
+                    prepared = self._prepare(example)
                     with self._step(train=True), accelerator.accumulate(self.llm):
-                        loss = self._loss(sample, features, image_tokens, example.mask)
+                        loss = self._loss(sample, prepared)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(self.trainable_parameters(), s.max_grad_norm)
@@ -277,7 +257,7 @@ class LoraTrainer:
 
     def save(self, directory: str | Path) -> None:
         """``adapter.safetensors`` (LoRA weights, plus extractor/projector when trained) and
-        ``lora.json`` (settings)."""
+        ``lora.json`` (settings, the adapted layers named)."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
@@ -285,10 +265,8 @@ class LoraTrainer:
         directory.mkdir(parents=True, exist_ok=True)
         weights = get_peft_model_state_dict(self.llm, adapter_name=self.name)
         tensors = {f"llm.{k}": v for k, v in weights.items()}
-        if self.settings.train_mask_extractor:
-            tensors.update({f"mask_extractor.{k}": v for k, v in self.extractor.state_dict().items()})
-        if self.settings.train_projector:
-            tensors.update({f"mm_projector.{k}": v for k, v in self.projector.state_dict().items()})
+        for part_name, part in self.sequences.trained.items():
+            tensors.update({f"{part_name}.{k}": v for k, v in part.state_dict().items()})
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             str(directory / "adapter.safetensors"),
@@ -307,17 +285,22 @@ class LoraTrainer:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"{directory} has adapter tensors this model does not know: {unexpected[:5]}")
-        for name, part in (("mask_extractor", self.extractor), ("mm_projector", self.projector)):
-            sub = {k[len(name) + 1 :]: v.to(device) for k, v in tensors.items() if k.startswith(name + ".")}
-            if sub:
-                if part is getattr(self.osprey.model, name):
-                    raise ValueError(
-                        f"{directory} trained the {name}; train it too (LoraSettings) to load it"
-                    )
-                part.load_state_dict(sub, strict=True)
+        parts = sorted({k.split(".", 1)[0] for k in tensors if not k.startswith("llm.")})
+        for part_name in parts:
+            part = self.sequences.trained.get(part_name)
+            if part is None and part_name in TRAINED_PARTS:
+                raise ValueError(
+                    f"{directory} trained the {part_name}; train it too "
+                    f"(LoraSettings.{TRAINED_PARTS[part_name]}) to load it"
+                )
+            if part is None:
+                raise ValueError(f"{directory} has tensors of a part this model does not have: {part_name}")
+            prefix = part_name + "."
+            sub = {k[len(prefix) :]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+            part.load_state_dict(sub, strict=True)
 
 
-def load_adapter(osprey: Osprey, directory: str | Path, *, name: str = TRAINING_ADAPTER) -> LoraTrainer:
+def load_adapter(osprey: RegionModel, directory: str | Path, *, name: str = TRAINING_ADAPTER) -> LoraTrainer:
     """A trainer on ``osprey`` starting from the saved adapter in ``directory`` (its settings too)."""
     settings, _ = read_adapter(Path(directory))
     trainer = LoraTrainer(osprey=osprey, settings=settings, name=name)
