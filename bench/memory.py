@@ -8,14 +8,15 @@ and Osprey's largest forward) and the total at the peak: weights + full default 
 - ``tiny`` and ``small`` (with SAM ``tiny``): built on the CPU and measured from real tensors (the
   request peak counted by ``LiveBytes`` while a real segment-everything task and its labelling run);
   the target is this machine.
-- ``osprey-7b`` + ``vit_h``: built on the ``meta`` device, so the figures are exact from the shapes and
-  nothing is allocated; the target is a 24 GB GPU (24e9 bytes, 0.5 GiB of it the CUDA context). Its
+- ``osprey-7b`` + ``vit_h`` and ``pixelrefer-lite-2b`` + ``vit_h``: built on the ``meta`` device, so the
+  figures are exact from the shapes and nothing is allocated; the target is a 24 GB GPU (24e9 bytes, 0.5 GiB of it the CUDA context). Its
   request peak is broken down (SAM's segment everything, the vision tower, labelling's keys/values
   buffers with scoring chunks and decode groups, a LoRA step beside serving) twice: for 32 regions
   decoded at once with 256-token descriptions (2,048-token scoring chunks), and as the service sizes
   the work to fit the target GPU (``backend.runtime.budgets.fit_request``).
 
-    python bench/memory.py                 # all three presets
+    python bench/memory.py                 # all four presets
+    python bench/memory.py --preset pixelrefer-lite-2b
     python bench/memory.py --preset osprey-7b --gpu-gb 48
     python bench/memory.py --json          # one JSON object per row
 """
@@ -35,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.runtime.budgets import derive_budgets, fit_request, host_memory, request_peak  # noqa: E402
 from backend.runtime.settings import Settings  # noqa: E402
-from osprey.inference.api import Osprey  # noqa: E402
-from osprey.inference.memory import encoding_bytes  # noqa: E402
+from osprey.inference.region_model import load_region_model  # noqa: E402
 from osprey.runtime.feature_cache import nbytes  # noqa: E402
 from osprey.runtime.memory import LiveBytes, weight_bytes  # noqa: E402
 from osprey.sam.build import SAM_ARCHITECTURES, _assemble  # noqa: E402
@@ -44,7 +44,8 @@ from osprey.sam.memory import sam_embedding_bytes  # noqa: E402
 
 GiB, MiB = 2**30, 2**20
 CUDA_CONTEXT = GiB // 2
-PRESETS = {"tiny": "tiny", "small": "tiny", "osprey-7b": "vit_h"}  # Osprey preset -> SAM model
+PRESETS = {"tiny": "tiny", "small": "tiny", "osprey-7b": "vit_h", "pixelrefer-lite-2b": "vit_h"}  # -> SAM
+COMPUTED = ("osprey-7b", "pixelrefer-lite-2b")  # built on the meta device, for a GPU
 
 
 def measured_request_peak(models) -> tuple[int, dict]:
@@ -84,7 +85,7 @@ def measured_request_peak(models) -> tuple[int, dict]:
 
 def row_for(preset: str, gpu_bytes: int) -> dict:
     sam_model = PRESETS[preset]
-    meta = preset == "osprey-7b"
+    meta = preset in COMPUTED
     # the 7B row is computed for the service's defaults (32x32 segment everything); the measured CPU rows
     # run a small grid that keeps every mask, so the tiny models do real work in seconds
     small_grid = {} if meta else {"points_per_side": 8, "max_masks": 8, "pred_iou_thresh": 0.0,
@@ -93,7 +94,7 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
         {}, osprey_model=preset, sam_model=sam_model, device="cpu", training=False, **small_grid
     )
     if meta:
-        osprey = Osprey.from_pretrained(preset, device="meta", dtype=torch.bfloat16, random_weights=True)
+        osprey = load_region_model(preset, device="meta", dtype=torch.bfloat16, random_weights=True)
     else:  # the service's own models, caches included: measured from what it really holds
         from backend.runtime.models import load_models
 
@@ -102,7 +103,7 @@ def row_for(preset: str, gpu_bytes: int) -> dict:
     with torch.device("meta"):
         sam = _assemble(SAM_ARCHITECTURES[sam_model])
     sam_weights, osprey_weights = weight_bytes(sam), weight_bytes(osprey.model)
-    encoding = encoding_bytes(osprey)
+    encoding = osprey.encoding_bytes()
     if not meta:  # measured: a real encoding's tensors
         real = osprey.encode_image(np.zeros((480, 640, 3), np.uint8))
         assert nbytes(real) == encoding.whole and nbytes(real.state) == encoding.prefix_kv
@@ -165,18 +166,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all three")
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="default: all four")
     parser.add_argument(
-        "--gpu-gb", type=float, default=24.0, help="the GPU osprey-7b is sized for (1e9 bytes)"
+        "--gpu-gb", type=float, default=24.0, help="the GPU the computed presets are sized for (1e9 bytes)"
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = [row_for(p, int(args.gpu_gb * 1e9)) for p in (args.preset or ["tiny", "small", "osprey-7b"])]
+    rows = [row_for(p, int(args.gpu_gb * 1e9)) for p in (args.preset or list(PRESETS))]
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    print("per cached image (MiB): Osprey device = whole encoding, host/disk = features + image tokens; SAM "
+    print("per cached image (MiB): region model device = whole encoding, host/disk = features + image tokens; SAM "
           "embedding in each tier. Peak = weights + full default device caches + one request's peak.")  # fmt: skip
     header = (f"{'preset':<10} {'sam':<6} {'figures':<9} {'weights GiB':>12} {'dev MiB':>8} {'kv MiB':>7} "
               f"{'host/disk MiB':>13} {'SAM MiB':>7} {'cached (O/S)':>12} {'request GiB':>11} "

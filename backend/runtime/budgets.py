@@ -150,14 +150,12 @@ def max_new_tokens(settings) -> int:
     return max(settings.max_caption_tokens, settings.max_description_tokens)
 
 
-def context_tokens(osprey) -> int:
-    """Tokens in an encoded image's keys/values when questions run: the prefix (Osprey's, from its
-    shapes; another family's default) and a long label set's shared text."""
-    from osprey.inference.memory import SHARED_TEXT_TOKENS, encoding_bytes
+def context_tokens(osprey, encoding=None) -> int:
+    """Tokens in an encoded image's keys/values when questions run: the region model's prefix (from its
+    shapes, ``encoding`` when already known) and a long label set's shared text."""
+    from osprey.inference.memory import SHARED_TEXT_TOKENS
 
-    if getattr(osprey, "family", None) == "osprey":
-        return encoding_bytes(osprey).prefix_tokens + SHARED_TEXT_TOKENS
-    return 1024 + len(getattr(osprey, "_prefix_ids", ())) + SHARED_TEXT_TOKENS
+    return (encoding or osprey.encoding_bytes()).prefix_tokens + SHARED_TEXT_TOKENS
 
 
 def request_peak(
@@ -166,16 +164,15 @@ def request_peak(
 ) -> RequestPeak:  # fmt: skip
     """The :class:`RequestPeak` of ``osprey`` (any region model) with SAM ``settings.sam_model`` for
     scoring chunks of ``chunk_tokens`` and ``decode_rows`` answers decoded together of up to the
-    configured maximum tokens. ``encoding``: Osprey's :func:`~osprey.inference.memory.encoding_bytes`
-    when already known; ``lora``: whether a LoRA job may run (default: as OSPREY_LORA says)."""
-    from osprey.inference.memory import SHARED_TEXT_TOKENS, encoding_bytes, work_bytes
+    configured maximum tokens. ``encoding``: the model's ``encoding_bytes()`` when already known;
+    ``lora``: whether a LoRA job may run (default: as OSPREY_LORA says)."""
+    from osprey.inference.memory import work_bytes
     from osprey.learning.memory import lora_step_bytes
     from osprey.sam.memory import everything_peak_bytes
 
     model, config = osprey.model, osprey.model.llm.config
-    if encoding is None and getattr(osprey, "family", None) == "osprey":
-        encoding = encoding_bytes(osprey)
-    context = encoding.prefix_tokens + SHARED_TEXT_TOKENS if encoding is not None else context_tokens(osprey)
+    encoding = encoding or osprey.encoding_bytes()
+    context = context_tokens(osprey, encoding)
     new_tokens = max_new_tokens(settings)
     work = work_bytes(
         config, model.dtype, context_tokens=context, chunk_tokens=chunk_tokens, decode_rows=decode_rows,
@@ -191,7 +188,7 @@ def request_peak(
         sam=everything_peak_bytes(
             settings.sam_model, points_per_batch=points_per_batch, points_per_side=settings.points_per_side
         ).peak,
-        vision=encoding.vision_peak if encoding is not None else 0, labelling=work.peak,
+        vision=encoding.vision_peak, labelling=work.peak,
         lora_step=step.activations if step else 0, lora_state=step.state if step else 0,
         chunk_tokens=chunk_tokens, decode_rows=decode_rows, max_new_tokens=new_tokens,
         points_per_batch=points_per_batch,
@@ -205,14 +202,14 @@ def fit_request(settings, osprey, *, device_free: int, lora: bool | None = None)
     request peak at those sizes (``lora``: whether a LoRA job may run, default as OSPREY_LORA says).
     Decoding takes at most :data:`DECODE_ROWS` answers (and at most OSPREY_MAX_REGIONS) at once; fewer
     when memory says so (one at the least)."""
-    from osprey.inference.memory import SHARED_TEXT_TOKENS, encoding_bytes, fit_work
+    from osprey.inference.memory import fit_work
     from osprey.sam.build import SAM_ARCHITECTURES
     from osprey.sam.memory import points_per_batch_for, sam_embedding_bytes
 
     spare = parse_bytes(settings.device_spare_bytes, setting="OSPREY_DEVICE_SPARE_BYTES") or 0
-    encoding = encoding_bytes(osprey) if getattr(osprey, "family", None) == "osprey" else None
+    encoding = osprey.encoding_bytes()
     # the device tier splits its budget 4/5 Osprey, 1/5 SAM: room for one of each within its share
-    osprey_floor = (encoding.whole if encoding is not None else 0) / OSPREY_SHARE
+    osprey_floor = encoding.whole / OSPREY_SHARE
     sam_floor = sam_embedding_bytes(SAM_ARCHITECTURES[settings.sam_model]) / (1 - OSPREY_SHARE)
     cache_floor = int(max(osprey_floor, sam_floor)) + 2**20
     rows_wanted = max(1, min(settings.max_regions, DECODE_ROWS))
@@ -220,7 +217,7 @@ def fit_request(settings, osprey, *, device_free: int, lora: bool | None = None)
     budget = device_free - spare - cache_floor - others.lora_state
     chunk, rows = fit_work(
         osprey.model, max(budget, 0), max_new_tokens=max_new_tokens(settings), max_rows=rows_wanted,
-        context_tokens=encoding.prefix_tokens + SHARED_TEXT_TOKENS if encoding else context_tokens(osprey),
+        context_tokens=context_tokens(osprey, encoding),
     )  # fmt: skip
     osprey.fast.max_batch_tokens, osprey.fast.max_decode_rows = chunk, rows
     # segment everything's batch: as many points as fit in what the other parts need anyway, so SAM

@@ -116,11 +116,12 @@ class Osprey(RegionModelBase):
             model=self.model, tokenizer=self.tokenizer, image_size=self.config.vision.image_size, train=train
         )
 
-    def prefix_tokens(self) -> int:
-        """The conversation up to ``<image>`` with the image's tokens in its place."""
+    def encoding_bytes(self, image_hw: tuple[int, int] = (480, 640)):
+        """:func:`~osprey.inference.memory.encoding_bytes` (the tower runs, on ``meta`` for free); its
+        prefix is the conversation up to ``<image>`` with the image's tokens in its place."""
         from .memory import encoding_bytes
 
-        return encoding_bytes(self).prefix_tokens
+        return encoding_bytes(self, image_hw)
 
     # ---- images ----
     def _encode(self, rgb: np.ndarray) -> EncodedImage:

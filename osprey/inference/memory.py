@@ -3,6 +3,8 @@
 - :func:`encoding_bytes`: one cached Osprey encoding, by part (vision features, image tokens, prefix
   keys/values). The vision part runs the tower, so on the ``meta`` device it is exact and free; the
   prefix keys/values follow from the decoder's shape (a test checks the formula on real encodings).
+  Every region model answers the same question with its own ``encoding_bytes()``
+  (PixelRefer-Lite's from its shapes, :func:`tower_peak_bytes` for its tower).
 - :func:`prefix_kv_bytes`: the keys/values of ``tokens`` tokens in every decoder layer.
 - :func:`label_activation_bytes`: the peak of one of the fast path's labelling forwards.
 
@@ -22,7 +24,7 @@ from osprey.runtime.memory import LiveBytes, tensor_bytes
 
 __all__ = [
     "EncodingBytes", "WorkBytes", "encoding_bytes", "fit_work", "forward_bytes", "kv_buffer_bytes",
-    "label_activation_bytes", "prefix_kv_bytes", "work_bytes",
+    "label_activation_bytes", "prefix_kv_bytes", "tower_peak_bytes", "work_bytes",
 ]  # fmt: skip
 
 
@@ -64,6 +66,15 @@ def encoding_bytes(osprey, image_hw: tuple[int, int] = (480, 640)) -> EncodingBy
         prefix_tokens=tokens,
         vision_peak=live.peak,
     )
+
+
+def tower_peak_bytes(vision_config, dtype: torch.dtype, *, tokens: int) -> int:
+    """Peak bytes of a vision transformer's forward over ``tokens`` patches beyond its weights: its input
+    and output hidden states and one layer's working set (the residual, the normed input, queries, keys,
+    values and the attention output, the MLP's intermediate activation before and after its
+    non-linearity). Attention scores are not materialised (SDPA's fused kernels)."""
+    hidden, inner = vision_config.hidden_size, vision_config.intermediate_size
+    return tokens * (8 * hidden + 2 * inner) * _element(dtype)
 
 
 def prefix_kv_bytes(llm_config, tokens: int, dtype: torch.dtype) -> int:

@@ -210,9 +210,15 @@ class RegionModelBase(ABC):
     def feature_backbone(self) -> str:
         """Names the network the feature maps come from (a head trained on one fits only that one)."""
 
+    @abstractmethod
+    def encoding_bytes(self, image_hw: tuple[int, int] = (480, 640)):
+        """One cached encoding of an ``image_hw`` image by part, and the vision tower's peak
+        (:class:`~osprey.inference.memory.EncodingBytes`), exactly from shapes on any device (``meta``
+        included): what the caches and the memory budget count."""
+
     def prefix_tokens(self) -> int:
         """Tokens of the prompt prefix an encoded image holds keys and values for."""
-        return len(self._prefix_ids)
+        return self.encoding_bytes().prefix_tokens
 
     def label_peak_bytes(self) -> int:
         """Bytes of labelling's largest forward: a full scoring chunk after the prefix (on any device)."""

@@ -152,6 +152,25 @@ class PixelReferLite(RegionModelBase):
             model=self.model, tokenizer=self.tokenizer, config=self.config, seed=self.seed, train=train
         )
 
+    def encoding_bytes(self, image_hw: tuple[int, int] = (480, 640)):
+        """One cached encoding from shapes (the same for any image size: the whole image is resized to
+        ``global_size``): the global features ``(C, side, side)``, no image tokens, the chat header's keys
+        and values; the tower's peak is that of its largest call, a region's crop at the pixel cap beside
+        its local crop (:func:`~osprey.inference.memory.tower_peak_bytes`)."""
+        from .memory import EncodingBytes, prefix_kv_bytes, tower_peak_bytes
+
+        config, dtype = self.config, self.model.dtype
+        element = torch.empty((), dtype=dtype).element_size()
+        patch = config.vision.patch_size
+        side = config.global_size // patch
+        crop_call = config.max_pixels // patch**2 + (config.local_size // patch) ** 2
+        tokens = len(self._prefix_ids)
+        return EncodingBytes(
+            features=config.vision.hidden_size * side * side * element, image_tokens=0,
+            prefix_kv=prefix_kv_bytes(self.model.llm.config, tokens, dtype), prefix_tokens=tokens,
+            vision_peak=tower_peak_bytes(config.vision, dtype, tokens=max(side * side, crop_call)),
+        )  # fmt: skip
+
     @property
     def feature_backbone(self) -> str:
         vision = self.config.vision
