@@ -181,7 +181,7 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
                 bar.close()
             if args.out:
                 sink.close()
-    print(format_summary([summary.to_dict()], version=version))
+    print(format_summary(summary.to_dict(), version=version))
     return 1 if summary.failed else 0
 
 

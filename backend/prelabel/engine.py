@@ -303,30 +303,22 @@ def _batches(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
-def format_summary(summaries: list[dict], *, version: str) -> str:
-    """The summary table: predicted, skipped as already done, failed with reasons (per rank when
-    several), and the rate."""
-    keys = ("predicted", "skipped", "elsewhere", "failed", "written", "regions")
-    total = {k: sum(s.get(k, 0) for s in summaries) for k in keys}
-    seconds = max(s["seconds"] for s in summaries)
+def format_summary(summary: dict, *, version: str) -> str:
+    """The summary table (:meth:`Summary.to_dict`): predicted, skipped as already done, left to another
+    writer, failed with reasons and task ids, and the rate."""
     lines = [f"pre-label with {version}:"]
     rows = [
-        ("predicted", total["predicted"]),
-        ("skipped (already done)", total["skipped"]),
-        *([("left to another writer", total["elsewhere"])] if total["elsewhere"] else []),
-        ("failed", total["failed"]),
+        ("predicted", summary["predicted"]),
+        ("skipped (already done)", summary["skipped"]),
+        *([("left to another writer", summary["elsewhere"])] if summary["elsewhere"] else []),
+        ("failed", summary["failed"]),
     ]
     lines += [f"  {name:<24}{count:>8}" for name, count in rows]
-    rate = 60.0 * total["predicted"] / seconds if seconds > 0 else 0.0
-    lines.append(f"  {'regions':<24}{total['regions']:>8}")
-    lines.append(
-        f"  {seconds:.1f} s, {rate:.1f} tasks/min"
-        + (f" over {len(summaries)} ranks" if len(summaries) > 1 else "")
-    )
+    lines.append(f"  {'regions':<24}{summary['regions']:>8}")
+    lines.append(f"  {summary['seconds']:.1f} s, {summary['tasks_per_minute']:.1f} tasks/min")
     reasons: dict[str, list[str]] = {}
-    for s in summaries:
-        for task, reason in s["failures"].items():
-            reasons.setdefault(reason, []).append(task)
+    for task, reason in summary["failures"].items():
+        reasons.setdefault(reason, []).append(task)
     for reason, tasks in sorted(reasons.items(), key=lambda item: -len(item[1])):
         shown = ", ".join(tasks[:10]) + (f" (+{len(tasks) - 10})" if len(tasks) > 10 else "")
         lines.append(f"  failed: {reason}: tasks {shown}")

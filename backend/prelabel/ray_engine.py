@@ -299,8 +299,8 @@ def prelabel_on_ray(
                     break
                 sleep(backoff_s * 2 ** (attempt - 2))
             sent.update(pending)
-            returned = _run_dataset(pending, run, attempt, workers=workers, desk=desk, options=options,
-                                    batch_tasks=batch_tasks, converging=not read_only)  # fmt: skip
+            returned, stopped = _run_dataset(pending, run, attempt, workers=workers, desk=desk, options=options,
+                                             batch_tasks=batch_tasks, converging=not read_only)  # fmt: skip
             lost = [i for i in pending if i not in returned]
             pending = [task_id(t) for t in run.retry]
             run.retry = []
@@ -309,7 +309,7 @@ def prelabel_on_ray(
                     pending.append(identity)
                 else:
                     run.finish(
-                        TaskResult(identity, "failed", "lost: Ray gave up on its batch (see Ray's log)")
+                        TaskResult(identity, "failed", f"lost: {stopped or 'Ray gave up on its batch'}")
                     )
     finally:
         run.claimer.release(sorted(sent))  # what is still held (lost batches, a run cut off)
@@ -342,13 +342,15 @@ def _claim_desk(claimer: Claimer):
 
 
 def _run_dataset(ids: list[int], run: _Run, attempt: int, *, workers: RayWorkers, desk, options: RayOptions,
-                 batch_tasks: int, converging: bool) -> set[int]:  # fmt: skip
+                 batch_tasks: int, converging: bool) -> tuple[set[int], str | None]:  # fmt: skip
     """One round of ``ids`` through the Ray Data pipeline; every returned batch goes through the
-    engine's ``accept``/``flush``. The ids that came back."""
+    engine's ``accept``/``flush``. The ids that came back, and why Ray stopped early (None when it did
+    not: a whole stage that cannot go on, such as model actors that die at every start, ends the round
+    and its other tasks are lost to it, not the run)."""
     import ray
 
     if not ids:
-        return set()
+        return set(), None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = options.progress
     context.max_errored_blocks = -1  # continue on error: a lost batch is reported, the rest goes on
@@ -367,17 +369,24 @@ def _run_dataset(ids: list[int], run: _Run, attempt: int, *, workers: RayWorkers
             .map(_build, fn_kwargs=stage)
         )  # fmt: skip
     returned: set[int] = set()
-    for row in dataset.iter_rows():
-        batch: _Batch = pickle.loads(row["batch"])
-        returned.update(batch.ids)
-        run.count(deleted_empty=batch.deleted_empty, duplicates=batch.duplicates)
-        run.claimer.release([result.task_id for result in batch.early])  # not ours, or not to predict
-        for result in batch.early:
-            if result.status == "failed" and result.retryable and attempt <= run.retries:
-                run.retry.append({"id": result.task_id})
-            else:
-                run.finish(result)
-        if batch.results is not None:
-            run.accept(batch.results, batch.tasks, attempt)
-    run.flush()
-    return returned
+    try:
+        for row in dataset.iter_rows():
+            batch: _Batch = pickle.loads(row["batch"])
+            returned.update(batch.ids)
+            run.count(deleted_empty=batch.deleted_empty, duplicates=batch.duplicates)
+            run.claimer.release([result.task_id for result in batch.early])  # not ours, or not to predict
+            for result in batch.early:
+                if result.status == "failed" and result.retryable and attempt <= run.retries:
+                    run.retry.append({"id": result.task_id})
+                else:
+                    run.finish(result)
+            if batch.results is not None:
+                run.accept(batch.results, batch.tasks, attempt)
+    except ray.exceptions.RayError as error:
+        stopped = f"Ray stopped the run: {type(error).__name__}: {str(error).strip().splitlines()[0]}"
+        logger.warning("%s (%d of %d tasks came back; the log of Ray's workers says more)", stopped,
+                       len(returned), len(ids))  # fmt: skip
+        return returned, stopped
+    finally:
+        run.flush()
+    return returned, None
