@@ -21,6 +21,13 @@ still fetched and decoded, results still built and written).
     python bench/prelabel.py --pipeline --presets tiny,small --tasks 48
     python bench/prelabel.py --pipeline --presets none --tasks 400   # the engine without a model (I/O only)
     python bench/prelabel.py --pipeline --memory --presets ""        # memory only
+
+``--ray``: the whole ``osprey-label prelabel`` command through Ray Data on a local Ray (``--ray-cpus``
+CPUs, ``--ray-actors`` model actors) against the in-process engine, on the same stand-in Label Studio,
+each ``--presets`` preset: tasks/minute, the ratio, and whether both wrote the same predictions
+(``bench/prelabel_ray.py``).
+
+    python bench/prelabel.py --ray --presets tiny --tasks 64 --repeat 2
 """
 
 from __future__ import annotations
@@ -152,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memory", action="store_true", help="with --pipeline: RSS on 1,000 and 10,000 tasks"
     )
+    parser.add_argument("--ray", action="store_true", help="the command through Ray Data vs in process")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="with --ray: CPUs of the local Ray")
+    parser.add_argument("--ray-actors", type=int, default=1, help="with --ray: model actors")
     return parser.parse_args(argv)
 
 
@@ -201,6 +211,10 @@ def run(args: argparse.Namespace, models: Models) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.ray:
+        from prelabel_ray import main as ray_main
+
+        return ray_main(args)
     if args.pipeline:
         from prelabel_pipeline import main as pipeline_main
 
