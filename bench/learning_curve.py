@@ -327,11 +327,15 @@ def print_active_learning(rows: list[dict], args) -> None:
             needed.setdefault(order, []).append(n)
             cells = " ".join(f"{r['category_acc']:>5.2f}" for r in mine)
             print(f"{order:<12} {seed:>4}  {cells}  {n if n is not None else 'not reached':>12}")
+    cap = max(ks) + args.every  # a seed that never reached the target counts as one step past the end
     for order, ns in needed.items():
         reached = [n for n in ns if n is not None]
-        mean = f"{np.mean(reached):.1f}" if len(reached) == len(ns) else "not always reached"
+        counted = [n if n is not None else cap for n in ns]
+        curve = np.mean([r["category_acc"] for r in rows if r["order"] == order])
         print(
-            f"# {order}: labels to reach category accuracy {args.target:.2f} (mean of {len(ns)} seeds): {mean}"
+            f"# {order}: labels to reach category accuracy {args.target:.2f}, mean of {len(ns)} seeds: "
+            f"{np.mean(counted):.1f} (reached in {len(reached)} of {len(ns)}; a miss counts {cap}); "
+            f"mean accuracy over the curve {curve:.3f}"
         )
 
 
