@@ -19,11 +19,12 @@ from collections import OrderedDict
 from backend.errors import UnprocessableError
 from backend.labelstudio.schema import ProjectSchema, SchemaError, parse_label_config
 
+from .settings import parse_bool
+
 logger = logging.getLogger(__name__)
 
 SCHEMAS_KEPT = 64  # parsed label configs kept (a config is a few KB; parsing one takes milliseconds)
 EXTRA_PARAMS = ("auto_prelabel",)  # what a project may set in its ML backend connection's extra params
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def project_options(extra_params) -> dict:
@@ -49,8 +50,11 @@ def project_options(extra_params) -> dict:
         return {"auto_prelabel": choice}
     if isinstance(choice, int) and choice in (0, 1):
         return {"auto_prelabel": bool(choice)}
-    if isinstance(choice, str) and choice.strip().lower() in _TRUE + _FALSE:
-        return {"auto_prelabel": choice.strip().lower() in _TRUE}
+    if isinstance(choice, str):
+        try:
+            return {"auto_prelabel": parse_bool(choice)}  # as the settings read it
+        except ValueError:
+            pass
     raise UnprocessableError(
         f"extra params: 'auto_prelabel' must be true or false, got {json.dumps(choice)[:40]}"
     )

@@ -413,7 +413,8 @@ def _env(name: str) -> str:
     return next(f.metadata["env"] for f in fields(Settings) if f.name == name)
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """A setting's boolean text (``1/true/yes/on``, ``0/false/no/off``, empty: false), any case."""
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -424,7 +425,7 @@ def _bool(text: str) -> bool:
 
 def _convert(kind: str, raw: str):
     if "bool" in kind:
-        return _bool(raw)
+        return parse_bool(raw)
     if kind.startswith("int"):
         return int(raw)
     if kind.startswith("float"):
