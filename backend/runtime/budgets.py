@@ -239,17 +239,6 @@ def fit_request(settings, osprey, *, device_free: int, lora: bool | None = None)
     )  # fmt: skip
 
 
-def request_peak_bytes(settings, osprey, *, points_per_batch: int = 64) -> int:
-    """Bytes one request needs at its peak beyond weights and caches (:class:`RequestPeak`) for the
-    region model's current scoring chunk and decode group (``osprey.fast``; a group of
-    :data:`DECODE_ROWS` answers, capped by OSPREY_MAX_REGIONS, when it decodes all at once)."""
-    rows = osprey.fast.max_decode_rows or max(1, min(settings.max_regions, DECODE_ROWS))
-    return request_peak(
-        settings, osprey, chunk_tokens=osprey.fast.max_batch_tokens, decode_rows=rows,
-        points_per_batch=points_per_batch,
-    ).peak  # fmt: skip
-
-
 def device_budgets(settings, osprey) -> CacheBudgets:
     """Measure the device and derive the budgets (call after loading the models)."""
     import torch

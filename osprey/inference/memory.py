@@ -6,7 +6,6 @@
   Every region model answers the same question with its own ``encoding_bytes()``
   (PixelRefer-Lite's from its shapes, :func:`tower_peak_bytes` for its tower).
 - :func:`prefix_kv_bytes`: the keys/values of ``tokens`` tokens in every decoder layer.
-- :func:`label_activation_bytes`: the peak of one of the fast path's labelling forwards.
 
 The counters every model shares (:func:`~osprey.runtime.memory.weight_bytes`,
 :class:`~osprey.runtime.memory.LiveBytes`) live in :mod:`osprey.runtime.memory`.
@@ -24,7 +23,7 @@ from osprey.runtime.memory import LiveBytes, tensor_bytes
 
 __all__ = [
     "EncodingBytes", "WorkBytes", "encoding_bytes", "fit_work", "forward_bytes", "kv_buffer_bytes",
-    "label_activation_bytes", "prefix_kv_bytes", "tower_peak_bytes", "work_bytes",
+    "prefix_kv_bytes", "tower_peak_bytes", "work_bytes",
 ]  # fmt: skip
 
 
@@ -81,19 +80,6 @@ def prefix_kv_bytes(llm_config, tokens: int, dtype: torch.dtype) -> int:
     """Keys and values of ``tokens`` tokens in every decoder layer, plus their segment and position
     (two int64 per token): a :class:`~osprey.model.kv.KVState` of one row."""
     return tokens * KVLayout.of(llm_config, dtype).token_bytes()
-
-
-def label_activation_bytes(llm_config, dtype: torch.dtype, *, chunk_tokens: int, context_tokens: int) -> int:
-    """Peak bytes of one of the fast path's forwards over ``chunk_tokens`` new tokens on top of
-    ``context_tokens`` cached ones (:class:`~osprey.inference.fast.FastRunner`'s ``max_batch_tokens``
-    on a prefix): the chunk's new keys/values in every layer, which the forward returns, plus one
-    layer's working set (hidden states, the MLP's three intermediate projections, the additive mask).
-    Logits are taken at a few positions only and left out."""
-    element = torch.empty((), dtype=dtype).element_size()
-    new_kv = prefix_kv_bytes(llm_config, chunk_tokens, dtype)
-    layer = chunk_tokens * (3 * llm_config.intermediate_size + 4 * llm_config.hidden_size) * element
-    mask = chunk_tokens * (context_tokens + chunk_tokens) * element
-    return new_kv + layer + mask
 
 
 # ---- one labelling call's working memory: keys/values buffers, scoring chunks, decode groups ----------

@@ -4,7 +4,7 @@
 architecture: loading (:meth:`~RegionModelBase.from_pretrained` through the model's
 :class:`~osprey.loading.loader.ModelLoader`), the encoded-image cache (keys, restoring what the host or
 disk tier kept), labelling one image, many images and the one-region-per-call baseline through the
-shared planner and runners, step boundaries for the scheduler, and labelling's peak bytes. A subclass
+shared planner and runners, and step boundaries for the scheduler. A subclass
 says only what its architecture does differently: how an image is encoded (:meth:`_encode`), how the
 prompt prefix runs on it (:meth:`_with_prefix`), what a region puts into a prompt
 (:meth:`region_tokens_of`), its prompts, and its feature maps.
@@ -215,16 +215,3 @@ class RegionModelBase(ABC):
         """One cached encoding of an ``image_hw`` image by part, and the vision tower's peak
         (:class:`~osprey.inference.memory.EncodingBytes`), exactly from shapes on any device (``meta``
         included): what the caches and the memory budget count."""
-
-    def prefix_tokens(self) -> int:
-        """Tokens of the prompt prefix an encoded image holds keys and values for."""
-        return self.encoding_bytes().prefix_tokens
-
-    def label_peak_bytes(self) -> int:
-        """Bytes of labelling's largest forward: a full scoring chunk after the prefix (on any device)."""
-        from .memory import label_activation_bytes
-
-        return label_activation_bytes(
-            self.model.llm.config, self.model.dtype, chunk_tokens=self.fast.max_batch_tokens,
-            context_tokens=self.prefix_tokens(),
-        )  # fmt: skip
