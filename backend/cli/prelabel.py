@@ -127,16 +127,18 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
             "personal access token from Label Studio's Account & Settings page)"
         )
     label_config = client.label_config(args.project)
-    with build_runtime(settings, models=models, client=client) as runtime:  # no workers: nothing is queued
+    # No workers: nothing is queued. On Ray the models load in the actors, never here: a driver on a
+    # GPU node would otherwise hold a second copy beside the actor that gets that GPU.
+    with build_runtime(settings, models=None if args.ray else models, client=client,
+                       load_models=not args.ray) as runtime:  # fmt: skip
         schema = runtime.projects.schema_for(label_config)
         project = str(args.project)
         runtime.projects.remember(project, label_config)
         version = runtime.projects.version(project)
-        head = runtime.projects.head(project)
         tasks, total = _task_stream(client, args)
-        predictor = runtime.tasks_for(project)
         if args.dry_run is not None:
-            return _dry_run(predictor, schema, head, version, list(tasks), args.dry_run)
+            head = runtime.projects.head(project)
+            return _dry_run(runtime.tasks_for(project), schema, head, version, list(tasks), args.dry_run)
         sink, claimer = client, runtime.claimer(project, version, "prelabel")
         if args.out:
             from backend.prelabel.export import JsonlSink
@@ -174,7 +176,8 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
             else:
                 from backend.prelabel.engine import prelabel
 
-                summary = prelabel(tasks, predictor=predictor, head=head, pipeline=not args.serial, **common)
+                summary = prelabel(tasks, predictor=runtime.tasks_for(project), head=runtime.projects.head(project),
+                                   pipeline=not args.serial, **common)  # fmt: skip
         finally:
             progress.finish()
             if bar is not None:

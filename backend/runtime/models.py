@@ -100,6 +100,17 @@ def weight_paths(settings: Settings) -> dict[str, str]:
     }
 
 
+def base_version(settings: Settings) -> str:
+    """:attr:`Models.version` of the models ``settings`` name, without loading them (a process that
+    coordinates work whose models load elsewhere: ``prelabel --ray``'s driver). A released model is named
+    by its checkpoint folder, as loading names it; FileNotFoundError when that folder is not here."""
+    model = settings.model_name
+    untrained, resolve = _region_model_source(model)
+    region = model if untrained else resolve(model).name
+    base = f"{region}+sam-{settings.sam_model}"
+    return f"{base}-untrained" if untrained or sam_checkpoint_path(settings) is None else base
+
+
 def check_weights(settings: Settings) -> None:
     """Raise FileNotFoundError naming every missing weight file and the command that fetches it."""
     from osprey.model.checkpoint import weight_files

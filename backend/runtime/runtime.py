@@ -47,7 +47,7 @@ from backend.prelabel.claims import BATCH_WRITER, Claimer, PrelabelClaims, write
 from backend.prelabel.deferral import Deferrals
 
 from .budgets import lora_on
-from .models import Models, check_weights, device_memory, load_models, weight_paths
+from .models import Models, base_version, check_weights, device_memory, load_models, weight_paths
 from .projects import Projects
 from .recorder import PredictionRecorder
 from .scheduler import BACKGROUND, BATCH, INTERACTIVE, ModelScheduler
@@ -83,7 +83,7 @@ class Runtime:
     :func:`build_runtime`; use it as a context manager or call :meth:`close`."""
 
     settings: Settings
-    models: Models
+    models: Models | None  # None: the models load elsewhere (prelabel --ray's driver)
     scheduler: ModelScheduler
     sessions: ModelSessions
     loader: ImageLoader
@@ -111,6 +111,8 @@ class Runtime:
     # ---- parts built from the others ----
     def tasks_for(self, project: str | None, priority: int = BATCH) -> TaskPredictor:
         """A task predictor for ``project`` working at ``priority`` (batch by default)."""
+        if self.models is None:
+            raise RuntimeError("this runtime was built without models (build_runtime(load_models=False))")
         return TaskPredictor(
             models=self.models, loader=self.loader, options=self.options,
             batch_tasks=self.settings.prelabel_batch_tasks,
@@ -143,6 +145,8 @@ class Runtime:
     def start(self) -> Runtime:
         """Start the intake thread (webhooks stored and not yet parsed are parsed first), the
         reconciliation and one job worker per lane (``OSPREY_TRAINING``); returns the runtime."""
+        if self.intake is None:
+            raise RuntimeError("a runtime without models has no threads to start")
         self.intake.start()
         if self.reconciler is not None:
             self.reconciler.start()
@@ -160,7 +164,9 @@ class Runtime:
         if self.closed:
             return True
         self.closed = True
-        stopped = self.intake.stop(timeout_s)  # what is still in the inbox is parsed at the next start
+        stopped = True
+        if self.intake is not None:  # what is still in the inbox is parsed at the next start
+            stopped &= self.intake.stop(timeout_s)
         if self.reconciler is not None:
             stopped &= self.reconciler.stop(timeout_s)
         if self.auto_prelabel is not None:
@@ -168,7 +174,7 @@ class Runtime:
         stopped &= all([worker.stop(timeout_s) for worker in self.workers.values()])
         self.recorder.close()
         self.background.shutdown(wait=True, cancel_futures=True)
-        for closable in (self.store, self.queue, self.intake.inbox, self.claims):
+        for closable in (self.store, self.queue, self.intake and self.intake.inbox, self.claims):
             close = getattr(closable, "close", None)
             if close is not None:
                 close()
@@ -235,15 +241,18 @@ class Runtime:
 
 
 def build_runtime(settings: Settings, *, models: Models | None = None, loader: ImageLoader | None = None,
-                  client: LabelStudioClient | None = None, device: str | None = None) -> Runtime:  # fmt: skip
+                  client: LabelStudioClient | None = None, device: str | None = None,
+                  load_models: bool = True) -> Runtime:  # fmt: skip
     """Build every part (see the module docstring). ``models``, ``loader`` and ``client`` replace the
     loaded models, the image loader and the Label Studio client (tests, benchmarks); otherwise the
     models are loaded on ``device`` (default: ``OSPREY_DEVICE`` resolved by
-    :func:`backend.runtime.startup.resolve_device_from_torch`). Before anything loads, ``MODEL_DIR`` and
-    ``OSPREY_CACHE_DIR`` must be writable (StartupError naming the path and the fix). Threads start with
-    :meth:`Runtime.start`."""
+    :func:`backend.runtime.startup.resolve_device_from_torch`). ``load_models=False`` builds a runtime
+    without models, for a process that coordinates work whose models load elsewhere (``prelabel --ray``'s
+    driver: the project state, claims, recorder and client, no device). Before anything loads,
+    ``MODEL_DIR`` and ``OSPREY_CACHE_DIR`` must be writable (StartupError naming the path and the fix).
+    Threads start with :meth:`Runtime.start`."""
     check_writable({"MODEL_DIR": settings.model_dir, "OSPREY_CACHE_DIR": settings.cache_dir})
-    if models is None:
+    if models is None and load_models:
         models = _load(settings, device)
     store = TrainingStore(settings.model_dir / "training.sqlite3")
     queue = make_queue(sqlite_path=store.path, redis_url=settings.redis_url)
@@ -255,7 +264,9 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
         settings=settings,
         models=models,
         scheduler=scheduler,
-        sessions=ModelSessions(scheduler=scheduler, registry=registry, osprey=models.region_model),
+        sessions=ModelSessions(
+            scheduler=scheduler, registry=registry, osprey=models.region_model if models else None
+        ),
         loader=loader or image_loader(settings, cache_size=settings.cache_images, auth=auth),
         store=store,
         queue=queue,
@@ -264,7 +275,7 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
             store=store,
             registry=registry,
             field_map=parse_field_map(settings.field_map),
-            base_version=models.version,
+            base_version=models.version if models else base_version(settings),
         ),
         recorder=PredictionRecorder(store=store, thread_name=f"{THREAD_PREFIX}record-{tag}"),
         client=client or label_studio_client(settings, auth=auth),
@@ -276,7 +287,8 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
         tag=tag,
         claims=PrelabelClaims(store.path),
     )
-    _wire(runtime)
+    if models is not None:  # without models: no predictor, intake, jobs or workers, nothing to start
+        _wire(runtime)
     return runtime
 
 

@@ -61,14 +61,21 @@ def stripped(ls, task: int) -> list[list[dict]]:
 
 
 def test_ray_writes_the_in_process_answers_once_and_reports_a_broken_image(
-    local_ray, ls, command, tmp_path, capsys
+    local_ray, ls, command, tmp_path, capsys, monkeypatch
 ):
+    import backend.runtime.runtime as runtime_module
+
+    def no_models_here(*args, **kwargs):  # the driver: the models load in the actors, never here
+        raise AssertionError("prelabel --ray loaded the models in the driver")
+
     ids = keep_tasks(ls, 9)
     ls.state.tasks[ids[4]]["data"]["image"] = "/data/upload/7/deleted.png"
     other = PrelabelClaims(tmp_path / "models" / "training.sqlite3")  # a running job holds two tasks
     assert other.claim("7", VERSION, ids[:2], owner="host:1:job:x", lease_s=600) == set(ids[:2])
 
-    assert command("--ray", "--batch-tasks", "2", "--chunk-tasks", "3", "--retries", "0") == 1
+    with monkeypatch.context() as patched:
+        patched.setattr(runtime_module, "load_models", no_models_here)
+        assert command("--ray", "--batch-tasks", "2", "--chunk-tasks", "3", "--retries", "0") == 1
     out = capsys.readouterr().out
     assert "predicted                      6" in out and "left to another writer         2" in out, out
     assert "failed                         1" in out and f"tasks {ids[4]}" in out and "404" in out, out
