@@ -4,6 +4,7 @@
 #   docker run --gpus all -p 9090:9090 -v osprey-models:/models osprey-label           # GPU
 #   docker run -p 9090:9090 -v osprey-models:/models osprey-label                      # CPU
 #   docker run --rm -v osprey-models:/models osprey-label download                     # fetch weights
+#   docker build --build-arg EXTRAS=ray -t osprey-label:ray .                          # with Ray Data
 #
 # Podman: `podman build --format docker -t osprey-label .`; its default (OCI) image format has no
 # HEALTHCHECK, so without `--format docker` the health check below is silently dropped.
@@ -53,7 +54,11 @@ COPY pyproject.toml README.md ./
 COPY osprey ./osprey
 COPY backend ./backend
 # `pip install .` builds in the source tree: its build/ and *.egg-info would stay in /app otherwise.
+# EXTRAS names optional extras of pyproject.toml to install as well, e.g. `--build-arg EXTRAS=ray` for
+# an image that runs `osprey-label prelabel --ray` on a Ray cluster (every node runs this image).
+ARG EXTRAS=""
 RUN pip install --no-cache-dir --no-deps . \
+    && if [ -n "$EXTRAS" ]; then pip install --no-cache-dir "./[$EXTRAS]"; fi \
     && rm -rf build ./*.egg-info
 
 USER 1000:1000

@@ -203,6 +203,24 @@ def test_the_package_install_leaves_no_build_outputs_in_app(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["osprey", "pyproject.toml"]
 
 
+def test_extras_are_installed_only_when_the_build_argument_names_them(tmp_path):
+    assert build_args()["EXTRAS"] == '""'  # the default image: no extra
+    step = run_step(r"EXTRAS")
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "pip").write_text('#!/bin/sh\necho pip "$@"\n')
+    (shim / "pip").chmod(0o755)
+
+    def pip_calls(extras: str) -> str:
+        env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "EXTRAS": extras}
+        return subprocess.run(["sh", "-c", step], env=env, capture_output=True, text=True, check=True).stdout
+
+    assert pip_calls("") == ""
+    assert pip_calls("ray") == "pip install --no-cache-dir ./[ray]\n"
+    declared = re.search(r"^ray = ", (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared, "the ray extra the Dockerfile comment names is declared in pyproject.toml"
+
+
 def test_torch_comes_from_the_build_argument_before_the_requirements():
     assert build_args()["TORCH_INDEX_URL"] == "https://pypi.org/simple"  # the default: PyPI
     steps = dockerfile()
