@@ -171,7 +171,14 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
         try:
             if args.ray:
                 summary = _on_ray(
-                    tasks, args, settings, label_config, version, read_only=bool(args.out), **common
+                    tasks,
+                    args,
+                    settings,
+                    label_config,
+                    version,
+                    read_only=bool(args.out),
+                    total=total,
+                    **common,
                 )
             else:
                 from backend.prelabel.engine import prelabel
@@ -208,7 +215,7 @@ def _check_ray_arguments(args: argparse.Namespace) -> None:
 
 
 def _on_ray(tasks, args: argparse.Namespace, settings, label_config: str, version: str, *, read_only: bool,
-            **common):  # fmt: skip
+            total: int | None, **common):  # fmt: skip
     """The run on Ray Data: workers build their client, image loader and models from ``settings``."""
     import functools
 
@@ -232,7 +239,7 @@ def _on_ray(tasks, args: argparse.Namespace, settings, label_config: str, versio
     started = connect(options)
     try:
         return prelabel_on_ray(tasks, workers=workers, batch_tasks=settings.prelabel_batch_tasks, options=options,
-                               read_only=read_only, **common)  # fmt: skip
+                               read_only=read_only, total=total, **common)  # fmt: skip
     finally:
         if started:
             disconnect()

@@ -3,10 +3,15 @@ in-process engine, spread over a Ray cluster (or a local Ray on a laptop).
 
     this process           Ray CPU tasks               model actors (one per GPU)   Ray CPU tasks     this process
     task ids, skip done -> claim, read back, fetch  -> SAM + region model       -> Label Studio   -> chunked writes,
-    (page by page)         and decode images            (TaskPredictor.infer)      results (build)   claims given back
+    (page by page, into    and decode images            (TaskPredictor.infer)      results (build)   claims given back
+     a TaskFeed)
 
 The driver (this process) lists the tasks page by page, keeps the ids of those without a prediction of
-the version, and hands them to Ray in batches of ``batch_tasks``. A CPU task claims a batch (through
+the version, and hands them to Ray in batches of ``batch_tasks`` while it lists: when it knows how many
+tasks there are (a project's count, ``--tasks``), the first round streams them through a
+:class:`TaskFeed` (an actor on the driver's node that holds a few batches ahead of the CPU tasks, which
+take one each), so the pipeline starts with the first page and the listing never holds more than a few
+batches; otherwise the ids are listed first. A CPU task claims a batch (through
 :class:`ClaimDesk`, an actor on the driver's node that holds the claims file of ``MODEL_DIR``, so the
 in-process engine, the server's deferred jobs and Ray runs all see each other's claims), reads the
 claimed tasks back from Label Studio (tasks finished meanwhile are skipped, other writers' duplicates
@@ -22,7 +27,9 @@ fails for a whole batch, Label Studio gone for a moment, fails that batch's task
 model actor that dies (killed, out of memory) is restarted by Ray and its batch is done again
 (``max_restarts``/``max_task_retries``); its first attempt's output never reached the driver, so nothing
 is written twice. A batch Ray gives up on is reported with its tasks as lost. Retryable failures get
-``retries`` more rounds, as in the in-process engine.
+``retries`` more rounds, as in the in-process engine. A listing that fails (Label Studio gone for
+longer than the client's retries) ends the feed: the batches already taken finish and are written,
+then its error is raised, as without Ray.
 
 ``OSPREY_RAY_CRASH_TEST="N:MARKER"`` (tests only) makes a model actor's process exit on its N-th batch,
 once: the first actor to get there creates the file ``MARKER`` and exits; later ones see the file.
@@ -30,6 +37,8 @@ once: the first actor to get there creates the file ``MARKER`` and exits; later 
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import os
 import pickle
@@ -54,6 +63,7 @@ logger = logging.getLogger(__name__)
 CRASH_TEST_ENV = "OSPREY_RAY_CRASH_TEST"
 LOCAL = "local"  # ``--ray`` without an address: a Ray started in this process
 MAX_BLOCKS = 2048  # blocks of the id batches (one batch a block on smaller runs: the most parallel reads)
+FEED_SLACK = 16  # slots beyond the batches a known task count gives (a CPU task Ray runs again takes more)
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,50 @@ class ClaimDesk:
         return sorted(self.claimer.claim(task_ids))
 
 
+class TaskFeed:
+    """Batches of task ids on their way from the driver's listing to the CPU tasks (a Ray actor on the
+    driver's node, async: callers wait without holding a thread). ``put`` waits while ``size`` batches
+    are waiting; ``take`` waits for a batch and gives None once the feed has ended and is empty;
+    ``stop`` ends the feed at once and gives back the batches nobody took (a ``put`` waiting then, or
+    after, gives False)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: collections.deque[list[int]] = collections.deque()
+        self.ended = self.stopped = False
+        self.changed = asyncio.Condition()
+
+    async def put(self, ids: list[int]) -> bool:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.stopped or len(self.items) < self.size)
+            if self.stopped:
+                return False
+            self.items.append(ids)
+            self.changed.notify_all()
+            return True
+
+    async def take(self) -> list[int] | None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.items or self.ended or self.stopped)
+            if self.items and not self.stopped:
+                ids = self.items.popleft()
+                self.changed.notify_all()
+                return ids
+            return None
+
+    async def end(self) -> None:
+        async with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    async def stop(self) -> list[list[int]]:
+        async with self.changed:
+            self.stopped, left = True, list(self.items)
+            self.items.clear()
+            self.changed.notify_all()
+            return left
+
+
 _PER_PROCESS: dict[str, object] = {}  # a worker process's Label Studio client and image loader, per run
 _PER_PROCESS_LOCK = threading.Lock()
 
@@ -135,12 +189,18 @@ class _Tasks:
         self.client.delete_prediction(prediction_id)
 
 
-def _admit_and_load(row: dict, *, run_id: str, workers: RayWorkers, desk, schema: ProjectSchema,
+def _admit_and_load(row: dict, *, run_id: str, workers: RayWorkers, desk, feed, schema: ProjectSchema,
                     project: int, version: str, converging: bool) -> dict:  # fmt: skip
-    """CPU stage: claim the batch, read it back, fetch and decode its images."""
+    """CPU stage: take the batch (a slot row takes the next one from ``feed``; None when the feed has
+    ended: an empty batch), claim it, read it back, fetch and decode its images."""
     import ray
 
-    batch = _Batch(ids=[int(i) for i in row["ids"]])
+    ids = row.get("ids")
+    if ids is None:
+        ids = ray.get(feed.take.remote()) or []
+    batch = _Batch(ids=[int(i) for i in ids])
+    if not batch.ids:  # a slot the listing did not fill: filtered out
+        return {"batch": pickle.dumps(batch), "tasks": 0}
     try:
         claimed = ray.get(desk.claim.remote(batch.ids)) if desk is not None else list(batch.ids)
         reader = _Tasks(_per_process(f"{run_id}:client", workers.client))
@@ -173,7 +233,7 @@ def _admit_and_load(row: dict, *, run_id: str, workers: RayWorkers, desk, schema
         logger.warning("a batch of %d tasks could not be read: %s", len(batch.ids), error)
         batch.early = [TaskResult(i, "failed", f"reading the task: {error}") for i in batch.ids]
         batch.tasks, batch.staged = [], None
-    return {"batch": pickle.dumps(batch)}
+    return {"batch": pickle.dumps(batch), "tasks": len(batch.ids)}
 
 
 class ModelActor:
@@ -269,6 +329,7 @@ def prelabel_on_ray(
     project: int,
     model_version: str,
     sink,
+    total: int | None = None,
     batch_tasks: int = 4,
     chunk_tasks: int = 8,
     retries: int = 2,
@@ -281,8 +342,9 @@ def prelabel_on_ray(
 ) -> Summary:
     """:func:`backend.prelabel.engine.prelabel` on Ray Data (see the module docstring): same arguments
     (``workers`` replaces the predictor), same :class:`Summary`. Ray must be connected
-    (:func:`connect`). ``sink`` is the driver's (Label Studio's client, or a ``JsonlSink`` with
-    ``read_only``: Label Studio is then only read, never changed)."""
+    (:func:`connect`). ``total`` (how many tasks ``tasks`` gives at most, or None) lets the first round
+    stream the listing instead of finishing it first. ``sink`` is the driver's (Label Studio's client,
+    or a ``JsonlSink`` with ``read_only``: Label Studio is then only read, never changed)."""
     claimer = claimer or Claimer(None, str(project), model_version, owner="-")
     run = _Run(
         predictor=None, schema=schema, project=project, model_version=model_version, sink=sink, head=None,
@@ -291,17 +353,27 @@ def prelabel_on_ray(
     desk = _claim_desk(claimer)
     started = time.perf_counter()
     sent: set[int] = set()
+    stream = _ids(_unfinished(tasks, run), run)
+    pending: list[int] = []
+    if total is None:  # nothing to size the slots by: list first
+        pending, stream = list(stream), None
     try:
-        pending = list(_ids(_unfinished(tasks, run), run))
         for attempt in range(1, retries + 2):
             if attempt > 1:
                 if not pending:
                     break
                 sleep(backoff_s * 2 ** (attempt - 2))
-            sent.update(pending)
+            feeder = None
+            if stream is not None:  # the first round takes the listing as it comes
+                slots = -(-total // batch_tasks)
+                feeder = _Feeder(stream, batch_tasks=batch_tasks, slots=slots + FEED_SLACK + slots // 20,
+                                 size=max(4, 2 * (options.actors or 1) + 2))  # fmt: skip
+                stream = None
             returned, stopped = _run_dataset(pending, run, attempt, workers=workers, desk=desk, options=options,
-                                             batch_tasks=batch_tasks, converging=not read_only)  # fmt: skip
-            lost = [i for i in pending if i not in returned]
+                                             batch_tasks=batch_tasks, converging=not read_only, feeder=feeder)  # fmt: skip
+            taken, left = (feeder.taken, feeder.left) if feeder is not None else (pending, [])
+            sent.update(taken)
+            lost = [i for i in taken if i not in returned]
             pending = [task_id(t) for t in run.retry]
             run.retry = []
             for identity in lost:
@@ -311,6 +383,15 @@ def prelabel_on_ray(
                     run.finish(
                         TaskResult(identity, "failed", f"lost: {stopped or 'Ray gave up on its batch'}")
                     )
+            if attempt <= retries:
+                pending.extend(left)
+            else:
+                for identity in left:
+                    run.finish(
+                        TaskResult(identity, "failed", "not reached in this run: run the command again")
+                    )
+            if feeder is not None and feeder.error is not None:
+                raise feeder.error
     finally:
         run.claimer.release(sorted(sent))  # what is still held (lost batches, a run cut off)
     run.summary.seconds = time.perf_counter() - started
@@ -326,49 +407,112 @@ def _ids(tasks: Iterator[dict], run: _Run) -> Iterator[int]:
             yield identity
 
 
+class _Feeder:
+    """The driver's side of a streamed round: a thread lists ``stream`` (task ids) in batches into a
+    :class:`TaskFeed` while the round runs; the round has ``slots`` rows, each taking one batch. After
+    :meth:`finish`, ``taken`` are the ids the CPU tasks took, ``left`` those they did not (batches
+    still waiting, and the rest of the listing when the round ended first: tasks added while it
+    listed, or Ray stopped), and ``error`` what stopped the listing, if anything (the batches already
+    taken still finish)."""
+
+    def __init__(self, stream: Iterator[int], *, batch_tasks: int, slots: int, size: int) -> None:
+        import ray
+
+        self.slots, self.batch_tasks, self._stream = slots, batch_tasks, stream
+        self.feed = ray.remote(TaskFeed).options(num_cpus=0, scheduling_strategy=_here()).remote(size)
+        self.put: list[int] = []
+        self.taken: list[int] = []
+        self.left: list[int] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._list, name="osprey-ray-feed", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _list(self) -> None:
+        import ray
+
+        batches = _batches(self._stream, self.batch_tasks)
+        try:
+            for batch in batches:
+                if not ray.get(self.feed.put.remote(batch)):  # the round ended: the rest is left
+                    self.left.extend(batch)
+                    for rest in batches:
+                        self.left.extend(rest)
+                    return
+                self.put.extend(batch)
+        except BaseException as error:  # Label Studio gone while listing: raised after the round
+            self.error = error
+        finally:
+            ray.get(self.feed.end.remote())
+
+    def finish(self) -> None:
+        import ray
+
+        untaken = {i for batch in ray.get(self.feed.stop.remote()) for i in batch}
+        self._thread.join()
+        self.taken = [i for i in self.put if i not in untaken]
+        self.left = [i for i in self.put if i in untaken] + self.left
+        ray.kill(self.feed)
+
+
+def _here():
+    """A scheduling strategy that keeps an actor on this (the driver's) node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _claim_desk(claimer: Claimer):
     """The :class:`ClaimDesk` actor on this (the driver's) node, or None when there is no claims file."""
     if claimer.claims is None:
         return None
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return (
         ray.remote(ClaimDesk)
-        .options(num_cpus=0, scheduling_strategy=here)
+        .options(num_cpus=0, scheduling_strategy=_here())
         .remote(claimer.claims.path, claimer.project, claimer.version, claimer.owner, claimer.lease_s)
     )
 
 
 def _run_dataset(ids: list[int], run: _Run, attempt: int, *, workers: RayWorkers, desk, options: RayOptions,
-                 batch_tasks: int, converging: bool) -> tuple[set[int], str | None]:  # fmt: skip
-    """One round of ``ids`` through the Ray Data pipeline; every returned batch goes through the
-    engine's ``accept``/``flush``. The ids that came back, and why Ray stopped early (None when it did
-    not: a whole stage that cannot go on, such as model actors that die at every start, ends the round
-    and its other tasks are lost to it, not the run)."""
+                 batch_tasks: int, converging: bool, feeder: _Feeder | None = None) -> tuple[set[int], str | None]:  # fmt: skip
+    """One round of ``ids`` (or, with ``feeder``, of what it lists) through the Ray Data pipeline; every
+    returned batch goes through the engine's ``accept``/``flush``. The ids that came back, and why Ray
+    stopped early (None when it did not: a whole stage that cannot go on, such as model actors that die
+    at every start, ends the round and its other tasks are lost to it, not the run)."""
     import ray
+    from ray.data.expressions import col
 
-    if not ids:
+    if feeder is not None:
+        rows = [{"slot": i} for i in range(feeder.slots)]
+    else:
+        rows = [{"ids": batch} for batch in _batches(iter(ids), batch_tasks)]
+    if not rows:
         return set(), None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = options.progress
     context.max_errored_blocks = -1  # continue on error: a lost batch is reported, the rest goes on
-    batches = [{"ids": batch} for batch in _batches(iter(ids), batch_tasks)]
     actors, resources = _actor_resources(options)
     crash = os.environ.get(CRASH_TEST_ENV)
     stage = {"schema": run.schema, "workers": workers}
     with warnings.catch_warnings():  # Ray 2.60 takes the actors' fault tolerance only as ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         dataset = (
-            ray.data.from_items(batches, override_num_blocks=min(len(batches), MAX_BLOCKS))
+            ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
             .map(_admit_and_load, fn_kwargs={"run_id": uuid.uuid4().hex, "desk": desk, "project": run.project,
-                                             "version": run.model_version, "converging": converging, **stage})
+                                             "version": run.model_version, "converging": converging,
+                                             "feed": feeder.feed if feeder is not None else None, **stage})
+            .filter(expr=col("tasks") > 0)  # slots the listing did not fill
             .map_batches(ModelActor, batch_size=1, concurrency=actors, fn_constructor_kwargs={**stage, "crash": crash},
                          max_restarts=options.actor_restarts, max_task_retries=options.task_retries, **resources)
             .map(_build, fn_kwargs=stage)
         )  # fmt: skip
     returned: set[int] = set()
+    if feeder is not None:
+        feeder.start()
     try:
         for row in dataset.iter_rows():
             batch: _Batch = pickle.loads(row["batch"])
@@ -388,5 +532,7 @@ def _run_dataset(ids: list[int], run: _Run, attempt: int, *, workers: RayWorkers
                        len(returned), len(ids))  # fmt: skip
         return returned, stopped
     finally:
+        if feeder is not None:
+            feeder.finish()
         run.flush()
     return returned, None

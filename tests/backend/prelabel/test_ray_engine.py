@@ -6,13 +6,16 @@ actor killed mid-run retried with nothing lost or written twice."""
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 from lsapi_server import LEGACY_KEY
 
+import backend.cli.prelabel as prelabel_cli
+import backend.prelabel.ray_engine as ray_engine
 from backend.cli import main
 from backend.prelabel.claims import PrelabelClaims
-from backend.prelabel.ray_engine import CRASH_TEST_ENV
+from backend.prelabel.ray_engine import CRASH_TEST_ENV, TaskFeed
 
 ray = pytest.importorskip("ray")
 
@@ -104,6 +107,78 @@ def test_a_model_actor_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(
     assert all(len(ls.predictions_of(t, VERSION)) == 1 for t in ids)
     assert command("--ray") == 0  # a rerun writes nothing
     assert "skipped (already done)        10" in capsys.readouterr().out
+    assert all(len(ls.predictions_of(t, VERSION)) == 1 for t in ids)
+
+
+def test_the_feed_holds_a_few_batches_ends_after_the_last_and_gives_back_what_nobody_took(local_ray):
+    feed = ray.remote(TaskFeed).remote(2)
+    assert ray.get(feed.put.remote([1, 2])) is True and ray.get(feed.put.remote([3])) is True  # in order
+    third = feed.put.remote([4, 5])
+    assert ray.wait([third], timeout=0.5)[1] == [third]  # two batches wait: the listing waits too
+    assert ray.get(feed.take.remote()) == [1, 2]
+    assert ray.get(third) is True
+    waiting = feed.take.remote(), feed.take.remote(), feed.take.remote()
+    assert sorted(ray.get(list(waiting[:2]))) == [[3], [4, 5]]  # takers may be served in any order
+    assert ray.wait([waiting[2]], timeout=0.5)[1] == [waiting[2]]  # nothing yet, not ended: it waits
+    ray.get(feed.end.remote())
+    assert ray.get(waiting[2]) is None  # ended and empty: a slot with no batch
+    stopped = ray.remote(TaskFeed).remote(4)
+    ray.get(stopped.put.remote([6]))
+    ray.get(stopped.put.remote([7]))
+    assert ray.get(stopped.stop.remote()) == [[6], [7]]  # never taken: back to the driver
+    assert ray.get(stopped.put.remote([8])) is False and ray.get(stopped.take.remote()) is None
+
+
+def test_the_pipeline_starts_before_the_listing_ends(local_ray, ls, command, monkeypatch, tmp_path, capsys):
+    ids = keep_tasks(ls, 6)
+    claims = PrelabelClaims(tmp_path / "models" / "training.sqlite3")
+    listed = prelabel_cli._task_stream
+    waited: dict[str, bool] = {}
+
+    def gated(client, args):
+        stream, total = listed(client, args)
+
+        def tasks():  # the last task is listed only once a CPU task has claimed a batch of the first ones
+            for n, task in enumerate(stream):
+                if n == len(ids) - 1:
+                    deadline = time.monotonic() + 120
+                    while not claims.held() and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    waited["claimed first"] = bool(claims.held())
+                yield task
+
+        return tasks(), total
+
+    monkeypatch.setattr(prelabel_cli, "_task_stream", gated)
+    assert command("--ray", "--batch-tasks", "2", "--chunk-tasks", "2") == 0
+    assert waited == {"claimed first": True}
+    assert "predicted                      6" in capsys.readouterr().out
+    assert all(len(ls.predictions_of(t, VERSION)) == 1 for t in ids)
+    assert claims.held() == {}
+
+
+def test_tasks_beyond_the_count_the_run_started_with_go_to_the_next_round(
+    local_ray, ls, command, monkeypatch, capsys
+):
+    ids = keep_tasks(ls, 6)
+    listed = prelabel_cli._task_stream
+    monkeypatch.setattr(prelabel_cli, "_task_stream", lambda client, args: (listed(client, args)[0], 2))
+    monkeypatch.setattr(ray_engine, "FEED_SLACK", 0)  # one slot: one batch of 2 in the streamed round
+
+    assert command("--ray", "--batch-tasks", "2", "--retries", "0") == 1  # no next round: said so
+    out = capsys.readouterr().out
+    assert "predicted                      2" in out and "failed                         4" in out, out
+    assert "not reached in this run" in out
+    assert command("--ray", "--batch-tasks", "2") == 0  # the next round takes the rest
+    out = capsys.readouterr().out
+    assert "predicted                      4" in out and "skipped (already done)         2" in out, out
+    assert all(len(ls.predictions_of(t, VERSION)) == 1 for t in ids)
+
+
+def test_without_a_task_count_the_ids_are_listed_first(local_ray, ls, command, capsys):
+    ids = keep_tasks(ls, 3)
+    assert command("--ray", "--view", "5", "--batch-tasks", "2") == 0  # a view: Label Studio gives no count
+    assert "predicted                      3" in capsys.readouterr().out
     assert all(len(ls.predictions_of(t, VERSION)) == 1 for t in ids)
 
 
