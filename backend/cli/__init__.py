@@ -77,6 +77,17 @@ def _precompute(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    """``download`` with MODEL_DIR and SAM_BASE_URL from the settings (the command line wins)."""
+    from backend.runtime.settings import Settings
+    from osprey.download.cli import run_download
+
+    settings = Settings.from_env()
+    args.model_dir = args.model_dir or str(settings.model_dir)
+    args.sam_base_url = args.sam_base_url or settings.sam_base_url
+    return run_download(args)
+
+
 def _models(args: argparse.Namespace) -> int:
     from backend.learning.registry import ModelRegistry
     from backend.runtime.settings import Settings
@@ -138,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_label_command(subparsers)
     add_download_command(subparsers)
+    subparsers.choices["download"].set_defaults(func=_download)
     eval_parser = subparsers.add_parser(
         "eval", help="Osprey's region benchmarks (classify, captions) and pre-label acceptance"
     )

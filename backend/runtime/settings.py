@@ -114,6 +114,12 @@ class Settings:
         None, "SAM_CHECKPOINT", MODELS, "Path of the SAM `.pth` checkpoint.",
         shown="`MODEL_DIR/<released file name>`",
     )  # fmt: skip
+    sam_base_url: str | None = setting(
+        None, "SAM_BASE_URL", MODELS,
+        "Where `osprey-label download` fetches the SAM checkpoints from (a mirror serving Meta's file "
+        "names); each file is checked against its published sha256 whatever its source.",
+        shown="Meta's download site",
+    )  # fmt: skip
     sam_dtype: str = setting(
         "auto", "SAM_DTYPE", MODELS,
         "SAM's image encoder precision: `bf16`, `fp32`, or `auto` (`bf16` on CUDA, `fp32` on the CPU). The "

@@ -39,7 +39,6 @@ from .report import (
     human_size,
 )
 from .sam import (
-    SAM_BASE_URL_ENV,
     check_sam,
     fetch_sam,
     sam_checkpoint,
@@ -50,7 +49,6 @@ from .sam import (
 __all__ = [
     "CONFIG_AND_TOKENIZER_PATTERNS",
     "DEFAULT_SAM_BASE_URL",
-    "SAM_BASE_URL_ENV",
     "SAM_CHECKPOINTS",
     "TOKENIZER_FILES",
     "ChecksumError",

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ def add_download_command(subparsers) -> None:
         help="fetch the released weights (Osprey, its CLIP tower, SAM) and check them",
         description="Fetch what `osprey-label serve` loads, where it looks for it, then check every file. "
         "Osprey goes into the Hugging Face cache (HF_HOME; HF_ENDPOINT selects a mirror), SAM into "
-        "MODEL_DIR (default ./models). Exit status: 0 all present and verified, 1 something missing "
+        "--model-dir (MODEL_DIR, default ./models). Exit status: 0 all present and verified, 1 something missing "
         "or bad, 2 a fetch failed.",
     )
     parser.add_argument(
@@ -40,6 +39,7 @@ def add_download_command(subparsers) -> None:
         help="one plain folder for everything instead: SAM files in DIR, Osprey in DIR/<Osprey-7b> "
         "(then serve with MODEL_DIR=DIR OSPREY_MODEL=DIR/<Osprey-7b>)",
     )
+    parser.add_argument("--model-dir", help="where the SAM files go (MODEL_DIR, default ./models)")
     parser.add_argument("--force", action="store_true", help="fetch again even when the files are present")
     parser.add_argument("--check", action="store_true", help="fetch nothing; check what is present")
     parser.add_argument(
@@ -51,14 +51,16 @@ def add_download_command(subparsers) -> None:
     parser.add_argument(
         "--sam-base-url",
         default=None,
-        help="where the SAM files are served (SAM_BASE_URL, default Meta's download site)",
+        help="where the SAM files are served from (SAM_BASE_URL, default Meta's download site)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_download)
 
 
 def run_download(args: argparse.Namespace, *, snapshot_download=None) -> int:
-    """``osprey-label download``; ``snapshot_download`` stands in for the hub's (tests)."""
+    """``osprey-label download``: SAM into ``args.model_dir`` (default ./models) from ``args.sam_base_url``
+    (default Meta's site; :mod:`backend.cli` fills both from MODEL_DIR and SAM_BASE_URL when the command
+    line leaves them out). ``snapshot_download`` stands in for the hub's (tests)."""
     from osprey import download
     from osprey.download.hub import check_pixelrefer, fetch_pixelrefer, pixelrefer_repo
     from osprey.model.checkpoint import OSPREY_REPOS
@@ -70,9 +72,9 @@ def run_download(args: argparse.Namespace, *, snapshot_download=None) -> int:
     check = check_pixelrefer if pixelrefer else download.check_osprey
     sam = None if args.sam == "none" else args.sam
     folder = Path(args.dir).expanduser() if args.dir else None
-    sam_dir = folder or Path(os.environ.get("MODEL_DIR") or "./models")
+    sam_dir = folder or Path(args.model_dir or "./models")
     osprey_dir = folder / repos[model].split("/")[-1] if folder and model else None
-    base_url = args.sam_base_url or os.environ.get(download.SAM_BASE_URL_ENV) or download.DEFAULT_SAM_BASE_URL
+    base_url = args.sam_base_url or download.DEFAULT_SAM_BASE_URL
     errors: list[Exception] = []
     if not args.check and model:
         print(f"fetching {repos[model]} into {osprey_dir or 'the Hugging Face cache'}")

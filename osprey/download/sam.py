@@ -34,7 +34,6 @@ from .report import (
 
 __all__ = [
     "DEFAULT_SAM_BASE_URL",
-    "SAM_BASE_URL_ENV",
     "SAM_CHECKPOINTS",
     "SamCheckpoint",
     "check_sam",
@@ -45,8 +44,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-SAM_BASE_URL_ENV = "SAM_BASE_URL"
 
 
 def sam_checkpoint(

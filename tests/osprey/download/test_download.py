@@ -383,29 +383,27 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["download", *argv])
 
 
-def test_cli_fetches_everything_then_check_passes(
-    tmp_path, hf_cache, sam_server, fake_sam, monkeypatch, capsys
-):
+def test_cli_fetches_everything_then_check_passes(tmp_path, hf_cache, sam_server, fake_sam, capsys):
     entry, data = fake_sam
     sam_server.files[entry.name] = data
-    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
-    monkeypatch.setenv("SAM_BASE_URL", sam_server.base_url)
     hub = FakeHub(hf_cache, {OSPREY_REPO: osprey_repo_files(), CLIP_REPO: CLIP_REPO_FILES})
+    where = ("--model-dir", str(tmp_path / "models"), "--sam-base-url", sam_server.base_url)
 
     assert parse("--check", "--sam", "vit_b").func is run_download
-    assert run_download(parse("--check", "--sam", "vit_b")) == 1
+    assert run_download(parse("--check", "--sam", "vit_b", *where)) == 1
     out = capsys.readouterr().out
     assert out.count("missing") >= 2 and entry.name in out
 
-    assert run_download(parse("--sam", "vit_b", "--quiet"), snapshot_download=hub) == 0
+    assert run_download(parse("--sam", "vit_b", "--quiet", *where), snapshot_download=hub) == 0
     out = capsys.readouterr().out
     assert f"{entry.name}: fetched and verified" in out
+    assert (tmp_path / "models" / entry.name).is_file()
     assert "OSPREY_MODEL=osprey-7b SAM_MODEL=vit_b MODEL_DIR=" in out
-    assert run_download(parse("--check", "--sam", "vit_b")) == 0
+    assert run_download(parse("--check", "--sam", "vit_b", *where)) == 0
     out = capsys.readouterr().out
     assert "missing" not in out and " bad" not in out and entry.name in out
 
-    assert run_download(parse("--sam", "vit_b", "--model", "none", "--quiet")) == 0
+    assert run_download(parse("--sam", "vit_b", "--model", "none", "--quiet", *where)) == 0
     assert "already present and verified" in capsys.readouterr().out
 
 
