@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 CRASH_TEST_ENV = "OSPREY_RAY_CRASH_TEST"
 LOCAL = "local"  # ``--ray`` without an address: a Ray started in this process
 MAX_BLOCKS = 2048  # blocks of the id batches (one batch a block on smaller runs: the most parallel reads)
-FEED_SLACK = 16  # slots beyond the batches a known task count gives (a CPU task Ray runs again takes more)
+FEED_SLACK = 2  # slots beyond the batches a known task count gives (a CPU task Ray runs again takes more)
 
 
 @dataclass(frozen=True)
@@ -365,9 +365,10 @@ def prelabel_on_ray(
                 sleep(backoff_s * 2 ** (attempt - 2))
             feeder = None
             if stream is not None:  # the first round takes the listing as it comes
-                slots = -(-total // batch_tasks)
+                slots, actors = -(-total // batch_tasks), _actor_resources(options)[0]
+                # a few batches ready for each model actor; slots for the count and a little more
                 feeder = _Feeder(stream, batch_tasks=batch_tasks, slots=slots + FEED_SLACK + slots // 20,
-                                 size=max(4, 2 * (options.actors or 1) + 2))  # fmt: skip
+                                 size=max(4, 2 * actors + 2))  # fmt: skip
                 stream = None
             returned, stopped = _run_dataset(pending, run, attempt, workers=workers, desk=desk, options=options,
                                              batch_tasks=batch_tasks, converging=not read_only, feeder=feeder)  # fmt: skip
@@ -506,7 +507,8 @@ def _run_dataset(ids: list[int], run: _Run, attempt: int, *, workers: RayWorkers
                                              "version": run.model_version, "converging": converging,
                                              "feed": feeder.feed if feeder is not None else None, **stage})
             .filter(expr=col("tasks") > 0)  # slots the listing did not fill
-            .map_batches(ModelActor, batch_size=1, concurrency=actors, fn_constructor_kwargs={**stage, "crash": crash},
+            .map_batches(ModelActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                         fn_constructor_kwargs={**stage, "crash": crash},
                          max_restarts=options.actor_restarts, max_task_retries=options.task_retries, **resources)
             .map(_build, fn_kwargs=stage)
         )  # fmt: skip
