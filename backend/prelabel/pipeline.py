@@ -10,9 +10,11 @@ grow with the project: at most ``2 * prefetch + 4`` batches of decoded images an
 once, and task pages are read as they are needed. The model stage is the only one that calls the model
 (through the predictor's ``session``: the scheduler at batch priority, so an annotator's click goes
 first); the others are I/O and CPU (RLE, polygons). Writes keep the order of the task stream, in
-chunks (``chunk_tasks``) behind the model. A failure of a stage (Label Studio gone for good) stops the
-others and is raised in the caller's thread once every stage has stopped; claims still held are given
-back by the engine.
+chunks (``chunk_tasks``) behind the model. A failure of the task listing ends the feed: the batches
+already listed still go through and are written, as the serial engine writes them, then the listing's
+error is raised. A failure of any other stage (Label Studio refusing writes for good) stops the others
+and is raised in the caller's thread once every stage has stopped; claims still held are given back by
+the engine.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def run_stages(batches: Iterator[list[dict]], *, attempt: int, run, prefetch: in
     load, infer, build_results = _stages(run.predictor)
     stop = threading.Event()
     errors: list[BaseException] = []
+    listing: list[BaseException] = []  # the task stream's own failure: what was listed still finishes
     loading: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     inferred: queue.Queue = queue.Queue(maxsize=1)
     built: queue.Queue = queue.Queue(maxsize=2)
@@ -67,7 +70,15 @@ def run_stages(batches: Iterator[list[dict]], *, attempt: int, run, prefetch: in
         return admitted, load(admitted, schema, pool=images) if admitted else None
 
     def feed() -> None:
-        for batch in batches:
+        stream = iter(batches)
+        while True:
+            try:
+                batch = next(stream)
+            except StopIteration:
+                break
+            except Exception as error:  # Label Studio gone while listing: end the feed here
+                listing.append(error)
+                break
             put(loading, fetchers.submit(fetch, batch))
         put(loading, _END)
 
@@ -116,6 +127,8 @@ def run_stages(batches: Iterator[list[dict]], *, attempt: int, run, prefetch: in
         images.shutdown(wait=True, cancel_futures=True)
     if errors:
         raise errors[0]
+    if listing:
+        raise listing[0]
 
 
 def _stages(predictor) -> tuple[Callable, Callable, Callable]:

@@ -175,6 +175,37 @@ def test_tasks_beyond_the_count_the_run_started_with_go_to_the_next_round(
     assert all(len(ls.predictions_of(t, VERSION)) == 1 for t in ids)
 
 
+@pytest.mark.parametrize("engine", [["--serial"], [], ["--ray"]], ids=["serial", "pipelined", "ray"])
+def test_a_listing_that_fails_midway_writes_what_was_taken_and_says_so_in_one_line(
+    local_ray, ls, command, monkeypatch, capsys, engine
+):
+    from backend.labelstudio.api import LabelStudioAPIError
+
+    ids = keep_tasks(ls, 8)
+    listed = prelabel_cli._task_stream
+
+    def failing(client, args):
+        stream, total = listed(client, args)
+
+        def tasks():  # Label Studio goes away for good after the first four tasks
+            for n, task in enumerate(stream):
+                if n == 4:
+                    raise LabelStudioAPIError(
+                        "list tasks of project 7: Label Studio answered 503", kind="upstream"
+                    )
+                yield task
+
+        return tasks(), total
+
+    monkeypatch.setattr(prelabel_cli, "_task_stream", failing)
+    assert command(*engine, "--batch-tasks", "2", "--chunk-tasks", "2") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "Label Studio answered 503" in line]
+    assert len(err) == 1, err
+    written = [t for t in ids if ls.predictions_of(t, VERSION)]
+    assert written == ids[:4]  # what was listed before the failure is predicted and written, once
+    assert all(len(ls.predictions_of(t, VERSION)) == 1 for t in written)
+
+
 def test_without_a_task_count_the_ids_are_listed_first(local_ray, ls, command, capsys):
     ids = keep_tasks(ls, 3)
     assert command("--ray", "--view", "5", "--batch-tasks", "2") == 0  # a view: Label Studio gives no count
