@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from lsfakes import API_KEY
-from test_retraining import CONFIG, accepted_result, learning_curve_module, png
+from test_retraining import CONFIG, accepted_result, learning_curve_module, png, train_head_and_lora
 from webhook_payloads import annotation_event, delivered
 
 from backend.runtime.budgets import request_peak
@@ -78,19 +78,10 @@ def test_lora_jobs_on_pixelrefer_write_an_adapter_version_that_is_served(file_st
         before = client.post("/predict", json=body).json["results"][0]
         assert before["model_version"] == BASE
 
-        queued = delivered(client, runtime, {"action": "START_TRAINING", "project": {"id": PROJECT}})
-        assert queued["job_id"] and queued["lora_job_id"]
-        head_job, lora_job = runtime.workers["training"].run_once(), runtime.workers["training"].run_once()
-        assert (head_job.kind, lora_job.kind) == ("train", "lora")
-        outcome = runtime.queue.job(lora_job.job_id).result
-        assert runtime.queue.job(lora_job.job_id).status == "done", outcome
-        assert outcome["heldout_answer_loss"] < outcome["served_answer_loss"], outcome
-        assert outcome["status"] == "promoted" and outcome["version"] == "v0002"
-        folder = runtime.registry.path(str(PROJECT), "v0002")
+        head_result, folder = train_head_and_lora(client, runtime, PROJECT)
         saved = json.loads((folder / "lora" / "lora.json").read_text())
         assert saved["target_modules"] == list(LORA_TARGETS["qwen2"])  # Qwen2's layers, not Llama's
-        assert (folder / "lora" / "adapter.safetensors").is_file()
-        head = runtime.queue.job(head_job.job_id).result["status"] == "promoted"  # then carried along
+        head = head_result["status"] == "promoted"  # then carried along
         assert (folder / "head" / "head.json").is_file() == head
         assert runtime.registry.info(str(PROJECT), "v0002").kind == ("head+lora" if head else "lora")
 
