@@ -39,8 +39,7 @@ class Models:
     def version(self) -> str:
         """The base ``model_version``: the region model's and SAM's names (``-untrained`` for random
         weights), e.g. ``pixelrefer-lite-2b+sam-vit_h``."""
-        base = f"{self.region_model.model_id}+sam-{self.sam_model}"
-        return f"{base}-untrained" if self.untrained else base
+        return model_version(self.region_model.model_id, self.sam_model, untrained=self.untrained)
 
     def warning(self) -> str | None:
         """What every answer says when the weights are random (tests and plumbing checks)."""
@@ -100,6 +99,12 @@ def weight_paths(settings: Settings) -> dict[str, str]:
     }
 
 
+def model_version(region: str, sam_model: str, *, untrained: bool) -> str:
+    """The one spelling of a base ``model_version``: region model, SAM, ``-untrained`` for random weights."""
+    base = f"{region}+sam-{sam_model}"
+    return f"{base}-untrained" if untrained else base
+
+
 def base_version(settings: Settings) -> str:
     """:attr:`Models.version` of the models ``settings`` name, without loading them (a process that
     coordinates work whose models load elsewhere: ``prelabel --ray``'s driver). A released model is named
@@ -107,8 +112,9 @@ def base_version(settings: Settings) -> str:
     model = settings.model_name
     untrained, resolve = _region_model_source(model)
     region = model if untrained else resolve(model).name
-    base = f"{region}+sam-{settings.sam_model}"
-    return f"{base}-untrained" if untrained or sam_checkpoint_path(settings) is None else base
+    return model_version(
+        region, settings.sam_model, untrained=untrained or sam_checkpoint_path(settings) is None
+    )
 
 
 def check_weights(settings: Settings) -> None:
