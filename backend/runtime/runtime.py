@@ -254,6 +254,8 @@ def build_runtime(settings: Settings, *, models: Models | None = None, loader: I
     check_writable({"MODEL_DIR": settings.model_dir, "OSPREY_CACHE_DIR": settings.cache_dir})
     if models is None and load_models:
         models = _load(settings, device)
+    elif models is None:  # the models load elsewhere from the same paths: missing weights are said here
+        check_weights(settings)
     store = TrainingStore(settings.model_dir / "training.sqlite3")
     queue = make_queue(sqlite_path=store.path, redis_url=settings.redis_url)
     registry = ModelRegistry(root=settings.model_dir)

@@ -228,6 +228,18 @@ def test_bad_input_is_one_line_and_exit_status_2(ls, command, capsys, argv, expe
     assert len(err) == 1 and expected in err[0], err
 
 
+def test_missing_weights_are_one_line_before_ray_starts(ls, command, monkeypatch, capsys):
+    monkeypatch.setenv("SAM_MODEL", "vit_b")  # its checkpoint is not in MODEL_DIR
+    started = []
+    monkeypatch.setattr(ray_engine, "connect", lambda options: started.append(options))
+    assert command("--ray") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert (
+        "sam_vit_b_01ec64.pth is missing" in " ".join(err) and "osprey-label download --sam vit_b" in err[-1]
+    )
+    assert started == []  # found by the driver, not by a model actor on the cluster
+
+
 def test_without_the_ray_extra_the_command_says_how_to_install_it(ls, command, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as in an install without the extra
     assert command("--ray") == 2
