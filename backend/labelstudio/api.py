@@ -125,13 +125,26 @@ class LabelStudioClient:
         page_size: int = 100,
         skip_missing: bool = False,
         only_annotated: bool = False,
+        after: int | None = None,
     ) -> Iterator[dict]:
         """The project's tasks (or those of a Data Manager ``view``, or exactly ``ids``, in that order,
-        or only those with an annotation), each a dict of :data:`TASK_KEYS`. ``skip_missing``: ids deleted
-        meanwhile are left out instead of raising (``not_found``)."""
+        or only those with an annotation, or only those whose id is greater than ``after``, in id order),
+        each a dict of :data:`TASK_KEYS`. ``skip_missing``: ids deleted meanwhile are left out instead of
+        raising (``not_found``)."""
         if ids is None:
+            if after is not None and view is not None:
+                raise ValueError("tasks(): a view has its own filters; give either view or after")
+            query = None
+            if after is not None:  # Label Studio filters and orders: only the newer tasks are read
+                query = json.dumps({
+                    "filters": {"conjunction": "and", "items": [
+                        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after)},
+                    ]},
+                    "ordering": ["tasks:id"],
+                    "selectedItems": {"all": True, "excluded": []},
+                })  # fmt: skip
             yield from self._pages(
-                project, view=view, query=None, page_size=page_size, only_annotated=only_annotated
+                project, view=view, query=query, page_size=page_size, only_annotated=only_annotated
             )
             return
         wanted = [int(i) for i in ids]

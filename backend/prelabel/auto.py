@@ -19,6 +19,14 @@ reads each known project's tasks through the API and queues a job for those with
 prediction of the current model version that no queued or running job holds already. Neither a
 re-import nor a sweep writes a second prediction of a version: the engine skips tasks that have one,
 and the claims (:mod:`.claims`) keep two writers off one task.
+
+The sweep reads a project whole only when it must: the first time (after a start, which is when
+webhooks were lost), when the project's model version changed (a promoted head: its tasks lack the new
+version), and at least every :data:`FULL_SWEEP_S`. In between it reads only the tasks whose id is above
+the highest it has looked at (Label Studio filters and orders them), since a lost webhook's tasks are
+new ones. So a project of a million tasks costs its new tasks every few minutes, not a million task
+reads with their predictions. The full sweeps catch what the id order cannot: an import whose ids were
+taken before a later, shorter import's and committed after it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from backend.jobs.periodic import Periodic
 from backend.labelstudio.ids import project_key
@@ -37,6 +46,17 @@ logger = logging.getLogger(__name__)
 TASKS_CREATED = "TASKS_CREATED"
 JOB_TASKS = 1000  # tasks per queued job (a sweep of a big project queues several)
 FIRST_SWEEP_S = 30.0  # the first sweep, this long after the start
+FULL_SWEEP_S = 6 * 3600.0  # a project's whole task list is read at least this often (between: new ids)
+
+
+@dataclass(frozen=True)
+class _Swept:
+    """How far the sweep has looked at one project: every task with an id up to ``high`` was seen with
+    ``version`` current (and queued when it lacked a prediction of it); ``full_at``: the last whole read."""
+
+    version: str
+    high: int
+    full_at: float
 
 
 class AutoPrelabel:
@@ -57,8 +77,11 @@ class AutoPrelabel:
         interval_s: float,
         default: bool = True,
         thread_name: str = "osprey-autoprelabel",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.deferrals, self.client, self.projects, self.count = deferrals, client, projects, count
+        self.clock = clock
+        self._swept: dict[str, _Swept] = {}
         self.default = bool(default)
         self.interval_s = float(interval_s)
         self.thread_name = thread_name
@@ -123,24 +146,33 @@ class AutoPrelabel:
     # ---- the sweep ----
     def sweep(self) -> dict:
         """One pass over every known project: queue the tasks without a prediction of the current
-        version; what was found, per project."""
+        version (the whole project, or only its tasks above the ids already looked at: see the module
+        docstring); what was found, per project."""
         found = {}
         for project in self.projects.known():
             if self._periodic is not None and self._periodic.stopping:
                 break
             if not self.enabled(project):
                 continue
-            version = self.projects.version(project)
-            missing = [
-                task["id"]
-                for task in self.client.tasks(int(project))
-                if not current_predictions(task, version)[0]
-            ]
-            found[project] = (
-                self.queue(project, missing, reason="found by the sweep") if missing else {"tasks": 0}
-            )
+            found[project] = self._sweep(project)
         self.last_sweep = {"at": round(time.time(), 1), "projects": found}
         return found
+
+    def _sweep(self, project: str) -> dict:
+        version, now = self.projects.version(project), self.clock()
+        swept = self._swept.get(project)
+        whole = swept is None or swept.version != version or now - swept.full_at >= FULL_SWEEP_S
+        after = None if whole else swept.high
+        high, listed, missing = after or 0, 0, []
+        for task in self.client.tasks(int(project), after=after):
+            listed += 1
+            high = max(high, task["id"])
+            if not current_predictions(task, version)[0]:
+                missing.append(task["id"])
+        outcome = self.queue(project, missing, reason="found by the sweep") if missing else {"tasks": 0}
+        if outcome.get("status") != "ignored":  # queued (or nothing to queue): these ids are covered
+            self._swept[project] = _Swept(version, high, now if whole else swept.full_at)
+        return {**outcome, "read": "all" if whole else f"ids above {after}", "listed": listed}
 
     def start(self) -> None:
         if self._periodic is not None:

@@ -9,7 +9,7 @@ import copy
 class FakeLabelStudio:
     """Tasks with their predictions; ``create_predictions``/``delete_prediction``/``predictions``/``tasks``
     as :class:`backend.labelstudio.api.LabelStudioClient` offers them. ``fail_creates`` makes the next
-    N bulk writes raise (a crash or an outage)."""
+    N bulk writes raise (a crash or an outage); ``tasks_read`` counts the tasks the listings gave out."""
 
     def __init__(self, project: int = 7, label_config: str | None = None) -> None:
         self.project = project
@@ -18,6 +18,7 @@ class FakeLabelStudio:
         self.next_prediction = 1000
         self.fail_creates = 0
         self.calls: list[tuple] = []
+        self.tasks_read = 0  # tasks the listings gave out
 
     def add_task(self, task_id: int, image: str, predictions: list[dict] | None = None) -> dict:
         task = {
@@ -39,14 +40,18 @@ class FakeLabelStudio:
         return stored
 
     # ---- the client's surface ----
-    def tasks(self, project: int, *, ids=None, view=None, page_size: int = 100, skip_missing: bool = False):
+    def tasks(self, project: int, *, ids=None, view=None, page_size: int = 100, skip_missing: bool = False,
+              after=None):  # fmt: skip
         self.calls.append(("tasks", project, tuple(ids) if ids is not None else None))
         chosen = list(ids) if ids is not None else sorted(self.tasks_by_id)
+        if after is not None:
+            chosen = [task_id for task_id in chosen if task_id > after]
         for task_id in chosen:
             if int(task_id) not in self.tasks_by_id:
                 if skip_missing:
                     continue
                 raise KeyError(f"no task {task_id}")
+            self.tasks_read += 1
             yield copy.deepcopy(self.tasks_by_id[int(task_id)])
 
     def predictions(self, task_id: int) -> list[dict]:

@@ -187,3 +187,20 @@ def test_annotations_train_a_version_that_label_studio_then_uses(label_studio, o
         p for p in api.wait_for_predictions(project["id"], len(tasks) + 1) if p["task"] == new_task["id"]
     ]
     check_prediction(fresh, config, new_version, (320, 240))
+
+
+def test_the_client_reads_only_the_tasks_after_an_id_in_id_order(label_studio):
+    """The auto pre-label sweep's incremental listing (``tasks(after=...)``): Label Studio's own Data
+    Manager filter and ordering, across pages, with a task imported later."""
+    from backend.labelstudio.api import LabelStudioClient
+
+    api = label_studio.api
+    project = api.create_project("after", (ROOT / "label_configs" / "captions_only.xml").read_text())
+    api.import_tasks(project["id"], [{"image": f"/data/upload/none-{i}.png"} for i in range(7)])
+    ids = [task["id"] for task in api.tasks(project["id"])]
+    client = LabelStudioClient(url=label_studio.url, api_key=label_studio.token)
+    assert [t["id"] for t in client.tasks(project["id"], after=ids[2], page_size=2)] == ids[3:]
+    api.import_tasks(project["id"], [{"image": "/data/upload/none-late.png"}])
+    later = [t["id"] for t in client.tasks(project["id"], after=ids[-1], page_size=2)]
+    assert len(later) == 1 and later[0] > ids[-1]
+    assert [t["id"] for t in client.tasks(project["id"], page_size=3)] == [*ids, *later]

@@ -12,6 +12,7 @@ from http_app import served
 from lsapi_fake import FakeLabelStudio
 from lsfakes import API_KEY, scene_png
 
+from backend.prelabel.auto import FULL_SWEEP_S
 from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
@@ -88,11 +89,55 @@ def test_a_repeated_webhook_and_the_sweep_never_write_a_second_prediction(runtim
     found = runtime.auto_prelabel.sweep()
     assert found["7"]["tasks"] == 1
     assert [r["predicted"] for r in run_jobs(runtime)] == [1]
-    assert runtime.auto_prelabel.sweep()["7"] == {"tasks": 0}  # nothing left to do
+    assert runtime.auto_prelabel.sweep()["7"]["tasks"] == 0  # nothing left to do
     runtime.intake.receive("TASKS_CREATED", body)  # a late duplicate webhook: its job writes nothing
     assert runtime.intake.drain(timeout_s=30)
     assert [(r["predicted"], r["skipped"]) for r in run_jobs(runtime)] == [(0, 3)]
     assert one_each(ls)
+
+
+def test_the_sweep_reads_a_project_whole_once_then_only_its_new_tasks(runtime, ls):
+    """A million-task project must not be read whole every few minutes: after one whole read the sweep
+    asks Label Studio only for the tasks above the highest id it has seen; a whole read comes back every
+    FULL_SWEEP_S for what the id order cannot show (an import committed after a later one)."""
+    clock = [0.0]
+    runtime.auto_prelabel.clock = lambda: clock[0]
+    sweep = runtime.auto_prelabel.sweep
+    imported(ls, range(1, 5))  # four tasks whose webhooks were lost
+    first = sweep()["7"]
+    assert (first["tasks"], first["read"], first["listed"]) == (4, "all", 4)
+    assert sum(r["predicted"] for r in run_jobs(runtime)) == 4
+
+    ls.add_task(9, ls.images[0])  # another lost webhook
+    read = ls.tasks_read
+    second = sweep()["7"]
+    assert (second["tasks"], second["read"], second["listed"]) == (1, "ids above 4", 1)
+    assert ls.tasks_read - read == 1  # not the four done ones again
+    assert [r["predicted"] for r in run_jobs(runtime)] == [1]
+    assert (sweep()["7"]["tasks"], sweep()["7"]["read"]) == (0, "ids above 9")
+
+    ls.add_task(6, ls.images[1])  # its id came before 9's, its commit after the sweep read 9
+    assert sweep()["7"]["listed"] == 0
+    clock[0] += FULL_SWEEP_S
+    whole = sweep()["7"]
+    assert (whole["tasks"], whole["read"], whole["listed"]) == (1, "all", 6)
+    assert [r["predicted"] for r in run_jobs(runtime)] == [1]
+    assert sweep()["7"]["read"] == "ids above 9" and one_each(ls)
+
+
+def test_a_new_version_or_a_sweep_that_queued_nothing_reads_the_project_whole_again(runtime, ls, monkeypatch):
+    imported(ls, range(1, 4))
+    sweep = runtime.auto_prelabel.sweep
+    monkeypatch.setattr(runtime.projects, "label_config", lambda project: None)  # not known yet
+    assert sweep()["7"]["status"] == "ignored"
+    monkeypatch.undo()
+    again = sweep()["7"]  # the tasks it could not queue are looked at again
+    assert (again["tasks"], again["read"]) == (3, "all")
+    run_jobs(runtime)
+    assert sweep()["7"]["read"] == "ids above 3"
+    monkeypatch.setattr(runtime.projects, "version", lambda project: VERSION + "@head-2")  # a promotion
+    promoted = sweep()["7"]
+    assert (promoted["tasks"], promoted["read"], promoted["listed"]) == (3, "all", 3)
 
 
 def runtime_for(tiny_models, file_store, model_dir, ls, **settings):
