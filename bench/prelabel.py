@@ -14,7 +14,8 @@ each row shows the median run, so a machine that drifts slows every setting alik
 ``--pipeline``: the whole engine (task pages, claims, image fetch and decode, model, results, chunked
 writes) against a stand-in Label Studio in its own process (``bench/standin_ls.py``: 50 ms per image,
 50 ms per write, 10 ms per other read), serial vs pipelined, on each ``--presets`` preset: tasks/minute,
-the ratio, model busy time / wall time, and whether both wrote the same predictions. ``--memory``
+the ratio, model busy time / wall time, whether both wrote the same predictions, and the model alone on
+the same tasks (images decoded in advance; the pipelined rate as a share of it). ``--memory``
 adds the pipelined engine's resident memory on 1,000 and 10,000 tasks with the model left out (images
 still fetched and decoded, results still built and written).
 
