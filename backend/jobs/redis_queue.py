@@ -324,6 +324,32 @@ class RedisJobQueue:
             below = f"({ids[-1]}"
         return out[:limit]
 
+    def active(self, project_id: str, *, lane: str) -> list[Job]:
+        """Every queued or running job of the project in ``lane``, oldest first (however many): the
+        lane's queue and the project's lock in that lane, read in one round trip."""
+        project, base = project_key(project_id), self._base
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(f"{base}:queue:{check_lane(lane)}", 0, -1)
+            pipe.get(f"{base}:lock:{lane}:{project}")
+            queued, lock = pipe.execute()
+        ids = [_text(i) for i in queued]
+        if lock:
+            ids.append(_text(lock).partition(":")[0])
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(f"{base}:job:{job_id}", "project_id", "status")
+            owners = pipe.execute()
+        mine = sorted(
+            {i for i, (owner, status) in zip(ids, owners, strict=True)
+             if _text(owner) == project and _text(status) in ("queued", "running")},
+            key=int,
+        )  # fmt: skip
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in mine:
+                pipe.hgetall(f"{base}:job:{job_id}")
+            hashes = pipe.execute()
+        return [self._to_job(i, self._fields(h)) for i, h in zip(mine, hashes, strict=True) if h]
+
     def status(self) -> dict:
         """Job counts per state in all and per lane (``"lanes": {lane: {state: n}}``), the last error and
         the last finished job (for /health and /metrics). ``done`` and ``failed`` count every job finished

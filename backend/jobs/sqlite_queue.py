@@ -204,6 +204,15 @@ class SqliteJobQueue(SqliteDatabase):
         )
         return [self._job_from_row(r) for r in rows]
 
+    def active(self, project_id: str, *, lane: str) -> list[Job]:
+        """Every queued or running job of the project in ``lane``, oldest first (however many)."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE lane = ? AND status IN ('queued', 'running') AND project_id = ? "
+            "ORDER BY job_id",
+            (check_lane(lane), project_key(project_id)),
+        )
+        return [self._job_from_row(r) for r in rows]
+
     def status(self) -> dict:
         """Job counts per state (``queued``, ``running``, ``done``, ``failed``) in all and per lane
         (``"lanes": {lane: {state: n}}``), the last error and the last finished job (/health, /metrics)."""

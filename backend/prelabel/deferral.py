@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from backend.jobs import PRELABEL_LANE, lane_for
+from backend.jobs import PRELABEL_LANE
 
 from .claims import Claimer
 from .engine import prelabel
@@ -29,10 +29,6 @@ logger = logging.getLogger(__name__)
 PRELABEL_KIND = "prelabel"
 PROGRESS_EVERY = 10  # log a progress line every this many tasks...
 PROGRESS_EVERY_S = 10.0  # ...once this many seconds have passed since the last one
-
-
-def is_prelabel_job(kind: str) -> bool:
-    return lane_for(kind) == PRELABEL_LANE
 
 
 class Deferrals:
@@ -75,9 +71,8 @@ class Deferrals:
     def waiting(self, project: str) -> set[int]:
         """Tasks of ``project`` waiting in a queued or running pre-label job."""
         out: set[int] = set()
-        for job in self.queue.jobs(project, limit=200):
-            if job.status in ("queued", "running") and is_prelabel_job(job.kind):
-                out.update(int(t) for t in job.payload.get("task_ids", []))
+        for job in self.queue.active(project, lane=PRELABEL_LANE):  # all of them: a sweep may queue many
+            out.update(int(t) for t in job.payload.get("task_ids", []))
         return out
 
     def defer(self, project: str, tasks: list[dict], *, label_config: str, model_version: str) -> str | None:

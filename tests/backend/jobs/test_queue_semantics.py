@@ -44,6 +44,28 @@ def test_one_running_job_per_project_in_a_lane(queue):
     assert queue.job(train).result == {"accuracy": 0.9} and queue.job(train).status == "done"
 
 
+def test_active_gives_every_queued_and_running_job_of_a_project_in_a_lane(queue):
+    """However many there are: a sweep of a big project queues hundreds of pre-label jobs, and the
+    tasks of every one of them must count as waiting (a newest-N listing missed the older ones)."""
+    queued = [queue.enqueue("3", f"prelabel-{n:012x}", {"task_ids": [n]}) for n in range(260)]
+    queue.enqueue("4", "prelabel-000000000999", {"task_ids": [999]})  # another project
+    queue.enqueue("3", "train", {})  # another lane
+    running = queue.claim("w1", 30, lane=PRELABEL_LANE)
+    assert running.job_id == queued[0]
+    finished = queue.claim("w2", 30, lane=PRELABEL_LANE)  # project 4's: 3 already runs one in the lane
+    queue.complete(finished.job_id, {}, token=finished.token)
+    active = queue.active("3", lane=PRELABEL_LANE)
+    assert [j.job_id for j in active] == queued
+    assert [j.status for j in active[:2]] == ["running", "queued"]
+    assert {t for j in active for t in j.payload["task_ids"]} == set(range(260))
+    queue.complete(running.job_id, {}, token=running.token)
+    assert [j.job_id for j in queue.active("3.1700000000", lane=PRELABEL_LANE)] == queued[1:]
+    assert queue.active("4", lane=PRELABEL_LANE) == []
+    assert [j.kind for j in queue.active("3", lane=TRAINING_LANE)] == ["train"]
+    with pytest.raises(ValueError, match="lane"):
+        queue.active("3", lane="gpu")
+
+
 def test_failed_job_keeps_its_error_and_status_reports_it(queue):
     job_id = queue.enqueue("3", "train", {})
     job = queue.claim("w1", 30, lane=TRAINING_LANE)

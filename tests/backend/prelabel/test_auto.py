@@ -140,6 +140,17 @@ def test_a_new_version_or_a_sweep_that_queued_nothing_reads_the_project_whole_ag
     assert (promoted["tasks"], promoted["read"], promoted["listed"]) == (3, "all", 3)
 
 
+def test_tasks_in_any_queued_job_are_not_queued_again_however_many_jobs_there_are(runtime):
+    """A new model version of a 200,000-task project queues 201 jobs; a webhook or sweep after that
+    finds every one of those tasks waiting, not only those of the newest jobs."""
+    ids = list(range(1, 201_001))
+    first = runtime.auto_prelabel.queue("7", ids, reason="found by the sweep")
+    assert first["tasks"] == 201_000 and len(first["jobs"]) == 201
+    again = runtime.auto_prelabel.queue("7", [*ids, 201_001], reason="imported")
+    assert (again["tasks"], again["already_queued"], len(again["jobs"])) == (1, 201_000, 1)
+    assert runtime.metrics()["prelabel"]["auto"]["waiting_tasks"] == {"7": 201_001}
+
+
 def runtime_for(tiny_models, file_store, model_dir, ls, **settings):
     settings = Settings.from_env(
         {}, model_dir=model_dir, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
