@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
 
 import requests
 
@@ -124,28 +125,21 @@ class LabelStudioClient:
         view: int | None = None,
         page_size: int = 100,
         skip_missing: bool = False,
-        only_annotated: bool = False,
+        annotated: bool = False,
         after: int | None = None,
+        updated_after: datetime | None = None,
     ) -> Iterator[dict]:
-        """The project's tasks (or those of a Data Manager ``view``, or exactly ``ids``, in that order,
-        or only those with an annotation, or only those whose id is greater than ``after``, in id order),
-        each a dict of :data:`TASK_KEYS`. ``skip_missing``: ids deleted meanwhile are left out instead of
-        raising (``not_found``)."""
+        """The project's tasks, in id order, each a dict of :data:`TASK_KEYS`: all of them, or those of a
+        Data Manager ``view``, or exactly ``ids`` (in that order; ``skip_missing``: ids deleted meanwhile
+        are left out instead of raising ``not_found``), or those Label Studio selects for us (its Data
+        Manager filters, so only they are read): ``annotated`` (an annotation, submitted or skipped),
+        ``after`` (an id greater than it), ``updated_after`` (changed after that time: Label Studio
+        touches a task when an annotation or prediction of it is saved or deleted)."""
         if ids is None:
-            if after is not None and view is not None:
-                raise ValueError("tasks(): a view has its own filters; give either view or after")
-            query = None
-            if after is not None:  # Label Studio filters and orders: only the newer tasks are read
-                query = json.dumps({
-                    "filters": {"conjunction": "and", "items": [
-                        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after)},
-                    ]},
-                    "ordering": ["tasks:id"],
-                    "selectedItems": {"all": True, "excluded": []},
-                })  # fmt: skip
-            yield from self._pages(
-                project, view=view, query=query, page_size=page_size, only_annotated=only_annotated
-            )
+            query = _filters(annotated=annotated, after=after, updated_after=updated_after)
+            if query is not None and view is not None:
+                raise ValueError("tasks(): a view has its own filters; give either view or a filter")
+            yield from self._pages(project, view=view, query=query, page_size=page_size)
             return
         wanted = [int(i) for i in ids]
         for start in range(0, len(wanted), page_size):
@@ -181,13 +175,10 @@ class LabelStudioClient:
         view: int | None,
         query: str | None,
         page_size: int,
-        only_annotated: bool = False,
     ) -> Iterator[dict]:
         seen, page = 0, 1
         while True:
             params = {"project": int(project), "page": page, "page_size": page_size, "fields": "all"}
-            if only_annotated:
-                params["only_annotated"] = "true"
             if view is not None:
                 params["view"] = int(view)
             if query is not None:
@@ -312,3 +303,32 @@ def _error(what: str, status: int, url: str, *, write: bool) -> LabelStudioAPIEr
         f"overloaded or failing (its log says why)",
         kind="upstream", status=status, outcome_unknown=write,
     )  # fmt: skip
+
+
+LS_DATETIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # the only form Label Studio's Data Manager filters parse (UTC)
+
+
+def _greater(column: str, kind: str, value) -> dict:
+    return {"filter": f"filter:tasks:{column}", "operator": "greater", "type": kind, "value": value}
+
+
+def _filters(*, annotated: bool, after: int | None, updated_after: datetime | None) -> str | None:
+    """The ``query`` of a task listing that Label Studio filters (see :meth:`LabelStudioClient.tasks`),
+    or None for no filter. Its filters have one conjunction, so ``annotated`` (either of two counters)
+    stands alone."""
+    items = []
+    if after is not None:
+        items.append(_greater("id", "Number", int(after)))
+    if updated_after is not None:
+        when = updated_after.astimezone(timezone.utc).strftime(LS_DATETIME)
+        items.append(_greater("updated_at", "Datetime", when))
+    conjunction = "and"
+    if annotated:
+        if items:
+            raise ValueError("tasks(): annotated is a filter of its own, without after or updated_after")
+        conjunction = "or"  # submitted or skipped: Label Studio counts them apart
+        items = [_greater("total_annotations", "Number", 0), _greater("cancelled_annotations", "Number", 0)]
+    if not items:
+        return None
+    return json.dumps({"filters": {"conjunction": conjunction, "items": items}, "ordering": ["tasks:id"],
+                       "selectedItems": {"all": True, "excluded": []}})  # fmt: skip

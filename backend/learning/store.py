@@ -284,6 +284,14 @@ class TrainingStore(SqliteDatabase):
         ).fetchone()
         return tuple(row) if row else None
 
+    def annotated_task_ids(self, project_id: str) -> set[int]:
+        """The tasks of the project that the store holds an annotation for (any state)."""
+        rows = self._conn().execute(
+            "SELECT DISTINCT task_id FROM annotations WHERE project_id = ? AND task_id IS NOT NULL",
+            (project_key(project_id),),
+        )
+        return {int(row[0]) for row in rows}
+
     def task_annotation_ids(self, project_id: str, task_ids: list[int]) -> dict[int, set[int]]:
         """Per task (of ``task_ids``), the ids of the annotations stored for it (any state)."""
         out: dict[int, set[int]] = {int(t): set() for t in task_ids}

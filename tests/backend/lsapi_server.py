@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -252,13 +253,42 @@ class FaultyLabelStudio:
         project = int(query["project"])
         tasks = [t for t in self.state.tasks.values() if t["project"] == project]
         if query.get("query"):
-            included = set(json.loads(query["query"])["selectedItems"]["included"])
-            tasks = [t for t in tasks if t["id"] in included]
+            tasks = _selected(tasks, json.loads(query["query"]))
         tasks.sort(key=lambda t: t["id"])
         page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
         if page > 1 and (page - 1) * size >= len(tasks):
             return 404, {"detail": "Invalid page."}
         return 200, {"tasks": copy.deepcopy(tasks[(page - 1) * size : page * size]), "total": len(tasks)}
+
+
+def _selected(tasks: list[dict], query: dict) -> list[dict]:
+    """What Label Studio's Data Manager selects with ``query``: selected items, then the filters this
+    backend sends (``greater`` on the id, ``updated_at`` and the annotation counters)."""
+    chosen = query.get("selectedItems") or {"all": True}
+    if not chosen.get("all"):
+        tasks = [t for t in tasks if t["id"] in set(chosen["included"])]
+    filters = query.get("filters")
+    if not filters:
+        return tasks
+
+    def value(task: dict, column: str):
+        skipped = [bool(a.get("was_cancelled")) for a in task["annotations"]]
+        return {
+            "filter:tasks:id": lambda: task["id"],
+            "filter:tasks:updated_at": lambda: datetime.fromisoformat(task["updated_at"]),
+            "filter:tasks:total_annotations": lambda: skipped.count(False),
+            "filter:tasks:cancelled_annotations": lambda: skipped.count(True),
+        }[column]()
+
+    def passes(task: dict, item: dict) -> bool:
+        assert item["operator"] == "greater", item
+        bound = item["value"]
+        if item["type"] == "Datetime":
+            bound = datetime.strptime(bound, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        return value(task, item["filter"]) > bound
+
+    join = all if filters["conjunction"] == "and" else any
+    return [t for t in tasks if join(passes(t, item) for item in filters["items"])]
 
 
 def _claims(token: str) -> dict:

@@ -189,18 +189,36 @@ def test_annotations_train_a_version_that_label_studio_then_uses(label_studio, o
     check_prediction(fresh, config, new_version, (320, 240))
 
 
-def test_the_client_reads_only_the_tasks_after_an_id_in_id_order(label_studio):
-    """The auto pre-label sweep's incremental listing (``tasks(after=...)``): Label Studio's own Data
-    Manager filter and ordering, across pages, with a task imported later."""
+def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
+    """The sweeps' listings, filtered by Label Studio's own Data Manager across pages: tasks after an id
+    (auto pre-label), annotated tasks, submitted or skipped, and tasks changed after a time (the
+    reconciliation: saving or deleting an annotation touches its task)."""
+    from datetime import datetime, timedelta
+
     from backend.labelstudio.api import LabelStudioClient
 
     api = label_studio.api
-    project = api.create_project("after", (ROOT / "label_configs" / "captions_only.xml").read_text())
+    project = api.create_project("selected", (ROOT / "label_configs" / "captions_only.xml").read_text())
     api.import_tasks(project["id"], [{"image": f"/data/upload/none-{i}.png"} for i in range(7)])
     ids = [task["id"] for task in api.tasks(project["id"])]
     client = LabelStudioClient(url=label_studio.url, api_key=label_studio.token)
-    assert [t["id"] for t in client.tasks(project["id"], after=ids[2], page_size=2)] == ids[3:]
+    listed = lambda **filters: [t["id"] for t in client.tasks(project["id"], page_size=2, **filters)]  # noqa: E731
+    assert listed(after=ids[2]) == ids[3:]
     api.import_tasks(project["id"], [{"image": "/data/upload/none-late.png"}])
-    later = [t["id"] for t in client.tasks(project["id"], after=ids[-1], page_size=2)]
-    assert len(later) == 1 and later[0] > ids[-1]
-    assert [t["id"] for t in client.tasks(project["id"], page_size=3)] == [*ids, *later]
+    [late] = listed(after=ids[-1])
+    assert late > ids[-1] and listed() == [*ids, late]
+
+    assert listed(annotated=True) == []
+    newest = max(datetime.fromisoformat(t["updated_at"]) for t in client.tasks(project["id"]))
+    time.sleep(1.1)
+    submitted = api.annotate(ids[1], [])
+    api.call("POST", f"/api/tasks/{ids[4]}/annotations/", expect=201,
+             json={"result": [], "was_cancelled": True, "ground_truth": False})  # fmt: skip
+    assert listed(annotated=True) == [ids[1], ids[4]]
+    assert listed(updated_after=newest) == [ids[1], ids[4]]
+    changed = max(datetime.fromisoformat(t["updated_at"]) for t in client.tasks(project["id"]))
+    time.sleep(1.1)
+    api.call("DELETE", f"/api/annotations/{submitted['id']}/", expect=204)
+    assert listed(updated_after=changed) == [ids[1]]  # its only annotation deleted: touched, listed
+    assert listed(annotated=True) == [ids[4]]
+    assert listed(updated_after=changed + timedelta(hours=1)) == []

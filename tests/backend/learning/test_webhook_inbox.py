@@ -16,6 +16,7 @@ from webhook_payloads import BRUSH_CONFIG, annotation_event, box_mask, brush_reg
 
 from backend.labelstudio.api import LabelStudioClient
 from backend.learning import intake as intake_module
+from backend.learning import reconcile
 from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
@@ -155,5 +156,80 @@ def test_the_reconciliation_stores_what_the_webhooks_dropped(tiny_models, tmp_pa
         )
         assert runtime.store.annotation_state(str(PROJECT), 7502, 7502)[0] == "deleted"
         assert client.get("/metrics").json["intake"]["reconciliation"]["found"] == {str(PROJECT): 2}
+    finally:
+        runtime.close()
+
+
+class Listings:
+    """The Label Studio client, recording which tasks each listing gave (Label Studio chose them)."""
+
+    def __init__(self, client) -> None:
+        self.client, self.read = client, []
+
+    def tasks(self, project, **filters):
+        self.read.append([])
+        for task in self.client.tasks(project, **filters):
+            self.read[-1].append(task["id"])
+            yield task
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_the_reconciliation_reads_the_annotated_tasks_once_then_only_what_label_studio_changed(
+    tiny_models, tmp_path, ls
+):
+    """A million annotated tasks must not be read every ten minutes: one whole read (annotated tasks
+    only), then only the tasks Label Studio touched since the newest change seen (less the overlap),
+    which also finds a task whose every annotation was deleted; a whole read again after FULL_SWEEP_S."""
+    for annotation_id, updated in (
+        (7600, "2026-12-06T10:00:00.000000Z"),
+        (7601, "2026-12-06T09:00:00.000000Z"),
+    ):
+        body = event(annotation_id)
+        task = ls.add_task(PROJECT, annotation_id, body["task"]["data"], annotations=[body["annotation"]])
+        task["updated_at"] = updated
+    ls.add_task(PROJECT, 7699, event(7699)["task"]["data"])  # not annotated (yet)
+    runtime = build_runtime(settings_for(tmp_path, reconcile_s=600), models=tiny_models,
+                            client=LabelStudioClient(url=ls.url, api_key=LEGACY_KEY))  # fmt: skip
+    try:
+        runtime.projects.remember(str(PROJECT), BRUSH_CONFIG)
+        reconciler, clock = runtime.reconciler, [0.0]
+        reconciler.clock = lambda: clock[0]
+        reconciler.client = listings = Listings(reconciler.client)
+        assert reconciler.sweep() == {str(PROJECT): 2}
+        assert listings.read[-1] == [7600, 7601]  # the annotated ones alone
+        assert runtime.intake.drain()
+
+        clock[0] += 3600.0
+        with ls._lock:  # every annotation of 7600 deleted in Label Studio; its webhook lost
+            ls.state.tasks[7600].update(annotations=[], updated_at="2026-12-06T11:00:00.000000Z")
+        assert reconciler.sweep() == {str(PROJECT): 1}
+        assert listings.read[-1] == [7600]  # 7601 unchanged since 09:00, before 10:00 less the overlap
+        assert reconciler.last["read"] == {str(PROJECT): "tasks changed after 2026-12-06T09:45:00+00:00"}
+        assert runtime.intake.drain()
+        assert runtime.store.annotation_state(str(PROJECT), 7600, 7600)[0] == "deleted"
+
+        late = event(7699)  # annotated at noon, webhook lost
+        with ls._lock:
+            ls.state.tasks[7699].update(
+                annotations=[late["annotation"]], updated_at="2026-12-06T12:00:00.000000Z"
+            )
+        assert reconciler.sweep() == {str(PROJECT): 1}
+        assert listings.read[-1] == [7600, 7699]  # 7600 again: 11:00 is within the overlap of 11:00
+        assert runtime.intake.drain() and runtime.store.count_accepted(str(PROJECT)) == 2
+
+        clock[0] += reconcile.FULL_SWEEP_S
+        assert reconciler.sweep() == {str(PROJECT): 0}
+        assert listings.read[-1] == [7601, 7699]  # whole again: every annotated task
+
+        with ls._lock:  # deleted while the backend was down, before any window a changed-tasks read has
+            ls.state.tasks[7601].update(annotations=[], updated_at="2026-12-06T08:00:00.000000Z")
+            del ls.state.tasks[7699]  # the task itself, with its annotation
+        reconciler._seen.clear()  # as after a restart
+        assert reconciler.sweep() == {str(PROJECT): 2}
+        assert listings.read[-2:] == [[], [7601]]  # nothing annotated; then the store's two by id (7699 gone)
+        assert runtime.intake.drain() and runtime.store.count_accepted(str(PROJECT)) == 0
+        assert runtime.store.annotation_state(str(PROJECT), 7601, 7601)[0] == "deleted"
     finally:
         runtime.close()
