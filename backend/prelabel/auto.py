@@ -14,6 +14,10 @@ Per project: the ML backend connection's *extra params* in Label Studio (``{"aut
 some projects and not of others. A project that is off has its ``TASKS_CREATED`` ignored and is left out
 of the sweep.
 
+A task someone has annotated (submitted or skipped) is left alone: the sweep does not queue it, and a
+queued job leaves it if it was annotated by the time the job reads it (an import with annotations, an
+annotator faster than the queue). After a promotion, only the tasks still to label get the new version.
+
 A webhook can be lost (the backend down, a proxy). Every ``OSPREY_AUTO_PRELABEL_SWEEP_S`` the sweep
 reads each known project's tasks through the API and queues a job for those without a non-empty
 prediction of the current model version that no queued or running job holds already. Neither a
@@ -126,7 +130,9 @@ class AutoPrelabel:
         jobs = []
         for start in range(0, len(todo), JOB_TASKS):
             chunk = [{"id": t} for t in todo[start : start + JOB_TASKS]]
-            job = self.deferrals.defer(project, chunk, label_config=label_config, model_version=version)
+            job = self.deferrals.defer(
+                project, chunk, label_config=label_config, model_version=version, leave_annotated=True
+            )
             if job is None:
                 return {"status": "ignored", "reason": "no Label Studio API access"}
             jobs.append(job)
@@ -167,7 +173,7 @@ class AutoPrelabel:
         for task in self.client.tasks(int(project), after=after):
             listed += 1
             high = max(high, task["id"])
-            if not current_predictions(task, version)[0]:
+            if not task.get("annotations") and not current_predictions(task, version)[0]:
                 missing.append(task["id"])
         outcome = self.queue(project, missing, reason="found by the sweep") if missing else {"tasks": 0}
         if outcome.get("status") != "ignored":  # queued (or nothing to queue): these ids are covered

@@ -75,10 +75,19 @@ class Deferrals:
             out.update(int(t) for t in job.payload.get("task_ids", []))
         return out
 
-    def defer(self, project: str, tasks: list[dict], *, label_config: str, model_version: str) -> str | None:
+    def defer(
+        self,
+        project: str,
+        tasks: list[dict],
+        *,
+        label_config: str,
+        model_version: str,
+        leave_annotated: bool = False,
+    ) -> str | None:
         """Queue ``tasks`` (Label Studio task objects with integer ids) as one pre-label job and return its
         id; None when there is no Label Studio API access to write them later. Each deferral is its own
-        job (queued jobs of one kind are merged, which would drop tasks)."""
+        job (queued jobs of one kind are merged, which would drop tasks). ``leave_annotated``: the job
+        leaves the tasks that have an annotation by then (automatic pre-labelling: nobody asked for them)."""
         if self.client is None:
             return None
         payload = {
@@ -87,6 +96,8 @@ class Deferrals:
             "model_version": model_version,  # what the batch answered with (the job writes the current one)
             "deferred_at": time.time(),
         }
+        if leave_annotated:
+            payload["leave_annotated"] = True
         job_id = self.queue.enqueue(project, f"{PRELABEL_KIND}-{uuid.uuid4().hex[:12]}", payload)
         self.wake()
         return job_id
@@ -99,6 +110,10 @@ class Deferrals:
             )
         schema = self.projects.schema_for(payload["label_config"])
         tasks = list(self.client.tasks(int(project), ids=payload.get("task_ids", []), skip_missing=True))
+        listed, annotated = len(tasks), 0
+        if payload.get("leave_annotated"):  # submitted or skipped by an annotator: done by a person
+            tasks = [t for t in tasks if not t.get("annotations")]
+            annotated = listed - len(tasks)
         version = self.projects.version(project)
         progress = Progress(project=project, job=kind, total=len(tasks))
         with self._lock:
@@ -120,9 +135,11 @@ class Deferrals:
             )  # fmt: skip
         finally:
             progress.finish()
-        missing = len(payload.get("task_ids", [])) - len(tasks)
-        logger.info("project %s: pre-label job %s finished: %s", project, kind, summary.to_dict())
-        return {"status": "done", "model_version": version, "tasks_gone": missing, **summary.to_dict()}
+        missing = len(payload.get("task_ids", [])) - listed
+        logger.info("project %s: pre-label job %s finished: %s%s", project, kind, summary.to_dict(),
+                    f" ({annotated} annotated tasks left alone)" if annotated else "")  # fmt: skip
+        return {"status": "done", "model_version": version, "tasks_gone": missing, "annotated_left": annotated,
+                **summary.to_dict()}  # fmt: skip
 
     def metrics(self) -> dict:
         """Per project, its latest pre-label job's progress (``/metrics``)."""

@@ -151,6 +151,25 @@ def test_tasks_in_any_queued_job_are_not_queued_again_however_many_jobs_there_ar
     assert runtime.metrics()["prelabel"]["auto"]["waiting_tasks"] == {"7": 201_001}
 
 
+def test_annotated_tasks_are_left_alone_by_the_sweep_and_by_a_queued_job(runtime, ls, monkeypatch):
+    """Automatic pre-labelling is for tasks still to label: a task submitted or skipped by then is not
+    queued by the sweep, and a job queued before its annotation leaves it (nobody asked for it)."""
+    body = imported(ls, range(1, 5))
+    ls.tasks_by_id[2]["annotations"] = [
+        {"id": 900, "result": [], "was_cancelled": False}
+    ]  # imported annotated
+    outcome = runtime.auto_prelabel.tasks_created(body)
+    assert outcome["tasks"] == 4  # the webhook carries ids only: the job reads the tasks when it runs
+    ls.tasks_by_id[3]["annotations"] = [{"id": 901, "result": [], "was_cancelled": True}]  # skipped meanwhile
+    [result] = run_jobs(runtime)
+    assert (result["predicted"], result["annotated_left"]) == (2, 2)
+    assert [t for t in ls.tasks_by_id if ls.of_version(t, VERSION)] == [1, 4]
+
+    monkeypatch.setattr(runtime.projects, "version", lambda project: VERSION + "@head-2")  # a promotion
+    promoted = runtime.auto_prelabel.sweep()["7"]
+    assert (promoted["tasks"], promoted["listed"]) == (2, 4)  # 1 and 4 again; 2 and 3 are done by people
+
+
 def runtime_for(tiny_models, file_store, model_dir, ls, **settings):
     settings = Settings.from_env(
         {}, model_dir=model_dir, label_studio_url=file_store.url, label_studio_api_key=API_KEY,
