@@ -281,3 +281,43 @@ def test_imported_tasks_are_pre_labelled_automatically_exactly_once(short_deadli
                          ids + added, version)  # fmt: skip
     finally:
         backend.stop()
+
+
+def test_the_sweep_pre_labels_imports_whose_webhook_never_came_and_leaves_annotated_tasks(
+    short_deadline, tmp_path
+):
+    """OSPREY_AUTO_PRELABEL=1 with the project's webhook deleted in Label Studio: the sweep finds the
+    imported tasks (a whole read, then only the ids above those it has seen), pre-labels each once, and
+    leaves the task that was imported with its annotation."""
+    api = short_deadline["api"]
+    backend, backend_url, _ = backend_for(
+        short_deadline, tmp_path / "models", tmp_path / "serve.log", OSPREY_AUTO_PRELABEL="1",
+        OSPREY_AUTO_PRELABEL_SWEEP_S="10",
+    )  # fmt: skip
+    try:
+        project = api.create_project("lost webhooks", CONFIG.read_text())
+        version = api.connect_backend(project["id"], backend_url)["model_version"]
+        for hook in api.call("GET", f"/api/webhooks/?project={project['id']}"):
+            api.call("DELETE", f"/api/webhooks/{hook['id']}/", expect=204)
+        ids = [
+            t["id"]
+            for t in api.import_images(project["id"], {f"s{i}.png": scene_png(900 + i) for i in range(4)})
+        ]
+        image = api.tasks(project["id"])[0]["data"]["image"]
+        api.import_tasks(project["id"], [{"data": {"image": image}, "annotations": [{"result": []}]}])
+        [annotated] = [t["id"] for t in api.tasks(project["id"]) if t["id"] not in ids]
+        stored = wait_until_predicted(api, project["id"], ids, version, 900, tmp_path / "serve.log")
+        exactly_one_each(stored, ids, version)
+        added = [t["id"] for t in api.import_images(project["id"], {f"t{i}.png": scene_png(950 + i) for i in range(2)})
+                 if t["id"] not in ids and t["id"] != annotated]  # fmt: skip
+        stored = wait_until_predicted(api, project["id"], ids + added, version, 900, tmp_path / "serve.log")
+        exactly_one_each(stored, ids + added, version)
+        assert annotated not in stored  # imported with its annotation: left alone
+        deadline, read = time.time() + 60, None  # until the sweep after the one that found them
+        while read != f"ids above {max(added)}" and time.time() < deadline:
+            time.sleep(1)
+            last = requests.get(f"{backend_url}/metrics", timeout=5).json()["prelabel"]["auto"]["last_sweep"]
+            read = last["projects"][str(project["id"])]["read"]
+        assert read == f"ids above {max(added)}"
+    finally:
+        backend.stop()
