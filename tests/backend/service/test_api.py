@@ -28,6 +28,7 @@ def client(tiny_models, file_store, tmp_path_factory):
     settings = Settings.from_env(
         {}, model_dir=tmp_path_factory.mktemp("models"), label_studio_url=file_store.url, label_studio_api_key=API_KEY, osprey_model="tiny", sam_model="tiny",
         points_per_side=4, max_masks=3, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0,
+        predict_budget_s=3600.0,  # these tests read answers: a slow task on a loaded machine must not defer one
     )  # fmt: skip
     runtime = build_runtime(settings, models=tiny_models)
     file_store.add("/data/upload/7/scene.png", scene_png())
