@@ -65,6 +65,10 @@ def add_prelabel_command(subparsers) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--tasks", type=_ids, help="only these task ids, e.g. 1,2,10-12")
     which.add_argument("--view", type=int, help="only the tasks of this Data Manager view (tab) id")
+    parser.add_argument(
+        "--unannotated", action="store_true",
+        help="only the tasks still to label: none with an annotation, submitted or skipped",
+    )  # fmt: skip
     parser.add_argument("--limit", type=int, help="at most this many tasks")
     parser.add_argument(
         "--batch-tasks", type=int, help="tasks per forward pass (OSPREY_PRELABEL_BATCH_TASKS)"
@@ -275,10 +279,16 @@ def _worker_predictor(settings, project: str, label_config: str, version: str):
 
 def _task_stream(client, args: argparse.Namespace):
     """The tasks (read page by page as the engine asks: memory flat) and how many (None when unknown)."""
-    stream = client.tasks(args.project, ids=args.tasks, view=args.view)
+    whole = args.tasks is None and args.view is None
+    if args.unannotated and whole:  # Label Studio selects them: the annotated ones are never read
+        stream = client.tasks(args.project, unannotated=True)
+    else:
+        stream = client.tasks(args.project, ids=args.tasks, view=args.view)
+    if args.unannotated:  # ids or a view: left out here (and a task annotated since it was listed)
+        stream = (task for task in stream if not task.get("annotations"))
     total = len(args.tasks) if args.tasks is not None else None
-    if total is None and args.view is None and hasattr(client, "count_tasks"):
-        total = client.count_tasks(args.project)
+    if whole and hasattr(client, "count_tasks"):
+        total = client.count_tasks(args.project, unannotated=args.unannotated)
     if args.limit is not None:
         stream = itertools.islice(stream, args.limit)
         total = min(total, args.limit) if total is not None else args.limit

@@ -126,6 +126,7 @@ class LabelStudioClient:
         page_size: int = 100,
         skip_missing: bool = False,
         annotated: bool = False,
+        unannotated: bool = False,
         after: int | None = None,
         updated_after: datetime | None = None,
     ) -> Iterator[dict]:
@@ -133,10 +134,13 @@ class LabelStudioClient:
         Data Manager ``view``, or exactly ``ids`` (in that order; ``skip_missing``: ids deleted meanwhile
         are left out instead of raising ``not_found``), or those Label Studio selects for us (its Data
         Manager filters, so only they are read): ``annotated`` (an annotation, submitted or skipped),
-        ``after`` (an id greater than it), ``updated_after`` (changed after that time: Label Studio
-        touches a task when an annotation or prediction of it is saved or deleted)."""
+        ``unannotated`` (none: the tasks still to label), ``after`` (an id greater than it),
+        ``updated_after`` (changed after that time: Label Studio touches a task when an annotation or
+        prediction of it is saved or deleted)."""
         if ids is None:
-            query = _filters(annotated=annotated, after=after, updated_after=updated_after)
+            query = _filters(
+                annotated=annotated, unannotated=unannotated, after=after, updated_after=updated_after
+            )
             if query is not None and view is not None:
                 raise ValueError("tasks(): a view has its own filters; give either view or a filter")
             yield from self._pages(project, view=view, query=query, page_size=page_size)
@@ -159,11 +163,15 @@ class LabelStudioClient:
                 if task_id in found:
                     yield found[task_id]
 
-    def count_tasks(self, project: int) -> int | None:
-        """How many tasks the project has (one small page read), or None when Label Studio does not say."""
+    def count_tasks(self, project: int, *, unannotated: bool = False) -> int | None:
+        """How many tasks the project has (``unannotated``: without an annotation; one small page read),
+        or None when Label Studio does not say."""
+        params = {"project": int(project), "page": 1, "page_size": 1}
+        query = _filters(annotated=False, unannotated=unannotated, after=None, updated_after=None)
+        if query is not None:
+            params["query"] = query
         answer = self._call(
-            "GET", "/api/tasks/", f"count the tasks of project {project}",
-            params={"project": int(project), "page": 1, "page_size": 1}, allow=(404,),
+            "GET", "/api/tasks/", f"count the tasks of project {project}", params=params, allow=(404,)
         )  # fmt: skip
         total = answer.get("total") if isinstance(answer, dict) else None
         return total if isinstance(total, int) else None
@@ -306,28 +314,33 @@ def _error(what: str, status: int, url: str, *, write: bool) -> LabelStudioAPIEr
 
 
 LS_DATETIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # the only form Label Studio's Data Manager filters parse (UTC)
+ANNOTATION_COUNTERS = ("total_annotations", "cancelled_annotations")  # a task's submitted, skipped
 
 
-def _greater(column: str, kind: str, value) -> dict:
-    return {"filter": f"filter:tasks:{column}", "operator": "greater", "type": kind, "value": value}
+def _item(column: str, operator: str, kind: str, value) -> dict:
+    return {"filter": f"filter:tasks:{column}", "operator": operator, "type": kind, "value": value}
 
 
-def _filters(*, annotated: bool, after: int | None, updated_after: datetime | None) -> str | None:
+def _filters(
+    *, annotated: bool, unannotated: bool, after: int | None, updated_after: datetime | None
+) -> str | None:
     """The ``query`` of a task listing that Label Studio filters (see :meth:`LabelStudioClient.tasks`),
     or None for no filter. Its filters have one conjunction, so ``annotated`` (either of two counters)
-    stands alone."""
+    stands alone; the others all apply."""
     items = []
     if after is not None:
-        items.append(_greater("id", "Number", int(after)))
+        items.append(_item("id", "greater", "Number", int(after)))
     if updated_after is not None:
         when = updated_after.astimezone(timezone.utc).strftime(LS_DATETIME)
-        items.append(_greater("updated_at", "Datetime", when))
+        items.append(_item("updated_at", "greater", "Datetime", when))
+    if unannotated:  # Label Studio counts submitted and skipped annotations apart: neither
+        items += [_item(counter, "equal", "Number", 0) for counter in ANNOTATION_COUNTERS]
     conjunction = "and"
     if annotated:
         if items:
-            raise ValueError("tasks(): annotated is a filter of its own, without after or updated_after")
-        conjunction = "or"  # submitted or skipped: Label Studio counts them apart
-        items = [_greater("total_annotations", "Number", 0), _greater("cancelled_annotations", "Number", 0)]
+            raise ValueError("tasks(): annotated is a filter of its own, without the others")
+        conjunction = "or"  # submitted or skipped
+        items = [_item(counter, "greater", "Number", 0) for counter in ANNOTATION_COUNTERS]
     if not items:
         return None
     return json.dumps({"filters": {"conjunction": conjunction, "items": items}, "ordering": ["tasks:id"],

@@ -41,11 +41,13 @@ class FakeLabelStudio:
 
     # ---- the client's surface ----
     def tasks(self, project: int, *, ids=None, view=None, page_size: int = 100, skip_missing: bool = False,
-              after=None):  # fmt: skip
+              after=None, unannotated: bool = False):  # fmt: skip
         self.calls.append(("tasks", project, tuple(ids) if ids is not None else None))
         chosen = list(ids) if ids is not None else sorted(self.tasks_by_id)
         if after is not None:
             chosen = [task_id for task_id in chosen if task_id > after]
+        if unannotated:
+            chosen = [task_id for task_id in chosen if not self.tasks_by_id[task_id]["annotations"]]
         for task_id in chosen:
             if int(task_id) not in self.tasks_by_id:
                 if skip_missing:

@@ -263,7 +263,8 @@ class FaultyLabelStudio:
 
 def _selected(tasks: list[dict], query: dict) -> list[dict]:
     """What Label Studio's Data Manager selects with ``query``: selected items, then the filters this
-    backend sends (``greater`` on the id, ``updated_at`` and the annotation counters)."""
+    backend sends (``greater`` on the id, ``updated_at`` and the annotation counters; ``equal`` on the
+    counters)."""
     chosen = query.get("selectedItems") or {"all": True}
     if not chosen.get("all"):
         tasks = [t for t in tasks if t["id"] in set(chosen["included"])]
@@ -281,11 +282,11 @@ def _selected(tasks: list[dict], query: dict) -> list[dict]:
         }[column]()
 
     def passes(task: dict, item: dict) -> bool:
-        assert item["operator"] == "greater", item
         bound = item["value"]
         if item["type"] == "Datetime":
             bound = datetime.strptime(bound, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-        return value(task, item["filter"]) > bound
+        found = value(task, item["filter"])
+        return {"greater": found > bound, "equal": found == bound}[item["operator"]]
 
     join = all if filters["conjunction"] == "and" else any
     return [t for t in tasks if join(passes(t, item) for item in filters["items"])]

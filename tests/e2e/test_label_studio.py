@@ -191,8 +191,9 @@ def test_annotations_train_a_version_that_label_studio_then_uses(label_studio, o
 
 def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
     """The sweeps' listings, filtered by Label Studio's own Data Manager across pages: tasks after an id
-    (auto pre-label), annotated tasks, submitted or skipped, and tasks changed after a time (the
-    reconciliation: saving or deleting an annotation touches its task)."""
+    (auto pre-label), annotated tasks, submitted or skipped, and the others (``prelabel --unannotated``),
+    and tasks changed after a time (the reconciliation: saving or deleting an annotation touches its
+    task)."""
     from datetime import datetime, timedelta
 
     from backend.labelstudio.api import LabelStudioClient
@@ -215,6 +216,9 @@ def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
     api.call("POST", f"/api/tasks/{ids[4]}/annotations/", expect=201,
              json={"result": [], "was_cancelled": True, "ground_truth": False})  # fmt: skip
     assert listed(annotated=True) == [ids[1], ids[4]]
+    still = [i for i in [*ids, late] if i not in (ids[1], ids[4])]
+    assert listed(unannotated=True) == still
+    assert client.count_tasks(project["id"], unannotated=True) == len(still)
     assert listed(updated_after=newest) == [ids[1], ids[4]]
     changed = max(datetime.fromisoformat(t["updated_at"]) for t in client.tasks(project["id"]))
     time.sleep(1.1)

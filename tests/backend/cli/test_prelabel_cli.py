@@ -128,3 +128,12 @@ def strip(result: list[dict]) -> list[dict]:
         {**{k: v for k, v in item.items() if k != "id"}, "score": round(item.get("score") or 0, 4)}
         for item in result
     ]
+
+
+def test_unannotated_pre_labels_only_the_tasks_still_to_label(env, project, tiny_models):
+    project.tasks_by_id[301]["annotations"] = [{"id": 1, "result": [], "was_cancelled": False}]
+    project.tasks_by_id[304]["annotations"] = [{"id": 2, "result": [], "was_cancelled": True}]  # skipped
+    assert run(["--project", "7", "--unannotated", "--tasks", "300-301"], project, tiny_models) == 0
+    assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [300]
+    assert run(["--project", "7", "--unannotated"], project, tiny_models) == 0
+    assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [300, 302, 303, 305]

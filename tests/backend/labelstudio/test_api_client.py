@@ -141,3 +141,16 @@ def test_threads_share_one_token(ls):
     for thread in threads:
         thread.join()
     assert not errors and ls.refreshes == 1
+
+
+def test_label_studio_selects_the_unannotated_tasks_and_counts_them(ls):
+    with ls._lock:
+        ls.state.tasks[3]["annotations"] = [{"id": 30, "result": [], "was_cancelled": False}]
+        ls.state.tasks[5]["annotations"] = [{"id": 50, "result": [], "was_cancelled": True}]  # skipped
+    client = client_for(ls)
+    listed = [t["id"] for t in client.tasks(7, unannotated=True, page_size=100)]
+    assert listed == [i for i in range(1, 251) if i not in (3, 5)]
+    assert client.count_tasks(7, unannotated=True) == 248 and client.count_tasks(7) == 250
+    assert [t["id"] for t in client.tasks(7, annotated=True)] == [3, 5]
+    with pytest.raises(ValueError, match="annotated"):
+        list(client.tasks(7, annotated=True, after=2))
