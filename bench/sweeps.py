@@ -89,7 +89,9 @@ def measure(url: str, token: str, api, args) -> list[dict]:
 
     listings = [
         ("either sweep, before", "every task", lambda: client.tasks(project)),
-        ("auto pre-label, between whole reads", f"ids above {high}", lambda: client.tasks(project, after=high)),
+        ("auto pre-label, whole read", "unannotated tasks", lambda: client.tasks(project, unannotated=True)),
+        ("auto pre-label, between whole reads", f"unannotated, ids above {high}",
+         lambda: client.tasks(project, after=high, unannotated=True)),
         ("reconciliation, whole read", "annotated tasks", lambda: client.tasks(project, annotated=True)),
         ("reconciliation, between whole reads", "changed since the last read",
          lambda: client.tasks(project, updated_after=since)),
@@ -134,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"Label Studio 1.23 on 127.0.0.1: {args.tasks} tasks + 10 new, each with a 5-region pre-label, "
           f"{args.annotated} + 2 annotated; median of {args.repeat}")  # fmt: skip
-    print(f"{'sweep':<38} | {'reads':<28} | {'tasks read':>10} | {'seconds':>8} | {'ratio':>7}")
+    print(f"{'sweep':<38} | {'reads':<32} | {'tasks read':>10} | {'seconds':>8} | {'ratio':>7}")
     for r in rows:
-        print(f"{r['sweep']:<38} | {r['reads']:<28} | {r['tasks_read']:>10} | {r['seconds']:>8.3f} | "
+        print(f"{r['sweep']:<38} | {r['reads']:<32} | {r['tasks_read']:>10} | {r['seconds']:>8.3f} | "
               f"{r['ratio']:>6}x")  # fmt: skip
     return 0
 

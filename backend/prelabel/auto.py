@@ -14,12 +14,12 @@ Per project: the ML backend connection's *extra params* in Label Studio (``{"aut
 some projects and not of others. A project that is off has its ``TASKS_CREATED`` ignored and is left out
 of the sweep.
 
-A task someone has annotated (submitted or skipped) is left alone: the sweep does not queue it, and a
-queued job leaves it if it was annotated by the time the job reads it (an import with annotations, an
+A task someone has annotated (submitted or skipped) is left alone: the sweep does not read it (Label
+Studio leaves it out of the listing), and a queued job leaves it if it was annotated by the time the job reads it (an import with annotations, an
 annotator faster than the queue). After a promotion, only the tasks still to label get the new version.
 
 A webhook can be lost (the backend down, a proxy). Every ``OSPREY_AUTO_PRELABEL_SWEEP_S`` the sweep
-reads each known project's tasks through the API and queues a job for those without a non-empty
+reads each known project's unannotated tasks through the API and queues a job for those without a non-empty
 prediction of the current model version that no queued or running job holds already. Neither a
 re-import nor a sweep writes a second prediction of a version: the engine skips tasks that have one,
 and the claims (:mod:`.claims`) keep two writers off one task.
@@ -170,7 +170,7 @@ class AutoPrelabel:
         whole = swept is None or swept.version != version or now - swept.full_at >= FULL_SWEEP_S
         after = None if whole else swept.high
         high, listed, missing = after or 0, 0, []
-        for task in self.client.tasks(int(project), after=after):
+        for task in self.client.tasks(int(project), after=after, unannotated=True):  # annotated: left alone
             listed += 1
             high = max(high, task["id"])
             if not task.get("annotations") and not current_predictions(task, version)[0]:
