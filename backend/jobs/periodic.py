@@ -11,6 +11,14 @@ from backend.errors import internal_error
 
 logger = logging.getLogger(__name__)
 
+FULL_READ_S = 6 * 3600.0  # a sweep that reads only what changed reads a project whole at least this often
+
+
+def whole_read_due(full_at: float | None, now: float) -> bool:
+    """Whether a sweep that reads a project's changes since its last look must read it whole: never read
+    whole (``full_at`` None: after a start), or last read whole :data:`FULL_READ_S` or more ago."""
+    return full_at is None or now - full_at >= FULL_READ_S
+
 
 class Periodic:
     """Calls ``work()`` every ``interval_s`` seconds, the first time ``first_s`` after :meth:`start`,

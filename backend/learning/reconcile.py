@@ -9,7 +9,7 @@ there the intake parses them like any webhook, so a sweep and a late webhook nev
 twice (versions are ordered, repeats are duplicates).
 
 Only what can have changed is read. A project's first sweep (after a start: when webhooks were lost)
-and one at least every :data:`FULL_SWEEP_S` read its annotated tasks (submitted or skipped; Label
+and one at least every :data:`~backend.jobs.periodic.FULL_READ_S` read its annotated tasks (submitted or skipped; Label
 Studio selects them). The sweeps between read only the tasks Label Studio changed since the newest
 change the sweep has seen, less :data:`OVERLAP_S` (saves commit out of order): Label Studio touches a
 task's ``updated_at`` whenever one of its annotations is saved or deleted. So a project of a million
@@ -27,14 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from backend.jobs.periodic import Periodic
+from backend.jobs.periodic import Periodic, whole_read_due
 from backend.labelstudio.ids import project_key
 from backend.labelstudio.results import annotation_timestamp
 
 logger = logging.getLogger(__name__)
 
 FIRST_SWEEP_S = 30.0  # after start: what was missed while the backend was down comes in soon
-FULL_SWEEP_S = 6 * 3600.0  # a project's annotated tasks are all read at least this often
 OVERLAP_S = 900.0  # a sweep re-reads the tasks changed this long before the newest change it saw
 
 
@@ -108,7 +107,7 @@ class Reconciler:
         """Compare ``project``'s annotated tasks in Label Studio (all of them, or those changed since
         the last sweep: see the module docstring) with the store; events appended."""
         seen, now = self._seen.get(project), self.clock()
-        whole = seen is None or now - seen.full_at >= FULL_SWEEP_S
+        whole = whole_read_due(seen.full_at if seen else None, now)
         if whole:
             listing = self.client.tasks(int(project), annotated=True)
             self._reads[project] = "annotated tasks"

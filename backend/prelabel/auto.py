@@ -26,7 +26,7 @@ and the claims (:mod:`.claims`) keep two writers off one task.
 
 The sweep reads a project whole only when it must: the first time (after a start, which is when
 webhooks were lost), when the project's model version changed (a promoted head: its tasks lack the new
-version), and at least every :data:`FULL_SWEEP_S`. In between it reads only the tasks whose id is above
+version), and at least every :data:`~backend.jobs.periodic.FULL_READ_S`. In between it reads only the tasks whose id is above
 the highest it has looked at (Label Studio filters and orders them), since a lost webhook's tasks are
 new ones. So a project of a million tasks costs its new tasks every few minutes, not a million task
 reads with their predictions. The full sweeps catch what the id order cannot: an import whose ids were
@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backend.jobs.periodic import Periodic
+from backend.jobs.periodic import Periodic, whole_read_due
 from backend.labelstudio.ids import project_key
 
 from .engine import current_predictions
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 TASKS_CREATED = "TASKS_CREATED"
 JOB_TASKS = 1000  # tasks per queued job (a sweep of a big project queues several)
 FIRST_SWEEP_S = 30.0  # the first sweep, this long after the start
-FULL_SWEEP_S = 6 * 3600.0  # a project's whole task list is read at least this often (between: new ids)
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ class AutoPrelabel:
     def _sweep(self, project: str) -> dict:
         version, now = self.projects.version(project), self.clock()
         swept = self._swept.get(project)
-        whole = swept is None or swept.version != version or now - swept.full_at >= FULL_SWEEP_S
+        whole = whole_read_due(swept.full_at if swept else None, now) or swept.version != version
         after = None if whole else swept.high
         high, listed, missing = after or 0, 0, []
         for task in self.client.tasks(int(project), after=after, unannotated=True):  # annotated: left alone

@@ -14,9 +14,9 @@ from lsapi_server import LEGACY_KEY, FaultyLabelStudio
 from waitress import create_server
 from webhook_payloads import BRUSH_CONFIG, annotation_event, box_mask, brush_region, iso
 
+from backend.jobs.periodic import FULL_READ_S
 from backend.labelstudio.api import LabelStudioClient
 from backend.learning import intake as intake_module
-from backend.learning import reconcile
 from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
@@ -181,7 +181,7 @@ def test_the_reconciliation_reads_the_annotated_tasks_once_then_only_what_label_
 ):
     """A million annotated tasks must not be read every ten minutes: one whole read (annotated tasks
     only), then only the tasks Label Studio touched since the newest change seen (less the overlap),
-    which also finds a task whose every annotation was deleted; a whole read again after FULL_SWEEP_S."""
+    which also finds a task whose every annotation was deleted; a whole read again after FULL_READ_S."""
     for annotation_id, updated in (
         (7600, "2026-12-06T10:00:00.000000Z"),
         (7601, "2026-12-06T09:00:00.000000Z"),
@@ -219,7 +219,7 @@ def test_the_reconciliation_reads_the_annotated_tasks_once_then_only_what_label_
         assert listings.read[-1] == [7600, 7699]  # 7600 again: 11:00 is within the overlap of 11:00
         assert runtime.intake.drain() and runtime.store.count_accepted(str(PROJECT)) == 2
 
-        clock[0] += reconcile.FULL_SWEEP_S
+        clock[0] += FULL_READ_S
         assert reconciler.sweep() == {str(PROJECT): 0}
         assert listings.read[-1] == [7601, 7699]  # whole again: every annotated task
 

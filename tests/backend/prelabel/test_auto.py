@@ -12,7 +12,7 @@ from http_app import served
 from lsapi_fake import FakeLabelStudio
 from lsfakes import API_KEY, scene_png
 
-from backend.prelabel.auto import FULL_SWEEP_S
+from backend.jobs.periodic import FULL_READ_S
 from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
@@ -99,7 +99,7 @@ def test_a_repeated_webhook_and_the_sweep_never_write_a_second_prediction(runtim
 def test_the_sweep_reads_a_project_whole_once_then_only_its_new_tasks(runtime, ls):
     """A million-task project must not be read whole every few minutes: after one whole read the sweep
     asks Label Studio only for the tasks above the highest id it has seen; a whole read comes back every
-    FULL_SWEEP_S for what the id order cannot show (an import committed after a later one)."""
+    FULL_READ_S for what the id order cannot show (an import committed after a later one)."""
     clock = [0.0]
     runtime.auto_prelabel.clock = lambda: clock[0]
     sweep = runtime.auto_prelabel.sweep
@@ -118,7 +118,7 @@ def test_the_sweep_reads_a_project_whole_once_then_only_its_new_tasks(runtime, l
 
     ls.add_task(6, ls.images[1])  # its id came before 9's, its commit after the sweep read 9
     assert sweep()["7"]["listed"] == 0
-    clock[0] += FULL_SWEEP_S
+    clock[0] += FULL_READ_S
     whole = sweep()["7"]
     assert (whole["tasks"], whole["read"], whole["listed"]) == (1, "all", 6)
     assert [r["predicted"] for r in run_jobs(runtime)] == [1]
