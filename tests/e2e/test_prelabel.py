@@ -257,17 +257,28 @@ def test_a_projects_extra_params_turn_automatic_pre_labelling_on_for_that_projec
         backend.stop()
 
 
+def auto_project(short_deadline, tmp_path: Path, title: str, *, sweep_s: str):
+    """A backend with OSPREY_AUTO_PRELABEL=1 (its sweep every ``sweep_s``) and a new project connected
+    to it: the backend, its URL, the project and the model version it reports."""
+    backend, backend_url, _ = backend_for(
+        short_deadline, tmp_path / "models", tmp_path / "serve.log", OSPREY_AUTO_PRELABEL="1",
+        OSPREY_AUTO_PRELABEL_SWEEP_S=sweep_s,
+    )  # fmt: skip
+    try:
+        project = short_deadline["api"].create_project(title, CONFIG.read_text())
+        version = short_deadline["api"].connect_backend(project["id"], backend_url)["model_version"]
+    except BaseException:
+        backend.stop()
+        raise
+    return backend, backend_url, project, version
+
+
 def test_imported_tasks_are_pre_labelled_automatically_exactly_once(short_deadline, tmp_path):
     """OSPREY_AUTO_PRELABEL=1: Label Studio's TASKS_CREATED webhook (the one it makes when the backend is
     connected) queues the tasks; no click; a second import adds exactly its own."""
     api = short_deadline["api"]
-    backend, backend_url, _ = backend_for(
-        short_deadline, tmp_path / "models", tmp_path / "serve.log", OSPREY_AUTO_PRELABEL="1",
-        OSPREY_AUTO_PRELABEL_SWEEP_S="0",
-    )  # fmt: skip
+    backend, _, project, version = auto_project(short_deadline, tmp_path, "auto 40", sweep_s="0")
     try:
-        project = api.create_project("auto 40", CONFIG.read_text())
-        version = api.connect_backend(project["id"], backend_url)["model_version"]
         ids = [
             t["id"]
             for t in api.import_images(project["id"], {f"i{i}.png": scene_png(700 + i) for i in range(40)})
@@ -290,13 +301,10 @@ def test_the_sweep_pre_labels_imports_whose_webhook_never_came_and_leaves_annota
     imported tasks (a whole read, then only the ids above those it has seen), pre-labels each once, and
     leaves the task that was imported with its annotation."""
     api = short_deadline["api"]
-    backend, backend_url, _ = backend_for(
-        short_deadline, tmp_path / "models", tmp_path / "serve.log", OSPREY_AUTO_PRELABEL="1",
-        OSPREY_AUTO_PRELABEL_SWEEP_S="10",
-    )  # fmt: skip
+    backend, backend_url, project, version = auto_project(
+        short_deadline, tmp_path, "lost webhooks", sweep_s="10"
+    )
     try:
-        project = api.create_project("lost webhooks", CONFIG.read_text())
-        version = api.connect_backend(project["id"], backend_url)["model_version"]
         for hook in api.call("GET", f"/api/webhooks/?project={project['id']}"):
             api.call("DELETE", f"/api/webhooks/{hook['id']}/", expect=204)
         ids = [
