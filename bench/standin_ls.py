@@ -93,16 +93,17 @@ class StandIn:
         return 404, {"detail": f"no route {method} {path}"}
 
     def page(self, query: dict) -> dict:
-        if query.get("query"):
-            ids = [i for i in json.loads(query["query"])["selectedItems"]["included"] if 1 <= i <= self.tasks]
-        else:
-            ids = range(1, self.tasks + 1)
+        ids = range(1, self.tasks + 1)
+        if query.get("query"):  # the backend asks for chosen ids, or for those above an id (in id order)
+            asked = json.loads(query["query"])
+            if not asked["selectedItems"].get("all"):
+                ids = [i for i in asked["selectedItems"]["included"] if 1 <= i <= self.tasks]
+            for item in (asked.get("filters") or {}).get("items", []):
+                if item["filter"] != "filter:tasks:id" or item["operator"] != "greater":
+                    raise ValueError(f"the stand-in has no filter {item}")
+                ids = [i for i in ids if i > int(item["value"])]
         page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
-        chosen = (
-            list(ids[(page - 1) * size : page * size])
-            if isinstance(ids, range)
-            else ids[(page - 1) * size : page * size]
-        )
+        chosen = list(ids)[(page - 1) * size : page * size]
         return {"tasks": [self.task(i) for i in chosen], "total": len(ids)}
 
 

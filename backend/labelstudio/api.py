@@ -16,10 +16,12 @@ went out; no answer came back): the caller reads back before sending it again.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
+from itertools import pairwise
 
 import requests
 
@@ -131,19 +133,32 @@ class LabelStudioClient:
         updated_after: datetime | None = None,
     ) -> Iterator[dict]:
         """The project's tasks, in id order, each a dict of :data:`TASK_KEYS`: all of them, or those of a
-        Data Manager ``view``, or exactly ``ids`` (in that order; ``skip_missing``: ids deleted meanwhile
-        are left out instead of raising ``not_found``), or those Label Studio selects for us (its Data
-        Manager filters, so only they are read): ``annotated`` (an annotation, submitted or skipped),
-        ``unannotated`` (none: the tasks still to label), ``after`` (an id greater than it),
+        Data Manager ``view`` (in its order), or exactly ``ids`` (in that order; ``skip_missing``: ids
+        deleted meanwhile are left out instead of raising ``not_found``), or those Label Studio selects for
+        us (its Data Manager filters, so only they are read): ``annotated`` (an annotation, submitted or
+        skipped), ``unannotated`` (none: the tasks still to label), ``after`` (an id greater than it),
         ``updated_after`` (changed after that time: Label Studio touches a task when an annotation or
-        prediction of it is saved or deleted)."""
+        prediction of it is saved or deleted); the filters given all apply.
+
+        Listings without a view are read by id, not by page number: each read asks for the tasks above
+        the last id read. A task that leaves the selection meanwhile (annotated while the unannotated
+        ones are listed, say) cannot shift a page past one that stays, and no read makes Label Studio
+        count its way to a deep page."""
         if ids is None:
-            query = _filters(
-                annotated=annotated, unannotated=unannotated, after=after, updated_after=updated_after
+            if view is not None:
+                if annotated or unannotated or after is not None or updated_after is not None:
+                    raise ValueError("tasks(): a view has its own filters; give either view or a filter")
+                yield from self._pages(project, view=view, query=None, page_size=page_size)
+                return
+            selections = _selections(
+                annotated=annotated, unannotated=unannotated, updated_after=updated_after
             )
-            if query is not None and view is not None:
-                raise ValueError("tasks(): a view has its own filters; give either view or a filter")
-            yield from self._pages(project, view=view, query=query, page_size=page_size)
+            streams = [self._by_id(project, items, after=after, page_size=page_size) for items in selections]
+            last = None
+            for task in heapq.merge(*streams, key=lambda t: t["id"]):  # "annotated" is two selections
+                if task["id"] != last:
+                    last = task["id"]
+                    yield task
             return
         wanted = [int(i) for i in ids]
         for start in range(0, len(wanted), page_size):
@@ -167,14 +182,38 @@ class LabelStudioClient:
         """How many tasks the project has (``unannotated``: without an annotation; one small page read),
         or None when Label Studio does not say."""
         params = {"project": int(project), "page": 1, "page_size": 1}
-        query = _filters(annotated=False, unannotated=unannotated, after=None, updated_after=None)
-        if query is not None:
-            params["query"] = query
+        if unannotated:
+            (items,) = _selections(annotated=False, unannotated=True, updated_after=None)
+            params["query"] = _query(items)
         answer = self._call(
             "GET", "/api/tasks/", f"count the tasks of project {project}", params=params, allow=(404,)
         )  # fmt: skip
         total = answer.get("total") if isinstance(answer, dict) else None
         return total if isinstance(total, int) else None
+
+    def _by_id(self, project: int, items: list[dict], *, after: int | None, page_size: int) -> Iterator[dict]:
+        """The tasks Label Studio selects with the filter ``items`` (all apply), in id order, read as
+        "the first ``page_size`` above the last id read" until a short read."""
+        cursor = 0 if after is None else int(after)
+        while True:
+            query = _query([_item("id", "greater", "Number", cursor), *items])
+            answer = self._call("GET", "/api/tasks/", f"list tasks of project {project}",
+                                params={"project": int(project), "page": 1, "page_size": page_size,
+                                        "fields": "all", "query": query})  # fmt: skip
+            tasks = answer.get("tasks", []) if isinstance(answer, dict) else answer
+            ids = [task.get("id") for task in tasks]
+            if not all(isinstance(i, int) for i in ids) or any(b <= a for a, b in pairwise([cursor, *ids])):
+                raise LabelStudioAPIError(
+                    f"Label Studio at {sanitize_url(self.url)} listed tasks of project {project} that are not above "
+                    f"id {cursor} in id order, though asked for exactly that (a Data Manager filter and ordering "
+                    f"on the id); this backend needs a Label Studio whose task list applies them (1.23 does)",
+                    kind="upstream",
+                )  # fmt: skip
+            for task in tasks:
+                yield {key: task.get(key) for key in TASK_KEYS}
+            if len(tasks) < page_size:
+                return
+            cursor = ids[-1]
 
     def _pages(
         self,
@@ -321,27 +360,24 @@ def _item(column: str, operator: str, kind: str, value) -> dict:
     return {"filter": f"filter:tasks:{column}", "operator": operator, "type": kind, "value": value}
 
 
-def _filters(
-    *, annotated: bool, unannotated: bool, after: int | None, updated_after: datetime | None
-) -> str | None:
-    """The ``query`` of a task listing that Label Studio filters (see :meth:`LabelStudioClient.tasks`),
-    or None for no filter. Its filters have one conjunction, so ``annotated`` (either of two counters)
-    stands alone; the others all apply."""
+def _selections(*, annotated: bool, unannotated: bool, updated_after: datetime | None) -> list[list[dict]]:
+    """The Data Manager filters of a task listing (see :meth:`LabelStudioClient.tasks`), as selections
+    whose union is wanted, the filters of each all applying. Label Studio's filters have one conjunction,
+    so ``annotated`` (submitted or skipped: either of two counters) is two selections."""
+    if annotated and unannotated:
+        raise ValueError("tasks(): a task is either annotated or unannotated, not both")
     items = []
-    if after is not None:
-        items.append(_item("id", "greater", "Number", int(after)))
     if updated_after is not None:
         when = updated_after.astimezone(timezone.utc).strftime(LS_DATETIME)
         items.append(_item("updated_at", "greater", "Datetime", when))
     if unannotated:  # Label Studio counts submitted and skipped annotations apart: neither
         items += [_item(counter, "equal", "Number", 0) for counter in ANNOTATION_COUNTERS]
-    conjunction = "and"
     if annotated:
-        if items:
-            raise ValueError("tasks(): annotated is a filter of its own, without the others")
-        conjunction = "or"  # submitted or skipped
-        items = [_item(counter, "greater", "Number", 0) for counter in ANNOTATION_COUNTERS]
-    if not items:
-        return None
-    return json.dumps({"filters": {"conjunction": conjunction, "items": items}, "ordering": ["tasks:id"],
+        return [[*items, _item(counter, "greater", "Number", 0)] for counter in ANNOTATION_COUNTERS]
+    return [items]
+
+
+def _query(items: list[dict]) -> str:
+    """A task listing's ``query``: every filter in ``items`` applies, in id order."""
+    return json.dumps({"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"],
                        "selectedItems": {"all": True, "excluded": []}})  # fmt: skip

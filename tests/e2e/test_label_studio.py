@@ -226,3 +226,12 @@ def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
     assert listed(updated_after=changed) == [ids[1]]  # its only annotation deleted: touched, listed
     assert listed(annotated=True) == [ids[4]]
     assert listed(updated_after=changed + timedelta(hours=1)) == []
+    assert listed(annotated=True, after=ids[1]) == [ids[4]]
+
+    # annotated while the unannotated tasks are listed: it leaves the selection, no other task is lost
+    listing, read = client.tasks(project["id"], unannotated=True, page_size=2), []
+    for task in listing:
+        read.append(task["id"])
+        if len(read) == 2:
+            api.annotate(read[0], [])
+    assert read == [i for i in [*ids, late] if i != ids[4]]

@@ -152,5 +152,41 @@ def test_label_studio_selects_the_unannotated_tasks_and_counts_them(ls):
     assert listed == [i for i in range(1, 251) if i not in (3, 5)]
     assert client.count_tasks(7, unannotated=True) == 248 and client.count_tasks(7) == 250
     assert [t["id"] for t in client.tasks(7, annotated=True)] == [3, 5]
+    assert [t["id"] for t in client.tasks(7, annotated=True, after=3)] == [5]
     with pytest.raises(ValueError, match="annotated"):
-        list(client.tasks(7, annotated=True, after=2))
+        list(client.tasks(7, annotated=True, unannotated=True))
+
+
+@pytest.mark.parametrize("leaving", ["annotated", "unannotated"])
+def test_a_task_leaving_the_selection_mid_listing_costs_no_other_task(ls, leaving):
+    """Annotators keep working while a sweep lists the unannotated tasks (and annotations get deleted
+    while the annotated ones are listed): a task that leaves the selection after its page was read must
+    not shift the next page past a task that stays, as page numbers would."""
+    with ls._lock:
+        if leaving == "unannotated":  # every task annotated; task 10's annotation is deleted mid-listing
+            for task in ls.state.tasks.values():
+                task["annotations"] = [{"id": 1000 + task["id"], "result": [], "was_cancelled": False}]
+    client = client_for(ls)
+    listed = []
+    for task in client.tasks(
+        7, annotated=leaving == "unannotated", unannotated=leaving == "annotated", page_size=100
+    ):
+        listed.append(task["id"])
+        if task["id"] == 100:  # after the first page: task 10 leaves the selection
+            with ls._lock:
+                ls.state.tasks[10]["annotations"] = (
+                    [] if leaving == "unannotated" else [{"id": 10, "result": [], "was_cancelled": False}]
+                )
+    assert listed == list(range(1, 251))
+
+
+def test_a_label_studio_that_ignores_the_id_filter_is_an_error_not_an_endless_listing(ls, monkeypatch):
+    """An old or proxied Label Studio that answers every read with its first page would make a listing
+    by id loop for ever, or skip tasks; it fails with a message instead."""
+    real = ls._task_page
+    monkeypatch.setattr(
+        ls, "_task_page", lambda query: real({k: v for k, v in query.items() if k != "query"})
+    )
+    with pytest.raises(LabelStudioAPIError, match="not above id 100 in id order") as raised:
+        list(client_for(ls).tasks(7, page_size=100))
+    assert raised.value.kind == "upstream"
