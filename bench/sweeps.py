@@ -10,7 +10,8 @@ Starts Label Studio 1.23 from ``.ls-venv`` (``OSPREY_LS_VENV``; the end-to-end t
 127.0.0.1, imports ``--tasks`` tasks with one pre-label each (five brush regions on 640x480, as the
 backend writes them), annotates ``--annotated`` of them, then adds 10 tasks and annotates 2 more (what
 happens between two sweeps), and times each listing through the backend's own client, ``--repeat`` times
-(the median is shown). The changed-tasks read starts just before those 2 annotations: in service it
+(the median is shown). The first row reads page after page, as the sweeps used to; every other row
+reads as the client does now, "the next 100 tasks above the last id read". The changed-tasks read starts just before those 2 annotations: in service it
 starts 15 minutes before the newest change the previous sweep saw, so it also re-reads what changed in
 those 15 minutes.
 """
@@ -88,7 +89,9 @@ def measure(url: str, token: str, api, args) -> list[dict]:
         api.annotate(task_id, [])
 
     listings = [
-        ("either sweep, before", "every task", lambda: client.tasks(project)),
+        ("either sweep, before", "every task, by page number",
+         lambda: client._pages(project, view=None, query=None, page_size=100)),  # how it was read
+        ("either sweep, read by id", "every task, above the last id", lambda: client.tasks(project)),
         ("auto pre-label, whole read", "unannotated tasks", lambda: client.tasks(project, unannotated=True)),
         ("auto pre-label, between whole reads", f"unannotated, ids above {high}",
          lambda: client.tasks(project, after=high, unannotated=True)),
