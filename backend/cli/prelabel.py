@@ -289,6 +289,8 @@ def _task_stream(client, args: argparse.Namespace):
     total = len(args.tasks) if args.tasks is not None else None
     if whole and hasattr(client, "count_tasks"):
         total = client.count_tasks(args.project, unannotated=args.unannotated)
+    elif args.view is not None and not args.unannotated and hasattr(client, "count_tasks"):
+        total = client.count_tasks(args.project, view=args.view)
     if args.limit is not None:
         stream = itertools.islice(stream, args.limit)
         total = min(total, args.limit) if total is not None else args.limit

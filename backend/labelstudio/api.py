@@ -140,16 +140,21 @@ class LabelStudioClient:
         ``updated_after`` (changed after that time: Label Studio touches a task when an annotation or
         prediction of it is saved or deleted); the filters given all apply.
 
-        Listings without a view are read by id, not by page number: each read asks for the tasks above
-        the last id read. A task that leaves the selection meanwhile (annotated while the unannotated
-        ones are listed, say) cannot shift a page past one that stays, and no read makes Label Studio
-        count its way to a deep page."""
+        Nothing is read by page number while the caller works: a task that leaves the selection
+        meanwhile (annotated while the unannotated ones are listed, given a prediction while a view of
+        the tasks without one is pre-labelled) would shift the next page past a task that stays.
+        Listings without a view ask for the tasks above the last id read; a view's task ids are listed
+        first (without annotations and predictions: a light read), then its tasks read by id, in the
+        view's order."""
+        if ids is None and view is not None:
+            if annotated or unannotated or after is not None or updated_after is not None:
+                raise ValueError("tasks(): a view has its own filters; give either view or a filter")
+            listed = [
+                t["id"] for t in self._pages(project, view=view, query=None, page_size=page_size, whole=False)
+            ]
+            yield from self.tasks(project, ids=listed, page_size=page_size, skip_missing=True)
+            return
         if ids is None:
-            if view is not None:
-                if annotated or unannotated or after is not None or updated_after is not None:
-                    raise ValueError("tasks(): a view has its own filters; give either view or a filter")
-                yield from self._pages(project, view=view, query=None, page_size=page_size)
-                return
             selections = _selections(
                 annotated=annotated, unannotated=unannotated, updated_after=updated_after
             )
@@ -178,10 +183,14 @@ class LabelStudioClient:
                 if task_id in found:
                     yield found[task_id]
 
-    def count_tasks(self, project: int, *, unannotated: bool = False) -> int | None:
-        """How many tasks the project has (``unannotated``: without an annotation; one small page read),
-        or None when Label Studio does not say."""
+    def count_tasks(self, project: int, *, unannotated: bool = False, view: int | None = None) -> int | None:
+        """How many tasks the project has (``unannotated``: without an annotation; ``view``: in that Data
+        Manager view; one small page read), or None when Label Studio does not say."""
         params = {"project": int(project), "page": 1, "page_size": 1}
+        if view is not None:
+            if unannotated:
+                raise ValueError("count_tasks(): a view has its own filters; give either view or unannotated")
+            params["view"] = int(view)
         if unannotated:
             (items,) = _selections(annotated=False, unannotated=True, updated_after=None)
             params["query"] = _query(items)
@@ -211,7 +220,7 @@ class LabelStudioClient:
                 )  # fmt: skip
             for task in tasks:
                 yield {key: task.get(key) for key in TASK_KEYS}
-            if len(tasks) < page_size:
+            if _last_page(answer, tasks, len(tasks), page_size):
                 return
             cursor = ids[-1]
 
@@ -222,10 +231,15 @@ class LabelStudioClient:
         view: int | None,
         query: str | None,
         page_size: int,
+        whole: bool = True,
     ) -> Iterator[dict]:
+        """Page after page (``whole``: with annotations and predictions); only for selections that cannot
+        change while they are read (chosen ids), or for a listing read at once."""
         seen, page = 0, 1
         while True:
-            params = {"project": int(project), "page": page, "page_size": page_size, "fields": "all"}
+            params = {"project": int(project), "page": page, "page_size": page_size}
+            if whole:
+                params["fields"] = "all"
             if view is not None:
                 params["view"] = int(view)
             if query is not None:
@@ -238,8 +252,7 @@ class LabelStudioClient:
             for task in tasks:
                 seen += 1
                 yield {key: task.get(key) for key in TASK_KEYS}
-            total = answer.get("total") if isinstance(answer, dict) else None
-            if not tasks or len(tasks) < page_size or (isinstance(total, int) and seen >= total):
+            if _last_page(answer, tasks, seen, page_size):
                 return
             page += 1
 
@@ -358,6 +371,15 @@ ANNOTATION_COUNTERS = ("total_annotations", "cancelled_annotations")  # a task's
 
 def _item(column: str, operator: str, kind: str, value) -> dict:
     return {"filter": f"filter:tasks:{column}", "operator": operator, "type": kind, "value": value}
+
+
+def _last_page(answer, tasks: list, seen: int, page_size: int) -> bool:
+    """Whether a listing read its last page: by the ``total`` Label Studio counted for it when it says
+    (a deployment may cap pages below ``page_size``: ``TASK_API_PAGE_SIZE_MAX``), else by a short page."""
+    total = answer.get("total") if isinstance(answer, dict) else None
+    if not tasks:
+        return True
+    return seen >= total if isinstance(total, int) else len(tasks) < page_size
 
 
 def _selections(*, annotated: bool, unannotated: bool, updated_after: datetime | None) -> list[list[dict]]:

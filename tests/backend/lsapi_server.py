@@ -52,6 +52,7 @@ class State:
     tasks: dict = field(default_factory=dict)
     webhooks: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    views: dict = field(default_factory=dict)  # id -> (keep(task) -> bool, order key of a task)
     next_id: int = 1000
 
 
@@ -109,6 +110,11 @@ class FaultyLabelStudio:
     def add_project(self, project: int, label_config: str) -> None:
         with self._lock:
             self.state.projects[project] = {"id": project, "label_config": label_config}
+
+    def add_view(self, view: int, keep, order=lambda task: task["id"]) -> None:
+        """A Data Manager view: the tasks ``keep`` accepts when it is read, sorted by ``order``."""
+        with self._lock:
+            self.state.views[view] = (keep, order)
 
     def add_file(self, path: str, body: bytes) -> str:
         with self._lock:
@@ -252,13 +258,22 @@ class FaultyLabelStudio:
     def _task_page(self, query: dict):
         project = int(query["project"])
         tasks = [t for t in self.state.tasks.values() if t["project"] == project]
-        if query.get("query"):
+        order = lambda t: t["id"]  # noqa: E731
+        if query.get("view"):  # a view's own filters and order; the query is ignored, as by Label Studio
+            if int(query["view"]) not in self.state.views:
+                return 404, {"detail": "Not found."}
+            keep, order = self.state.views[int(query["view"])]
+            tasks = [t for t in tasks if keep(t)]
+        elif query.get("query"):
             tasks = _selected(tasks, json.loads(query["query"]))
-        tasks.sort(key=lambda t: t["id"])
+        tasks.sort(key=order)
         page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
         if page > 1 and (page - 1) * size >= len(tasks):
             return 404, {"detail": "Invalid page."}
-        return 200, {"tasks": copy.deepcopy(tasks[(page - 1) * size : page * size]), "total": len(tasks)}
+        chosen = copy.deepcopy(tasks[(page - 1) * size : page * size])
+        if query.get("fields") != "all":  # Label Studio's default: no annotations, no predictions
+            chosen = [{k: v for k, v in t.items() if k not in ("annotations", "predictions")} for t in chosen]
+        return 200, {"tasks": chosen, "total": len(tasks)}
 
 
 def _selected(tasks: list[dict], query: dict) -> list[dict]:

@@ -235,3 +235,16 @@ def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
         if len(read) == 2:
             api.annotate(read[0], [])
     assert read == [i for i in [*ids, late] if i != ids[4]]
+
+    # a view "no predictions yet", newest first, pre-labelled as it is read: every task read, its order kept
+    view = api.call("POST", "/api/dm/views/", expect=201, json={"project": project["id"], "data": {
+        "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_predictions", "operator": "equal", "type": "Number", "value": 0}]},
+        "ordering": ["-tasks:id"]}})  # fmt: skip
+    assert client.count_tasks(project["id"], view=view["id"]) == len(ids) + 1
+    read = []
+    for task in client.tasks(project["id"], view=view["id"], page_size=2):
+        read.append(task["id"])
+        client.create_predictions(project["id"], [{"task": task["id"], "result": [], "model_version": "v"}])
+    assert read == sorted([*ids, late], reverse=True)
+    assert list(client.tasks(project["id"], view=view["id"])) == []

@@ -180,6 +180,40 @@ def test_a_task_leaving_the_selection_mid_listing_costs_no_other_task(ls, leavin
     assert listed == list(range(1, 251))
 
 
+def test_a_views_tasks_are_all_read_in_its_order_though_they_leave_it_as_they_are_pre_labelled(ls):
+    """``prelabel --view`` of a view "no predictions yet": each chunk written takes its tasks out of the
+    view while it is read, which must not push the next page past the tasks still in it."""
+    ls.add_view(5, keep=lambda task: not task["predictions"], order=lambda task: -task["id"])
+    client = client_for(ls)
+    assert client.count_tasks(7, view=5) == 250
+    listed = []
+    for task in client.tasks(7, view=5, page_size=100):
+        listed.append(task["id"])
+        assert "predictions" in task  # read whole, by id
+        if len(listed) % 50 == 0:  # a chunk of predictions written
+            with ls._lock:
+                for task_id in listed[-50:]:
+                    ls.state.tasks[task_id]["predictions"].append({"id": task_id, "model_version": "v"})
+    assert listed == list(range(250, 0, -1))
+    with pytest.raises(LabelStudioAPIError, match="HTTP 404"):
+        list(client.tasks(7, view=6))
+
+
+def test_a_label_studio_that_caps_its_pages_below_the_size_asked_is_read_to_the_end(ls, monkeypatch):
+    """A deployment may cap task pages (``TASK_API_PAGE_SIZE_MAX``) below the 100 asked: a short page is
+    then not the last one; the count Label Studio gives says when the listing is done."""
+    real = ls._task_page
+    monkeypatch.setattr(
+        ls, "_task_page", lambda query: real({**query, "page_size": min(30, int(query["page_size"]))})
+    )
+    ls.add_view(5, keep=lambda task: task["id"] % 2 == 0)
+    client = client_for(ls)
+    assert [t["id"] for t in client.tasks(7, page_size=100)] == list(range(1, 251))
+    assert len(list(client.tasks(7, unannotated=True, page_size=100))) == 250
+    assert [t["id"] for t in client.tasks(7, view=5, page_size=100)] == list(range(2, 251, 2))
+    assert [t["id"] for t in client.tasks(7, ids=range(200, 0, -1), page_size=100)] == list(range(200, 0, -1))
+
+
 def test_a_label_studio_that_ignores_the_id_filter_is_an_error_not_an_endless_listing(ls, monkeypatch):
     """An old or proxied Label Studio that answers every read with its first page would make a listing
     by id loop for ever, or skip tasks; it fails with a message instead."""
