@@ -106,7 +106,7 @@ class LabelStudioClient:
         if status in allow:
             return status, None
         if status >= 400:
-            raise _error(what, status, self.url, write=method == "POST")
+            raise _error(what, status, self.url, write=method == "POST", detail=_detail(response))
         if not response.content:
             return None
         try:
@@ -341,8 +341,28 @@ def _maybe_sent(error: requests.RequestException) -> bool:
     return not any(marker in text for marker in markers)
 
 
-def _error(what: str, status: int, url: str, *, write: bool) -> LabelStudioAPIError:
+def _detail(response: requests.Response) -> str:
+    """What Label Studio said of a refused call (its ``detail`` or validation message), briefly; "" when
+    the answer is not its JSON (a proxy's HTML page)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    if isinstance(body, dict):
+        body = body.get("validation_errors") or body.get("detail") or body  # "detail": "Validation error"
+    text = " ".join(str(body).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _error(what: str, status: int, url: str, *, write: bool, detail: str = "") -> LabelStudioAPIError:
     where = sanitize_url(url)
+    if status == 413:
+        return LabelStudioAPIError(
+            f"Label Studio {what} failed: HTTP 413, the request is larger than {where} accepts (a proxy in "
+            f"front of Label Studio: nginx client_max_body_size, an ingress' proxy-body-size; Label Studio "
+            f"itself: DATA_UPLOAD_MAX_MEMORY_SIZE)",
+            kind="refused", status=413,
+        )  # fmt: skip
     if status in (401, 403):
         return LabelStudioAPIError(
             f"Label Studio {what} failed: HTTP {status}; LABEL_STUDIO_API_KEY is not accepted by {where} (revoked, "
@@ -356,8 +376,9 @@ def _error(what: str, status: int, url: str, *, write: bool) -> LabelStudioAPIEr
         )
     if status < 500 and status != 429:
         return LabelStudioAPIError(
-            f"Label Studio {what} failed: HTTP {status}", kind="refused", status=status
-        )
+            f"Label Studio {what} failed: HTTP {status}" + (f": {detail}" if detail else ""),
+            kind="refused", status=status,
+        )  # fmt: skip
     return LabelStudioAPIError(
         f"Label Studio {what} failed: HTTP {status} after retrying for about a minute; Label Studio at {where} is "
         f"overloaded or failing (its log says why)",

@@ -41,6 +41,7 @@ class Summary:
     deleted_empty: int = 0
     elsewhere: int = 0  # left to another writer holding their claims
     duplicates: int = 0  # other writers' duplicates deleted (see claims.converge)
+    gone: int = 0  # deleted from Label Studio while they were pre-labelled
 
     @property
     def tasks_per_minute(self) -> float:
@@ -59,6 +60,7 @@ class Summary:
             "written": self.written,
             "deleted_empty": self.deleted_empty,
             "elsewhere": self.elsewhere,
+            "gone": self.gone,
             "duplicates_deleted": self.duplicates,
             "seconds": round(self.seconds, 2),
             "tasks_per_minute": round(self.tasks_per_minute, 2),
@@ -167,6 +169,8 @@ class _Run:
                 self.summary.skipped += 1
             elif result.status == "elsewhere":
                 self.summary.elsewhere += 1
+            elif result.status == "gone":
+                self.summary.gone += 1
             else:
                 self.summary.failed[result.task_id] = result.reason or "failed"
         if self.on_result is not None:
@@ -226,12 +230,24 @@ class _Run:
             {"task": r.task_id, "result": r.result, "score": r.score, "model_version": self.model_version}
             for r in chunk
         ]
-        written = write_chunk(self.sink, self.project, items, self.model_version, sleep=self.sleep)
-        after = converge(self.sink, self.project, [r.task_id for r in chunk], self.model_version)
-        self.count(written=written, deleted_empty=after.empty, duplicates=after.duplicates)
+        outcome = write_chunk(self.sink, self.project, items, self.model_version, sleep=self.sleep)
+        stored = [
+            r.task_id for r in chunk if r.task_id not in outcome.gone and r.task_id not in outcome.refused
+        ]
+        after = converge(self.sink, self.project, stored, self.model_version)
+        self.count(written=outcome.written, deleted_empty=after.empty, duplicates=after.duplicates)
         self._release([r.task_id for r in chunk])
         for result in chunk:
-            self.finish(result)
+            if result.task_id in outcome.gone:
+                self.finish(
+                    TaskResult(result.task_id, "gone", "deleted from Label Studio while it was pre-labelled")
+                )
+            elif result.task_id in outcome.refused:
+                self.finish(
+                    TaskResult(result.task_id, "failed", outcome.refused[result.task_id], retryable=False)
+                )
+            else:
+                self.finish(result)
 
     def _release(self, ids: list) -> None:
         ids = [i for i in ids if i is not None]
@@ -241,26 +257,53 @@ class _Run:
                 self.held.difference_update(ids)
 
 
+@dataclass
+class Written:
+    """What became of a chunk of predictions: how many exist now that did not before, the tasks deleted
+    from Label Studio meanwhile (``gone``), and those whose prediction it refused, with its reason."""
+
+    written: int = 0
+    gone: set[int] = field(default_factory=set)
+    refused: dict[int, str] = field(default_factory=dict)
+
+    def add(self, other: Written) -> Written:
+        self.written += other.written
+        self.gone |= other.gone
+        self.refused.update(other.refused)
+        return self
+
+
 def write_chunk(sink, project: int, items: list[dict], model_version: str, *, attempts: int = 4,
-                backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> int:  # fmt: skip
-    """Write one chunk of predictions so that no task ends with two of ``model_version``, whatever fails.
+                backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> Written:  # fmt: skip
+    """Write one chunk of predictions so that no task ends with two of ``model_version``, whatever fails,
+    and one task Label Studio will not take costs no other task its prediction.
 
     A failure whose outcome is unknown (the request went out, no answer came back: a reset, a timeout, a
     5xx after sending) is followed by reading back which of the chunk's tasks now hold a prediction of
     this version; only the others are sent again. A failure known not to have written (nothing was
-    sent) sends the same chunk again. After ``attempts`` the last error is raised. Returns how many
-    predictions exist now that did not before (as far as Label Studio says)."""
-    pending, written = list(items), 0
+    sent) sends the same chunk again. After ``attempts`` the last error is raised. A write Label Studio
+    refuses (a 4xx: a task deleted meanwhile makes it refuse the whole request, a proxy refuses a body
+    over its size) is sent again in halves until the tasks it is about are found: those deleted are
+    ``gone``, the others ``refused`` with Label Studio's reason; a refused write of several stores none
+    of them, so nothing is written twice."""
+    pending, outcome = list(items), Written()
     for attempt in range(1, attempts + 1):
+        if not pending:
+            return outcome
         try:
-            return written + sink.create_predictions(project, pending)
+            outcome.written += sink.create_predictions(project, pending)
+            return outcome
         except LabelStudioAPIError as error:
+            if error.kind == "refused" and not error.outcome_unknown:
+                return outcome.add(
+                    _refused_apart(sink, project, pending, model_version, error, backoff_s, sleep)
+                )
             if error.outcome_unknown:
                 done = already_written(sink, project, [item["task"] for item in pending], model_version)
-                written += len(done)
+                outcome.written += len(done)
                 pending = [item for item in pending if item["task"] not in done]
                 if not pending:
-                    return written
+                    return outcome
             if attempt == attempts:
                 raise
             logger.warning(
@@ -268,7 +311,32 @@ def write_chunk(sink, project: int, items: list[dict], model_version: str, *, at
                 len(items), error, len(pending), backoff_s * 2 ** (attempt - 1),
             )  # fmt: skip
             sleep(backoff_s * 2 ** (attempt - 1))
-    return written
+    return outcome
+
+
+def _refused_apart(sink, project: int, items: list[dict], model_version: str, error: LabelStudioAPIError,
+                   backoff_s: float, sleep: Callable[[float], None]) -> Written:  # fmt: skip
+    """A refused write of ``items``: the tasks deleted meanwhile (the usual cause) are left out and the
+    rest sent again; when none was, one task's prediction is refused, or the write is sent again in two
+    halves, each as :func:`write_chunk` sends a chunk."""
+    asked = [item["task"] for item in items]
+    present = {task["id"] for task in sink.tasks(project, ids=asked, skip_missing=True)}
+    if len(present) < len(asked):
+        outcome = Written(gone={task for task in asked if task not in present})
+        rest = [item for item in items if item["task"] in present]
+        return outcome.add(write_chunk(sink, project, rest, model_version, backoff_s=backoff_s, sleep=sleep))
+    if len(items) == 1:
+        logger.warning("Label Studio refused the prediction of task %s: %s", asked[0], error)
+        return Written(refused={asked[0]: f"Label Studio refused its prediction: {error}"})
+    logger.warning(
+        "Label Studio refused a write of %d predictions (%s); sending them in halves to find the tasks it "
+        "refuses", len(items), error,
+    )  # fmt: skip
+    half = len(items) // 2
+    outcome = Written()
+    for part in (items[:half], items[half:]):
+        outcome.add(write_chunk(sink, project, part, model_version, backoff_s=backoff_s, sleep=sleep))
+    return outcome
 
 
 def already_written(sink, project: int, task_ids: list[int], model_version: str) -> set[int]:
@@ -311,6 +379,7 @@ def format_summary(summary: dict, *, version: str) -> str:
         ("predicted", summary["predicted"]),
         ("skipped (already done)", summary["skipped"]),
         *([("left to another writer", summary["elsewhere"])] if summary["elsewhere"] else []),
+        *([("deleted meanwhile", summary["gone"])] if summary.get("gone") else []),
         ("failed", summary["failed"]),
     ]
     lines += [f"  {name:<24}{count:>8}" for name, count in rows]

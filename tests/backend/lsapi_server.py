@@ -72,6 +72,7 @@ class FaultyLabelStudio:
         self.revoked = False
         self.calls: list[tuple[str, str]] = []
         self.refreshes = 0
+        self.max_body_bytes: int | None = None  # prediction imports larger than this get 413
         self.rejected_tokens = 0
         self._lock = threading.RLock()
         fake = self
@@ -233,7 +234,17 @@ class FaultyLabelStudio:
             if path == "/api/tasks/" and method == "GET":
                 return self._task_page(query)
             if (match := re.fullmatch(r"/api/projects/(\d+)/import/predictions", path)) and method == "POST":
+                if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:  # a proxy in front
+                    return 413, {"detail": "Request Entity Too Large"}
                 items = json.loads(raw)
+                unknown = [
+                    i["task"]
+                    for i in items
+                    if state.tasks.get(int(i["task"]), {}).get("project") != int(match[1])
+                ]
+                if unknown:  # as Label Studio 1.23: the whole request is refused, nothing stored
+                    return 400, {"detail": "Validation error", "validation_errors": {"non_field_errors": [
+                        f'task ID {unknown[0]} not found in project {match[1]}']}}  # fmt: skip
                 for item in items:
                     state.next_id += 1
                     state.tasks[int(item["task"])]["predictions"].append({"id": state.next_id, **item})

@@ -196,7 +196,7 @@ def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
     task)."""
     from datetime import datetime, timedelta
 
-    from backend.labelstudio.api import LabelStudioClient
+    from backend.labelstudio.api import LabelStudioAPIError, LabelStudioClient
 
     api = label_studio.api
     project = api.create_project("selected", (ROOT / "label_configs" / "captions_only.xml").read_text())
@@ -248,3 +248,18 @@ def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
         client.create_predictions(project["id"], [{"task": task["id"], "result": [], "model_version": "v"}])
     assert read == sorted([*ids, late], reverse=True)
     assert list(client.tasks(project["id"], view=view["id"])) == []
+
+    # a task deleted meanwhile: the whole import is refused (400, saying which) and none of it stored,
+    # which the pre-label engine relies on when it leaves the deleted task out and writes the rest again
+    api.call("DELETE", f"/api/tasks/{ids[0]}/", expect=204)
+    with pytest.raises(LabelStudioAPIError, match=f"HTTP 400: .*{ids[0]}") as refused:
+        client.create_predictions(
+            project["id"], [{"task": t, "result": [], "model_version": "w"} for t in ids[2:0:-1] + ids[:1]]
+        )
+    assert refused.value.kind == "refused" and not refused.value.outcome_unknown
+    assert not [
+        p
+        for t in client.tasks(project["id"], ids=ids[1:3])
+        for p in t["predictions"]
+        if p["model_version"] == "w"
+    ]

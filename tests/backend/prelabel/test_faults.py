@@ -14,7 +14,7 @@ from backend.labelstudio.api import LabelStudioClient
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.schema import parse_label_config
 from backend.predict.tasks import TaskResult, task_id
-from backend.prelabel.engine import prelabel
+from backend.prelabel.engine import format_summary, prelabel
 
 CONFIG = (Path(__file__).resolve().parents[3] / "label_configs" / "captions_only.xml").read_text()
 VERSION = "v-test"
@@ -31,10 +31,10 @@ class FixedPredictor:
         return [TaskResult(task_id(t), "predicted", result=[item], score=0.5, regions=1) for t in tasks]
 
 
-def run(ls: FaultyLabelStudio, client: LabelStudioClient | None = None, **kwargs):
+def run(ls: FaultyLabelStudio, client: LabelStudioClient | None = None, predictor=None, **kwargs):
     client = client or LabelStudioClient(url=ls.url, api_key=LEGACY_KEY)
     return prelabel(
-        client.tasks(7), predictor=FixedPredictor(), schema=parse_label_config(CONFIG), project=7,
+        client.tasks(7), predictor=predictor or FixedPredictor(), schema=parse_label_config(CONFIG), project=7,
         model_version=VERSION, sink=client, chunk_tasks=8, sleep=lambda s: None, **kwargs,
     )  # fmt: skip
 
@@ -89,6 +89,52 @@ def test_tokens_expiring_by_label_studios_clock_lose_no_task(ls):
         sink=client, chunk_tasks=8, sleep=lambda s: None,
     )  # fmt: skip
     assert summary.predicted == 80 and one_each(ls) and ls.refreshes >= 2
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_tasks_deleted_while_they_are_predicted_cost_no_other_task_its_prediction(ls, pipeline):
+    """Label Studio 1.23 refuses a whole prediction import when one of its tasks is gone: a data team
+    deleting bad images during a bulk run must not stop it, nor fail the tasks written beside them."""
+    deleting = FixedPredictor()
+    predict = deleting.predict
+
+    def predict_then_delete(tasks, schema, head=None):
+        with ls._lock:
+            for task in tasks:
+                if task["id"] in (105, 131):
+                    del ls.state.tasks[task["id"]]
+        return predict(tasks, schema, head)
+
+    deleting.predict = predict_then_delete
+    client = LabelStudioClient(url=ls.url, api_key=LEGACY_KEY)
+    summary = prelabel(
+        client.tasks(7), predictor=deleting, schema=parse_label_config(CONFIG), project=7, model_version=VERSION,
+        sink=client, chunk_tasks=8, sleep=lambda s: None, pipeline=pipeline,
+    )  # fmt: skip
+    assert (summary.predicted, summary.gone, summary.failed) == (38, 2, {})
+    assert one_each(ls) and len(ls.state.tasks) == 38
+    assert "deleted meanwhile              2" in format_summary(summary.to_dict(), version=VERSION)
+
+
+def test_a_proxy_refusing_large_writes_fails_only_the_task_too_large_to_write(ls):
+    """A proxy in front of Label Studio (nginx's client_max_body_size) answers 413 to a chunk over its
+    limit: the chunk goes in halves, and only a prediction too large on its own fails, saying what to raise."""
+    ls.max_body_bytes = 800  # about three of these predictions
+    large = FixedPredictor()
+    predict = large.predict
+
+    def predict_one_large(tasks, schema, head=None):
+        results = predict(tasks, schema, head)
+        for result in results:
+            if result.task_id == 110:
+                result.result = [{**result.result[0], "value": {"text": ["a region " * 200]}}]
+        return results
+
+    large.predict = predict_one_large
+    summary = run(ls, predictor=large)
+    assert summary.predicted == 39 and list(summary.failed) == [110]
+    assert "HTTP 413" in summary.failed[110] and "client_max_body_size" in summary.failed[110]
+    assert all(len(ls.predictions_of(t, VERSION)) == (t != 110) for t in ls.state.tasks)
 
 
 def command(ls: FaultyLabelStudio, monkeypatch, tmp_path, *argv: str, key: str = LEGACY_KEY) -> int:
