@@ -149,8 +149,9 @@ class LabelStudioClient:
         if ids is None and view is not None:
             if annotated or unannotated or after is not None or updated_after is not None:
                 raise ValueError("tasks(): a view has its own filters; give either view or a filter")
+            light = max(page_size, 1000)  # ids only: ten times fewer reads (a capped page size is read on)
             listed = [
-                t["id"] for t in self._pages(project, view=view, query=None, page_size=page_size, whole=False)
+                t["id"] for t in self._pages(project, view=view, query=None, page_size=light, whole=False)
             ]
             yield from self.tasks(project, ids=listed, page_size=page_size, skip_missing=True)
             return

@@ -274,7 +274,7 @@ class Written:
 
 
 def write_chunk(sink, project: int, items: list[dict], model_version: str, *, attempts: int = 4,
-                backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> Written:  # fmt: skip
+                backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep, whole: bool = True) -> Written:  # fmt: skip
     """Write one chunk of predictions so that no task ends with two of ``model_version``, whatever fails,
     and one task Label Studio will not take costs no other task its prediction.
 
@@ -285,7 +285,9 @@ def write_chunk(sink, project: int, items: list[dict], model_version: str, *, at
     refuses (a 4xx: a task deleted meanwhile makes it refuse the whole request, a proxy refuses a body
     over its size) is sent again in halves until the tasks it is about are found: those deleted are
     ``gone``, the others ``refused`` with Label Studio's reason; a refused write of several stores none
-    of them, so nothing is written twice."""
+    of them, so nothing is written twice. When every task of a ``whole`` chunk of several is refused on
+    its own, Label Studio refuses the writes, not these tasks (a label config changed under the run, say):
+    its error is raised, as for any write that cannot succeed, instead of failing the project task by task."""
     pending, outcome = list(items), Written()
     for attempt in range(1, attempts + 1):
         if not pending:
@@ -295,9 +297,10 @@ def write_chunk(sink, project: int, items: list[dict], model_version: str, *, at
             return outcome
         except LabelStudioAPIError as error:
             if error.kind == "refused" and not error.outcome_unknown:
-                return outcome.add(
-                    _refused_apart(sink, project, pending, model_version, error, backoff_s, sleep)
-                )
+                apart = _refused_apart(sink, project, pending, model_version, error, backoff_s, sleep)
+                if whole and len(pending) > 1 and len(apart.refused) == len(pending):
+                    raise
+                return outcome.add(apart)
             if error.outcome_unknown:
                 done = already_written(sink, project, [item["task"] for item in pending], model_version)
                 outcome.written += len(done)
@@ -324,7 +327,9 @@ def _refused_apart(sink, project: int, items: list[dict], model_version: str, er
     if len(present) < len(asked):
         outcome = Written(gone={task for task in asked if task not in present})
         rest = [item for item in items if item["task"] in present]
-        return outcome.add(write_chunk(sink, project, rest, model_version, backoff_s=backoff_s, sleep=sleep))
+        return outcome.add(
+            write_chunk(sink, project, rest, model_version, backoff_s=backoff_s, sleep=sleep, whole=False)
+        )
     if len(items) == 1:
         logger.warning("Label Studio refused the prediction of task %s: %s", asked[0], error)
         return Written(refused={asked[0]: f"Label Studio refused its prediction: {error}"})
@@ -335,7 +340,9 @@ def _refused_apart(sink, project: int, items: list[dict], model_version: str, er
     half = len(items) // 2
     outcome = Written()
     for part in (items[:half], items[half:]):
-        outcome.add(write_chunk(sink, project, part, model_version, backoff_s=backoff_s, sleep=sleep))
+        outcome.add(
+            write_chunk(sink, project, part, model_version, backoff_s=backoff_s, sleep=sleep, whole=False)
+        )
     return outcome
 
 

@@ -10,7 +10,7 @@ import pytest
 from lsapi_server import LEGACY_KEY, FaultyLabelStudio
 
 from backend.cli import main
-from backend.labelstudio.api import LabelStudioClient
+from backend.labelstudio.api import LabelStudioAPIError, LabelStudioClient
 from backend.labelstudio.auth import LabelStudioAuth
 from backend.labelstudio.schema import parse_label_config
 from backend.predict.tasks import TaskResult, task_id
@@ -135,6 +135,17 @@ def test_a_proxy_refusing_large_writes_fails_only_the_task_too_large_to_write(ls
     assert summary.predicted == 39 and list(summary.failed) == [110]
     assert "HTTP 413" in summary.failed[110] and "client_max_body_size" in summary.failed[110]
     assert all(len(ls.predictions_of(t, VERSION)) == (t != 110) for t in ls.state.tasks)
+
+
+def test_a_label_studio_refusing_every_prediction_stops_the_run_at_the_first_chunk(ls):
+    """When no task of a chunk can be written on its own, the writes are refused, not the tasks: the
+    run stops with Label Studio's reason instead of trying every task of the project one by one."""
+    ls.fail("POST", r"/import/predictions$", "status", status=400, times=1000)
+    with pytest.raises(LabelStudioAPIError, match="HTTP 400"):
+        run(ls)
+    writes = [call for call in ls.calls if call == ("POST", "/api/projects/7/import/predictions")]
+    assert len(writes) == 15  # the first chunk of 8, then its halves down to single tasks
+    assert not any(ls.predictions_of(t) for t in ls.state.tasks)
 
 
 def command(ls: FaultyLabelStudio, monkeypatch, tmp_path, *argv: str, key: str = LEGACY_KEY) -> int:
