@@ -171,6 +171,37 @@ def test_a_project_larger_than_one_deadline_is_pre_labelled_exactly_once(short_d
     assert gone not in by_task(api, project["id"], version)
 
 
+def test_a_tab_of_tasks_without_predictions_is_pre_labelled_whole_while_tasks_are_deleted(short_deadline):
+    """``prelabel --view`` of a Data Manager tab "no predictions yet", newest first: each chunk written
+    takes its tasks out of the tab while the command reads it (read page after page, half the tasks were
+    skipped), and tasks deleted during the run cost no other task."""
+    api, env, tmp = short_deadline["api"], short_deadline["env"], short_deadline["tmp"]
+    project = api.create_project("tab 24", CONFIG.read_text())
+    ids = [
+        t["id"]
+        for t in api.import_images(project["id"], {f"v{i}.png": scene_png(700 + i) for i in range(24)})
+    ]
+    version = api.connect_backend(project["id"], short_deadline["backend"])["model_version"]
+    tab = api.call("POST", "/api/dm/views/", expect=201, json={"project": project["id"], "data": {
+        "filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_predictions", "operator": "equal", "type": "Number", "value": 0}]},
+        "ordering": ["-tasks:id"]}})  # fmt: skip
+    argv = [sys.executable, "-m", "backend.cli", "prelabel", "--quiet", "--project", str(project["id"]),
+            "--view", str(tab["id"]), "--batch-tasks", "2", "--chunk-tasks", "2"]  # fmt: skip
+    running = Process(argv, env, tmp / "tab.log", cwd=ROOT)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and len(by_task(api, project["id"], version)) < 4:
+            time.sleep(0.5)
+        for task_id in ids[:2]:  # newest first: these two come last
+            api.call("DELETE", f"/api/tasks/{task_id}/", expect=204)
+        assert running.popen.wait(timeout=900) == 0, running.tail()
+    finally:
+        running.stop()
+    exactly_one_each(by_task(api, project["id"], version), ids[2:], version)
+    assert "failed                         0" in running.tail(), running.tail()
+
+
 def backend_for(short_deadline, model_dir: Path, log: Path, **settings: str):
     """Another backend against the same Label Studio, with its own ``MODEL_DIR`` and settings."""
     env = tiny_backend_env(
