@@ -20,6 +20,46 @@ def whole_read_due(full_at: float | None, now: float) -> bool:
     return full_at is None or now - full_at >= FULL_READ_S
 
 
+class GoneProjects:
+    """Projects a sweep found gone from Label Studio (it answered 404 for them: deleted), each left alone
+    for :data:`FULL_READ_S`, then looked at again, so that one deleted project costs neither the other
+    projects their sweep nor the log a warning every few minutes. ``what`` names the sweep in the log."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._since: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def skip(self, project: str, now: float) -> bool:
+        """Whether ``project`` was found gone less than :data:`FULL_READ_S` ago."""
+        with self._lock:
+            since = self._since.get(project)
+        return since is not None and not whole_read_due(since, now)
+
+    def swept(self, project: str) -> None:
+        """``project`` was swept: it is there."""
+        with self._lock:
+            self._since.pop(project, None)
+
+    def failed(self, project: str, error: Exception, now: float) -> str:
+        """Log why the sweep of ``project`` failed; an error of kind ``not_found`` (a Label Studio 404)
+        marks the project gone. Returns ``"gone"`` or ``"failed"``."""
+        if getattr(error, "kind", None) == "not_found":
+            with self._lock:
+                self._since[project] = now
+            logger.warning("project %s: Label Studio has no such project (deleted?): %s; the %s leaves it alone "
+                           "and looks again in %.0f h", project, error, self.what, FULL_READ_S / 3600)  # fmt: skip
+            return "gone"
+        logger.warning(
+            "project %s: the %s failed, tried again at the next one: %s", project, self.what, error
+        )
+        return "failed"
+
+    def gone(self) -> list[str]:
+        with self._lock:
+            return sorted(self._since, key=lambda p: (len(p), p))
+
+
 class Periodic:
     """Calls ``work()`` every ``interval_s`` seconds, the first time ``first_s`` after :meth:`start`,
     until :meth:`stop`. A call that raises is logged (``what``, with an error id) and tried again at the

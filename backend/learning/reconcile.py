@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from backend.jobs.periodic import Periodic, whole_read_due
+from backend.jobs.periodic import GoneProjects, Periodic, whole_read_due
 from backend.labelstudio.ids import project_key
 from backend.labelstudio.results import annotation_timestamp
 
@@ -76,6 +76,7 @@ class Reconciler:
         self.clock = clock
         self._seen: dict[str, _Seen] = {}
         self._reads: dict[str, str] = {}  # what each project's last sweep read, for /metrics
+        self._gone = GoneProjects("reconciliation")
         self._periodic = Periodic(
             self.sweep, interval_s=self.interval_s, first_s=self.first_sweep_s, thread_name=thread_name,
             what="reconciling annotations with Label Studio",
@@ -93,14 +94,17 @@ class Reconciler:
         for project in self.projects():
             if self._periodic.stopping:
                 break
+            if self._gone.skip(project, self.clock()):
+                continue
             try:
                 found[project] = self.sweep_project(project)
-            except Exception as error:  # Label Studio down, a project gone: the others are still swept
-                logger.warning("project %s: reconciliation failed, tried again in %.0f s: %s", project,
-                               self.interval_s, error)  # fmt: skip
+                self._gone.swept(project)
+            except Exception as error:  # Label Studio down, a project deleted: the others are still swept
+                self._gone.failed(project, error, self.clock())
         if any(found.values()):
             self.arrived()
-        self.last = {"found": found, "read": {p: self._reads[p] for p in found if p in self._reads}}
+        self.last = {"found": found, "read": {p: self._reads[p] for p in found if p in self._reads},
+                     "gone": self._gone.gone()}  # fmt: skip
         return found
 
     def sweep_project(self, project: str) -> int:

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backend.jobs.periodic import Periodic, whole_read_due
+from backend.jobs.periodic import GoneProjects, Periodic, whole_read_due
 from backend.labelstudio.ids import project_key
 
 from .engine import current_predictions
@@ -85,6 +85,7 @@ class AutoPrelabel:
         self.deferrals, self.client, self.projects, self.count = deferrals, client, projects, count
         self.clock = clock
         self._swept: dict[str, _Swept] = {}
+        self._gone = GoneProjects("auto pre-label sweep")
         self.default = bool(default)
         self.interval_s = float(interval_s)
         self.thread_name = thread_name
@@ -159,7 +160,17 @@ class AutoPrelabel:
                 break
             if not self.enabled(project):
                 continue
-            found[project] = self._sweep(project)
+            if self._gone.skip(project, self.clock()):
+                found[project] = {"status": "gone"}
+                continue
+            try:
+                found[project] = self._sweep(project)
+                self._gone.swept(project)
+            except Exception as error:  # Label Studio down, a project deleted: the others are still swept
+                found[project] = {
+                    "status": self._gone.failed(project, error, self.clock()),
+                    "error": str(error),
+                }
         self.last_sweep = {"at": round(time.time(), 1), "projects": found}
         return found
 

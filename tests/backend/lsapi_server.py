@@ -268,6 +268,8 @@ class FaultyLabelStudio:
 
     def _task_page(self, query: dict):
         project = int(query["project"])
+        if project not in self.state.projects:  # deleted, or never there
+            return 404, {"detail": "Not found."}
         tasks = [t for t in self.state.tasks.values() if t["project"] == project]
         order = lambda t: t["id"]  # noqa: E731
         if query.get("view"):  # a view's own filters and order; the query is ignored, as by Label Studio

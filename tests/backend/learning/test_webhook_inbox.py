@@ -176,6 +176,35 @@ class Listings:
         return getattr(self.client, name)
 
 
+def test_a_project_deleted_in_label_studio_costs_the_others_no_reconciliation(
+    tiny_models, tmp_path, ls, caplog
+):
+    """Projects stay known after Label Studio deletes them (the store holds their annotations): the
+    sweep must reach the projects after a deleted one, and look at the deleted one only every few hours."""
+    body = event(7700)
+    ls.add_task(PROJECT, 7700, body["task"]["data"], annotations=[body["annotation"]])
+    runtime = build_runtime(settings_for(tmp_path, reconcile_s=600), models=tiny_models,
+                            client=LabelStudioClient(url=ls.url, api_key=LEGACY_KEY))  # fmt: skip
+    try:
+        runtime.projects.remember("2", BRUSH_CONFIG)  # known here, deleted in Label Studio
+        runtime.projects.remember(str(PROJECT), BRUSH_CONFIG)
+        reconciler, clock = runtime.reconciler, [0.0]
+        reconciler.clock = lambda: clock[0]
+        with caplog.at_level("WARNING"):
+            assert reconciler.sweep() == {str(PROJECT): 1}
+            assert reconciler.last["gone"] == ["2"] and runtime.intake.drain()
+            clock[0] += 600.0
+            reads = len(ls.calls)
+            assert reconciler.sweep() == {str(PROJECT): 0}
+        assert len(ls.calls) - reads == 1  # project 3's changes alone: the deleted one is left alone
+        assert sum("has no such project" in r.getMessage() for r in caplog.records) == 1
+        clock[0] += FULL_READ_S
+        reconciler.sweep()
+        assert reconciler.last["gone"] == ["2"] and len(ls.calls) - reads >= 3  # looked at again
+    finally:
+        runtime.close()
+
+
 def test_the_reconciliation_reads_the_annotated_tasks_once_then_only_what_label_studio_changed(
     tiny_models, tmp_path, ls
 ):

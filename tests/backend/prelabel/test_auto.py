@@ -13,6 +13,7 @@ from lsapi_fake import FakeLabelStudio
 from lsfakes import API_KEY, scene_png
 
 from backend.jobs.periodic import FULL_READ_S
+from backend.labelstudio.api import LabelStudioAPIError
 from backend.runtime.runtime import build_runtime
 from backend.runtime.settings import Settings
 from backend.service.app import create_app
@@ -138,6 +139,37 @@ def test_a_new_version_or_a_sweep_that_queued_nothing_reads_the_project_whole_ag
     monkeypatch.setattr(runtime.projects, "version", lambda project: VERSION + "@head-2")  # a promotion
     promoted = sweep()["7"]
     assert (promoted["tasks"], promoted["read"], promoted["listed"]) == (3, "all", 3)
+
+
+def test_a_project_deleted_in_label_studio_costs_the_others_no_sweep(runtime, ls, monkeypatch):
+    """Projects stay known after Label Studio deletes them: one that answers 404 must not stop the sweep
+    before the projects after it (it did: the first error ended the whole sweep, every time), and is
+    looked at again only after FULL_READ_S; any other failure is tried again at the next sweep."""
+    clock = [0.0]
+    runtime.auto_prelabel.clock = lambda: clock[0]
+    runtime.projects.remember("3", CONFIG)  # sorted before 7
+    listed, failure = (
+        [],
+        LabelStudioAPIError("Label Studio list tasks of project 3 failed: HTTP 404", kind="not_found"),
+    )
+    tasks = ls.tasks
+
+    def tasks_of(project, **kwargs):
+        listed.append(project)
+        if project == 3:
+            raise failure
+        return tasks(project, **kwargs)
+
+    monkeypatch.setattr(ls, "tasks", tasks_of)
+    imported(ls, range(1, 4))
+    found = runtime.auto_prelabel.sweep()
+    assert found["3"]["status"] == "gone" and found["7"]["tasks"] == 3 and listed == [3, 7]
+    assert runtime.auto_prelabel.sweep()["3"] == {"status": "gone"} and listed[2:] == [7]
+    clock[0] += FULL_READ_S
+    failure.kind = "upstream"  # Label Studio failing for a moment: tried again next time
+    assert runtime.auto_prelabel.sweep()["3"]["status"] == "failed" and listed[3:] == [3, 7]
+    assert runtime.auto_prelabel.sweep()["3"]["status"] == "failed" and listed[5:] == [3, 7]
+    assert runtime.metrics()["prelabel"]["auto"]["last_sweep"]["projects"]["3"]["error"].endswith("HTTP 404")
 
 
 def test_tasks_in_any_queued_job_are_not_queued_again_however_many_jobs_there_are(runtime):
