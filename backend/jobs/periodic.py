@@ -42,17 +42,24 @@ class GoneProjects:
             self._since.pop(project, None)
 
     def failed(self, project: str, error: Exception, now: float) -> str:
-        """Log why the sweep of ``project`` failed; an error of kind ``not_found`` (a Label Studio 404)
-        marks the project gone. Returns ``"gone"`` or ``"failed"``."""
+        """Log why the sweep of ``project`` failed (call inside the ``except``); an error of kind
+        ``not_found`` (a Label Studio 404) marks the project gone, an error without a ``kind`` (not a
+        Label Studio call's) is logged as an internal error with its traceback. Returns ``"gone"`` or
+        ``"failed"``."""
         if getattr(error, "kind", None) == "not_found":
             with self._lock:
                 self._since[project] = now
             logger.warning("project %s: Label Studio has no such project (deleted?): %s; the %s leaves it alone "
                            "and looks again in %.0f h", project, error, self.what, FULL_READ_S / 3600)  # fmt: skip
             return "gone"
-        logger.warning(
-            "project %s: the %s failed, tried again at the next one: %s", project, self.what, error
-        )
+        if (
+            getattr(error, "kind", None) is None
+        ):  # not Label Studio's answer: a bug of ours, with its traceback
+            internal_error(logger, f"the {self.what} of project {project}")
+        else:
+            logger.warning(
+                "project %s: the %s failed, tried again at the next one: %s", project, self.what, error
+            )
         return "failed"
 
     def gone(self) -> list[str]:
