@@ -149,9 +149,12 @@ class LabelStudioClient:
         if ids is None and view is not None:
             if annotated or unannotated or after is not None or updated_after is not None:
                 raise ValueError("tasks(): a view has its own filters; give either view or a filter")
-            light = max(page_size, 1000)  # ids only: ten times fewer reads (a capped page size is read on)
+            ids_per_page = max(
+                page_size, 1000
+            )  # ids only: ten times fewer reads (a capped page size is read on)
             listed = [
-                t["id"] for t in self._pages(project, view=view, query=None, page_size=light, whole=False)
+                t["id"]
+                for t in self._pages(project, view=view, query=None, page_size=ids_per_page, light=True)
             ]
             yield from self.tasks(project, ids=listed, page_size=page_size, skip_missing=True)
             return
@@ -203,7 +206,7 @@ class LabelStudioClient:
 
     def _by_id(self, project: int, items: list[dict], *, after: int | None, page_size: int) -> Iterator[dict]:
         """The tasks Label Studio selects with the filter ``items`` (all apply), in id order, read as
-        "the first ``page_size`` above the last id read" until a short read."""
+        "the first ``page_size`` above the last id read" until the last page (:func:`_last_page`)."""
         cursor = 0 if after is None else int(after)
         while True:
             query = _query([_item("id", "greater", "Number", cursor), *items])
@@ -232,14 +235,14 @@ class LabelStudioClient:
         view: int | None,
         query: str | None,
         page_size: int,
-        whole: bool = True,
+        light: bool = False,
     ) -> Iterator[dict]:
-        """Page after page (``whole``: with annotations and predictions); only for selections that cannot
-        change while they are read (chosen ids), or for a listing read at once."""
+        """Page after page (``light``: without annotations and predictions); only for selections that
+        cannot change while they are read (chosen ids), or for a listing read at once."""
         seen, page = 0, 1
         while True:
             params = {"project": int(project), "page": page, "page_size": page_size}
-            if whole:
+            if not light:
                 params["fields"] = "all"
             if view is not None:
                 params["view"] = int(view)
