@@ -111,6 +111,7 @@ def add_prelabel_command(subparsers) -> None:
 def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
     """The ``prelabel`` command; ``client``/``models`` replace the Label Studio client and the loaded
     models (tests; with ``--ray`` the actors load their own models from the settings)."""
+    from backend.predict.tasks import TaskResult
     from backend.prelabel.deferral import Progress
     from backend.prelabel.engine import format_summary
     from backend.runtime.runtime import build_runtime, label_studio_client
@@ -139,7 +140,8 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
         project = str(args.project)
         runtime.projects.remember(project, label_config)
         version = runtime.projects.version(project)
-        tasks, total = _task_stream(client, args)
+        gone: list[int] = []  # a view's tasks deleted between its listing and their read
+        tasks, total = _task_stream(client, args, on_missing=gone.extend)
         if args.dry_run is not None:
             head = runtime.projects.head(project)
             return _dry_run(runtime.tasks_for(project), schema, head, version, list(tasks), args.dry_run)
@@ -189,6 +191,9 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
 
                 summary = prelabel(tasks, predictor=runtime.tasks_for(project), head=runtime.projects.head(project),
                                    pipeline=not args.serial, **common)  # fmt: skip
+            for identity in gone:  # counted with the tasks deleted while they were pre-labelled
+                seen(TaskResult(identity, "gone", "deleted from Label Studio before it was read"))
+            summary.gone += len(gone)
         finally:
             progress.finish()
             if bar is not None:
@@ -277,13 +282,16 @@ def _worker_predictor(settings, project: str, label_config: str, version: str):
     return runtime.tasks_for(project), runtime.projects.head(project)
 
 
-def _task_stream(client, args: argparse.Namespace):
-    """The tasks (read page by page as the engine asks: memory flat) and how many (None when unknown)."""
+def _task_stream(client, args: argparse.Namespace, *, on_missing):
+    """The tasks (read page by page as the engine asks: memory flat) and how many (None when unknown);
+    a view's tasks deleted between its listing and their read go to ``on_missing`` (their ids)."""
     whole = args.tasks is None and args.view is None
     if args.unannotated and whole:  # Label Studio selects them: the annotated ones are never read
         stream = client.tasks(args.project, unannotated=True)
+    elif args.view is not None:
+        stream = client.tasks(args.project, view=args.view, on_missing=on_missing)
     else:
-        stream = client.tasks(args.project, ids=args.tasks, view=args.view)
+        stream = client.tasks(args.project, ids=args.tasks)
     if args.unannotated:  # ids or a view: left out here (and a task annotated since it was listed)
         stream = (task for task in stream if not task.get("annotations"))
     total = len(args.tasks) if args.tasks is not None else None

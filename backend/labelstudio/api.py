@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from itertools import pairwise
 
@@ -127,6 +127,7 @@ class LabelStudioClient:
         view: int | None = None,
         page_size: int = 100,
         skip_missing: bool = False,
+        on_missing: Callable[[list[int]], None] | None = None,
         annotated: bool = False,
         unannotated: bool = False,
         after: int | None = None,
@@ -134,9 +135,10 @@ class LabelStudioClient:
     ) -> Iterator[dict]:
         """The project's tasks, in id order, each a dict of :data:`TASK_KEYS`: all of them, or those of a
         Data Manager ``view`` (in its order), or exactly ``ids`` (in that order; ``skip_missing``: ids
-        deleted meanwhile are left out instead of raising ``not_found``), or those Label Studio selects for
-        us (its Data Manager filters, so only they are read): ``annotated`` (an annotation, submitted or
-        skipped), ``unannotated`` (none: the tasks still to label), ``after`` (an id greater than it),
+        deleted meanwhile are left out instead of raising ``not_found``, and given to ``on_missing``; a
+        view's ids deleted between its listing and their read are too), or those Label Studio selects
+        for us (its Data Manager filters, so only they are read): ``annotated`` (an annotation, submitted
+        or skipped), ``unannotated`` (none: the tasks still to label), ``after`` (an id greater than it),
         ``updated_after`` (changed after that time: Label Studio touches a task when an annotation or
         prediction of it is saved or deleted); the filters given all apply.
 
@@ -156,7 +158,9 @@ class LabelStudioClient:
                 t["id"]
                 for t in self._pages(project, view=view, query=None, page_size=ids_per_page, light=True)
             ]
-            yield from self.tasks(project, ids=listed, page_size=page_size, skip_missing=True)
+            yield from self.tasks(
+                project, ids=listed, page_size=page_size, skip_missing=True, on_missing=on_missing
+            )
             return
         if ids is None:
             selections = _selections(
@@ -183,6 +187,8 @@ class LabelStudioClient:
                 )  # fmt: skip
             if missing:
                 logger.info("tasks %s are gone from Label Studio project %s; skipped", missing, project)
+                if on_missing is not None:
+                    on_missing(missing)
             for task_id in chunk:
                 if task_id in found:
                     yield found[task_id]

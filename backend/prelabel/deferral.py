@@ -135,11 +135,10 @@ class Deferrals:
             )  # fmt: skip
         finally:
             progress.finish()
-        missing = len(payload.get("task_ids", [])) - listed
+        summary.gone += len(payload.get("task_ids", [])) - listed  # deleted before the job read them
         logger.info("project %s: pre-label job %s finished: %s%s", project, kind, summary.to_dict(),
                     f" ({annotated} annotated tasks left alone)" if annotated else "")  # fmt: skip
-        return {"status": "done", "model_version": version, "tasks_gone": missing, "annotated_left": annotated,
-                **summary.to_dict()}  # fmt: skip
+        return {"status": "done", "model_version": version, "annotated_left": annotated, **summary.to_dict()}
 
     def metrics(self) -> dict:
         """Per project, its latest pre-label job's progress (``/metrics``)."""

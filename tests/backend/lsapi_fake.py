@@ -9,7 +9,8 @@ import copy
 class FakeLabelStudio:
     """Tasks with their predictions; ``create_predictions``/``delete_prediction``/``predictions``/``tasks``
     as :class:`backend.labelstudio.api.LabelStudioClient` offers them. ``fail_creates`` makes the next
-    N bulk writes raise (a crash or an outage); ``tasks_read`` counts the tasks the listings gave out."""
+    N bulk writes raise (a crash or an outage); ``tasks_read`` counts the tasks the listings gave out;
+    ``views`` are Data Manager tabs (their task ids as listed: one deleted since is read as missing)."""
 
     def __init__(self, project: int = 7, label_config: str | None = None) -> None:
         self.project = project
@@ -19,6 +20,7 @@ class FakeLabelStudio:
         self.fail_creates = 0
         self.calls: list[tuple] = []
         self.tasks_read = 0  # tasks the listings gave out
+        self.views: dict[int, list[int]] = {}
 
     def add_task(self, task_id: int, image: str, predictions: list[dict] | None = None) -> dict:
         task = {
@@ -41,8 +43,10 @@ class FakeLabelStudio:
 
     # ---- the client's surface ----
     def tasks(self, project: int, *, ids=None, view=None, page_size: int = 100, skip_missing: bool = False,
-              after=None, unannotated: bool = False):  # fmt: skip
+              on_missing=None, after=None, unannotated: bool = False):  # fmt: skip
         self.calls.append(("tasks", project, tuple(ids) if ids is not None else None))
+        if view is not None:
+            ids, skip_missing = self.views[view], True
         chosen = list(ids) if ids is not None else sorted(self.tasks_by_id)
         if after is not None:
             chosen = [task_id for task_id in chosen if task_id > after]
@@ -51,6 +55,8 @@ class FakeLabelStudio:
         for task_id in chosen:
             if int(task_id) not in self.tasks_by_id:
                 if skip_missing:
+                    if on_missing is not None:
+                        on_missing([task_id])
                     continue
                 raise KeyError(f"no task {task_id}")
             self.tasks_read += 1

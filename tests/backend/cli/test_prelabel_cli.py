@@ -137,3 +137,13 @@ def test_unannotated_pre_labels_only_the_tasks_still_to_label(env, project, tiny
     assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [300]
     assert run(["--project", "7", "--unannotated"], project, tiny_models) == 0
     assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [300, 302, 303, 305]
+
+
+def test_a_view_s_tasks_deleted_before_they_are_read_are_counted_as_deleted(
+    env, project, tiny_models, capsys
+):
+    project.views[5] = [305, 301, 299, 303]  # 299 was in the tab when it was listed, deleted since
+    assert run(["--project", "7", "--view", "5"], project, tiny_models) == 0
+    assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [301, 303, 305]
+    out = capsys.readouterr().out
+    assert "predicted                      3" in out and "deleted meanwhile              1" in out

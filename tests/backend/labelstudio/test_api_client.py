@@ -40,7 +40,9 @@ def test_tasks_come_back_as_plain_json_page_by_page_and_by_id_in_the_order_asked
 
 def test_missing_tasks_are_skipped_only_when_asked(ls):
     client = client_for(ls)
-    assert [t["id"] for t in client.tasks(7, ids=[5, 404, 6], skip_missing=True)] == [5, 6]
+    missing: list[int] = []
+    read = client.tasks(7, ids=[5, 404, 6, 405], skip_missing=True, on_missing=missing.extend)
+    assert [t["id"] for t in read] == [5, 6] and missing == [404, 405]
     with pytest.raises(LabelStudioAPIError, match=r"no tasks \[404\]") as raised:
         list(client.tasks(7, ids=[5, 404]))
     assert raised.value.kind == "not_found"

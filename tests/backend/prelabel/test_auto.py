@@ -187,6 +187,13 @@ def test_tasks_in_any_queued_job_are_not_queued_again_however_many_jobs_there_ar
     assert runtime.metrics()["prelabel"]["auto"]["waiting_tasks"] == {"7": 201_001}
 
 
+def test_a_job_counts_its_tasks_deleted_before_it_ran_as_gone(runtime, ls):
+    runtime.auto_prelabel.tasks_created(imported(ls, range(1, 4)))
+    del ls.tasks_by_id[2]  # deleted in Label Studio while the job waited
+    [result] = run_jobs(runtime)
+    assert (result["predicted"], result["gone"], result["failed"]) == (2, 1, 0)
+
+
 def test_annotated_tasks_are_left_alone_by_the_sweep_and_by_a_queued_job(runtime, ls, monkeypatch):
     """Automatic pre-labelling is for tasks still to label: a task submitted or skipped by then is not
     queued by the sweep, and a job queued before its annotation leaves it (nobody asked for it)."""
