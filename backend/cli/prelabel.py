@@ -140,8 +140,8 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
         project = str(args.project)
         runtime.projects.remember(project, label_config)
         version = runtime.projects.version(project)
-        gone: list[int] = []  # a view's tasks deleted between its listing and their read
-        tasks, total = _task_stream(client, args, on_missing=gone.extend)
+        unread: list[TaskResult] = []  # tasks asked for and not found (see _task_stream)
+        tasks, total = _task_stream(client, args, unread=unread)
         if args.dry_run is not None:
             head = runtime.projects.head(project)
             return _dry_run(runtime.tasks_for(project), schema, head, version, list(tasks), args.dry_run)
@@ -191,9 +191,9 @@ def run_prelabel(args: argparse.Namespace, *, client=None, models=None) -> int:
 
                 summary = prelabel(tasks, predictor=runtime.tasks_for(project), head=runtime.projects.head(project),
                                    pipeline=not args.serial, **common)  # fmt: skip
-            for identity in gone:  # counted with the tasks deleted while they were pre-labelled
-                seen(TaskResult(identity, "gone", "deleted from Label Studio before it was read"))
-            summary.gone += len(gone)
+            for result in unread:
+                summary.add(result)
+                seen(result)
         finally:
             progress.finish()
             if bar is not None:
@@ -282,16 +282,28 @@ def _worker_predictor(settings, project: str, label_config: str, version: str):
     return runtime.tasks_for(project), runtime.projects.head(project)
 
 
-def _task_stream(client, args: argparse.Namespace, *, on_missing):
-    """The tasks (read page by page as the engine asks: memory flat) and how many (None when unknown);
-    a view's tasks deleted between its listing and their read go to ``on_missing`` (their ids)."""
+def _task_stream(client, args: argparse.Namespace, *, unread: list):
+    """The tasks (read page by page as the engine asks: memory flat) and how many (None when unknown).
+    Tasks asked for and not found go to ``unread`` as they are met, each with its outcome: a view's task
+    deleted between its listing and its read is gone (deleted meanwhile); an id of ``--tasks`` not in
+    the project fails (a range over deleted tasks still pre-labels the others, a typo is reported)."""
+    from backend.predict.tasks import TaskResult
+
+    def missing(status: str, reason: str):
+        return lambda ids: unread.extend(TaskResult(i, status, reason, retryable=False) for i in ids)
+
     whole = args.tasks is None and args.view is None
     if args.unannotated and whole:  # Label Studio selects them: the annotated ones are never read
         stream = client.tasks(args.project, unannotated=True)
     elif args.view is not None:
-        stream = client.tasks(args.project, view=args.view, on_missing=on_missing)
+        gone = missing("gone", "deleted from Label Studio before it was read")
+        stream = client.tasks(args.project, view=args.view, on_missing=gone)
+    elif args.tasks is not None:
+        absent = missing("failed", f"not in Label Studio project {args.project} (deleted, or never there)")
+        ids = args.tasks if args.limit is None or args.unannotated else args.tasks[: args.limit]
+        stream = client.tasks(args.project, ids=ids, skip_missing=True, on_missing=absent)
     else:
-        stream = client.tasks(args.project, ids=args.tasks)
+        stream = client.tasks(args.project)
     if args.unannotated:  # ids or a view: left out here (and a task annotated since it was listed)
         stream = (task for task in stream if not task.get("annotations"))
     total = len(args.tasks) if args.tasks is not None else None

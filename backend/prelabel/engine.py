@@ -47,6 +47,20 @@ class Summary:
     def tasks_per_minute(self) -> float:
         return 60.0 * self.predicted / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, result: TaskResult) -> None:
+        """Count one task's outcome."""
+        if result.status == "predicted":
+            self.predicted += 1
+            self.regions += result.regions
+        elif result.status == "skipped":
+            self.skipped += 1
+        elif result.status == "elsewhere":
+            self.elsewhere += 1
+        elif result.status == "gone":
+            self.gone += 1
+        else:
+            self.failed[result.task_id] = result.reason or "failed"
+
     def failure_reasons(self) -> Counter:
         return Counter(self.failed.values())
 
@@ -162,17 +176,7 @@ class _Run:
 
     def finish(self, result: TaskResult) -> None:
         with self._lock:
-            if result.status == "predicted":
-                self.summary.predicted += 1
-                self.summary.regions += result.regions
-            elif result.status == "skipped":
-                self.summary.skipped += 1
-            elif result.status == "elsewhere":
-                self.summary.elsewhere += 1
-            elif result.status == "gone":
-                self.summary.gone += 1
-            else:
-                self.summary.failed[result.task_id] = result.reason or "failed"
+            self.summary.add(result)
         if self.on_result is not None:
             self.on_result(result)
 

@@ -55,8 +55,17 @@ def test_prelabel_writes_every_task_once_and_a_rerun_resumes(env, project, tiny_
 
 
 def test_selected_tasks_and_limit(env, project, tiny_models):
-    assert run(["--project", "7", "--tasks", "301,303-304", "--limit", "2"], project, tiny_models) == 0
+    assert run(["--project", "7", "--tasks", "301,303-304,999", "--limit", "2"], project, tiny_models) == 0
     assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [301, 303]
+
+
+def test_ids_not_in_the_project_fail_and_the_others_are_pre_labelled(env, project, tiny_models, capsys):
+    del project.tasks_by_id[302]  # a range over a deleted task, and a typo
+    assert run(["--project", "7", "--tasks", "300-303,3050"], project, tiny_models) == 1
+    assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [300, 301, 303]
+    out = capsys.readouterr().out
+    assert "predicted                      3" in out and "failed                         2" in out
+    assert "failed: not in Label Studio project 7 (deleted, or never there): tasks 302, 3050" in out
 
 
 def test_dry_run_writes_nothing_and_estimates(env, project, tiny_models, capsys):

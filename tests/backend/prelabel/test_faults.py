@@ -172,6 +172,25 @@ def test_the_command_rides_out_faults_on_the_real_models(ls, monkeypatch, tmp_pa
     assert all(len(ls.predictions_of(t, version)) == 1 for t in ls.state.tasks)
 
 
+def test_task_ids_not_in_the_project_are_reported_and_the_others_pre_labelled(
+    ls, monkeypatch, tmp_path, capsys
+):
+    """A range of --tasks over a deleted task, or a mistyped id: the others are pre-labelled and the
+    missing ones fail with the reason (exit status 1); with --limit, ids past the limit are not read."""
+    del ls.state.tasks[102]
+    assert (
+        command(ls, monkeypatch, tmp_path, "--project", "7", "--tasks", "100-101,102,150", "--limit", "2")
+        == 0
+    )
+    assert "failed                         0" in capsys.readouterr().out
+    assert command(ls, monkeypatch, tmp_path, "--project", "7", "--tasks", "100-103,150") == 1
+    out = capsys.readouterr().out
+    assert "predicted                      1" in out and "skipped (already done)         2" in out
+    assert "failed: not in Label Studio project 7 (deleted, or never there): tasks 102, 150" in out
+    version = "tiny+sam-tiny-untrained"
+    assert [t for t in ls.state.tasks if ls.predictions_of(t, version)] == [100, 101, 103]
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [

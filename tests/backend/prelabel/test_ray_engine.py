@@ -135,8 +135,8 @@ def test_the_pipeline_starts_before_the_listing_ends(local_ray, ls, command, mon
     listed = prelabel_cli._task_stream
     waited: dict[str, bool] = {}
 
-    def gated(client, args):
-        stream, total = listed(client, args)
+    def gated(client, args, **kwargs):
+        stream, total = listed(client, args, **kwargs)
 
         def tasks():  # the last task is listed only once a CPU task has claimed a batch of the first ones
             for n, task in enumerate(stream):
@@ -162,7 +162,9 @@ def test_tasks_beyond_the_count_the_run_started_with_go_to_the_next_round(
 ):
     ids = keep_tasks(ls, 6)
     listed = prelabel_cli._task_stream
-    monkeypatch.setattr(prelabel_cli, "_task_stream", lambda client, args: (listed(client, args)[0], 2))
+    monkeypatch.setattr(
+        prelabel_cli, "_task_stream", lambda client, args, **kw: (listed(client, args, **kw)[0], 2)
+    )
     monkeypatch.setattr(ray_engine, "FEED_SLACK", 0)  # one slot: one batch of 2 in the streamed round
 
     assert command("--ray", "--batch-tasks", "2", "--retries", "0") == 1  # no next round: said so
@@ -184,8 +186,8 @@ def test_a_listing_that_fails_midway_writes_what_was_taken_and_says_so_in_one_li
     ids = keep_tasks(ls, 8)
     listed = prelabel_cli._task_stream
 
-    def failing(client, args):
-        stream, total = listed(client, args)
+    def failing(client, args, **kwargs):
+        stream, total = listed(client, args, **kwargs)
 
         def tasks():  # Label Studio goes away for good after the first four tasks
             for n, task in enumerate(stream):
