@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 def _ids(text: str) -> list[int]:
-    """``1,2,10-12`` -> [1, 2, 10, 11, 12]."""
+    """``1,2,10-12`` -> [1, 2, 10, 11, 12]; an id named twice is kept once, where it first came."""
     out: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -48,7 +48,7 @@ def _ids(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"expected task ids like 1,2,10-12, got {part!r}") from None
     if not out:
         raise argparse.ArgumentTypeError("--tasks is empty")
-    return out
+    return list(dict.fromkeys(out))
 
 
 def add_prelabel_command(subparsers) -> None:

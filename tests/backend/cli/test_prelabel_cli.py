@@ -59,6 +59,12 @@ def test_selected_tasks_and_limit(env, project, tiny_models):
     assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [301, 303]
 
 
+def test_a_task_named_twice_is_predicted_once(env, project, tiny_models, capsys):
+    assert run(["--project", "7", "--tasks", "300,300-301,300"], project, tiny_models) == 0
+    assert "predicted                      2" in capsys.readouterr().out
+    assert [t for t in project.tasks_by_id if project.of_version(t, VERSION)] == [300, 301]
+
+
 def test_ids_not_in_the_project_fail_and_the_others_are_pre_labelled(env, project, tiny_models, capsys):
     del project.tasks_by_id[302]  # a range over a deleted task, and a typo
     assert run(["--project", "7", "--tasks", "300-303,3050"], project, tiny_models) == 1
