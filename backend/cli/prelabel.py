@@ -296,6 +296,7 @@ def _task_stream(client, args: argparse.Namespace, *, unread: list):
     if args.unannotated and whole:  # Label Studio selects them: the annotated ones are never read
         stream = client.tasks(args.project, unannotated=True)
     elif args.view is not None:
+        client.view(args.project, args.view)  # a tab of this project, or one line saying it is not
         gone = missing("gone", "deleted from Label Studio before it was read")
         stream = client.tasks(args.project, view=args.view, on_missing=gone)
     elif args.tasks is not None:

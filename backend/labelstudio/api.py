@@ -266,6 +266,24 @@ class LabelStudioClient:
                 return
             page += 1
 
+    def view(self, project: int, view: int) -> dict:
+        """The Data Manager tab (view) ``view`` of ``project``; a ``not_found`` error naming it when the
+        project has no such tab (Label Studio answers a task listing with another project's tab with a 500)."""
+        try:
+            found = self._call("GET", f"/api/dm/views/{int(view)}/", f"read Data Manager tab {view}")
+        except LabelStudioAPIError as error:
+            if error.kind != "not_found":
+                raise
+            found = None
+        if not isinstance(found, dict) or found.get("project") != int(project):
+            elsewhere = f" (it is a tab of project {found['project']})" if isinstance(found, dict) else ""
+            raise LabelStudioAPIError(
+                f"Label Studio project {project} has no Data Manager tab {view}{elsewhere}; check --view (the "
+                f"number after ?tab= in the project's URL when the tab is open)",
+                kind="not_found", status=404,
+            )  # fmt: skip
+        return found
+
     # ---- projects and predictions ----
     def label_config(self, project: int) -> str:
         """The project's label config XML."""

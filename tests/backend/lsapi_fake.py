@@ -62,6 +62,9 @@ class FakeLabelStudio:
             self.tasks_read += 1
             yield copy.deepcopy(self.tasks_by_id[int(task_id)])
 
+    def view(self, project: int, view: int) -> dict:
+        return {"id": view, "project": project}
+
     def predictions(self, task_id: int) -> list[dict]:
         return copy.deepcopy(self.tasks_by_id[int(task_id)]["predictions"])
 

@@ -112,10 +112,11 @@ class FaultyLabelStudio:
         with self._lock:
             self.state.projects[project] = {"id": project, "label_config": label_config}
 
-    def add_view(self, view: int, keep, order=lambda task: task["id"]) -> None:
-        """A Data Manager view: the tasks ``keep`` accepts when it is read, sorted by ``order``."""
+    def add_view(self, view: int, keep, order=lambda task: task["id"], project: int = 7) -> None:
+        """A Data Manager view of ``project``: the tasks ``keep`` accepts when it is read, sorted by
+        ``order``."""
         with self._lock:
-            self.state.views[view] = (keep, order)
+            self.state.views[view] = (keep, order, project)
 
     def add_file(self, path: str, body: bytes) -> str:
         with self._lock:
@@ -233,6 +234,10 @@ class FaultyLabelStudio:
                 return (200, copy.deepcopy(project)) if project else (404, {"detail": "Not found."})
             if path == "/api/tasks/" and method == "GET":
                 return self._task_page(query)
+            if (match := re.fullmatch(r"/api/dm/views/(\d+)/", path)) and method == "GET":
+                if int(match[1]) not in state.views:
+                    return 404, {"detail": "Not found."}
+                return 200, {"id": int(match[1]), "project": state.views[int(match[1])][2], "data": {}}
             if (match := re.fullmatch(r"/api/projects/(\d+)/import/predictions", path)) and method == "POST":
                 if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:  # a proxy in front
                     return 413, {"detail": "Request Entity Too Large"}
@@ -275,7 +280,9 @@ class FaultyLabelStudio:
         if query.get("view"):  # a view's own filters and order; the query is ignored, as by Label Studio
             if int(query["view"]) not in self.state.views:
                 return 404, {"detail": "Not found."}
-            keep, order = self.state.views[int(query["view"])]
+            keep, order, of = self.state.views[int(query["view"])]
+            if of != project:  # Label Studio 1.23: an uncaught DataManagerException
+                return 500, {"detail": "Project and View mismatch"}
             tasks = [t for t in tasks if keep(t)]
         elif query.get("query"):
             tasks = _selected(tasks, json.loads(query["query"]))

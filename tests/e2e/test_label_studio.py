@@ -242,6 +242,12 @@ def test_the_client_reads_only_the_tasks_label_studio_selects(label_studio):
             {"filter": "filter:tasks:total_predictions", "operator": "equal", "type": "Number", "value": 0}]},
         "ordering": ["-tasks:id"]}})  # fmt: skip
     assert client.count_tasks(project["id"], view=view["id"]) == len(ids) + 1
+    assert client.view(project["id"], view["id"])["project"] == project["id"]  # prelabel --view checks it
+    other = api.create_project("other", (ROOT / "label_configs" / "captions_only.xml").read_text())
+    with pytest.raises(LabelStudioAPIError, match=f"has no Data Manager tab {view['id']} .it is a tab of"):
+        client.view(other["id"], view["id"])
+    with pytest.raises(LabelStudioAPIError, match=f"has no Data Manager tab {view['id'] + 100};"):
+        client.view(project["id"], view["id"] + 100)
     read = []
     for task in client.tasks(project["id"], view=view["id"], page_size=2):
         read.append(task["id"])

@@ -191,6 +191,20 @@ def test_task_ids_not_in_the_project_are_reported_and_the_others_pre_labelled(
     assert [t for t in ls.state.tasks if ls.predictions_of(t, version)] == [100, 101, 103]
 
 
+def test_a_view_the_project_does_not_have_is_one_line_and_exit_status_2(ls, monkeypatch, tmp_path, capsys):
+    """--view with a tab of another project (Label Studio answers its listing with a 500) or no tab."""
+    ls.add_project(8, CONFIG)
+    ls.add_view(5, keep=lambda task: True, project=8)
+    for view, expected in (
+        ("5", "has no Data Manager tab 5 (it is a tab of project 8)"),
+        ("6", "has no Data Manager tab 6;"),
+    ):
+        assert command(ls, monkeypatch, tmp_path, "--project", "7", "--view", view) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"Label Studio project 7 {expected}" in lines[0], lines
+    assert not any(task["predictions"] for task in ls.state.tasks.values())
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
