@@ -51,6 +51,17 @@ def _ids(text: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+def _positive(text: str) -> int:
+    """A project or tab id, a count: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_prelabel_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "prelabel",
@@ -61,22 +72,22 @@ def add_prelabel_command(subparsers) -> None:
         "where and as whom; the model settings are the server's (REGION_MODEL, SAM_MODEL, ...). Exit "
         "status 1 when a task failed, 2 on bad input.",
     )
-    parser.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    parser.add_argument("--project", type=_positive, required=True, help="Label Studio project id")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--tasks", type=_ids, help="only these task ids, e.g. 1,2,10-12")
-    which.add_argument("--view", type=int, help="only the tasks of this Data Manager view (tab) id")
+    which.add_argument("--view", type=_positive, help="only the tasks of this Data Manager view (tab) id")
     parser.add_argument(
         "--unannotated", action="store_true",
         help="only the tasks still to label: none with an annotation, submitted or skipped",
     )  # fmt: skip
-    parser.add_argument("--limit", type=int, help="at most this many tasks")
+    parser.add_argument("--limit", type=_positive, help="at most this many tasks")
     parser.add_argument(
         "--batch-tasks", type=int, help="tasks per forward pass (OSPREY_PRELABEL_BATCH_TASKS)"
     )
     parser.add_argument("--chunk-tasks", type=int, help="predictions per write (OSPREY_PRELABEL_CHUNK_TASKS)")
     parser.add_argument("--retries", type=int, help="retries of a failed task (OSPREY_PRELABEL_RETRIES)")
     parser.add_argument(
-        "--dry-run", type=int, nargs="?", const=4, metavar="N",
+        "--dry-run", type=_positive, nargs="?", const=4, metavar="N",
         help="predict N tasks (default 4) without writing, and estimate the time for the rest",
     )  # fmt: skip
     parser.add_argument(

@@ -89,9 +89,16 @@ def test_failures_are_reported_with_reasons_and_the_exit_status_says_so(env, pro
     assert project.of_version(302, VERSION) == []
 
 
-def test_bad_task_ids_are_refused():
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["prelabel", "--project", "7", "--tasks", "9-3"])
+@pytest.mark.parametrize(
+    "argv",
+    [["--tasks", "9-3"], ["--limit", "0"], ["--limit", "-3"], ["--dry-run", "0"], ["--view", "-1"],
+     ["--project", "0"]],
+)  # fmt: skip
+def test_bad_arguments_are_refused_before_label_studio_is_asked(argv, capsys):
+    """argparse's one line and exit status 2 (a negative --limit used to reach islice: an internal error)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["prelabel", "--project", "7", *argv])
+    assert exited.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
 
 
 def test_out_writes_importable_tasks_instead_of_calling_the_api_and_resumes(
