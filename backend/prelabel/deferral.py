@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 
 from backend.jobs import PRELABEL_LANE
+from backend.labelstudio.api import LabelStudioAPIError
 
 from .claims import Claimer
 from .engine import prelabel
@@ -109,7 +110,16 @@ class Deferrals:
                 "a pre-label job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to write predictions"
             )
         schema = self.projects.schema_for(payload["label_config"])
-        tasks = list(self.client.tasks(int(project), ids=payload.get("task_ids", []), skip_missing=True))
+        asked = payload.get("task_ids", [])
+        try:
+            tasks = list(self.client.tasks(int(project), ids=asked, skip_missing=True))
+        except LabelStudioAPIError as error:
+            if error.kind != "not_found":
+                raise
+            # deleted in Label Studio while the job waited: nothing to do, and not a failure of ours
+            logger.warning("project %s: pre-label job %s left its %d tasks: the project is gone from Label "
+                           "Studio, or its token's user no longer sees it (%s)", project, kind, len(asked), error)  # fmt: skip
+            return {"status": "project gone", "gone": len(asked), "predicted": 0, "failed": 0}
         listed, annotated = len(tasks), 0
         if payload.get("leave_annotated"):  # submitted or skipped by an annotator: done by a person
             tasks = [t for t in tasks if not t.get("annotations")]

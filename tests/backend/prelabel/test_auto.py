@@ -194,6 +194,16 @@ def test_a_job_counts_its_tasks_deleted_before_it_ran_as_gone(runtime, ls):
     assert (result["predicted"], result["gone"], result["failed"]) == (2, 1, 0)
 
 
+def test_a_job_whose_project_was_deleted_meanwhile_ends_without_a_traceback(runtime, ls, monkeypatch, caplog):
+    runtime.auto_prelabel.tasks_created(imported(ls, range(1, 4)))
+    gone = LabelStudioAPIError("Label Studio list tasks of project 7 failed: HTTP 404", kind="not_found")
+    monkeypatch.setattr(ls, "tasks", lambda project, **kwargs: (_ for _ in ()).throw(gone))
+    with caplog.at_level("WARNING"):
+        [result] = run_jobs(runtime)
+    assert (result["status"], result["gone"], result["predicted"]) == ("project gone", 3, 0)
+    assert "Traceback" not in caplog.text and "the project is gone from Label Studio" in caplog.text
+
+
 def test_annotated_tasks_are_left_alone_by_the_sweep_and_by_a_queued_job(runtime, ls, monkeypatch):
     """Automatic pre-labelling is for tasks still to label: a task submitted or skipped by then is not
     queued by the sweep, and a job queued before its annotation leaves it (nobody asked for it)."""
