@@ -110,9 +110,11 @@ class Deferrals:
                 "a pre-label job needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to write predictions"
             )
         schema = self.projects.schema_for(payload["label_config"])
-        asked = payload.get("task_ids", [])
+        asked, deleted = payload.get("task_ids", []), []  # deleted: before the job read them
         try:
-            tasks = list(self.client.tasks(int(project), ids=asked, skip_missing=True))
+            tasks = list(
+                self.client.tasks(int(project), ids=asked, skip_missing=True, on_missing=deleted.extend)
+            )
         except LabelStudioAPIError as error:
             if error.kind != "not_found":
                 raise
@@ -145,7 +147,7 @@ class Deferrals:
             )  # fmt: skip
         finally:
             progress.finish()
-        summary.gone += len(payload.get("task_ids", [])) - listed  # deleted before the job read them
+        summary.gone += len(deleted)
         logger.info("project %s: pre-label job %s finished: %s%s", project, kind, summary.to_dict(),
                     f" ({annotated} annotated tasks left alone)" if annotated else "")  # fmt: skip
         return {"status": "done", "model_version": version, "annotated_left": annotated, **summary.to_dict()}
