@@ -52,9 +52,7 @@ class GoneProjects:
             logger.warning("project %s: Label Studio has no such project (deleted?): %s; the %s leaves it alone "
                            "and looks again in %.0f h", project, error, self.what, FULL_READ_S / 3600)  # fmt: skip
             return "gone"
-        if (
-            getattr(error, "kind", None) is None
-        ):  # not Label Studio's answer: a bug of ours, with its traceback
+        if getattr(error, "kind", None) is None:  # not Label Studio's answer: a bug of ours, traceback kept
             internal_error(logger, f"the {self.what} of project {project}")
         else:
             logger.warning(

@@ -151,9 +151,8 @@ class LabelStudioClient:
         if ids is None and view is not None:
             if annotated or unannotated or after is not None or updated_after is not None:
                 raise ValueError("tasks(): a view has its own filters; give either view or a filter")
-            ids_per_page = max(
-                page_size, 1000
-            )  # ids only: ten times fewer reads (a capped page size is read on)
+            # ids only: ten times fewer reads (a capped page size is read on)
+            ids_per_page = max(page_size, 1000)
             listed = [
                 t["id"]
                 for t in self._pages(project, view=view, query=None, page_size=ids_per_page, light=True)
