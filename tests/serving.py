@@ -85,7 +85,7 @@ def start_backend(env: dict, log: Path, timeout_s: float = 180, auth=None) -> tu
     """``osprey-label serve`` on a free loopback port; returns the process and its URL once ``/health``
     answers (sent with ``auth`` when basic auth is on)."""
     port = free_port()
-    argv = [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "backend.service", "serve", "--host", "127.0.0.1", "--port", str(port)]
     process = Process(argv, env, log, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     try:

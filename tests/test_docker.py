@@ -128,7 +128,7 @@ def test_hadolint_passes():
 def test_the_image_runs_the_installed_console_script_as_a_non_root_user():
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert json.loads(instruction("ENTRYPOINT")[-1]) == ["osprey-label"]
-    assert scripts["osprey-label"] == "backend.cli:main"  # what `pip install .` puts on PATH
+    assert scripts["osprey-label"] == "backend.service.command:main"  # what `pip install .` puts on PATH
     assert json.loads(instruction("CMD")[-1]) == ["serve"]
     user = instruction("USER")[-1].split(":")[0]
     assert user not in ("root", "0")
@@ -300,7 +300,7 @@ def test_the_models_volume_is_where_the_weights_are_looked_for():
 
 
 def test_the_download_service_command_parses_with_the_real_cli():
-    from backend.cli import build_parser
+    from backend.service.command import build_parser
 
     service = compose()["services"]["download"]
     command = [with_defaults(part) for part in service["command"]]

@@ -60,7 +60,20 @@ ALLOWED = {
         "osprey.*",
     },
     "backend.service": {"backend.*", "osprey.*"},
-    "backend.cli": {"backend.*", "osprey.*"},
+    # the command line: everything but the HTTP layer, which gives it ``serve`` (backend.service.command)
+    "backend.cli": {
+        "backend.errors",
+        "backend.database",
+        "backend.labelstudio",
+        "backend.jobs",
+        "backend.acceptance",
+        "backend.learning",
+        "backend.predict",
+        "backend.prelabel",
+        "backend.runtime",
+        "backend.cli",
+        "osprey.*",
+    },
 }
 
 

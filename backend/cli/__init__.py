@@ -1,9 +1,12 @@
-"""The ``osprey-label`` command line: the one entry point, which builds the parser and runs a subcommand.
+"""The ``osprey-label`` command line: builds the parser and runs a subcommand.
 
-``serve``, ``precompute``, ``models`` and ``check-config`` are here; the others live beside what they
-drive and are registered below: ``label`` (:mod:`osprey.inference.cli`), ``download``
+``precompute``, ``models`` and ``check-config`` are here; the others live beside what they drive and
+are registered below: ``label`` (:mod:`osprey.inference.cli`), ``download``
 (:mod:`osprey.download.cli`), ``eval classify|captions`` (:mod:`osprey.evaluation.cli`) and
 ``eval acceptance`` (:mod:`backend.cli.acceptance`) and ``prelabel`` (:mod:`backend.cli.prelabel`).
+``serve`` belongs to the HTTP layer, which this package does not import: the installed
+``osprey-label`` is :func:`backend.service.command.main`, which hands its registration to
+:func:`main` (``commands``).
 """
 
 from __future__ import annotations
@@ -12,29 +15,11 @@ import argparse
 import logging
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.errors import InputError, SettingsError, internal_error
 from backend.runtime.logs import configure_logging
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from backend.runtime.settings import Settings
-    from backend.service.server import serve
-
-    overrides = {
-        key: value
-        for key, value in (
-            ("host", args.host),
-            ("port", args.port),
-            ("region_model", args.model),
-            ("sam_model", args.sam_model),
-            ("threads", args.threads),
-        )
-        if value is not None
-    }
-    serve(Settings.from_env(**overrides))
-    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -130,7 +115,9 @@ def _serving(served, base: str = "the base model") -> str:
     return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*commands: Callable) -> argparse.ArgumentParser:
+    """Every command of this package and the model library's, then each of ``commands`` (a function
+    that adds its subparser to the subparsers it is given)."""
     from osprey.download.cli import add_download_command
     from osprey.evaluation.cli import add_eval_commands
     from osprey.inference.cli import add_label_command
@@ -162,19 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_acceptance_command(eval_sub)
     add_prelabel_command(subparsers)
 
-    serve = subparsers.add_parser(
-        "serve", help="run the Label Studio ML backend (settings from the environment)"
-    )
-    serve.add_argument("--host", help="bind address (HOST, default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port (PORT, default 9090)")
-    serve.add_argument(
-        "--model",
-        help="region model: osprey-7b (default), pixelrefer-lite-2b, ... or a checkpoint dir (REGION_MODEL)",
-    )
-    serve.add_argument("--sam-model", help="vit_h, vit_l, vit_b or tiny (SAM_MODEL, default vit_h)")
-    serve.add_argument("--threads", type=int, help="request threads (THREADS, default 8)")
-    serve.set_defaults(func=_serve)
-
     pre = subparsers.add_parser(
         "precompute", help="encode every image of a task list into the on-disk caches (OSPREY_CACHE_DIR)"
     )
@@ -199,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", help="Label Studio label config XML")
     check.add_argument("--field-map", help="tag=field overrides, e.g. 'notes=description' (OSPREY_FIELD_MAP)")
     check.set_defaults(func=_check_config)
+    for add in commands:
+        add(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, commands: tuple[Callable, ...] = ()) -> int:
     """Run one command. Exit status 0: done; 1: it ran, but something failed (failed tasks, Label Studio
     failing, or an error of our own, logged with its traceback under an error id); 2: bad input or
     settings, Label Studio unreachable or refusing the token, or a start-up check refused. Every
@@ -211,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from backend.labelstudio.api import LabelStudioAPIError
     from backend.runtime.startup import StartupError
 
-    parser = build_parser()
+    parser = build_parser(*commands)
     args = parser.parse_args(argv)
     user_errors = (InputError, StartupError, FileNotFoundError, *getattr(args, "input_errors", ()))
     try:

@@ -13,12 +13,12 @@ import pytest
 from lsapi_fake import FakeLabelStudio
 from lsfakes import API_KEY, scene_png
 
-from backend.cli import main
 from backend.runtime import startup
 from backend.runtime.runtime import build_runtime, owned_threads
 from backend.runtime.settings import Settings
 from backend.runtime.startup import StartupError
 from backend.service.app import create_app
+from backend.service.command import main
 
 CONFIGS = Path(__file__).resolve().parents[3] / "label_configs"
 VERSION = "tiny+sam-tiny-untrained"
