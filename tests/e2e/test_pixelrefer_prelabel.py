@@ -30,7 +30,7 @@ def test_pixelrefer_lite_pre_labels_a_project(label_studio, tmp_path):
     log = tmp_path / "prelabel.log"
     with open(log, "w") as err:
         done = subprocess.run(
-            [sys.executable, "-m", "backend.cli", "prelabel", "--quiet", "--project", str(project["id"])],
+            [sys.executable, "-m", "backend.service", "prelabel", "--quiet", "--project", str(project["id"])],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, timeout=1200,
         )  # fmt: skip
     assert done.returncode == 0, log.read_text()[-3000:]

@@ -90,7 +90,7 @@ def exactly_one_each(stored: dict[int, list[dict]], task_ids: list[int], version
 
 
 def cli(env: dict, *args: str, log: Path) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "backend.cli", "prelabel", "--quiet", *args]
+    argv = [sys.executable, "-m", "backend.service", "prelabel", "--quiet", *args]
     with open(log, "w") as out:
         done = subprocess.run(
             argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=out, text=True, timeout=1200
@@ -142,7 +142,7 @@ def test_a_project_larger_than_one_deadline_is_pre_labelled_exactly_once(short_d
     # killed half-way and started again: every task once
     more = [t["id"] for t in api.import_images(project["id"], {f"k{i}.png": scene_png(300 + i) for i in range(16)})
             if t["id"] not in ids]  # fmt: skip
-    argv = [sys.executable, "-m", "backend.cli", "prelabel", "--quiet", "--project", str(project["id"]),
+    argv = [sys.executable, "-m", "backend.service", "prelabel", "--quiet", "--project", str(project["id"]),
             "--batch-tasks", "2", "--chunk-tasks", "2"]  # fmt: skip
     running = Process(argv, env, tmp / "killed.log", cwd=ROOT)
     deadline = time.time() + 600
@@ -186,7 +186,7 @@ def test_a_tab_of_tasks_without_predictions_is_pre_labelled_whole_while_tasks_ar
         "filters": {"conjunction": "and", "items": [
             {"filter": "filter:tasks:total_predictions", "operator": "equal", "type": "Number", "value": 0}]},
         "ordering": ["-tasks:id"]}})  # fmt: skip
-    argv = [sys.executable, "-m", "backend.cli", "prelabel", "--quiet", "--project", str(project["id"]),
+    argv = [sys.executable, "-m", "backend.service", "prelabel", "--quiet", "--project", str(project["id"]),
             "--view", str(tab["id"]), "--batch-tasks", "2", "--chunk-tasks", "2"]  # fmt: skip
     running = Process(argv, env, tmp / "tab.log", cwd=ROOT)
     try:

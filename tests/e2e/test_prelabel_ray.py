@@ -23,7 +23,7 @@ VERSION = "tiny+sam-tiny-untrained"
 
 
 def cli(env: dict, *args: str, log: Path) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "backend.cli", "prelabel", "--quiet", *args]
+    argv = [sys.executable, "-m", "backend.service", "prelabel", "--quiet", *args]
     with open(log, "w") as err:
         return subprocess.run(
             argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, timeout=1200

@@ -55,14 +55,14 @@ def test_precompute_command_reads_a_folder_and_shows_progress(tmp_path):
     (folder / "notes.txt").write_text("not an image")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OSPREY_MODEL="tiny", SAM_MODEL="tiny", OSPREY_DEVICE="cpu")
     result = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "precompute", str(folder), "--cache-dir", str(tmp_path / "c"), "--only", "sam"],
+        [sys.executable, "-m", "backend.service", "precompute", str(folder), "--cache-dir", str(tmp_path / "c"), "--only", "sam"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "2 images" in result.stdout and "encoded {'sam': 2}" in result.stdout
     assert "encoding images" in result.stderr and "2/2" in result.stderr  # the tqdm progress bar
     missing = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "precompute", str(folder)], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "backend.service", "precompute", str(folder)], capture_output=True, text=True, env=env,
         timeout=300,
     )  # fmt: skip
     assert missing.returncode == 2 and "OSPREY_CACHE_DIR" in missing.stderr

@@ -420,7 +420,7 @@ def test_cli_dir_puts_everything_in_one_folder(tmp_path, hf_cache, sam_server, f
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "backend.cli", "download", *args],
+        [sys.executable, "-m", "backend.service", "download", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **env},

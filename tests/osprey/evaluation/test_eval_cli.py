@@ -223,7 +223,7 @@ def test_classify_as_a_process_on_tiny_osprey(files):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [
-            sys.executable, "-m", "backend.cli", "eval", "classify", "--model", "tiny", "--device", "cpu",
+            sys.executable, "-m", "backend.service", "eval", "classify", "--model", "tiny", "--device", "cpu",
             "--annotations", str(files / "lvis.json"), "--images", str(files / "images"),
             "--closed-set", "--max-new-tokens", "4", "--json", str(files / "r.json"),
             "--predictions", str(files / "p.jsonl"),

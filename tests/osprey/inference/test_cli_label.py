@@ -11,7 +11,7 @@ import pytest
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "backend.service", *args], capture_output=True, text=True, env=env, timeout=300
     )
 
 
